@@ -1,0 +1,182 @@
+"""Prompts in, token batches out: chat templating, completions, left padding, token spans.
+
+A prompt is one of
+* a string — a user instruction, rendered through the model's chat template;
+* a list of chat messages ``[{"role": ..., "content": ...}, ...]``;
+* a ``(prompt, completion)`` pair — the completion is appended after the generation prompt
+  (the assistant's answer); its tokens are the ``"completion"`` span;
+* :class:`Raw` text — used verbatim (no chat template), e.g. for base models or patching tasks.
+
+Every tokenized example keeps the token ranges of its parts (``instruction``,
+``post_instruction``, ``completion``) so position selectors can find them after padding.
+
+Files: JSON list of strings or of ``{"instruction": ...}`` objects, or JSONL of the same.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+__all__ = ["Raw", "Batch", "tokenize", "load_prompts", "batches", "Prompt"]
+
+
+class Raw(str):
+    """Text used verbatim: no chat template is applied."""
+
+
+Prompt = Union[str, Raw, list, tuple]
+
+
+@dataclass
+class Batch:
+    """A left-padded token batch with each example's named token spans.
+
+    ``spans[i][name] = (start, stop)`` in *padded* coordinates of row ``i``.
+    """
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    spans: list[dict[str, tuple[int, int]]]
+    texts: list[str]
+
+    @property
+    def position_ids(self) -> Int[Tensor, "batch pos"]:
+        """Positions that ignore left padding: a padded prompt sees the positions it sees alone."""
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    @property
+    def lengths(self) -> Int[Tensor, "batch"]:
+        return self.attention_mask.sum(-1)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.spans, self.texts)
+
+
+def _render(model, prompt: Prompt) -> tuple[str, dict[str, tuple[int, int]]]:
+    """Text of one prompt and the character spans of its parts."""
+    completion = None
+    if isinstance(prompt, tuple):
+        if len(prompt) != 2:
+            raise ValueError(f"A pair prompt must be (prompt, completion), got {len(prompt)} items.")
+        prompt, completion = prompt
+    if isinstance(prompt, Raw) or (isinstance(prompt, str) and not model.has_chat_template):
+        text, spans = str(prompt), {"instruction": (0, len(prompt))}
+        spans["post_instruction"] = (len(text), len(text))
+    else:
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            messages = prompt
+        else:
+            raise TypeError(
+                "A prompt must be a string, a list of chat messages {'role','content'}, a "
+                f"(prompt, completion) pair or steer.Raw text; got {type(prompt).__name__}."
+            )
+        if not messages:
+            raise ValueError("Empty chat message list.")
+        text = model.chat(messages)
+        content = messages[-1]["content"]
+        end = text.rfind(content) + len(content) if content else -1
+        if end < 0 or not content:
+            end = len(text)
+        spans = {"instruction": (end - len(content), end), "post_instruction": (end, len(text))}
+    if completion is not None:
+        spans["completion"] = (len(text), len(text) + len(completion))
+        text = text + completion
+    return text, spans
+
+
+def tokenize(model, prompts: Sequence[Prompt], max_length: int | None = None) -> Batch:
+    """Render and tokenize prompts into one left-padded :class:`Batch`.
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> b = tokenize(m, ["Hi", "Hello there"])
+    >>> b.input_ids.shape[0], int(b.attention_mask[0].sum()) < int(b.attention_mask[1].sum())
+    (2, True)
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("No prompts given: pass at least one prompt.")
+    tok = model.tokenizer
+    rendered = [_render(model, p) for p in prompts]
+    texts = [t for t, _ in rendered]
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    rows, spans = [], []
+    for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+        if max_length is not None and len(ids) > max_length:
+            raise ValueError(f"Prompt {i} has {len(ids)} tokens > max_length={max_length}.")
+        if not ids:
+            raise ValueError(f"Prompt {i} tokenizes to nothing: {prompts[i]!r}.")
+        rows.append(ids)
+        spans.append({name: _char_to_token_span(offsets, s, e) for name, (s, e) in rendered[i][1].items()})
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        shift = width - len(r)
+        input_ids[i, shift:] = torch.tensor(r)
+        mask[i, shift:] = 1
+        spans[i] = {k: (s + shift, e + shift) for k, (s, e) in spans[i].items()}
+        spans[i]["all"] = (shift, width)
+    return Batch(input_ids.to(model.device), mask.to(model.device), spans, texts)
+
+
+def _char_to_token_span(offsets, start: int, stop: int) -> tuple[int, int]:
+    """Tokens whose text starts inside [start, stop) — the token range of a character span."""
+    idx = [j for j, (s, e) in enumerate(offsets) if start <= s < stop or (s == e == start < stop)]
+    if not idx:
+        return (len(offsets), len(offsets)) if start >= stop else _nearest(offsets, start)
+    return idx[0], idx[-1] + 1
+
+
+def _nearest(offsets, start):
+    for j, (s, e) in enumerate(offsets):
+        if e > start:
+            return j, j + 1
+    return len(offsets), len(offsets)
+
+
+def batches(n: int, batch_size: int, lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """Index batches; with ``lengths``, examples of similar length go together (less padding)."""
+    order = sorted(range(n), key=lambda i: lengths[i]) if lengths is not None else list(range(n))
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def load_prompts(path: str | Path, key: str = "instruction") -> list[Any]:
+    """Load prompts from JSON (list of strings or of objects with ``key``) or JSONL.
+
+    Objects with ``"completion"`` become ``(instruction, completion)`` pairs.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No prompt file at {path}.")
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        items = json.loads(text)
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of prompts, got {type(items).__name__}.")
+    out = []
+    for i, it in enumerate(items):
+        if isinstance(it, str):
+            out.append(it)
+        elif isinstance(it, dict) and key in it:
+            out.append((it[key], it["completion"]) if "completion" in it else it[key])
+        else:
+            raise ValueError(f"{path}: item {i} is neither a string nor an object with {key!r}: {it!r}")
+    if not out:
+        raise ValueError(f"{path} holds no prompts.")
+    return out

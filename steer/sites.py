@@ -1,0 +1,151 @@
+"""Sites: named places in the model (``resid_post`` at layer 12, head outputs ``z`` at layer 3, ...).
+
+=============  ==========================================  ======================================
+site           what                                        shape at the hook
+=============  ==========================================  ======================================
+``resid_pre``  residual stream entering block ``l``        ``batch pos d_model``
+``resid_mid``  residual after attention, before the MLP    ``batch pos d_model``
+``resid_post`` residual leaving block ``l``                ``batch pos d_model``
+``attn_out``   what attention adds to the residual         ``batch pos d_model``
+``mlp_out``    what the MLP adds to the residual           ``batch pos d_model``
+``z``          per-head attention output before ``W_O``    ``batch pos head d_head``
+``q/k/v``      per-head queries/keys/values (pre-rotary)   ``batch pos head d_head``
+``neuron``     MLP hidden activations (input of W_out)     ``batch pos d_mlp``
+=============  ==========================================  ======================================
+
+steer hooks the HuggingFace modules (cheap, and fast HF ``generate`` keeps working);
+:func:`tl_name` gives the TransformerLens hook with the same values, for parity checks.
+For architectures with sandwich norms (Gemma-3) ``attn_out``/``mlp_out`` are the *normed*
+outputs, i.e. what is actually added to the residual stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence, Union
+
+import torch
+
+__all__ = ["Site", "SITES", "parse_sites", "resolve_layers", "tl_name"]
+
+SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "neuron")
+_HEADED = {"z", "q", "k", "v"}
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """One hook point: a site name at a layer."""
+
+    name: str
+    layer: int
+
+    def __str__(self) -> str:
+        return f"{self.name}.{self.layer}"
+
+    @property
+    def per_head(self) -> bool:
+        return self.name in _HEADED
+
+
+def resolve_layers(model, layers: Union[str, int, Iterable[int], None]) -> list[int]:
+    """``"all"`` / ``None`` / int / iterable of ints (negative counts from the end) → layer list."""
+    n = model.n_layers
+    if layers is None or layers == "all":
+        return list(range(n))
+    if isinstance(layers, str):
+        raise ValueError(f"layers={layers!r}: use 'all', an int or a list of ints in [0, {n}).")
+    items = [layers] if isinstance(layers, int) else list(layers)
+    if not items:
+        raise ValueError("layers is empty: pass 'all', an int or a non-empty list of ints.")
+    out = []
+    for layer in items:
+        if not isinstance(layer, int) or not -n <= layer < n:
+            raise ValueError(f"Layer {layer!r} out of range: {model.name} has layers 0..{n - 1}.")
+        out.append(layer % n)
+    return out
+
+
+def _check_name(name: str) -> None:
+    if name not in SITES:
+        raise ValueError(f"Unknown site {name!r}. Valid sites: {', '.join(SITES)}.")
+
+
+def parse_sites(model, spec) -> list[Site]:
+    """Parse ``"resid_post.12"``, ``("resid_post", 12)``, a :class:`Site`, or a list of these."""
+    if isinstance(spec, Site):
+        items = [spec]
+    elif isinstance(spec, str) or (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str)):
+        items = [spec]
+    else:
+        items = list(spec)
+    out = []
+    for it in items:
+        if isinstance(it, Site):
+            site = it
+        elif isinstance(it, tuple):
+            site = Site(it[0], it[1])
+        elif isinstance(it, str):
+            name, _, layer = it.rpartition(".")
+            if not name or not layer.lstrip("-").isdigit():
+                _check_name(it)
+                raise ValueError(f"Site {it!r} has no layer: write it as '{it}.<layer>'.")
+            site = Site(name, int(layer))
+        else:
+            raise TypeError(f"Cannot read a site from {it!r}.")
+        _check_name(site.name)
+        (layer,) = resolve_layers(model, site.layer)
+        out.append(Site(site.name, layer))
+    return out
+
+
+_TL = {
+    "resid_pre": "blocks.{l}.hook_in",
+    "resid_mid": "blocks.{l}.ln2.hook_in",
+    "resid_post": "blocks.{l}.hook_out",
+    "attn_out": "blocks.{l}.attn.hook_out",
+    "mlp_out": "blocks.{l}.mlp.hook_out",
+    "z": "blocks.{l}.attn.o.hook_in",
+    "q": "blocks.{l}.attn.q.hook_out",
+    "k": "blocks.{l}.attn.k.hook_out",
+    "v": "blocks.{l}.attn.v.hook_out",
+    "neuron": "blocks.{l}.mlp.out.hook_in",
+}
+
+
+def tl_name(site: Site) -> str:
+    """Canonical TransformerBridge hook name carrying the same values as ``site``."""
+    return _TL[site.name].format(l=site.layer)
+
+
+# -- where each site lives in a HuggingFace decoder layer -----------------------------------
+@dataclass(frozen=True)
+class _Target:
+    module: torch.nn.Module
+    pre: bool  # read/modify the module's first input (True) or its output (False)
+    heads: int | None  # split the last axis into [heads, d_head]
+
+
+def hf_target(model, site: Site) -> _Target:
+    layer = model.layers[site.layer]
+    attn, mlp = layer.self_attn, layer.mlp
+    sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma-style post-norms
+    name = site.name
+    if name == "resid_pre":
+        return _Target(layer, True, None)
+    if name == "resid_post":
+        return _Target(layer, False, None)
+    if name == "resid_mid":
+        norm = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
+        return _Target(norm, True, None)
+    if name == "attn_out":
+        return _Target(layer.post_attention_layernorm if sandwich else attn, False, None)
+    if name == "mlp_out":
+        return _Target(layer.post_feedforward_layernorm if sandwich else mlp, False, None)
+    if name == "z":
+        return _Target(attn.o_proj, True, model.n_heads)
+    if name in ("q", "k", "v"):
+        heads = model.n_heads if name == "q" else model.n_kv_heads
+        return _Target(getattr(attn, f"{name}_proj"), False, heads)
+    if name == "neuron":
+        return _Target(mlp.down_proj, True, None)
+    raise AssertionError(name)
