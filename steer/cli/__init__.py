@@ -1,0 +1,39 @@
+"""The ``steer`` command line: a thin layer over the public API; every subcommand writes JSON.
+
+    steer demo [--out DIR]            the end-to-end tour on the embedded model
+    steer refusal --harmful H --harmless S [--json OUT]
+    steer patch --task ioi --nodes heads --method activation,atp,atp*
+    steer bias [--templates FILE] [--json OUT]
+    steer persona --trait NAME|FILE [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+_SUBCOMMANDS = ("demo", "refusal", "patch", "bias", "persona")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in _SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"steer.cli.{name}")
+        except ModuleNotFoundError as e:  # TODO(dev): remove once every subcommand has landed
+            if e.name != f"steer.cli.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

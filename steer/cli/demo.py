@@ -1,0 +1,73 @@
+"""``steer demo``: what steer does, end to end, on the embedded model (a few minutes on 2 CPUs)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .. import plotting
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="end-to-end tour on the embedded model; figures + summary.json")
+    p.add_argument("--model", default=None, help="model name (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", default="out/demo", help="folder for figures and summary.json")
+    p.add_argument("--n", type=int, default=48, help="prompts per group for the separability curve")
+    p.set_defaults(func=run)
+
+
+def _section(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 70 - len(title)), flush=True)
+
+
+def run(args) -> int:
+    import steer
+    from steer.separability import separability
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {}
+    t_all = time.time()
+
+    _section("1. load")
+    t0 = time.time()
+    model = steer.load(args.model)
+    summary["model"] = {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
+                        "n_heads": model.n_heads, "load_s": round(time.time() - t0, 1)}
+    print(model, f"loaded in {time.time() - t0:.1f} s")
+
+    _section("2. capture: where do harmful and harmless instructions separate?")
+    data = Path(steer.__file__).parent / "datasets"
+    harmful = steer.load_prompts(data / "harmful.json")[:: max(1, 320 // args.n)][: args.n]
+    harmless = steer.load_prompts(data / "harmless.json")[:: max(1, 320 // args.n)][: args.n]
+    t0 = time.time()
+    reads = {  # two places to read a prompt: its own words, and the template token after them
+        "mean over instruction tokens": dict(positions="instruction", reduce="mean"),
+        "last token (template)": dict(positions="last"),
+    }
+    seps = {}
+    for label, kw in reads.items():
+        a = steer.capture(model, harmful, layers="all", **kw)
+        b = steer.capture(model, harmless, layers="all", **kw)
+        seps[label] = separability(a.tensor, b.tensor, a.layers)
+    dt = time.time() - t0
+    fig = plotting.layer_curve({f"{k} (acc)": v.accuracy for k, v in seps.items()}, a.layers,
+                               ylabel="held-out accuracy", mark_best="mean over instruction tokens (acc)",
+                               title=f"{model.name}: harmful vs harmless, resid_post")
+    png = plotting.save(fig, out / "separability.png")
+    print(f"captured resid_post at {len(a.layers)} layers, {len(harmful)} + {len(harmless)} prompts, "
+          f"two position choices in {dt:.1f} s -> tensors {tuple(a.tensor.shape)}")
+    summary["separability"] = {"figure": str(png), "capture_s": round(dt, 1)}
+    for label, sep in seps.items():
+        j = sep.layers.index(sep.best_layer)
+        print(f"  {label:30s} accuracy by layer: " + " ".join(f"{x:.2f}" for x in sep.accuracy))
+        print(f"  {'':30s} best layer {sep.best_layer}: accuracy {sep.accuracy[j]:.2f}, AUROC {sep.auroc[j]:.3f}")
+        summary["separability"][label] = {"layers": sep.layers, "accuracy": sep.accuracy,
+                                          "auroc": sep.auroc, "best_layer": sep.best_layer}
+    print(f"  figure: {png}")
+
+    summary["total_s"] = round(time.time() - t_all, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _section(f"done in {summary['total_s']} s — figures and summary.json in {out}/")
+    return 0
