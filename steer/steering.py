@@ -1,0 +1,409 @@
+"""Steering: install interventions for forward passes and batched HF ``generate`` (KV cache).
+
+>>> import steer, torch
+>>> from steer.steering import Steering, steer as steer_ctx
+>>> m = steer.load("tiny-llama")
+>>> v = torch.randn(64)
+>>> with steer_ctx(m, v, layer=1, strength=4.0) as s:
+...     texts = s.generate(["Hi", "Hello there"], max_new_tokens=3)
+>>> len(texts)
+2
+
+How it works. One forward pre-hook on the base model reads each call's attention mask and input
+length: the first call of a sequence (no cache) is the *prefill* and sees the whole left-padded
+prompt; each later call sees one new token per example. From the mask it derives, per example,
+which of the current tokens are real (never pads), which one is the first real token (the
+attention sink, left alone unless ``include_sink=True``), and which are prompt or generated
+tokens. Site hooks then apply :mod:`steer.interventions` with ``[batch]`` strengths times a
+``[batch]`` gate. With a CAST condition the gate is computed once per sequence, at prefill, from
+the prompt's mean hidden state (a forward pass up to the condition layer) and kept for the rest of
+generation. All state lives on the :class:`Steering` object; nothing is global.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from . import interventions as I
+from . import positions as P
+from .data import Batch, tokenize
+from .hooks import add_hooks
+from .sites import Site, resolve_layers
+
+__all__ = ["Steering", "steer", "prompt_means"]
+
+_EDITABLE = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+_REGIONS = ("all", "prompt", "generated")
+
+
+class _Stop(Exception):
+    pass
+
+
+class Steering:
+    """Context manager applying :class:`~steer.interventions.Intervention` s to a model.
+
+    Args:
+        model: a :class:`steer.Model`.
+        interventions: the edits to make.
+        condition: optional CAST :class:`~steer.conditions.Condition` (or rule); when given, each
+            example is steered only if the condition fires on its prompt.
+        gate: optional ``[batch]`` tensor (0/1 or any weight) multiplying every strength.
+
+    Inside the block, any forward of ``model.hf`` (including HF ``generate``) is steered.
+    :meth:`generate`, :meth:`logits` and :meth:`next_token_logits` tokenize prompts for you
+    (and make prompt selectors such as ``"post_instruction"`` available).
+
+    >>> import steer, torch
+    >>> from steer.interventions import Intervention
+    >>> m = steer.load("tiny-llama")
+    >>> iv = Intervention("add", torch.randn(64), layers=[0], strength=torch.tensor([0., 8.]))
+    >>> with Steering(m, [iv]) as s:
+    ...     out = s.next_token_logits(["Hi", "Hi"])
+    >>> bool(torch.allclose(out[0], out[1]))
+    False
+    """
+
+    def __init__(self, model, interventions: Sequence[I.Intervention] = (), *, condition=None,
+                 gate: Optional[Tensor] = None):
+        self.model = model
+        self.interventions = list(interventions)
+        self.condition = condition
+        self.gate = gate
+        self.batch: Optional[Batch] = None
+        self.last_gate: Optional[Tensor] = None  # the gate used for the current/last sequence
+        self.condition_scores: Optional[Tensor] = None
+        self._handles: list = []
+        self._ctx = None
+        self._step: dict[str, Any] = {}
+        self._prompt_width = 0
+        self._in_prepass = False
+        self._active = False
+        self._by_site = self._plan()
+
+    # -- planning -------------------------------------------------------------------------
+    def _plan(self) -> dict[Site, list[tuple[int, I.Intervention]]]:
+        m = self.model
+        by_site: dict[Site, list] = {}
+        for i, iv in enumerate(self.interventions):
+            if not isinstance(iv, I.Intervention):
+                raise TypeError(f"Expected an Intervention, got {type(iv).__name__}.")
+            if iv.vector.shape[-1] != m.d_model:
+                raise ValueError(
+                    f"Intervention {i} has d_model {iv.vector.shape[-1]} but {m.name} has d_model "
+                    f"{m.d_model}: the vector was extracted from another model."
+                )
+            if not (isinstance(iv.positions, str) and iv.positions in _REGIONS) and iv.positions not in P.NAMED \
+                    and not callable(iv.positions) and not isinstance(iv.positions, (int, list, tuple, P.Last)):
+                raise ValueError(f"Bad positions {iv.positions!r}: use {_REGIONS} or a steer.positions selector.")
+            for name in iv.sites:
+                if name not in _EDITABLE:
+                    raise ValueError(f"Cannot steer site {name!r}: use one of {_EDITABLE}.")
+                for layer in resolve_layers(m, iv.layers):
+                    by_site.setdefault(Site(name, layer), []).append((i, iv))
+        return by_site
+
+    # -- context manager ------------------------------------------------------------------
+    def __enter__(self) -> "Steering":
+        if self._active:
+            raise RuntimeError("This Steering is already active; nest a new Steering instead.")
+        base = getattr(self.model.hf, self.model.hf.base_model_prefix)
+        self._handles.append(base.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        self._ctx = add_hooks(self.model, {site: self._site_hook for site in self._by_site})
+        try:
+            self._ctx.__enter__()
+        except BaseException:
+            self._remove()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def _remove(self):
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._active = False
+
+    # -- per-call state -------------------------------------------------------------------
+    def _on_forward(self, module, args, kwargs):
+        if self._in_prepass:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else emb
+        b, n = ref.shape[0], ref.shape[1]
+        dev = ref.device
+        am = kwargs.get("attention_mask")
+        if am is not None and am.ndim == 2:
+            am = am.bool()
+            past = am.shape[1] - n
+        else:
+            cache = kwargs.get("past_key_values")
+            past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+            am = torch.ones((b, past + n), dtype=torch.bool, device=dev)
+        if past == 0:
+            self._prompt_width = n
+        cols = torch.arange(past, past + n, device=dev)
+        real = am[:, past:]
+        first = am.int().argmax(-1)  # first real column of each row
+        not_sink = cols[None, :] != first[:, None]
+        is_prompt = (cols < self._prompt_width)[None, :].expand(b, n)
+        if past == 0:
+            self.last_gate = self._compute_gate(module, ids, emb, am, not_sink & real, b)
+        elif self.last_gate is not None and self.last_gate.shape[0] != b:
+            raise ValueError(f"Gate has {self.last_gate.shape[0]} entries but the batch has {b} rows.")
+        masks, aligned = [], []
+        for iv in self.interventions:
+            m = real if iv.include_sink else real & not_sink
+            pos = iv.positions
+            idx = None
+            if isinstance(pos, str) and pos in _REGIONS:
+                if pos == "prompt":
+                    m = m & is_prompt
+                elif pos == "generated":
+                    m = m & ~is_prompt
+            else:
+                sel = self._prompt_selection(pos, b, iv.include_sink)  # [b, prompt_width]
+                inside = cols < sel.shape[1]
+                cur = torch.zeros((b, n), dtype=torch.bool, device=dev)
+                cur[:, inside] = sel[:, cols[inside]]
+                m = m & cur
+                if iv.aligned:
+                    rank = sel.long().cumsum(-1) - 1
+                    idx = torch.zeros((b, n), dtype=torch.long, device=dev)
+                    idx[:, inside] = rank[:, cols[inside]]
+            if iv.aligned:
+                if idx is None:  # region positions: rank among selected tokens of the prompt
+                    idx = (self._region_rank(am, first, iv.include_sink))[:, past:]
+                m = m & (idx < iv.vector.shape[0])
+                idx = idx.clamp(0, iv.vector.shape[0] - 1)
+            masks.append(m)
+            aligned.append(idx)
+        self._step = {"masks": masks, "aligned": aligned, "b": b}
+        return None
+
+    def _region_rank(self, am, first, include_sink):
+        """Rank of each column among the real prompt tokens (sink excluded unless asked)."""
+        keep = am.clone()
+        if not include_sink:
+            keep[torch.arange(am.shape[0], device=am.device), first] = False
+        return keep.long().cumsum(-1) - 1
+
+    def _prompt_selection(self, pos, b, include_sink) -> Tensor:
+        bt = self.batch
+        if bt is None or len(bt) != b or bt.input_ids.shape[1] != self._prompt_width:
+            raise ValueError(
+                f"positions={pos!r} needs the tokenized prompts: call Steering.generate/logits, or set "
+                "steering.batch = steer.tokenize(model, prompts) before calling the model yourself."
+            )
+        return P.mask(pos, bt, include_sink=include_sink).to(bt.input_ids.device)
+
+    def _compute_gate(self, base, ids, emb, am, keep, b) -> Optional[Tensor]:
+        gate = None if self.gate is None else torch.as_tensor(self.gate, dtype=torch.float32)
+        if gate is not None and gate.shape != (b,):
+            raise ValueError(f"gate has shape {tuple(gate.shape)}; the batch has {b} rows: pass a [batch] tensor.")
+        if self.condition is None:
+            return gate
+        hs = self._condition_states(base, ids, emb, am, keep)
+        fires = self.condition.evaluate(hs)
+        self.condition_scores = getattr(self.condition, "last_scores", None)
+        g = fires.float()
+        return g if gate is None else g * gate.to(g.device)
+
+    def _condition_states(self, base, ids, emb, am, keep) -> dict[int, Tensor]:
+        """Mean resid_post over each prompt's real tokens (sink excluded) at the condition layers."""
+        layers = sorted(self.condition.layers)
+        hs: dict[int, Tensor] = {}
+        w = keep.float()[..., None]
+
+        def grab(act, site):
+            hs[site.layer] = ((act.float() * w).sum(1) / w.sum(1).clamp(min=1))
+            if site.layer == layers[-1]:
+                raise _Stop
+
+        pos_ids = (am.long().cumsum(-1) - 1).clamp(min=0)
+        self._in_prepass = True
+        try:
+            with add_hooks(self.model, {Site("resid_post", l): grab for l in layers}):
+                try:
+                    base(input_ids=ids, inputs_embeds=emb, attention_mask=am.long(), position_ids=pos_ids,
+                         use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            self._in_prepass = False
+        return hs
+
+    # -- the site hook --------------------------------------------------------------------
+    def _site_hook(self, act: Tensor, site: Site) -> Optional[Tensor]:
+        if self._in_prepass or not self._step:
+            return None
+        st = self._step
+        out = act
+        gate = self.last_gate
+        for i, iv in self._by_site[site]:
+            m = st["masks"][i]
+            if m.shape != act.shape[:2]:
+                raise RuntimeError(
+                    f"Steering saw activations {tuple(act.shape[:2])} but the forward call had "
+                    f"{tuple(m.shape)} tokens: the model was called in an unsupported way."
+                )
+            strength = torch.as_tensor(iv.strength, dtype=act.dtype, device=act.device)
+            if strength.ndim == 0:
+                strength = strength.expand(act.shape[0])
+            if strength.shape[0] != act.shape[0]:
+                raise ValueError(f"Intervention {i}: strength has {strength.shape[0]} entries, batch has {act.shape[0]}.")
+            if gate is not None:
+                strength = strength * gate.to(device=act.device, dtype=act.dtype)
+            v = iv.vector_for(site.layer, self.model.n_layers).to(device=act.device, dtype=act.dtype)
+            if iv.kind == "add":
+                if iv.aligned:
+                    delta = v[st["aligned"][i]] * strength[:, None, None]
+                    out = torch.where(m[..., None], out + delta, out)
+                else:
+                    out = I.add(out, v, strength, m)
+            elif iv.kind == "ablate":
+                out = I.ablate(out, v, m, strength)
+            else:
+                # clamp: gate/strength decide the target value; gated-off rows are left alone
+                target = torch.as_tensor(iv.strength, dtype=act.dtype, device=act.device)
+                target = target.expand(act.shape[0]) if target.ndim == 0 else target
+                mm = m if gate is None else m & (gate.to(act.device) != 0)[:, None]
+                out = I.clamp(out, v, target, mm)
+        return out
+
+    # -- conveniences ---------------------------------------------------------------------
+    def _run_batch(self, prompts) -> Batch:
+        batch = prompts if isinstance(prompts, Batch) else tokenize(self.model, prompts)
+        self.batch = batch
+        return batch
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int = 64, **kwargs) -> list[str]:
+        """Steered batched HF ``generate`` (greedy by default, KV cache); returns the answers.
+
+        >>> import steer, torch
+        >>> m = steer.load("tiny-llama")
+        >>> with steer.steering.steer(m, torch.randn(64), layer=0, strength=2.0) as s:
+        ...     len(s.generate(["Hi"], max_new_tokens=2))
+        1
+        """
+        self._require_active()
+        batch = self._run_batch(prompts)
+        kwargs.setdefault("do_sample", False)
+        out = self.model.hf.generate(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+            pad_token_id=self.model.tokenizer.pad_token_id, **kwargs,
+        )
+        return self.model.tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+
+    @torch.no_grad()
+    def logits(self, prompts) -> Float[Tensor, "batch pos d_vocab"]:
+        """Steered logits of a left-padded batch of prompts (pads included; see ``self.batch``)."""
+        self._require_active()
+        batch = self._run_batch(prompts)
+        return self.model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=batch.position_ids, use_cache=False).logits
+
+    def next_token_logits(self, prompts) -> Float[Tensor, "batch d_vocab"]:
+        """Steered logits of the first generated token for each prompt.
+
+        >>> import steer, torch
+        >>> m = steer.load("tiny-llama")
+        >>> with Steering(m) as s:
+        ...     s.next_token_logits(["Hi"]).shape[-1] == m.d_vocab
+        True
+        """
+        return self.logits(prompts)[:, -1]
+
+    def _require_active(self):
+        if not self._active:
+            raise RuntimeError("Use the Steering inside a `with` block: `with steer.steer(model, ...) as s:`.")
+
+
+def _vector_of(model, direction, layer: Optional[int]) -> tuple[Tensor, Optional[int]]:
+    """(vector, default layer) from a Direction, a [d] tensor or a [n_layers, d] tensor."""
+    if hasattr(direction, "vectors") and hasattr(direction, "layer"):
+        direction.check(model)
+        lay = direction.layer if layer is None else layer
+        if lay is None:
+            raise ValueError("The direction has no chosen layer: pass layer=.")
+        return direction.vectors[lay], lay
+    v = torch.as_tensor(direction)
+    if v.shape[-1] != model.d_model:
+        raise ValueError(f"Vector has d_model {v.shape[-1]}, {model.name} has {model.d_model}.")
+    if v.ndim == 2 and not (v.shape[0] == model.n_layers and layer is not None):
+        return v, layer
+    if v.ndim == 2:
+        return v[layer], layer
+    return v, layer
+
+
+def steer(
+    model,
+    direction=None,
+    *,
+    layer: Union[int, Sequence[int], str, None] = None,
+    strength: Union[float, Tensor] = 1.0,
+    kind: str = "add",
+    sites: Union[str, Sequence[str]] = "resid_post",
+    positions: Any = "all",
+    include_sink: bool = False,
+    condition=None,
+    gate: Optional[Tensor] = None,
+    interventions: Sequence[I.Intervention] = (),
+) -> Steering:
+    """Build a :class:`Steering` for one direction (plus any extra ``interventions``).
+
+    ``kind="add"`` adds ``strength · v`` (v as stored: a mean-difference vector keeps its norm);
+    ``"ablate"`` removes ``v̂`` (use ``layer="all"`` and ``sites=("resid_pre","attn_out","mlp_out")``
+    for Arditi's ablation everywhere); ``"clamp"`` sets ``x·v̂ = strength``. ``layer`` defaults to a
+    :class:`~steer.directions.Direction`'s chosen layer; a ``[n_layers, d]`` tensor uses its row at
+    each layer.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> with steer.steering.steer(m, torch.randn(64), layer=1, strength=torch.tensor([1., 0.])) as s:
+    ...     out = s.generate(["Hi", "Hi"], max_new_tokens=2)
+    >>> len(out)
+    2
+    """
+    ivs = list(interventions)
+    if direction is not None:
+        lay = layer if not (isinstance(layer, (list, tuple)) or layer == "all") else None
+        v, default = _vector_of(model, direction, lay)
+        layers = layer if layer is not None else default
+        if layers is None:
+            raise ValueError("Pass layer= (an int, a list of ints or 'all').")
+        if hasattr(direction, "vectors") and (isinstance(layer, (list, tuple)) or layer == "all") and kind == "add":
+            v = direction.vectors  # one row per layer
+        elif hasattr(direction, "vectors") and (isinstance(layer, (list, tuple)) or layer == "all"):
+            v = direction.vectors[direction.layer] if direction.layer is not None else direction.vectors
+        ivs.insert(0, I.Intervention(kind, v, layers=layers, sites=sites, positions=positions,
+                                     strength=strength, include_sink=include_sink))
+    return Steering(model, ivs, condition=condition, gate=gate)
+
+
+def prompt_means(model, prompts, layers="all", batch_size: int = 32):
+    """``[n, n_layers, d]`` mean resid_post over each prompt's real tokens except the first (sink).
+
+    The statistic CAST conditions read at prefill (see :class:`Steering`).
+
+    >>> import steer
+    >>> prompt_means(steer.load("tiny-llama"), ["Hi", "Hello"], layers=[1]).shape
+    torch.Size([2, 1, 64])
+    """
+    from .capture import capture
+
+    return capture(model, prompts, layers=layers, site="resid_post", positions="all", reduce="mean",
+                   include_sink=False, batch_size=batch_size, progress=False).tensor
