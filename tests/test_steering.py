@@ -1,0 +1,174 @@
+import pytest
+import torch
+
+import steer
+from steer.hooks import add_hooks
+from steer.interventions import Intervention, ablate, add, clamp, orthogonalized
+from steer.steering import Steering
+from steer.steering import steer as steer_ctx
+
+PROMPTS = ["Hi", "How are you today, my friend?", "Tell me a joke."]
+RESID = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+def _grab(model, sites, store):
+    def fn(act, site):
+        store[str(site)] = act.detach().clone()
+
+    return add_hooks(model, {s: fn for s in sites})
+
+
+def test_pure_functions():
+    x = torch.randn(2, 3, 4)
+    v = torch.randn(4)
+    m = torch.tensor([[True, False, True], [False, True, True]])
+    y = add(x, v, torch.tensor([1.0, -2.0]), m)
+    assert torch.equal(y[~m], x[~m])
+    torch.testing.assert_close(y[0, 0], x[0, 0] + v)
+    torch.testing.assert_close(y[1, 1], x[1, 1] - 2 * v)
+    u = v / v.norm()
+    assert (ablate(x, v, m)[m] @ u).abs().max() < 1e-5
+    torch.testing.assert_close(clamp(x, v, 3.0, m)[m] @ u, torch.full((4,), 3.0))
+    with pytest.raises(ValueError, match="zero norm"):
+        ablate(x, torch.zeros(4))
+
+
+def test_add_skips_pads_and_sink(tiny):
+    v = torch.randn(64)
+    b = steer.tokenize(tiny, PROMPTS)
+    base, got = {}, {}
+    with _grab(tiny, ["resid_post.0"], base):
+        tiny.hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
+    with steer_ctx(tiny, v, layer=0, strength=3.0) as s, _grab(tiny, ["resid_post.0"], got):
+        s.logits(PROMPTS)
+    diff = (got["resid_post.0"] - base["resid_post.0"]).norm(dim=-1)
+    first = (b.input_ids.shape[1] - b.lengths)
+    for i in range(len(PROMPTS)):
+        assert torch.all(diff[i, : first[i] + 1] == 0)  # pads and the sink untouched
+        torch.testing.assert_close(diff[i, first[i] + 1:], torch.full_like(diff[i, first[i] + 1:], 3 * v.norm()))
+
+
+@pytest.mark.parametrize("include_sink", [False, True])
+def test_ablation_orthogonal_at_every_site(tiny, include_sink):
+    v = torch.randn(64)
+    u = v / v.norm()
+    iv = Intervention("ablate", v, layers="all", sites=RESID, include_sink=include_sink)
+    b = steer.tokenize(tiny, PROMPTS)
+    got = {}
+    sites = [f"{s}.{l}" for s in RESID for l in range(tiny.n_layers)]
+    with Steering(tiny, [iv]) as s, _grab(tiny, sites, got):
+        s.logits(PROMPTS)
+    real = b.attention_mask.bool().clone()
+    if not include_sink:
+        real[torch.arange(len(b)), b.input_ids.shape[1] - b.lengths] = False
+    for name, act in got.items():
+        proj = act @ u
+        assert proj[real].abs().max() < 1e-4, name
+
+
+def test_weight_orthogonalization_equals_runtime_ablation(tiny):
+    v = torch.randn(64)
+    iv = Intervention("ablate", v, layers="all", sites=("resid_pre", "attn_out", "mlp_out"), include_sink=True)
+    with Steering(tiny, [iv]) as s:
+        runtime = s.logits(PROMPTS)
+    m2 = orthogonalized(tiny, v)
+    with Steering(m2) as s:
+        weights = s.logits(PROMPTS)
+    b = steer.tokenize(tiny, PROMPTS)
+    real = b.attention_mask.bool()
+    torch.testing.assert_close(weights[real], runtime[real], atol=1e-4, rtol=0)
+    with Steering(tiny) as s:  # the original model is untouched
+        assert not torch.allclose(s.logits(PROMPTS)[real], runtime[real], atol=1e-3)
+
+
+def test_batched_generation_equals_per_example(tiny):
+    v = torch.randn(64) * 2
+    alpha = torch.tensor([1.0, 0.0, 3.0])
+    with steer_ctx(tiny, v, layer=[0, 1], strength=alpha) as s:
+        batched = s.generate(PROMPTS, max_new_tokens=8)
+    single = []
+    for i, p in enumerate(PROMPTS):
+        with steer_ctx(tiny, v, layer=[0, 1], strength=alpha[i: i + 1]) as s:
+            single += s.generate([p], max_new_tokens=8)
+    assert batched == single
+    assert batched[1] == tiny.generate([PROMPTS[1]], max_new_tokens=8)[0]  # strength 0 = unsteered
+    assert batched[0] != tiny.generate([PROMPTS[0]], max_new_tokens=8)[0]
+
+
+def test_kv_cache_matches_full_recompute(tiny):
+    v = torch.randn(64) * 3
+    with steer_ctx(tiny, v, layer=1, strength=1.0) as s:
+        cached = s.generate(PROMPTS, max_new_tokens=6)
+        nocache = s.generate(PROMPTS, max_new_tokens=6, use_cache=False)
+    assert cached == nocache
+
+
+def test_generated_positions_only(tiny):
+    v = torch.randn(64) * 3
+    with Steering(tiny) as s:
+        ref = s.next_token_logits(PROMPTS)
+    with steer_ctx(tiny, v, layer=1, strength=2.0, positions="generated") as s:
+        torch.testing.assert_close(s.next_token_logits(PROMPTS), ref)  # prompt untouched
+        steered = s.generate(PROMPTS, max_new_tokens=6)
+    assert steered != tiny.generate(PROMPTS, max_new_tokens=6)
+
+
+def test_prompt_selector_and_clamp(tiny):
+    v = torch.randn(64)
+    u = v / v.norm()
+    got = {}
+    b = steer.tokenize(tiny, PROMPTS)
+    sel = steer.positions.mask("post_instruction", b)
+    with steer_ctx(tiny, v, layer=0, kind="clamp", strength=5.0, positions="post_instruction") as s, \
+            _grab(tiny, ["resid_post.0"], got):
+        s.logits(PROMPTS)
+    proj = got["resid_post.0"] @ u
+    torch.testing.assert_close(proj[sel], torch.full_like(proj[sel], 5.0))
+    assert (proj[~sel] - 5.0).abs().min() > 1e-3
+    with steer_ctx(tiny, v, layer=0, positions="post_instruction") as s:
+        with pytest.raises(ValueError, match="tokenized prompts"):
+            tiny.hf(input_ids=b.input_ids, attention_mask=b.attention_mask)
+
+
+def test_actadd_aligned(tiny):
+    vec = torch.randn(3, 64)
+    iv = Intervention("add", vec, layers=[0], positions="prompt", aligned=True, include_sink=True)
+    b = steer.tokenize(tiny, PROMPTS)
+    base, got = {}, {}
+    with _grab(tiny, ["resid_post.0"], base):
+        tiny.hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
+    with Steering(tiny, [iv]) as s, _grab(tiny, ["resid_post.0"], got):
+        s.logits(PROMPTS)
+    d = got["resid_post.0"] - base["resid_post.0"]
+    first = b.input_ids.shape[1] - b.lengths
+    for i in range(len(PROMPTS)):
+        f = int(first[i])
+        torch.testing.assert_close(d[i, f: f + 3], vec, atol=1e-5, rtol=0)
+        assert torch.all(d[i, :f] == 0) and torch.all(d[i, f + 3:] == 0)
+
+
+def test_gate_per_example(tiny):
+    v = torch.randn(64) * 3
+    with steer_ctx(tiny, v, layer=1, strength=1.0, gate=torch.tensor([1.0, 0.0, 1.0])) as s:
+        out = s.next_token_logits(PROMPTS)
+    with Steering(tiny) as s:
+        ref = s.next_token_logits(PROMPTS)
+    assert torch.equal(out[1], ref[1]) and not torch.allclose(out[0], ref[0])
+
+
+def test_bad_inputs(tiny):
+    with pytest.raises(ValueError, match="d_model"):
+        Steering(tiny, [Intervention("add", torch.randn(32), layers=[0])])
+    with pytest.raises(ValueError, match="Cannot steer site"):
+        Steering(tiny, [Intervention("add", torch.randn(64), layers=[0], sites="z")])
+    with pytest.raises(ValueError, match="NaN"):
+        Intervention("add", torch.tensor([float("nan")] * 64))
+    with pytest.raises(ValueError, match="out of range"):
+        Steering(tiny, [Intervention("add", torch.randn(64), layers=[7])])
+    with pytest.raises(RuntimeError, match="with"):
+        Steering(tiny).generate(["Hi"])
+    # hooks are removed after an exception
+    with pytest.raises(KeyError):
+        with steer_ctx(tiny, torch.randn(64), layer=0):
+            raise KeyError
+    assert not tiny.hf.model._forward_pre_hooks
