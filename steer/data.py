@@ -62,14 +62,19 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.spans, self.texts)
 
 
-def _render(model, prompt: Prompt) -> tuple[str, dict[str, tuple[int, int]]]:
-    """Text of one prompt and the character spans of its parts."""
+def _render(model, prompt: Prompt) -> tuple[str, dict[str, tuple[int, int]], bool]:
+    """Text of one prompt, the character spans of its parts, and whether a template made it.
+
+    Templated text already holds its special tokens (BOS, role markers); raw text gets the
+    tokenizer's own (e.g. Gemma's ``<bos>``, without which it degrades badly).
+    """
     completion = None
     if isinstance(prompt, tuple):
         if len(prompt) != 2:
             raise ValueError(f"A pair prompt must be (prompt, completion), got {len(prompt)} items.")
         prompt, completion = prompt
-    if isinstance(prompt, Raw) or (isinstance(prompt, str) and not model.has_chat_template):
+    templated = not (isinstance(prompt, Raw) or (isinstance(prompt, str) and not model.has_chat_template))
+    if not templated:
         text, spans = str(prompt), {"instruction": (0, len(prompt))}
         spans["post_instruction"] = (len(text), len(text))
     else:
@@ -93,7 +98,7 @@ def _render(model, prompt: Prompt) -> tuple[str, dict[str, tuple[int, int]]]:
     if completion is not None:
         spans["completion"] = (len(text), len(text) + len(completion))
         text = text + completion
-    return text, spans
+    return text, spans, templated
 
 
 def tokenize(model, prompts: Sequence[Prompt], max_length: int | None = None) -> Batch:
@@ -110,10 +115,11 @@ def tokenize(model, prompts: Sequence[Prompt], max_length: int | None = None) ->
         raise ValueError("No prompts given: pass at least one prompt.")
     tok = model.tokenizer
     rendered = [_render(model, p) for p in prompts]
-    texts = [t for t, _ in rendered]
-    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    texts = [t for t, _, _ in rendered]
     rows, spans = [], []
-    for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+    for i, (text, _, templated) in enumerate(rendered):
+        enc = tok(text, add_special_tokens=not templated, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
         if max_length is not None and len(ids) > max_length:
             raise ValueError(f"Prompt {i} has {len(ids)} tokens > max_length={max_length}.")
         if not ids:
@@ -135,7 +141,7 @@ def tokenize(model, prompts: Sequence[Prompt], max_length: int | None = None) ->
 
 def _char_to_token_span(offsets, start: int, stop: int) -> tuple[int, int]:
     """Tokens whose text starts inside [start, stop) — the token range of a character span."""
-    idx = [j for j, (s, e) in enumerate(offsets) if start <= s < stop or (s == e == start < stop)]
+    idx = [j for j, (s, e) in enumerate(offsets) if start <= s < stop and e > s]
     if not idx:
         return (len(offsets), len(offsets)) if start >= stop else _nearest(offsets, start)
     return idx[0], idx[-1] + 1

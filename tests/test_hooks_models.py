@@ -92,3 +92,12 @@ def test_embedded_capture_shape_parity_and_post_instruction(smol):
     torch.testing.assert_close(post.tensor[0, 0], cache[name][0, -6:], atol=1e-4, rtol=1e-5)
     alone = steer.capture(smol, prompts[1:], layers=[3], positions="post_instruction")
     torch.testing.assert_close(post.tensor[1], alone.tensor[0], atol=1e-4, rtol=0)
+
+
+def test_raw_text_gets_the_tokenizers_special_tokens_chat_text_does_not(tiny):
+    tok = tiny.tokenizer
+    raw = steer.tokenize(tiny, [steer.Raw("abc")])
+    assert raw.input_ids[0].tolist() == tok("abc").input_ids  # add_special_tokens as configured
+    chat = steer.tokenize(tiny, ["abc"])
+    assert chat.texts[0].startswith("<|im_start|>system")
+    assert chat.input_ids[0].tolist() == tok(chat.texts[0], add_special_tokens=False).input_ids
