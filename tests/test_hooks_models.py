@@ -101,3 +101,18 @@ def test_raw_text_gets_the_tokenizers_special_tokens_chat_text_does_not(tiny):
     chat = steer.tokenize(tiny, ["abc"])
     assert chat.texts[0].startswith("<|im_start|>system")
     assert chat.input_ids[0].tolist() == tok(chat.texts[0], add_special_tokens=False).input_ids
+
+
+@pytest.mark.slow
+def test_embedded_gemma3_loads_boots_and_completes():
+    """GGUF configs carry no `architectures`; steer sets it so the bridge boots (Gemma-3 needs it)."""
+    g = steer.load("gemma-3-270m")
+    assert g.hf.config.architectures == ["Gemma3ForCausalLM"]
+    assert (g.n_layers, g.d_model) == (18, 640)
+    (text,) = g.generate([steer.Raw("The capital of France is")], max_new_tokens=8)
+    assert "France" in text or "Paris" in text
+    ids = steer.tokenize(g, [steer.Raw("Hello world")]).input_ids
+    name = steer.sites.tl_name(steer.Site("resid_pre", 5))
+    _, cache = g.bridge.run_with_cache(ids, names_filter=[name])
+    acts = steer.capture(g, [steer.Raw("Hello world")], layers=[5], site="resid_pre", positions="all")
+    torch.testing.assert_close(acts.tensor[0, 0], cache[name][0], atol=1e-3, rtol=1e-4)
