@@ -23,7 +23,7 @@ def _section(title: str) -> None:
 
 def run(args) -> int:
     import steer
-    from steer.separability import separability
+    from steer.directions import sweep_layers
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,9 +50,10 @@ def run(args) -> int:
     for label, kw in reads.items():
         a = steer.capture(model, harmful, layers="all", **kw)
         b = steer.capture(model, harmless, layers="all", **kw)
-        seps[label] = separability(a.tensor, b.tensor, a.layers)
+        seps[label] = sweep_layers(a.tensor, b.tensor, method="mean_diff")
     dt = time.time() - t0
-    fig = plotting.layer_curve({f"{k} (acc)": v.accuracy for k, v in seps.items()}, a.layers,
+    acc = {label: [r["accuracy"] for r in sep.rows] for label, sep in seps.items()}
+    fig = plotting.layer_curve({f"{k} (acc)": v for k, v in acc.items()}, a.layers,
                                ylabel="held-out accuracy", mark_best="mean over instruction tokens (acc)",
                                title=f"{model.name}: harmful vs harmless, resid_post")
     png = plotting.save(fig, out / "separability.png")
@@ -60,11 +61,10 @@ def run(args) -> int:
           f"two position choices in {dt:.1f} s -> tensors {tuple(a.tensor.shape)}")
     summary["separability"] = {"figure": str(png), "capture_s": round(dt, 1)}
     for label, sep in seps.items():
-        j = sep.layers.index(sep.best_layer)
-        print(f"  {label:30s} accuracy by layer: " + " ".join(f"{x:.2f}" for x in sep.accuracy))
-        print(f"  {'':30s} best layer {sep.best_layer}: accuracy {sep.accuracy[j]:.2f}, AUROC {sep.auroc[j]:.3f}")
-        summary["separability"][label] = {"layers": sep.layers, "accuracy": sep.accuracy,
-                                          "auroc": sep.auroc, "best_layer": sep.best_layer}
+        best = sep.rows[sep.best_layer]
+        print(f"  {label:30s} held-out accuracy by layer: " + " ".join(f"{x:.2f}" for x in acc[label]))
+        print(f"  {'':30s} best layer {sep.best_layer}: accuracy {best['accuracy']:.2f}, AUROC {best['auroc']:.3f}")
+        summary["separability"][label] = {"rows": sep.rows, "best_layer": sep.best_layer}
     print(f"  figure: {png}")
 
     summary["total_s"] = round(time.time() - t_all, 1)
