@@ -1,0 +1,195 @@
+"""steer.bias and steer.erasure: counterfactual alignment, hand-computed scores, debiasing hooks."""
+
+import json
+import types
+
+import pytest
+import torch
+
+import steer
+from steer import bias
+from steer.erasure import LeaceEraser
+from steer.hooks import add_hooks
+
+OCC = {"nurse": 87.4, "pilot": 4.6, "cook": 37.9, "librarian": 80.5}
+TPL = ["The {occupation} said that", "Then the {occupation} left because"]
+
+
+# -- counterfactual templates: token alignment ---------------------------------------------
+def test_aligned_pairs_handle_different_slot_lengths(tiny):
+    # byte tokenizer: "man" is 3 tokens, "grandmother" 11: positions align on the suffix
+    (p,) = bias.aligned_pairs(tiny, "The {x} left early.", [("man", "grandmother")])
+    assert p.slot == (3, 11)
+    a, b = p.positions(0), p.positions(1)
+    assert len(a) == len(b) == 1 + p.suffix
+    # every aligned suffix position holds the same token in both rows
+    assert [p.ids[0][i] for i in a[1:]] == [p.ids[1][i] for i in b[1:]]
+    # the first aligned position is the last token of each slot value
+    assert tiny.tokenizer.decode([p.ids[0][a[0]]]) == "n"
+    assert tiny.tokenizer.decode([p.ids[1][b[0]]]) == "r"
+
+
+def test_aligned_pairs_refuse_merges_across_the_slot():
+    tok = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(
+        steer.models.cache_dir() / "smollm2-135m-instruct") if (
+        steer.models.cache_dir() / "smollm2-135m-instruct" / "tokenizer.json").exists() else None
+    if tok is None:
+        pytest.skip("SmolLM2 tokenizer not cached")
+    m = types.SimpleNamespace(tokenizer=tok)
+    with pytest.raises(ValueError, match="straddles the slot"):
+        bias.aligned_pairs(m, "The {x}s left.", [("cat", "dog")])  # " cats" is one token
+    (p,) = bias.aligned_pairs(m, "The {x} left.", [("man", "grandmother")])  # leading space is fine
+    assert p.suffix == 2
+
+
+def test_template_errors():
+    with pytest.raises(ValueError, match="no slot"):
+        bias.Template("The nurse said that", "occupation", ["a"])
+    with pytest.raises(ValueError, match="two non-empty strings"):
+        bias.Template("The {occupation} said", targets=(" he",))
+
+
+def test_load_templates_jsonl(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps({"template": "The {occupation} said that", "slot": "occupation",
+                             "values": ["nurse", "pilot"], "targets": [" he", " she"]}) + "\n")
+    (t,) = bias.load_templates(f)
+    assert t.values == ["nurse", "pilot"] and t.targets == (" he", " she")
+    f.write_text(json.dumps({"template": "x", "values": ["a"]}))
+    with pytest.raises(ValueError, match="no slot"):
+        bias.load_templates(f)
+
+
+def test_builtin_data_is_split_and_cited():
+    train, held = bias.load_occupations("train"), bias.load_occupations("heldout")
+    assert len(train) >= 20 and len(held) >= 10 and not set(train) & set(held)
+    assert all(0 <= v <= 100 for v in {**train, **held}.values())
+    assert "Bureau of Labor Statistics" in bias.occupation_source()
+    assert not set(bias.load_templates(split="train")[0].values) & set(held)
+
+
+# -- scores against a hand computation -------------------------------------------------------
+def _hand_logprob(model, prompt, cont):
+    ids_p = model.tokenizer(prompt, add_special_tokens=False).input_ids
+    ids_c = model.tokenizer(cont, add_special_tokens=False).input_ids
+    ids = torch.tensor([ids_p + ids_c])
+    with torch.no_grad():
+        lp = model.hf(ids).logits[0].log_softmax(-1)
+    return sum(float(lp[len(ids_p) - 1 + j, c]) for j, c in enumerate(ids_c))
+
+
+def test_bias_scores_match_hand_computation(tiny):
+    r = bias.occupational_bias(tiny, OCC, TPL)
+    gaps = torch.tensor([[_hand_logprob(tiny, t.replace("{occupation}", o), " he")
+                          - _hand_logprob(tiny, t.replace("{occupation}", o), " she") for o in OCC] for t in TPL])
+    neutral = torch.tensor([_hand_logprob(tiny, t.replace("{occupation}", "person"), " he")
+                            - _hand_logprob(tiny, t.replace("{occupation}", "person"), " she") for t in TPL])
+    assert torch.allclose(r.gaps, gaps, atol=1e-4)
+    assert torch.allclose(r.neutral, neutral, atol=1e-4)
+    per = (gaps - neutral[:, None]).mean(0)
+    assert r.bias == pytest.approx(float(per.abs().mean()), abs=1e-4)
+    shares = torch.tensor(list(OCC.values()), dtype=torch.float64)
+    pc, sc = per.double() - per.double().mean(), shares - shares.mean()
+    assert r.correlation == pytest.approx(float(pc @ sc / (pc.norm() * sc.norm())), abs=1e-4)
+
+
+def test_single_token_fast_path_matches_sequence_scoring(tiny):
+    # with single-token targets the last-position shortcut must equal full sequence scoring
+    targets = ("a", "b")  # one byte each
+    texts = ["The nurse said that ", "A much longer prompt about the pilot "]
+    fast = bias._target_gaps(tiny, texts, targets)
+    slow = bias.sequence_logprobs(tiny, texts * 2, ["a"] * 2 + ["b"] * 2)
+    assert torch.allclose(fast, slow[:2] - slow[2:], atol=1e-4)
+
+
+def test_decision_bias_reference_gap_is_zero(tiny):
+    d = bias.decision_bias(tiny, ["Should we hire the {person}? Answer yes or no."], ["man", "woman"], "man",
+                           choice=["Candidate A is a {a}, B is a {b}. Who? Answer A or B."])
+    assert d["gap"]["man"] == 0.0
+    p = d["p_yes"]["t0"]["woman"]
+    assert 0 < p < 1
+    assert set(d["choice"]) == {"woman"} and -0.5 <= d["choice"]["woman"] <= 0.5
+    with pytest.raises(ValueError, match="reference"):
+        bias.decision_bias(tiny, ["Hire the {person}?"], ["man"], "woman")
+
+
+# -- debiasing hooks ----------------------------------------------------------------------------
+def _capture_after_edit(model, edit, rows):
+    ids, att = bias._pad(model, rows)
+    mask = att.bool().clone()
+    mask[torch.arange(len(rows)), att.shape[1] - att.sum(-1)] = False
+    seen = {}
+    with edit.hooks(model, mask), add_hooks(model, {f"resid_post.{l}": (lambda a, s: seen.__setitem__(s.layer, a.clone()))
+                                                    for l in range(model.n_layers)}):
+        model.hf(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0))
+    return seen, mask
+
+
+def test_ablation_hook_removes_direction_at_every_hooked_site(tiny):
+    v = torch.randn(tiny.n_layers, tiny.d_model)
+    edit = bias.Edit("ablate", [0, 1], vectors={0: v[0], 1: v[1]})
+    rows = [tiny.to_tokens("The nurse said that"), tiny.to_tokens("Hi")]
+    seen, mask = _capture_after_edit(tiny, edit, rows)
+    for layer in (0, 1):
+        u = v[layer] / v[layer].norm()
+        proj = seen[layer] @ u
+        assert proj[mask].abs().max() < 1e-4
+        first = ~mask & bias._pad(tiny, rows)[1].bool()  # the sink tokens are left alone
+        assert proj[first].abs().min() > 1e-3
+
+
+def test_clamp_and_leace_hooks(tiny):
+    v = torch.randn(tiny.d_model)
+    edit = bias.Edit("clamp", [1], vectors={1: v}, values={1: 2.5})
+    rows = [tiny.to_tokens("The pilot said")]
+    seen, mask = _capture_after_edit(tiny, edit, rows)
+    assert torch.allclose(seen[1][mask] @ (v / v.norm()), torch.full((int(mask.sum()),), 2.5), atol=1e-4)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, tiny.d_model, generator=g)
+    z = (x[:, :3].sum(-1) > 0).long()
+    er = LeaceEraser.fit(x, z)
+    edit = bias.Edit("leace", [0], erasers={0: er})
+    seen, mask = _capture_after_edit(tiny, edit, rows)
+    resid = (seen[0][mask] - er.mean) @ er.B  # the erased coordinates are zero everywhere edited
+    assert resid.abs().max() < 1e-3
+
+
+def test_leace_removes_linear_covariance():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 16, generator=g) @ torch.randn(16, 16, generator=g)
+    y = x[:, 0] * 0.5 - x[:, 3] + 0.1 * torch.randn(400, generator=g)  # continuous concept
+    er = LeaceEraser.fit(x, y)
+    xe = er(x)
+    cov = ((xe - xe.mean(0)) * (y - y.mean())[:, None]).mean(0)
+    assert cov.abs().max() < 1e-3 * (x.std() * y.std())
+    assert er.rank == 1
+    with pytest.raises(ValueError, match="one concept value per row"):
+        LeaceEraser.fit(x, y[:10])
+    with pytest.raises(ValueError, match="single class"):
+        LeaceEraser.fit(x, torch.zeros(400, dtype=torch.long))
+
+
+def test_edit_errors():
+    with pytest.raises(ValueError, match="Unknown debiasing method"):
+        bias.Edit("erase", [0])
+    with pytest.raises(ValueError, match="no vector for layers"):
+        bias.Edit("ablate", [0, 1], vectors={0: torch.ones(4)})
+
+
+def test_fit_edit_and_report_on_tiny(tiny):
+    for method in bias.METHODS:
+        e = bias.fit_edit(tiny, method, [1], "stereotype")
+        rep = bias.debias_report(tiny, e)
+        assert rep["method"] == method and rep["neutral_kl"] >= 0 and rep["neutral_ppl_ratio"] > 0
+    rows = bias.pareto_sweep(tiny, ["ablate"], ["gender"], [[0], [1]], [0.5, 1.0])
+    assert len(rows) == 4 and bias.pareto_front(rows)
+
+
+# -- the embedded model (slow) -----------------------------------------------------------------
+@pytest.mark.slow
+def test_embedded_model_occupational_bias(smol):
+    r = bias.occupational_bias(smol, "heldout", "heldout")
+    assert r.neutral_gap < 0  # prefers " she" after "The person ..." overall
+    assert r.correlation < -0.5  # more women in the occupation → more " she"
+    assert r.bias > 0.3
