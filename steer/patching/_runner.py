@@ -1,0 +1,78 @@
+"""Layer-by-layer forward over the HF decoder layers (private).
+
+Lets a patched run start from a cached residual at layer ``l`` and return only the logits at
+the last token (left padding puts every prompt's last token at the last position).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..data import Batch
+from ..hooks import add_hooks
+
+
+def _check_supported(model) -> None:
+    inner = getattr(model.hf, "model", None)
+    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
+        raise NotImplementedError(
+            f"steer.patching runs Llama-style decoders (model.hf.model.rotary_emb/layers); "
+            f"{type(model.hf).__name__} is not supported yet - use a Llama-family model."
+        )
+    if hasattr(model.layers[0], "pre_feedforward_layernorm"):
+        raise NotImplementedError(
+            "steer.patching does not support sandwich-norm (Gemma-3) layers yet; use a Llama-family model."
+        )
+
+
+class Runner:
+    """Forward machinery for one token batch (``P`` prompts of ``T`` tokens)."""
+
+    def __init__(self, model, batch: Batch):
+        _check_supported(model)
+        self.model = model
+        self.inner = model.hf.model
+        self.batch = batch
+        self.P, self.T = batch.input_ids.shape
+        self.position_ids = batch.position_ids
+        with torch.no_grad():
+            self.embeds = self.inner.embed_tokens(batch.input_ids)
+            cos, sin = self.inner.rotary_emb(self.embeds, position_ids=self.position_ids)
+        self.cos, self.sin = cos, sin
+        am = batch.attention_mask
+        if bool((am == 1).all()):
+            self.mask = None  # plain causal: sdpa's fast path
+        else:
+            keep = torch.tril(torch.ones(self.T, self.T, dtype=torch.bool, device=am.device))
+            keep = keep[None] & am[:, None, :].bool()
+            m = torch.zeros(keep.shape, dtype=self.embeds.dtype, device=am.device)
+            m.masked_fill_(~keep, torch.finfo(m.dtype).min)
+            self.mask = m[:, None]  # [P, 1, T, T]
+
+    def _expand(self, reps: int):
+        if reps == 1:
+            return self.mask, (self.cos, self.sin), self.position_ids
+        mask = None if self.mask is None else self.mask.repeat(reps, 1, 1, 1)
+        return mask, (self.cos.repeat(reps, 1, 1), self.sin.repeat(reps, 1, 1)), self.position_ids.repeat(reps, 1)
+
+    def run(self, h: Tensor, start: int = 0, hooks=None, keep_resid: bool = False):
+        """Run layers ``start..L-1`` on residual ``h`` ``[reps*P, T, d]``; return last-token logits.
+
+        With ``keep_resid`` also returns the residuals entering each layer and the final one
+        (``L - start + 1`` tensors, in the autograd graph when ``h`` requires grad).
+        """
+        reps = h.shape[0] // self.P
+        mask, pe, pos = self._expand(reps)
+        resid = []
+        with add_hooks(self.model, hooks or {}):
+            for layer in self.model.layers[start:]:
+                if keep_resid:
+                    resid.append(h)
+                h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+                if isinstance(h, tuple):
+                    h = h[0]
+        if keep_resid:
+            resid.append(h)
+        logits = self.model.hf.lm_head(self.inner.norm(h[:, -1]))
+        return (logits, resid) if keep_resid else logits

@@ -1,0 +1,222 @@
+"""Attribution patching (AtP), GradDrop and AtP* (Kramár et al., "AtP*: An efficient and
+scalable method for localizing LLM behaviour to components").
+
+AtP estimates every node's patching effect at once to first order:
+``Î(n) = (n_other - n_base)ᵀ ∂M/∂n`` with the gradient taken on the *base* run.
+
+* ``direction="denoising"``: base = corrupt run, other = clean (estimates putting clean values in);
+* ``direction="noising"``: base = clean run, other = corrupt.
+
+Cost: one forward of the other prompts (no grad), one forward of the base prompts with grad
+and one backward (input gradients only; parameters are frozen). Head scores use the gradient
+at ``z`` (the ``o_proj`` input), which is ``W_Oᵀ ∂M/∂attn_out`` - no per-head ``d_model`` tensor.
+
+AtP* adds (1) the QK fix for ``q``/``k`` nodes (:mod:`steer.patching.qk_fix`) and (2) GradDrop:
+for each layer ℓ, the gradient flowing through layer ℓ's residual contribution (attn and MLP
+outputs) is zeroed; ``score = Σ_ℓ |Î_ℓ(n)| / (L - 1)``, signed with the plain (QK-fixed)
+estimate. Backward ℓ only has to run from layer ℓ down (layers above are unchanged), so all
+GradDrop passes cost about ``L/2`` backwards.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..sites import Site
+from ._runner import Runner
+from .activation import _check_direction, capture_sites, run_metrics
+from .nodes import NodeSet, node_set
+from .qk_fix import attn_logits, key_fix, pattern_grad, query_fix, rotary
+from .result import PatchingResult
+from .tasks import PatchTask
+
+__all__ = ["atp", "atp_star", "grad_drop_scores"]
+
+
+class _Attribution:
+    """Shared state of one AtP run: base/other activations and base-run gradients."""
+
+    def __init__(self, model, task: PatchTask, kinds: Sequence[NodeSet], direction: str, qk: bool):
+        self.model, self.task, self.kinds, self.direction, self.qk = model, task, kinds, direction, qk
+        base_b, other_b = (task.corrupt, task.clean) if direction == "denoising" else (task.clean, task.corrupt)
+        sites = {ns.site for ns in kinds}
+        if qk and sites & {"q", "k"}:
+            sites |= {"q", "k", "v", "z"}
+        self.sites = sites
+        self.other_runner = Runner(model, other_b)
+        self.other, _, other_logits = capture_sites(model, self.other_runner, list(sites))
+        self.base_runner = r = Runner(model, base_b)
+        self.base: dict = {}
+
+        def keep(act, site: Site):
+            y = act.clone()
+            self.base[(site.name, site.layer)] = y
+            return y
+
+        hooks = [(Site(s, l), keep) for s in sites if s != "resid_pre" for l in range(model.n_layers)]
+        with torch.enable_grad():
+            h0 = r.embeds.detach().requires_grad_(True)
+            logits, self.resid = r.run(h0, 0, hooks, keep_resid=True)
+            for l, h in enumerate(self.resid[:-1]):
+                self.base[("resid_pre", l)] = h
+            self.M = self.task.scores(logits[None])[0]
+        base_logits = logits.detach()
+        clean_l, corrupt_l = (other_logits, base_logits) if direction == "denoising" else (base_logits, other_logits)
+        self.m_clean, self.m_corrupt = run_metrics(task, clean_l, corrupt_l)
+        self.keys = sorted(self.base)
+
+    def grads(self, retain: bool) -> dict:
+        tensors = [self.base[k] for k in self.keys] + self.resid[1:]
+        gs = torch.autograd.grad(self.M, tensors, retain_graph=retain, allow_unused=True)
+        out = {k: (g if g is not None else torch.zeros_like(self.base[k])) for k, g in zip(self.keys, gs)}
+        self.g_resid = [None] + [g if g is not None else torch.zeros_like(t) for g, t in zip(gs[len(self.keys):], self.resid[1:])]
+        return out
+
+    # -- per-layer estimates -------------------------------------------------------------
+    def layer_scores(self, ns: NodeSet, l: int, grads: dict) -> Tensor:
+        """``Î`` for the nodes of ``ns`` at layer ``l`` given gradients ``grads[(site, l)]``."""
+        if self.qk and ns.site in ("q", "k"):
+            return self._qk_scores(ns, l, grads)
+        key = (ns.site, l)
+        delta = self.other[key] - self.base[key].detach()
+        return ns.reduce((delta * grads[key]).sum(0))
+
+    def _qk_scores(self, ns: NodeSet, l: int, grads: dict) -> Tensor:
+        r = self.base_runner
+        attn = self.model.layers[l].self_attn
+        cos, sin = r.cos, r.sin
+        q, k = self.base[("q", l)].detach(), self.base[("k", l)].detach()
+        v = self.base[("v", l)].detach()
+        key_valid = self.task.clean.attention_mask.bool()
+        q_rot, k_rot = rotary(q, cos, sin), rotary(k, cos, sin)
+        x = attn_logits(q_rot, k_rot, attn.scaling, key_valid)
+        g = pattern_grad(grads[("z", l)], v)
+        H, Hkv = q.shape[2], k.shape[2]
+        if ns.site == "q":
+            x_new = attn_logits(rotary(self.other[("q", l)], cos, sin), k_rot, attn.scaling, key_valid)
+            per_row = query_fix(x, x_new, g).sum(0)  # [H, T]
+            return per_row.sum(-1) if ns.units == ("head",) else per_row.T  # [H] or [T, H]
+        x_new = attn_logits(q_rot, rotary(self.other[("k", l)], cos, sin), attn.scaling, key_valid)
+        if ns.units == ("head",):  # all keys of a kv head patched at once: exact softmax
+            per_head = query_fix(x, x_new, g).sum((0, 2))  # [H]
+            return per_head.view(Hkv, H // Hkv).sum(-1)
+        per_key = key_fix(x, x_new - x, g).sum((0, 2))  # [H, S]
+        return per_key.view(Hkv, H // Hkv, -1).sum(1).T  # [S, Hkv]
+
+    def result(self, ns: NodeSet, raw: Tensor, method: str, seconds: float, fe: float, meta=None) -> PatchingResult:
+        d = self.m_clean - self.m_corrupt
+        scores = raw / d if self.direction == "denoising" else 1.0 + raw / d
+        return PatchingResult(
+            scores=scores.detach().float().cpu(), nodes=ns,
+            tokens=self.model.to_str_tokens(self.task.clean.input_ids[0].tolist()),
+            method=method, direction=self.direction, seconds=seconds, forward_equivalents=fe,
+            meta={"metric_clean": self.m_clean, "metric_corrupt": self.m_corrupt,
+                  "n_prompts": self.task.n_prompts, "task": self.task.name, **(meta or {})},
+        )
+
+
+def _kinds(model, task, nodes) -> tuple[list[NodeSet], bool]:
+    single = isinstance(nodes, (str, NodeSet))
+    items = [nodes] if single else list(nodes)
+    if not items:
+        raise ValueError("nodes is empty: give a node kind such as 'heads' or a list of kinds.")
+    return [n if isinstance(n, NodeSet) else node_set(model, n, task.n_pos) for n in items], single
+
+
+def atp(
+    model, task: PatchTask, nodes: Union[str, Sequence[str]] = "heads", direction: str = "denoising",
+    qk_fix: bool = False,
+) -> Union[PatchingResult, dict[str, PatchingResult]]:
+    """Attribution patching: first-order estimate of every node's patching effect.
+
+    One node kind gives a :class:`PatchingResult`; a list of kinds gives ``{kind: result}``
+    from the same 2 forwards + 1 backward. ``qk_fix=True`` uses AtP*'s exact softmax for
+    ``q``/``k`` nodes (no GradDrop).
+
+    >>> import steer
+    >>> from steer.patching import ioi_task, atp
+    >>> m = steer.load("tiny-llama")
+    >>> rs = atp(m, ioi_task(m, n=2), ["heads", "neurons"])
+    >>> tuple(rs["heads"].scores.shape), tuple(rs["neurons"].scores.shape)
+    ((2, 4), (2, 128))
+    """
+    direction = _check_direction(direction)
+    kinds, single = _kinds(model, task, nodes)
+    t0 = time.perf_counter()
+    st = _Attribution(model, task, kinds, direction, qk_fix)
+    grads = st.grads(retain=False)
+    out = {}
+    for ns in kinds:
+        raw = torch.stack([st.layer_scores(ns, l, grads) for l in range(model.n_layers)])
+        out[ns.kind] = raw
+    sec = time.perf_counter() - t0
+    res = {k: st.result(ns, out[ns.kind], "atp*-qk" if qk_fix else "atp", sec, 3.0) for k, ns in zip(out, kinds)}
+    return res[kinds[0].kind] if single else res
+
+
+def grad_drop_scores(st: _Attribution, ns_list: Sequence[NodeSet], grads: dict) -> dict[str, Tensor]:
+    """GradDrop magnitudes ``Σ_ℓ |Î_ℓ(n)| / (L - 1)`` for each node kind (private engine)."""
+    L = st.model.n_layers
+    plain = {ns.kind: [st.layer_scores(ns, l, grads) for l in range(L)] for ns in ns_list}
+    acc = {ns.kind: [torch.zeros_like(s) for s in plain[ns.kind]] for ns in ns_list}
+    for drop in range(L):
+        cot = st.g_resid[drop + 1]  # gradient at the output of layer `drop`; skip path only
+        below = [k for k in st.keys if k[1] < drop]
+        gd = dict(grads)
+        if below:
+            gs = torch.autograd.grad(st.resid[drop], [st.base[k] for k in below], grad_outputs=cot,
+                                     retain_graph=True, allow_unused=True)
+            for k, g in zip(below, gs):
+                gd[k] = g if g is not None else torch.zeros_like(st.base[k])
+        for k in st.keys:
+            if k[1] == drop:
+                gd[k] = cot if k[0] == "resid_pre" else torch.zeros_like(st.base[k])
+        for ns in ns_list:
+            for l in range(L):
+                if l < drop or (l == drop and ns.site == "resid_pre"):
+                    acc[ns.kind][l] += st.layer_scores(ns, l, gd).abs()
+                elif l > drop:
+                    acc[ns.kind][l] += plain[ns.kind][l].abs()
+    out = {}
+    for ns in ns_list:
+        mag = torch.stack(acc[ns.kind]) / max(L - 1, 1)
+        sign = torch.sign(torch.stack(plain[ns.kind]))
+        out[ns.kind] = sign * mag
+    return out
+
+
+def atp_star(
+    model, task: PatchTask, nodes: Union[str, Sequence[str]] = "heads", direction: str = "denoising",
+    grad_drop: bool = True,
+) -> Union[PatchingResult, dict[str, PatchingResult]]:
+    """AtP*: AtP with the QK fix for ``q``/``k`` nodes and GradDrop.
+
+    Scores are ``sign(Î_AtP+QK) · Σ_ℓ |Î_ℓ| / (L-1)``; ``meta["plain"]`` keeps the signed
+    QK-fixed estimate without GradDrop. One kind → :class:`PatchingResult`; a list → dict.
+
+    >>> import steer
+    >>> from steer.patching import ioi_task, atp_star
+    >>> m = steer.load("tiny-llama")
+    >>> tuple(atp_star(m, ioi_task(m, n=2), "k_by_pos").scores.shape)[0]
+    2
+    """
+    direction = _check_direction(direction)
+    kinds, single = _kinds(model, task, nodes)
+    t0 = time.perf_counter()
+    st = _Attribution(model, task, kinds, direction, qk=True)
+    grads = st.grads(retain=grad_drop)
+    L = model.n_layers
+    plain = {ns.kind: torch.stack([st.layer_scores(ns, l, grads) for l in range(L)]) for ns in kinds}
+    scores = grad_drop_scores(st, kinds, grads) if grad_drop else plain
+    sec = time.perf_counter() - t0
+    fe = 3.0 + (L / 2 if grad_drop else 0)
+    res = {}
+    for ns in kinds:
+        r = st.result(ns, scores[ns.kind], "atp*", sec, fe, {"grad_drop": grad_drop})
+        r.meta["plain"] = st.result(ns, plain[ns.kind], "atp*", sec, fe).scores.tolist()
+        res[ns.kind] = r
+    return res[kinds[0].kind] if single else res

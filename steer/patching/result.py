@@ -1,0 +1,203 @@
+"""`PatchingResult`: a score per node, with labels, top-k, correlation, heatmap and saving."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .nodes import NodeSet
+
+__all__ = ["PatchingResult", "pearson", "spearman"]
+
+
+def pearson(a, b) -> float:
+    """Pearson correlation of two flat arrays (NaNs dropped pairwise).
+
+    >>> round(pearson([1, 2, 3], [2, 4, 7]), 3)
+    0.993
+    """
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    # average ties
+    vals, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    return (sums / counts)[inv]
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (NaNs dropped pairwise).
+
+    >>> spearman([1, 2, 3], [1, 5, 9])
+    1.0
+    """
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    return pearson(_rank(a[ok]), _rank(b[ok]))
+
+
+@dataclass
+class PatchingResult:
+    """Scores of one method on one node set.
+
+    ``scores: Float[Tensor, "layer *units"]`` is the (estimated) normalised metric after
+    patching each node, ``(patched - corrupt) / (clean - corrupt)``: in denoising 0 means no
+    effect, in noising 1 means no effect. ``effects`` is the change from the base run.
+
+    >>> import steer
+    >>> from steer.patching import ioi_task, atp
+    >>> m = steer.load("tiny-llama")
+    >>> r = atp(m, ioi_task(m, n=2), "heads")
+    >>> len(r.labels()) == r.scores.numel(), len(r.top_k(3))
+    (True, 3)
+    """
+
+    scores: Float[Tensor, "layer *units"]
+    nodes: NodeSet
+    tokens: list[str]
+    method: str
+    direction: str
+    seconds: float = 0.0
+    forward_equivalents: float = float("nan")
+    meta: dict = field(default_factory=dict)
+
+    # -- views -----------------------------------------------------------------------------
+    @property
+    def effects(self) -> Float[Tensor, "layer *units"]:
+        """Normalised change caused by the patch (0 = none), in either direction."""
+        return self.scores if self.direction == "denoising" else self.scores - 1.0
+
+    def labels(self) -> list[dict]:
+        """One dict per node (row-major order of ``scores``): layer, head/pos/neuron, token, name."""
+        out = []
+        for idx in np.ndindex(*self.nodes.shape):
+            d = dict(zip(self.nodes.axes, (int(i) for i in idx)))
+            name = f"L{d['layer']}"
+            if "pos" in d:
+                d["token"] = self.tokens[d["pos"]] if d["pos"] < len(self.tokens) else ""
+                name += f" P{d['pos']}{d['token']!r}"
+            if "head" in d:
+                name += f" H{d['head']}"
+            if "neuron" in d:
+                name += f" N{d['neuron']}"
+            d["name"] = f"{self.nodes.site}:{name}"
+            out.append(d)
+        return out
+
+    def top_k(self, k: int = 10, by: str = "abs") -> list[tuple[str, float]]:
+        """The ``k`` nodes with the largest effect (``by="abs"``, ``"pos"`` or ``"neg"``).
+
+        Returns ``[(name, effect), ...]`` best first.
+        """
+        eff = self.effects.flatten().double()
+        key = {"abs": eff.abs(), "pos": eff, "neg": -eff}.get(by)
+        if key is None:
+            raise ValueError(f"by={by!r}: use 'abs', 'pos' or 'neg'.")
+        key = torch.nan_to_num(key, nan=-float("inf"))
+        idx = torch.argsort(key, descending=True)[:k]
+        labels = self.labels()
+        return [(labels[i]["name"], float(eff[i])) for i in idx.tolist()]
+
+    def top_indices(self, k: int) -> list[int]:
+        """Flat indices of the ``k`` largest ``|effect|``."""
+        key = torch.nan_to_num(self.effects.flatten().double().abs(), nan=-1.0)
+        return torch.argsort(key, descending=True)[:k].tolist()
+
+    def correlation(self, other: "PatchingResult", absolute: bool = False) -> dict:
+        """Pearson and Spearman correlation of effects with another result on the same nodes.
+
+        ``absolute=True`` correlates ``|effect|`` (what ranking methods such as GradDrop estimate).
+        """
+        if tuple(self.scores.shape) != tuple(other.scores.shape):
+            raise ValueError(f"Shapes differ: {tuple(self.scores.shape)} vs {tuple(other.scores.shape)}; compare the same node set.")
+        a, b = self.effects.flatten().numpy(), other.effects.flatten().numpy()
+        if absolute:
+            a, b = np.abs(a), np.abs(b)
+        return {"pearson": pearson(a, b), "spearman": spearman(a, b)}
+
+    # -- output ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """JSON-ready dict: scores (nested list), node labels, axes, timing, metadata."""
+        return {
+            "method": self.method,
+            "direction": self.direction,
+            "kind": self.nodes.kind,
+            "site": self.nodes.site,
+            "axes": list(self.nodes.axes),
+            "shape": list(self.nodes.shape),
+            "scores": torch.nan_to_num(self.scores.float(), nan=float("nan")).tolist(),
+            "labels": [l["name"] for l in self.labels()],
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "forward_equivalents": self.forward_equivalents,
+            "meta": self.meta,
+        }
+
+    def save(self, path) -> Path:
+        """Save as JSON (``.json``) or a torch file (anything else). Returns the path.
+
+        >>> import steer, tempfile, os
+        >>> from steer.patching import ioi_task, atp
+        >>> m = steer.load("tiny-llama"); r = atp(m, ioi_task(m, n=2), "heads")
+        >>> r.save(os.path.join(tempfile.mkdtemp(), "r.json")).exists()
+        True
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".json":
+            path.write_text(json.dumps(self.to_dict()))
+        else:
+            torch.save({"result": self.to_dict(), "scores": self.scores}, path)
+        return path
+
+    def plot(self, path=None, ax=None, title: Optional[str] = None):
+        """Heatmap: layer x head, layer x position (tokens on the axis) or layer x neuron.
+
+        ``heads_by_pos`` results are summed over heads. Returns the figure; saves it at ``path``.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        eff = self.effects.float()
+        axes = list(self.nodes.axes)
+        if axes == ["layer", "pos", "head"]:
+            eff, axes = eff.sum(-1), ["layer", "pos"]
+        if eff.ndim != 2:
+            raise ValueError(f"Cannot draw a heatmap of {self.nodes.kind} scores with shape {tuple(eff.shape)}.")
+        if ax is None:
+            w = 1.5 + 0.45 * eff.shape[1] if axes[1] == "pos" else 2 + 0.35 * min(eff.shape[1], 40)
+            fig, ax = plt.subplots(figsize=(max(5, w), max(4, 0.22 * eff.shape[0] + 1.5)))
+        else:
+            fig = ax.figure
+        lim = float(torch.nan_to_num(eff.abs(), nan=0).max()) or 1.0
+        im = ax.imshow(eff.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+        ax.set_ylabel("layer")
+        ax.set_xlabel(axes[1])
+        if axes[1] == "pos":
+            ax.set_xticks(range(len(self.tokens)))
+            ax.set_xticklabels([f"{t!r}"[1:-1] for t in self.tokens], rotation=90, fontsize=8)
+        fig.colorbar(im, ax=ax, label="effect (normalised)")
+        ax.set_title(title or f"{self.method} ({self.direction}) - {self.nodes.kind}")
+        fig.tight_layout()
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=110)
+        return fig

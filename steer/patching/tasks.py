@@ -1,0 +1,246 @@
+"""Patching tasks: clean prompts, corrupt prompts and a metric on the final-position logits.
+
+A :class:`PatchTask` holds two token batches of identical shape (pair ``i`` of the clean and the
+corrupt batch tokenizes to the same length, so positions line up) and a metric. The metric sees
+the logits at each prompt's last token, ``[prompt, vocab]``, and returns one value per prompt
+(or a scalar); the task's score is the mean over prompts. Patching results are reported
+normalised: ``(patched - corrupt) / (clean - corrupt)`` (0 = corrupt behaviour, 1 = clean).
+
+>>> import steer
+>>> from steer.patching import PatchTask
+>>> m = steer.load("tiny-llama")
+>>> task = PatchTask.from_pairs(m, [("ab", "ac")], answers=["x"], wrongs=["y"])
+>>> task.clean.input_ids.shape == task.corrupt.input_ids.shape
+True
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ..data import Batch, Raw, tokenize
+
+__all__ = ["PatchTask", "LogitDiff", "load_task", "ioi_task", "IOI_NAMES", "IOI_TEMPLATES"]
+
+MetricFn = Callable[[Tensor], Tensor]
+
+
+class LogitDiff:
+    """Logit of the correct answer minus logit of the wrong answer, per prompt.
+
+    >>> import torch
+    >>> LogitDiff(torch.tensor([1]), torch.tensor([0]))(torch.tensor([[0.5, 2.0]]))
+    tensor([1.5000])
+    """
+
+    batched = True  # accepts logits [..., prompt, vocab]
+
+    def __init__(self, answer_ids: Int[Tensor, "prompt"], wrong_ids: Int[Tensor, "prompt"]):
+        self.answer_ids = answer_ids.long()
+        self.wrong_ids = wrong_ids.long()
+
+    def __call__(self, logits: Float[Tensor, "... prompt vocab"]) -> Float[Tensor, "... prompt"]:
+        a = self.answer_ids.to(logits.device)
+        w = self.wrong_ids.to(logits.device)
+        shape = logits.shape[:-1]
+        ga = logits.gather(-1, a.expand(shape).unsqueeze(-1)).squeeze(-1)
+        gw = logits.gather(-1, w.expand(shape).unsqueeze(-1)).squeeze(-1)
+        return ga - gw
+
+
+@dataclass
+class PatchTask:
+    """Clean and corrupt token batches (same shape) and a metric on last-token logits.
+
+    ``metric(logits[prompt, vocab]) -> [prompt]`` (or a scalar); it must be differentiable for
+    AtP. Build one with :meth:`from_pairs`, :func:`load_task` (JSONL) or :func:`ioi_task`.
+    """
+
+    clean: Batch
+    corrupt: Batch
+    metric: MetricFn
+    name: str = "task"
+
+    def __post_init__(self):
+        if self.clean.input_ids.shape != self.corrupt.input_ids.shape:
+            raise ValueError(
+                f"Clean batch {tuple(self.clean.input_ids.shape)} and corrupt batch "
+                f"{tuple(self.corrupt.input_ids.shape)} differ in shape: each clean/corrupt pair "
+                "must tokenize to the same length."
+            )
+        if not torch.equal(self.clean.attention_mask, self.corrupt.attention_mask):
+            raise ValueError("Clean and corrupt prompts must have the same padding (same lengths).")
+
+    @property
+    def n_prompts(self) -> int:
+        return self.clean.input_ids.shape[0]
+
+    @property
+    def n_pos(self) -> int:
+        return self.clean.input_ids.shape[1]
+
+    def scores(self, logits: Float[Tensor, "variant prompt vocab"]) -> Float[Tensor, "variant"]:
+        """Mean metric over prompts, for each variant (stack of patched runs)."""
+        if getattr(self.metric, "batched", False):
+            vals = self.metric(logits)
+            return vals.mean(-1) if vals.ndim == 2 else vals
+        out = []
+        for lg in logits:
+            v = self.metric(lg)
+            out.append(v.float().mean() if torch.is_tensor(v) else torch.tensor(float(v)))
+        return torch.stack(out)
+
+    @classmethod
+    def from_pairs(
+        cls,
+        model,
+        pairs: Sequence[tuple[str, str]],
+        answers: Optional[Sequence[str]] = None,
+        wrongs: Optional[Sequence[str]] = None,
+        metric: Optional[MetricFn] = None,
+        name: str = "task",
+        where: Optional[Sequence[str]] = None,
+    ) -> "PatchTask":
+        """Build a task from ``(clean, corrupt)`` raw-text pairs and answer/wrong strings.
+
+        Either give ``answers`` and ``wrongs`` (single tokens each: the built-in
+        :class:`LogitDiff` metric) or a custom ``metric``. ``where[i]`` names pair ``i`` in errors.
+
+        >>> import steer
+        >>> m = steer.load("tiny-llama")
+        >>> t = PatchTask.from_pairs(m, [("ab", "ac"), ("cd", "ce")], ["x", "y"], ["y", "x"])
+        >>> t.n_prompts
+        2
+        """
+        pairs = list(pairs)
+        if not pairs:
+            raise ValueError("No prompt pairs: give at least one (clean, corrupt) pair.")
+        where = list(where) if where is not None else [f"pair {i}" for i in range(len(pairs))]
+        for i, (c, x) in enumerate(pairs):
+            lc, lx = len(model.to_tokens(str(c))), len(model.to_tokens(str(x)))
+            if lc != lx:
+                raise ValueError(
+                    f"{where[i]}: clean prompt {c!r} has {lc} tokens but corrupt prompt {x!r} has "
+                    f"{lx}; patching by position needs equal lengths - reword the corrupt prompt "
+                    "(e.g. swap in names that are single tokens)."
+                )
+        if metric is None:
+            if answers is None or wrongs is None:
+                raise ValueError("Give answers and wrongs (for the logit-difference metric) or a metric.")
+            if len(answers) != len(pairs) or len(wrongs) != len(pairs):
+                raise ValueError(f"{len(pairs)} pairs but {len(answers)} answers / {len(wrongs)} wrongs.")
+            metric = LogitDiff(
+                torch.tensor([_single_token(model, a, where[i], "answer") for i, a in enumerate(answers)]),
+                torch.tensor([_single_token(model, w, where[i], "wrong") for i, w in enumerate(wrongs)]),
+            )
+        clean = tokenize(model, [Raw(c) for c, _ in pairs])
+        corrupt = tokenize(model, [Raw(x) for _, x in pairs])
+        return cls(clean, corrupt, metric, name)
+
+
+def _single_token(model, text: str, where: str, what: str) -> int:
+    ids = model.to_tokens(text)
+    if len(ids) != 1:
+        pieces = model.to_str_tokens(ids)
+        raise ValueError(
+            f"{where}: {what} {text!r} is {len(ids)} tokens {pieces}, not one; the logit "
+            "difference needs single-token answers - use a word that is one token (often with a "
+            "leading space, e.g. ' Mary')."
+        )
+    return ids[0]
+
+
+def load_task(model, path: Union[str, Path], name: Optional[str] = None) -> PatchTask:
+    """Read a JSONL task: one ``{"clean", "corrupt", "answer", "wrong"}`` object per line.
+
+    >>> import steer, tempfile, json, os
+    >>> m = steer.load("tiny-llama")
+    >>> p = os.path.join(tempfile.mkdtemp(), "t.jsonl")
+    >>> _ = open(p, "w").write(json.dumps({"clean": "ab", "corrupt": "ac", "answer": "x", "wrong": "y"}))
+    >>> load_task(m, p).n_prompts
+    1
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No task file at {path}.")
+    pairs, answers, wrongs, where = [], [], [], []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e}).") from None
+        missing = [k for k in ("clean", "corrupt", "answer", "wrong") if k not in obj]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing key(s) {missing}; each line needs clean, corrupt, answer, wrong.")
+        pairs.append((obj["clean"], obj["corrupt"]))
+        answers.append(obj["answer"])
+        wrongs.append(obj["wrong"])
+        where.append(f"{path}:{lineno}")
+    if not pairs:
+        raise ValueError(f"{path} holds no tasks.")
+    return PatchTask.from_pairs(model, pairs, answers, wrongs, name=name or path.stem, where=where)
+
+
+# -- IOI ----------------------------------------------------------------------------------
+IOI_NAMES = (
+    "Mary John Tom James Anna Paul Sarah David Lisa Mark Emma Peter Kate Alice Bob Jack Mike "
+    "Sam Tim Dan Amy Ben Max Joe Jane Laura Ryan Chris Kevin Jim Luke Adam Eric Rose Grace"
+).split()
+
+IOI_TEMPLATES = (
+    "When {A} and {B} went to the store, {S} gave a drink to",
+    "When {A} and {B} went to the park, {S} gave a ball to",
+    "When {A} and {B} went to the shop, {S} gave a book to",
+    "When {A} and {B} went to the beach, {S} gave a towel to",
+    "When {A} and {B} went to the house, {S} gave a key to",
+    "When {A} and {B} went to the school, {S} gave a pen to",
+)
+
+
+def ioi_task(model, n: int = 36, seed: int = 0, templates: Sequence[str] = IOI_TEMPLATES,
+             names: Sequence[str] = IOI_NAMES) -> PatchTask:
+    """Indirect-object-identification task: ``"When Mary and John went to the store, John gave a
+    drink to"`` → answer ``" Mary"`` (IO), wrong ``" John"`` (S).
+
+    Half the prompts are ABBA (IO first), half BABA. The corrupt prompt replaces the second
+    subject mention with a third name C, so it no longer says who the indirect object is.
+    Names must be single tokens with a leading space; templates are filtered to the most common
+    token length so positions line up across prompts.
+
+    >>> import steer
+    >>> t = ioi_task(steer.load("tiny-llama"), n=4)
+    >>> t.n_prompts, t.clean.texts[0].startswith("When")
+    (4, True)
+    """
+    if n < 1:
+        raise ValueError(f"n={n}: ask for at least one IOI prompt.")
+    names = [x for x in names if len(model.to_tokens(" " + x)) == 1]
+    space = " "
+    if len(names) < 3:  # e.g. byte tokenizers of the tiny test models: one-letter names
+        names, space = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if len(model.to_tokens(c)) == 1], ""
+        if len(names) < 3:
+            raise ValueError("Fewer than 3 single-token names for this tokenizer: pass names=[...].")
+    lengths = {t: len(model.to_tokens(t.format(A=names[0], B=names[1], S=names[2]))) for t in templates}
+    common = max(set(lengths.values()), key=list(lengths.values()).count)
+    templates = [t for t in templates if lengths[t] == common]
+    rng = random.Random(seed)
+    pairs, answers, wrongs = [], [], []
+    for i in range(n):
+        io, s, c = rng.sample(names, 3)
+        tpl = templates[i % len(templates)]
+        a, b = (io, s) if i % 2 == 0 else (s, io)  # ABBA / BABA
+        clean, corrupt = tpl.format(A=a, B=b, S=s), tpl.format(A=a, B=b, S=c)
+        pairs.append((clean, corrupt))
+        answers.append(space + io)
+        wrongs.append(space + s)
+    return PatchTask.from_pairs(model, pairs, answers, wrongs, name="ioi")

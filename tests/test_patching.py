@@ -1,0 +1,281 @@
+"""steer.patching on the tiny random Llama: parity with transformer_lens.patching, batching,
+QK fix, GradDrop, errors."""
+
+import json
+
+import pytest
+import torch
+import transformer_lens.patching as TLP
+
+import steer
+from steer.patching import (PatchTask, activation_patch, atp, atp_star, ioi_task, load_task,
+                            missed_effect_bound, node_set, topk_recovery_cost)
+from steer.patching._runner import Runner
+from steer.patching.activation import capture_sites
+from steer.patching.qk_fix import NEG, key_fix, key_fix_bruteforce, query_fix
+
+
+@pytest.fixture(scope="module")
+def model():
+    return steer.load("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def task(model):
+    pairs = [("M and Y; Y to", "M and Y; N to"), ("B and Q; B to", "B and Q; K to"), ("J and D; J to", "J and D; W to")]
+    t = PatchTask.from_pairs(model, pairs, ["M", "Q", "D"], ["Y", "B", "J"], name="tiny-ioi")
+    return t
+
+
+def _tl_metric(task, res):
+    mc, mx = res.meta["metric_clean"], res.meta["metric_corrupt"]
+    return lambda logits: (task.metric(logits[:, -1]).mean() - mx) / (mc - mx)
+
+
+TL_FUNCS = {
+    "resid": "get_act_patch_resid_pre",
+    "attn_out": "get_act_patch_attn_out",
+    "mlp_out": "get_act_patch_mlp_out",
+    "heads": "get_act_patch_attn_head_out_all_pos",
+    "heads_by_pos": "get_act_patch_attn_head_out_by_pos",
+    "q": "get_act_patch_attn_head_q_all_pos",
+    "k": "get_act_patch_attn_head_k_all_pos",
+    "v": "get_act_patch_attn_head_v_all_pos",
+    "q_by_pos": "get_act_patch_attn_head_q_by_pos",
+    "k_by_pos": "get_act_patch_attn_head_k_by_pos",
+    "v_by_pos": "get_act_patch_attn_head_v_by_pos",
+}
+
+
+@pytest.mark.parametrize("kind", list(TL_FUNCS))
+def test_parity_with_transformer_lens_denoising(model, task, kind):
+    ours = activation_patch(model, task, kind)
+    bridge = model.bridge
+    _, clean_cache = bridge.run_with_cache(task.clean.input_ids)
+    ref = getattr(TLP, TL_FUNCS[kind])(bridge, task.corrupt.input_ids, clean_cache, _tl_metric(task, ours))
+    assert ref.shape == ours.scores.shape
+    torch.testing.assert_close(ours.scores, ref.float().cpu(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["resid", "heads"])
+def test_parity_with_transformer_lens_noising(model, task, kind):
+    ours = activation_patch(model, task, kind, direction="noising")
+    bridge = model.bridge
+    _, corrupt_cache = bridge.run_with_cache(task.corrupt.input_ids)
+    ref = getattr(TLP, TL_FUNCS[kind])(bridge, task.clean.input_ids, corrupt_cache, _tl_metric(task, ours))
+    torch.testing.assert_close(ours.scores, ref.float().cpu(), atol=1e-4, rtol=0)
+
+
+def test_neuron_parity_with_bridge_loop(model, task):
+    """TL has no neuron utility: reference is one bridge.run_with_hooks per neuron."""
+    ours = activation_patch(model, task, "neurons", layers=[1])
+    bridge = model.bridge
+    _, cache = bridge.run_with_cache(task.clean.input_ids)
+    metric = _tl_metric(task, ours)
+    name = "blocks.1.mlp.out.hook_in"
+    for n in [0, 5, 77, model.d_mlp - 1]:
+        def hook(act, hook, n=n):
+            act = act.clone()
+            act[..., n] = cache[name][..., n]
+            return act
+        ref = metric(bridge.run_with_hooks(task.corrupt.input_ids, fwd_hooks=[(name, hook)]))
+        assert abs(float(ref) - float(ours.scores[1, n])) < 1e-4
+    assert torch.isnan(ours.scores[0]).all()
+
+
+@pytest.mark.parametrize("kind", ["resid", "heads_by_pos", "neurons"])
+def test_batched_equals_unbatched(model, task, kind):
+    layers = [1] if kind == "neurons" else None
+    one = activation_patch(model, task, kind, batch_size=task.n_prompts, layers=layers)  # one variant per forward
+    many = activation_patch(model, task, kind, batch_size=10_000, layers=layers)
+    torch.testing.assert_close(one.scores, many.scores, atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_left_padding_matches_single_prompts(model):
+    t = PatchTask.from_pairs(model, [("abcdefgh", "abcdxfgh"), ("abc", "xbc")], ["a", "b"], ["b", "a"])
+    assert t.clean.attention_mask[1, 0] == 0
+    logits = Runner(model, t.clean).run(Runner(model, t.clean).embeds)
+    for i, text in enumerate(["abcdefgh", "abc"]):
+        ref = model.hf(torch.tensor([model.to_tokens(text)])).logits[0, -1]
+        torch.testing.assert_close(logits[i], ref, atol=1e-4, rtol=1e-4)
+    r = activation_patch(model, t, "resid")
+    assert torch.isfinite(r.scores).all()
+
+
+# -- QK fix -------------------------------------------------------------------------------
+def _logits(T, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, T, T, generator=g) * scale
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return x.masked_fill(~causal, NEG), torch.randn(2, 3, T, T, generator=g) * scale, torch.randn(2, 3, T, T, generator=g)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # 30: saturated rows (top weight ~1 - 1e-20)
+def test_key_fix_matches_cubic_definition_fp64(scale):
+    x, d, g = _logits(9, scale, 0)
+    fast = key_fix(x, d, g)
+    ref = key_fix_bruteforce(x.double(), d.double(), g.double())
+    torch.testing.assert_close(fast.double(), ref, atol=2e-5, rtol=0)
+
+
+def test_key_fix_saturated_beats_naive_renormaliser():
+    x = torch.tensor([[0.0, -40.0, -45.0]])  # row saturated on key 0
+    d = torch.tensor([[-60.0, 0.0, 0.0]])  # patching key 0 makes key 1 win
+    g = torch.tensor([[0.0, 1.0, 0.0]])
+    ref = key_fix_bruteforce(x.double(), d.double(), g.double())[0, 0]
+    assert abs(float(key_fix(x, d, g)[0, 0]) - float(ref)) < 1e-5
+    assert float(ref) > 0.99
+    A = torch.softmax(x, -1)  # the naive formula loses this completely in fp32
+    naive = 1 - A[0, 0] + A[0, 0] * torch.exp(d[0, 0])
+    assert abs(float(A[0, 1] / naive) - float(ref)) > 0.5  # 1 - A_00 == 0 in fp32
+
+
+def test_query_fix_matches_bruteforce():
+    x, d, g = _logits(7, 30.0, 1)
+    x_new = torch.where(x > NEG / 2, x + d, x)
+    ref = ((torch.softmax(x_new.double(), -1) - torch.softmax(x.double(), -1)) * g.double()).sum(-1)
+    torch.testing.assert_close(query_fix(x, x_new, g).double(), ref, atol=1e-5, rtol=0)
+
+
+def test_qk_fix_end_to_end_against_pattern_recompute(model, task):
+    """AtP+QK for q/k equals (A' - A)·∂M/∂A with A' from a real forward with patched q/k."""
+    res = atp(model, task, ["q", "k"], qk_fix=True)
+    r_base, r_other = Runner(model, task.corrupt), Runner(model, task.clean)
+    other, _, _ = capture_sites(model, r_other, ["q", "k"])
+    layer = 1
+    attn = model.layers[layer].self_attn
+    T = task.n_pos
+    causal = torch.zeros(T, T).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
+    r_base.mask = causal.expand(task.n_prompts, 1, T, T)  # eager attention needs an explicit mask
+    model.hf.config._attn_implementation = "eager"
+    try:
+        pats = {}
+
+        def grab(module, args, kwargs, out):
+            pats["A"] = out[1]
+
+        store = {}
+        def keep(act, site):
+            y = act.clone(); store[site.name] = y; return y
+
+        h = attn.register_forward_hook(grab, with_kwargs=True)
+        with torch.enable_grad():
+            h0 = r_base.embeds.detach().requires_grad_(True)
+            logits = r_base.run(h0, 0, {f"z.{layer}": keep})
+            A = pats["A"]
+            M = task.scores(logits[None])[0]
+            gA = torch.autograd.grad(M, A)[0]
+        d = res["q"].meta["metric_clean"] - res["q"].meta["metric_corrupt"]
+        for name, head in [("q", 1), ("k", 0)]:
+            def sub(act, site, head=head, name=name):
+                act = act.clone()
+                act[:, :, head] = other[(name, layer)][:, :, head]
+                return act
+            with torch.no_grad():
+                r_base.run(r_base.embeds, 0, {f"{name}.{layer}": sub})
+            A2 = pats["A"]
+            ref = float(((A2 - A.detach()) * gA).sum()) / d
+            assert abs(ref - float(res[name].scores[layer, head])) < 1e-4
+    finally:
+        h.remove()
+        model.hf.config._attn_implementation = "sdpa"
+
+
+# -- GradDrop -----------------------------------------------------------------------------
+class _NoGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros_like(g)
+
+
+def test_graddrop_matches_per_layer_backward(model, task):
+    kinds = ["heads", "resid", "neurons", "attn_out"]
+    star = atp_star(model, task, kinds)
+    plain = atp(model, task, kinds)
+    L = model.n_layers
+    base, other_r = Runner(model, task.corrupt), Runner(model, task.clean)
+    sites = ["z", "neuron", "attn_out"]
+    other, other_resid, _ = capture_sites(model, other_r, sites)
+    acc = {k: 0 for k in kinds}
+    for drop in range(L):
+        store = {}
+
+        def keep(act, site):
+            y = act.clone(); store[(site.name, site.layer)] = y; return y
+
+        hooks = [(f"{s}.{l}", keep) for s in sites for l in range(L)]
+        hooks += [(f"attn_out.{drop}", lambda a, s: _NoGrad.apply(a)), (f"mlp_out.{drop}", lambda a, s: _NoGrad.apply(a))]
+        with torch.enable_grad():
+            h0 = base.embeds.detach().requires_grad_(True)
+            logits, resid = base.run(h0, 0, hooks, keep_resid=True)
+            M = task.scores(logits[None])[0]
+            keys = sorted(store)
+            gs = torch.autograd.grad(M, [store[k] for k in keys] + resid[:-1], allow_unused=True)
+        grads = dict(zip(keys, gs))
+        for l in range(L):
+            grads[("resid_pre", l)] = gs[len(keys) + l]
+            store[("resid_pre", l)] = resid[l]
+            other[("resid_pre", l)] = other_resid[l]
+        for kind in kinds:
+            ns = node_set(model, kind, task.n_pos)
+            est = torch.stack([ns.reduce(((other[(ns.site, l)] - store[(ns.site, l)].detach())
+                                          * (grads[(ns.site, l)] if grads[(ns.site, l)] is not None else 0)).sum(0))
+                               for l in range(L)])
+            acc[kind] = acc[kind] + est.abs()
+    for kind in kinds:
+        d = star[kind].meta["metric_clean"] - star[kind].meta["metric_corrupt"]
+        ref = torch.sign(plain[kind].scores) * acc[kind] / (L - 1) / d
+        torch.testing.assert_close(star[kind].scores, ref.float(), atol=1e-5, rtol=1e-4)
+
+
+# -- errors, results, diagnostics -----------------------------------------------------------
+def test_jsonl_errors_name_the_line(model, tmp_path):
+    p = tmp_path / "t.jsonl"
+    good = {"clean": "abc", "corrupt": "abd", "answer": "x", "wrong": "y"}
+    p.write_text(json.dumps(good) + "\n" + json.dumps({**good, "corrupt": "abdd"}) + "\n")
+    with pytest.raises(ValueError, match=r"t.jsonl:2.*3 tokens.*4"):
+        load_task(model, p)
+    p.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "answer": "xy"}) + "\n")
+    with pytest.raises(ValueError, match=r"t.jsonl:3: answer 'xy' is 2 tokens"):
+        load_task(model, p)
+    p.write_text(json.dumps(good) + "\n")
+    assert load_task(model, p).n_prompts == 1
+
+
+def test_bad_inputs(model, task):
+    with pytest.raises(ValueError, match="Unknown node kind"):
+        activation_patch(model, task, "heads_everywhere")
+    with pytest.raises(ValueError, match="direction"):
+        atp(model, task, "heads", direction="sideways")
+    same = PatchTask.from_pairs(model, [("abc", "abc")], ["x"], ["y"])
+    with pytest.raises(ValueError, match="nothing to localise"):
+        activation_patch(model, same, "heads")
+
+
+def test_result_labels_topk_save_plot(model, task, tmp_path):
+    r = activation_patch(model, task, "resid")
+    labels = r.labels()
+    assert labels[3]["pos"] == 3 and labels[3]["token"] == r.tokens[3]
+    top = r.top_k(5)
+    assert len(top) == 5 and abs(top[0][1]) >= abs(top[-1][1])
+    assert r.correlation(r)["pearson"] == pytest.approx(1.0)
+    saved = json.loads(r.save(tmp_path / "r.json").read_text())
+    assert len(saved["labels"]) == len(labels) and saved["shape"] == list(r.scores.shape)
+    r.plot(tmp_path / "r.png")
+    activation_patch(model, task, "heads").plot(tmp_path / "h.png")
+    assert (tmp_path / "r.png").stat().st_size > 0 and (tmp_path / "h.png").stat().st_size > 0
+
+
+def test_topk_recovery_and_missed_effect_bound(model, task):
+    exact = activation_patch(model, task, "heads")
+    c = topk_recovery_cost(exact, exact, k=3, method_cost=0)
+    assert c["verified"] == 3 and c["cost"] == 3
+    d = missed_effect_bound(model, task, "heads", verified=exact.top_indices(2), confidence=0.9, p=0.3)
+    assert d["confidence"] >= 0.9 and d["n_subsets"] == len(d["subset_effects"])
+    # the bound covers every unverified single-node effect here
+    rest = [i for i in range(exact.scores.numel()) if i not in exact.top_indices(2)]
+    assert max(abs(float(exact.effects.flatten()[i])) for i in rest) <= d["bound"] + 1e-6 or d["bound"] > 0
