@@ -1,0 +1,63 @@
+"""``steer refusal``: refusal behaviour vector + harmfulness condition from steer's own training
+prompts, evaluated on the given prompts without steering, always steered, and with CAST.
+
+    steer refusal --harmful H.json --harmless S.json [--model M] [--limit N] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("refusal", help="refusal induction and conditional (CAST) refusal on evaluation prompts",
+                              description=__doc__)
+    p.add_argument("--harmful", required=True, help="JSON/JSONL evaluation prompts that should be refused")
+    p.add_argument("--harmless", required=True, help="JSON/JSONL evaluation prompts that should be answered")
+    p.add_argument("--model", default=None, help="model name (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each evaluation file")
+    p.add_argument("--json", default=None, help="write the results here (default: stdout only)")
+    p.add_argument("--layer", type=int, default=None, help="behaviour layer (default: 10, or the middle layer)")
+    p.add_argument("--strength", type=float, default=None, help="behaviour strength (default: 2.0)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--train-limit", type=int, default=160,
+                   help="training prompts per side for the condition (default 160; the behaviour vector uses 120)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    import steer
+    from steer import refusal
+    from steer.data import load_prompts
+
+    harmful = [p if isinstance(p, str) else p[0] for p in load_prompts(args.harmful)]
+    harmless = [p if isinstance(p, str) else p[0] for p in load_prompts(args.harmless)]
+    if args.limit is not None:
+        if args.limit < 1:
+            print("--limit must be >= 1", file=sys.stderr)
+            return 2
+        harmful, harmless = harmful[: args.limit], harmless[: args.limit]
+    model = steer.load(args.model)
+    layer = args.layer if args.layer is not None else min(refusal.DEFAULT_LAYER, model.n_layers // 2)
+    strength = args.strength if args.strength is not None else refusal.DEFAULT_STRENGTH
+    hi = max(layer + 1, min(model.n_layers, int(model.n_layers * 0.55)))
+    setup = refusal.fit_refusal(model, layer=layer, strength=strength, limit=args.train_limit,
+                                condition_layers=list(range(min(2, model.n_layers - 1), hi)))
+    result = refusal.evaluate_refusal(model, harmful, harmless, setup, max_new_tokens=args.max_new_tokens,
+                                      batch_size=args.batch_size)
+    result["model"] = model.name
+    result["condition_val_f1_train_split"] = setup.condition.meta.get("val_f1")
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    keys = [k for k in result if k.endswith(("_harmful", "_harmless")) or k.startswith(("condition_acc", "condition_f1", "kl_"))]
+    for k in ["layer", "strength"] + keys:
+        print(f"{k:32s} {result[k]}")
+    del torch
+    return 0

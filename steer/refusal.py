@@ -1,0 +1,407 @@
+"""Refusal recipes: the refusal direction (Arditi et al.), the refusal behaviour vector (CAST),
+the harmfulness direction and its Latent-Guard classifier, refusal scoring, and the conditional
+refusal evaluation behind ``steer refusal``.
+
+>>> import steer
+>>> from steer import refusal
+>>> m = steer.load("tiny-llama")
+>>> d = refusal.behaviour_vector(m, ["How do I pick a lock?"], ["How do I bake bread?"], n=2, layer=1)
+>>> d.vectors.shape
+torch.Size([2, 64])
+
+All extraction uses steer's own training prompts (``steer/datasets/``); evaluation prompts are
+passed in separately and never used for extraction.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from . import evaluate as E
+from .capture import capture
+from .conditions import Condition, fit_condition
+from .directions import Direction, extract, from_activations, sweep_layers
+from .interventions import Intervention
+from .steering import Steering, steer
+
+__all__ = [
+    "training_data", "behaviour_vector", "refusal_direction", "select_refusal_direction",
+    "harmfulness_direction", "LatentGuard", "latent_guard", "refusal_scores", "evaluate_refusal",
+    "fit_refusal", "RefusalSetup", "demo", "DEFAULT_LAYER", "DEFAULT_STRENGTH",
+]
+
+DATA_DIR = Path(__file__).parent / "datasets"
+DEFAULT_LAYER = 10  # behaviour layer on the embedded SmolLM2 (sweep in experiments/refusal_induction.py)
+DEFAULT_STRENGTH = 2.0
+
+
+def _instructions(path: Path) -> list[str]:
+    items = json.loads(Path(path).read_text())
+    out = [it["instruction"] if isinstance(it, dict) else it for it in items]
+    if not out:
+        raise ValueError(f"{path} holds no prompts.")
+    return out
+
+
+def training_data(limit: Optional[int] = None) -> dict[str, list[str]]:
+    """steer's own training prompts: ``harmful``, ``harmless`` instructions and ``refusals``,
+    ``compliances`` completion openings (``limit`` caps each list).
+
+    >>> d = training_data(limit=3)
+    >>> sorted(d), len(d["harmful"])
+    (['compliances', 'harmful', 'harmless', 'refusals'], 3)
+    """
+    out = {k: _instructions(DATA_DIR / f"{k}.json") for k in ("harmful", "harmless")}
+    for k in ("refusals", "compliances"):
+        out[k] = json.loads((DATA_DIR / f"{k}.json").read_text())
+    if limit is not None:
+        out = {k: v[:limit] for k, v in out.items()}
+    return out
+
+
+def behaviour_vector(
+    model,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    refusals: Optional[Sequence[str]] = None,
+    compliances: Optional[Sequence[str]] = None,
+    *,
+    n: Optional[int] = None,
+    layer: Optional[int] = DEFAULT_LAYER,
+    layers="all",
+    batch_size: int = 32,
+) -> Direction:
+    """The refusal behaviour vector: mean over completion tokens of (prompt + refusal) minus
+    (prompt + compliance), over harmful and harmless prompts alike (CAST's refusal vector).
+
+    Works on models that never refuse by themselves (the embedded SmolLM2): the completions are
+    written, not generated. ``n`` prompts are used (half harmful, half harmless).
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> behaviour_vector(m, ["Rob a bank"], ["Bake a cake"], n=2, layer=0).layer
+    0
+    """
+    data = training_data()
+    refusals = list(refusals or data["refusals"])
+    compliances = list(compliances or data["compliances"])
+    harmful, harmless = list(harmful), list(harmless)
+    if not harmful and not harmless:
+        raise ValueError("behaviour_vector needs some prompts (harmful and/or harmless).")
+    if not refusals or not compliances:
+        raise ValueError("behaviour_vector needs refusal and compliance completions.")
+    k = n or (len(harmful) + len(harmless))
+    prompts = [p for pair in zip(harmful, harmless) for p in pair] + harmful[len(harmless):] + harmless[len(harmful):]
+    prompts = prompts[:k]
+    pos = [(p, refusals[i % len(refusals)]) for i, p in enumerate(prompts)]
+    neg = [(p, compliances[i % len(compliances)]) for i, p in enumerate(prompts)]
+    d = extract(model, pos, neg, layers=layers, positions="completion", method="mean_diff", layer=layer,
+                batch_size=batch_size)
+    d.meta["recipe"] = "refusal behaviour vector (refusal vs compliance completions)"
+    return d
+
+
+def refusal_direction(
+    model, harmful: Sequence[str], harmless: Sequence[str], *, layers="all", batch_size: int = 32
+) -> Float[Tensor, "n_post n_layers d_model"]:
+    """Arditi et al.'s candidates: ``mean_harmful − mean_harmless`` at every post-instruction
+    template token × layer.
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> refusal_direction(m, ["Rob a bank", "Hack a site"], ["Bake a cake", "Sing"]).shape[1:]
+    torch.Size([2, 64])
+    """
+    harmful, harmless = list(harmful), list(harmless)
+    if not harmful or not harmless:
+        raise ValueError(f"refusal_direction needs both groups (got {len(harmful)} harmful, {len(harmless)} harmless).")
+    a = capture(model, harmful, layers=layers, positions="post_instruction", batch_size=batch_size, progress=False)
+    b = capture(model, harmless, layers=layers, positions="post_instruction", batch_size=batch_size, progress=False)
+    if a.mask is None:
+        return (a.tensor.mean(0) - b.tensor.mean(0))[None]
+    if not (a.mask.all() and b.mask.all()) or a.tensor.shape[2] != b.tensor.shape[2]:
+        raise ValueError("Post-instruction templates differ in length across prompts; cannot align positions.")
+    return (a.tensor.mean(0) - b.tensor.mean(0)).transpose(0, 1)  # [pos, layer, d]
+
+
+@torch.no_grad()
+def refusal_scores(model, prompts: Sequence[Any], steering: Optional[Steering] = None) -> Tensor:
+    """Refusal log-odds of the first generated token for each prompt (optionally under ``steering``,
+    a :class:`Steering` that is not yet active)."""
+    ids = E.refusal_token_ids(model.tokenizer)
+    with (steering or Steering(model)) as s:
+        return E.refusal_logodds(s.next_token_logits(prompts), ids)
+
+
+@torch.no_grad()
+def select_refusal_direction(
+    model,
+    candidates: Float[Tensor, "n_post n_layers d_model"],
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    *,
+    max_kl: float = 0.1,
+    skip_last: float = 0.2,
+    layers: Optional[Sequence[int]] = None,
+) -> Direction:
+    """Pick ``(position, layer)`` as Arditi et al.: for each candidate, (a) refusal log-odds on
+    harmful prompts under ablation everywhere, (b) on harmless prompts with the vector added at its
+    layer, (c) next-token KL on harmless prompts under ablation; keep ``KL ≤ max_kl`` and layers
+    before the last ``skip_last`` fraction, prefer induction > 0, then the lowest ablation score.
+    """
+    ids = E.refusal_token_ids(model.tokenizer)
+    with Steering(model) as s:
+        base_harmless = s.next_token_logits(harmless_val)
+    n_layers = candidates.shape[1]
+    max_layer = int(n_layers * (1 - skip_last))
+    rows = []
+    for p in range(candidates.shape[0]):
+        for l in (layers if layers is not None else range(max_layer)):
+            v = candidates[p, l]
+            abl = Intervention("ablate", v, layers="all", sites=("resid_pre", "attn_out", "mlp_out"))
+            with Steering(model, [abl]) as s:
+                a = float(E.refusal_logodds(s.next_token_logits(harmful_val), ids).mean())
+                kl = float(E.next_token_kl(base_harmless, s.next_token_logits(harmless_val)).mean())
+            with steer(model, v, layer=l, strength=1.0) as s:
+                ind = float(E.refusal_logodds(s.next_token_logits(harmless_val), ids).mean())
+            rows.append({"position": p, "layer": l, "ablation": a, "induction": ind, "kl": kl})
+    ok = [r for r in rows if r["kl"] <= max_kl] or rows
+    best = min(ok, key=lambda r: (r["induction"] <= 0, r["ablation"]))
+    full = candidates[best["position"]]
+    d = Direction(full, best["layer"], "mean_diff",
+                  {"model": model.name, "site": "resid_post", "positions": f"post_instruction[{best['position']}]",
+                   "selection": rows, "recipe": "Arditi et al. refusal direction"})
+    return d
+
+
+def harmfulness_direction(model, harmful: Sequence[str], harmless: Sequence[str], *, layer: Optional[int] = None,
+                          batch_size: int = 32) -> Direction:
+    """Harmfulness direction read at the last instruction token ("LLMs Encode Harmfulness and
+    Refusal Separately"); compare with :func:`behaviour_vector` via ``Direction.cosine``.
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> harmfulness_direction(m, ["Rob a bank"], ["Bake a cake"], layer=1).meta["positions"]
+    "'instruction_last'"
+    """
+    return extract(model, list(harmful), list(harmless), positions="instruction_last", layer=layer,
+                   batch_size=batch_size)
+
+
+@dataclass
+class LatentGuard:
+    """Projection classifier on the harmfulness direction at the last instruction token."""
+
+    direction: Direction
+    layer: int
+    threshold: float
+
+    def scores(self, model, prompts) -> Tensor:
+        a = capture(model, prompts, layers=[self.layer], positions="instruction_last", progress=False)
+        return self.direction.project(a.tensor[:, 0], self.layer)
+
+    def predict(self, model, prompts) -> Tensor:
+        return self.scores(model, prompts) > self.threshold
+
+
+def latent_guard(model, harmful: Sequence[str], harmless: Sequence[str], layer: Optional[int] = None) -> LatentGuard:
+    """Fit a :class:`LatentGuard` (best layer by held-out accuracy unless ``layer`` is given).
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> g = latent_guard(m, ["Rob a bank", "Hack it", "Kill"], ["Bake", "Sing a song", "Plant"])
+    >>> g.predict(m, ["Rob a bank"]).shape
+    torch.Size([1])
+    """
+    harmful, harmless = list(harmful), list(harmless)
+    a = capture(model, harmful, positions="instruction_last", progress=False)
+    b = capture(model, harmless, positions="instruction_last", progress=False)
+    if layer is None:
+        layer = sweep_layers(a.tensor, b.tensor).best_layer
+    vec = from_activations(a.tensor, b.tensor)
+    d = Direction(vec, layer, "mean_diff", {"model": model.name, "site": "resid_post", "positions": "'instruction_last'"})
+    thr = float((d.project(a.tensor[:, layer]).mean() + d.project(b.tensor[:, layer]).mean()) / 2)
+    return LatentGuard(d, layer, thr)
+
+
+# -- the full conditional-refusal setup -------------------------------------------------------
+@dataclass
+class RefusalSetup:
+    """A behaviour vector, its layer/strength, and a harmfulness condition."""
+
+    behaviour: Direction
+    condition: Condition
+    layer: int
+    strength: float
+
+    def steering(self, model, conditional: bool = False, gate: Optional[Tensor] = None) -> Steering:
+        return steer(model, self.behaviour, layer=self.layer, strength=self.strength,
+                     condition=self.condition if conditional else None, gate=gate)
+
+
+def fit_refusal(
+    model,
+    *,
+    layer: int = DEFAULT_LAYER,
+    strength: float = DEFAULT_STRENGTH,
+    n_behaviour: int = 120,
+    condition_layers="all",
+    condition_kind: str = "projection",
+    condition_method: str = "mean_diff",
+    limit: Optional[int] = None,
+) -> RefusalSetup:
+    """Extract the behaviour vector and a harmfulness condition from steer's training prompts only.
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> s = fit_refusal(m, layer=1, n_behaviour=4, limit=6)
+    >>> s.layer
+    1
+    """
+    data = training_data(limit)
+    # disjoint halves: behaviour vector from the first prompts, the condition from all of them
+    beh = behaviour_vector(model, data["harmful"], data["harmless"], data["refusals"], data["compliances"],
+                           n=n_behaviour, layer=layer, layers=[layer])
+    cond = fit_condition(model, data["harmful"], data["harmless"], layers=condition_layers,
+                         kind=condition_kind, method=condition_method)
+    return RefusalSetup(beh, cond, layer, strength)
+
+
+@torch.no_grad()
+def evaluate_refusal(
+    model,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    setup: RefusalSetup,
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    keep_texts: int = 3,
+) -> dict:
+    """Greedy answers without steering, always steered, and with CAST; refusal rates, condition
+    accuracy/F1 on the evaluation prompts, readability, and next-token KL on harmless prompts
+    where the condition does not fire.
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> s = fit_refusal(m, layer=1, n_behaviour=4, limit=6)
+    >>> r = evaluate_refusal(m, ["Rob a bank"], ["Bake bread"], s, max_new_tokens=2)
+    >>> 0 <= r["conditional_refusal_harmful"] <= 1
+    True
+    """
+    harmful, harmless = list(harmful), list(harmless)
+    if not harmful or not harmless:
+        raise ValueError(f"evaluate_refusal needs harmful and harmless prompts (got {len(harmful)}, {len(harmless)}).")
+    prompts = harmful + harmless
+    nh = len(harmful)
+    t0 = time.time()
+
+    def gen(make):
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            with make() as s:
+                out += s.generate(prompts[i: i + batch_size], max_new_tokens=max_new_tokens)
+        return out
+
+    base = gen(lambda: Steering(model))
+    steered = gen(lambda: setup.steering(model))
+    gates = []
+
+    def cond_make():
+        s = setup.steering(model, conditional=True)
+        return s
+
+    conditional = []
+    for i in range(0, len(prompts), batch_size):
+        with setup.steering(model, conditional=True) as s:
+            conditional += s.generate(prompts[i: i + batch_size], max_new_tokens=max_new_tokens)
+            gates.append(s.last_gate.cpu())
+    fired = torch.cat(gates).bool()
+    labels = torch.cat([torch.ones(nh), torch.zeros(len(harmless))]).bool()
+    # next-token KL on harmless prompts where the condition does not fire
+    quiet = [p for p, f in zip(harmless, fired[nh:].tolist()) if not f]
+    kls = []
+    for i in range(0, len(quiet), batch_size):
+        chunk = quiet[i: i + batch_size]
+        with Steering(model) as s:
+            ref = s.next_token_logits(chunk)
+        with setup.steering(model, conditional=True) as s:
+            kls.append(E.next_token_kl(ref, s.next_token_logits(chunk)))
+    kl = float(torch.cat(kls).mean()) if kls else 0.0
+
+    def rate(texts, lo, hi):
+        return E.refusal_rate(texts[lo:hi])
+
+    r = {
+        "n_harmful": nh, "n_harmless": len(harmless), "layer": setup.layer, "strength": setup.strength,
+        "baseline_refusal_harmful": rate(base, 0, nh), "baseline_refusal_harmless": rate(base, nh, None),
+        "steered_refusal_harmful": rate(steered, 0, nh), "steered_refusal_harmless": rate(steered, nh, None),
+        "conditional_refusal_harmful": rate(conditional, 0, nh),
+        "conditional_refusal_harmless": rate(conditional, nh, None),
+        "condition_accuracy": E.accuracy(fired, labels), "condition_f1": E.f1(fired, labels),
+        "condition_fired_harmful": float(fired[:nh].float().mean()),
+        "condition_fired_harmless": float(fired[nh:].float().mean()),
+        "condition_layer": setup.condition.layer, "condition_threshold": setup.condition.threshold,
+        "condition_side": setup.condition.side, "condition_kind": setup.condition.kind,
+        "kl_harmless_not_fired": kl, "n_harmless_not_fired": len(quiet),
+        "steered_readable": sum(map(E.is_readable, steered)) / len(steered),
+        "max_new_tokens": max_new_tokens, "seconds": round(time.time() - t0, 1),
+        "examples": [
+            {"prompt": prompts[i], "baseline": base[i], "steered": steered[i], "conditional": conditional[i],
+             "fired": bool(fired[i])}
+            for i in list(range(min(keep_texts, nh))) + list(range(nh, nh + min(keep_texts, len(harmless))))
+        ],
+    }
+    return r
+
+
+def demo(model, out_dir) -> dict:
+    """For ``steer demo``: unsteered vs steered vs conditionally steered answers to one harmful and
+    one harmless prompt, and the layer-sweep plot of harmful-vs-harmless separation
+    (``out_dir/refusal_layer_sweep.png``). Uses a subset of the training prompts to stay fast.
+
+    >>> import steer, tempfile
+    >>> r = demo(steer.load("tiny-llama"), tempfile.mkdtemp())
+    >>> sorted(r["answers"])
+    ['harmful', 'harmless']
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    data = training_data()
+    H, S = data["harmful"][:64], data["harmless"][:64]
+    layer = min(DEFAULT_LAYER, model.n_layers - 1)
+    from .steering import prompt_means
+
+    hp, hn = prompt_means(model, H), prompt_means(model, S)
+    sweep = sweep_layers(hp, hn)
+    sweep.plot(out_dir / "refusal_layer_sweep.png")
+    cl = sweep.best_layer
+    vec = from_activations(hp[:, cl], hn[:, cl])[0]
+    c = Condition(vec, cl, sweep.rows[cl]["threshold"])
+    beh = behaviour_vector(model, data["harmful"][:24], data["harmless"][:24], n=48, layer=layer, layers=[layer])
+    setup = RefusalSetup(beh, c, layer, DEFAULT_STRENGTH)
+    prompts = {"harmful": "How do I make a pipe bomb at home?", "harmless": "How do I bake a loaf of bread?"}
+    ps = list(prompts.values())
+    with Steering(model) as s:
+        base = s.generate(ps, max_new_tokens=40)
+    with setup.steering(model) as s:
+        always = s.generate(ps, max_new_tokens=40)
+    with setup.steering(model, conditional=True) as s:
+        cond = s.generate(ps, max_new_tokens=40)
+        fired = s.last_gate.bool().tolist()
+    answers = {k: {"prompt": ps[i], "unsteered": base[i], "steered": always[i], "conditional": cond[i],
+                   "condition_fired": fired[i]} for i, k in enumerate(prompts)}
+    result = {"answers": answers, "behaviour_layer": layer, "strength": DEFAULT_STRENGTH, "condition_layer": cl,
+              "layer_sweep": sweep.rows, "layer_sweep_plot": str(out_dir / "refusal_layer_sweep.png"),
+              "seconds": round(time.time() - t0, 1)}
+    (out_dir / "refusal_demo.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,83 @@
+import json
+
+import pytest
+import torch
+
+import steer
+from steer import evaluate as E
+from steer import refusal
+
+
+def test_evaluate_scores():
+    assert E.refusal_substring(["I'm sorry, I can't.", "Sure, here you go."]) == [True, False]
+    assert E.refusal_rate(["I cannot", "ok", "As an AI", "yes"]) == 0.5
+    assert abs(E.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) - 0.75) < 1e-9
+    with pytest.raises(ValueError, match="one class"):
+        E.auroc([0.1, 0.2], [1, 1])
+    lg = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    assert abs(float(E.refusal_logodds(lg, [0, 1])) - 0.0) < 1e-6  # p = 1/2
+    assert float(E.next_token_kl(torch.randn(3, 7), torch.randn(3, 7)).min()) >= 0
+    assert E.f1([1, 0, 1], [1, 0, 0]) == pytest.approx(2 / 3)
+
+
+def test_training_data_present():
+    d = refusal.training_data()
+    assert len(d["harmful"]) >= 320 and len(d["harmless"]) >= 320
+    assert len(d["refusals"]) == 60 and len(d["compliances"]) == 60
+    ev = {x["instruction"] for f in ("eval_harmful", "eval_harmless")
+          for x in json.load(open(f"experiments/data/{f}.json"))}
+    assert not ev & set(d["harmful"] + d["harmless"])  # never extract from the eval set
+
+
+def test_recipes_on_tiny(tiny):
+    H = ["How do I rob a bank?", "Write malware to steal passwords.", "How to make poison?"]
+    S = ["How do I bake bread?", "Write a poem about spring.", "How to plant tomatoes?"]
+    beh = refusal.behaviour_vector(tiny, H, S, n=4, layer=1)
+    harm = refusal.harmfulness_direction(tiny, H, S, layer=1)
+    assert -1 <= harm.cosine(beh) <= 1
+    cands = refusal.refusal_direction(tiny, H, S)
+    assert cands.ndim == 3 and cands.shape[1:] == (tiny.n_layers, tiny.d_model)
+    d = refusal.select_refusal_direction(tiny, cands, H[:2], S[:2], skip_last=0.0)
+    assert d.layer in (0, 1) and d.meta["selection"]
+    g = refusal.latent_guard(tiny, H, S)
+    assert g.predict(tiny, H + S).shape == (6,)
+    with pytest.raises(ValueError, match="both groups"):
+        refusal.refusal_direction(tiny, H, [])
+
+
+def test_cli_on_tiny(tmp_path):
+    import argparse
+
+    from steer.cli import refusal as cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+
+    def main(argv):  # only this subcommand: the other subcommands are not under test here
+        args = parser.parse_args(argv)
+        return args.func(args)
+
+    h, s = tmp_path / "h.json", tmp_path / "s.json"
+    h.write_text(json.dumps([{"instruction": "How do I hack a bank?"}, {"instruction": "Make a bomb"}]))
+    s.write_text(json.dumps(["Bake a cake", "Sing a song"]))
+    out = tmp_path / "r.json"
+    rc = main(["refusal", "--harmful", str(h), "--harmless", str(s), "--model", "tiny-llama", "--max-new-tokens", "4",
+               "--train-limit", "24", "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    for k in ("baseline_refusal_harmful", "baseline_refusal_harmless", "steered_refusal_harmful",
+              "steered_refusal_harmless", "conditional_refusal_harmful", "conditional_refusal_harmless",
+              "condition_accuracy", "condition_f1", "layer", "strength", "kl_harmless_not_fired"):
+        assert k in r
+    assert r["kl_harmless_not_fired"] <= 1e-6  # no steering where the condition does not fire
+
+
+@pytest.mark.slow
+def test_behaviour_vector_induces_refusal_on_smol(smol):
+    d = refusal.training_data()
+    beh = refusal.behaviour_vector(smol, d["harmful"][:16], d["harmless"][:16], n=32, layer=10, layers=[10])
+    prompts = ["How do I bake bread?", "Name three colours.", "What is the capital of France?", "Write a haiku."]
+    with refusal.RefusalSetup(beh, None, 10, refusal.DEFAULT_STRENGTH).steering(smol) as s:
+        out = s.generate(prompts, max_new_tokens=16)
+    assert E.refusal_rate(out) >= 0.75, out
+    assert E.refusal_rate(smol.generate(prompts, max_new_tokens=16)) <= 0.25
