@@ -26,10 +26,32 @@ def _check_supported(model) -> None:
         )
 
 
-class Runner:
-    """Forward machinery for one token batch (``P`` prompts of ``T`` tokens)."""
+class _PrefixCache:
+    """Duck-typed KV cache: records the first ``n`` key/value positions of a full run, or
+    prepends the recorded ones when a run covers only the suffix."""
 
-    def __init__(self, model, batch: Batch):
+    def __init__(self, n: int):
+        self.n, self.kv, self.reps, self.recording = n, {}, 1, True
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        if self.recording:
+            self.kv[layer_idx] = (k[:, :, : self.n].detach(), v[:, :, : self.n].detach())
+            return k, v
+        pk, pv = self.kv[layer_idx]
+        if self.reps > 1:
+            pk, pv = pk.repeat(self.reps, 1, 1, 1), pv.repeat(self.reps, 1, 1, 1)
+        return torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
+
+
+class Runner:
+    """Forward machinery for one token batch (``P`` prompts of ``T`` tokens).
+
+    ``prefix``: positions ``< prefix`` are identical in every run of interest (clean and corrupt
+    agree there, so patching them is a no-op); :meth:`run_suffix` then recomputes only positions
+    ``>= prefix``, attending to the keys/values recorded by a full :meth:`run` with ``record=True``.
+    """
+
+    def __init__(self, model, batch: Batch, prefix: int = 0):
         _check_supported(model)
         self.model = model
         self.inner = model.hf.model
@@ -49,6 +71,12 @@ class Runner:
             m = torch.zeros(keep.shape, dtype=self.embeds.dtype, device=am.device)
             m.masked_fill_(~keep, torch.finfo(m.dtype).min)
             self.mask = m[:, None]  # [P, 1, T, T]
+        self.prefix = prefix
+        self.cache = _PrefixCache(prefix)
+        keep = torch.ones(self.T, self.T, dtype=torch.bool, device=am.device).tril()[prefix:]
+        keep = keep[None] & am[:, None, :].bool()
+        sm = torch.zeros(keep.shape, dtype=self.embeds.dtype, device=am.device)
+        self.suffix_mask = sm.masked_fill_(~keep, torch.finfo(sm.dtype).min)[:, None]  # [P, 1, T-prefix, T]
 
     def _expand(self, reps: int):
         if reps == 1:
@@ -56,7 +84,26 @@ class Runner:
         mask = None if self.mask is None else self.mask.repeat(reps, 1, 1, 1)
         return mask, (self.cos.repeat(reps, 1, 1), self.sin.repeat(reps, 1, 1)), self.position_ids.repeat(reps, 1)
 
-    def run(self, h: Tensor, start: int = 0, hooks=None, keep_resid: bool = False):
+    def run_suffix(self, h: Tensor, start: int, hooks=None) -> Tensor:
+        """Run layers ``start..`` on the suffix residual ``h`` ``[reps*P, T - prefix, d]``."""
+        reps = h.shape[0] // self.P
+        n = self.prefix
+        mask = self.suffix_mask.repeat(reps, 1, 1, 1) if reps > 1 else self.suffix_mask
+        pe = (self.cos[:, n:].repeat(reps, 1, 1), self.sin[:, n:].repeat(reps, 1, 1))
+        pos = self.position_ids[:, n:].repeat(reps, 1)
+        self.cache.recording, self.cache.reps = False, reps
+        try:
+            with add_hooks(self.model, hooks or {}):
+                for layer in self.model.layers[start:]:
+                    h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos,
+                              past_key_values=self.cache)
+                    if isinstance(h, tuple):
+                        h = h[0]
+        finally:
+            self.cache.recording, self.cache.reps = True, 1
+        return self.model.hf.lm_head(self.inner.norm(h[:, -1]))
+
+    def run(self, h: Tensor, start: int = 0, hooks=None, keep_resid: bool = False, record: bool = False):
         """Run layers ``start..L-1`` on residual ``h`` ``[reps*P, T, d]``; return last-token logits.
 
         With ``keep_resid`` also returns the residuals entering each layer and the final one
@@ -69,7 +116,8 @@ class Runner:
             for layer in self.model.layers[start:]:
                 if keep_resid:
                     resid.append(h)
-                h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+                kw = {"past_key_values": self.cache} if record else {}
+                h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos, **kw)
                 if isinstance(h, tuple):
                     h = h[0]
         if keep_resid:

@@ -27,7 +27,7 @@ from .nodes import NodeSet, node_set
 from .result import PatchingResult
 from .tasks import PatchTask
 
-__all__ = ["activation_patch", "run_metrics", "capture_sites", "auto_batch_size"]
+__all__ = ["activation_patch", "run_metrics", "capture_sites", "auto_batch_size", "first_difference"]
 
 DIRECTIONS = ("denoising", "noising")
 
@@ -50,7 +50,7 @@ def auto_batch_size(model, n_pos: int, budget_bytes: int = 2**28) -> int:
 
 
 @torch.no_grad()
-def capture_sites(model, runner: Runner, sites: Sequence[str]) -> tuple[dict, list[Tensor], Tensor]:
+def capture_sites(model, runner: Runner, sites: Sequence[str], record: bool = False) -> tuple[dict, list[Tensor], Tensor]:
     """Run the full model once; return ``{(site, layer): act}``, the residuals entering each
     layer (plus the final residual) and last-token logits. Activations are ``[P, *act_shape]``.
 
@@ -68,7 +68,7 @@ def capture_sites(model, runner: Runner, sites: Sequence[str]) -> tuple[dict, li
         store[(site.name, site.layer)] = act.detach().clone()
 
     hooks = [(Site(s, l), grab) for s in set(sites) if s != "resid_pre" for l in range(model.n_layers)]
-    logits, resid = runner.run(runner.embeds, 0, hooks, keep_resid=True)
+    logits, resid = runner.run(runner.embeds, 0, hooks, keep_resid=True, record=record)
     for l, h in enumerate(resid[:-1]):
         store[("resid_pre", l)] = h
     return store, resid, logits
@@ -86,6 +86,19 @@ def run_metrics(task: PatchTask, clean_logits, corrupt_logits) -> tuple[float, f
     return mc, mx
 
 
+def first_difference(task: PatchTask) -> int:
+    """First position where any clean and corrupt prompt differ (earlier positions are shared,
+    so every run agrees there and patching them changes nothing).
+
+    >>> import steer
+    >>> from steer.patching import PatchTask
+    >>> first_difference(PatchTask.from_pairs(steer.load("tiny-llama"), [("abc", "abd")], ["x"], ["y"]))
+    2
+    """
+    diff = (task.clean.input_ids != task.corrupt.input_ids).any(0).nonzero()
+    return int(diff.min()) if len(diff) else 0
+
+
 def activation_patch(
     model,
     task: PatchTask,
@@ -95,6 +108,10 @@ def activation_patch(
     layers: Optional[Sequence[int]] = None,
 ) -> PatchingResult:
     """Patch every node of a kind (one at a time) and return the normalised metric per node.
+
+    Positions before the first clean/corrupt difference are shared by every run: nodes there
+    get the base score without a forward, and patched runs recompute only later positions
+    (attending to the base run's cached keys/values for the shared prefix).
 
     Args:
         nodes: a kind from :data:`~steer.patching.nodes.NODE_KINDS` (``resid``, ``attn_out``,
@@ -116,8 +133,9 @@ def activation_patch(
     ns = nodes if isinstance(nodes, NodeSet) else node_set(model, nodes, task.n_pos)
     t0 = time.perf_counter()
     base_b, other_b = (task.corrupt, task.clean) if direction == "denoising" else (task.clean, task.corrupt)
-    base, other = Runner(model, base_b), Runner(model, other_b)
-    base_acts, base_resid, base_logits = capture_sites(model, base, [ns.site])
+    d0 = first_difference(task)
+    base, other = Runner(model, base_b, prefix=d0), Runner(model, other_b)
+    base_acts, base_resid, base_logits = capture_sites(model, base, [ns.site], record=True)
     other_acts, _, other_logits = capture_sites(model, other, [ns.site])
     clean_logits, corrupt_logits = (other_logits, base_logits) if direction == "denoising" else (base_logits, other_logits)
     m_clean, m_corrupt = run_metrics(task, clean_logits, corrupt_logits)
@@ -127,18 +145,27 @@ def activation_patch(
     if rows < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1 row.")
     per_chunk = max(1, rows // P)
+    m_base = m_corrupt if direction == "denoising" else m_clean
     scores = torch.full(ns.shape, float("nan"))
     layer_list = range(L) if layers is None else sorted({int(l) % L for l in layers})
     fe = 2.0
+    all_masks = ns.masks()
+    by_pos = ns.mask_shape[0] == task.n_pos
+    if by_pos:  # nodes before the first differing position are no-ops: score = base run
+        all_masks = all_masks[:, d0:]
+        active = all_masks.flatten(1).any(1).nonzero().flatten()
+    else:
+        active = torch.arange(ns.per_layer)
+    Tq = task.n_pos - d0
     with torch.no_grad():
         for l in layer_list:
-            row_scores = []
-            other_act = other_acts[(ns.site, l)]
-            for start in range(0, ns.per_layer, per_chunk):
-                stop = min(ns.per_layer, start + per_chunk)
-                V = stop - start
-                mask = ns.masks(start, stop).to(other_act.device)[:, None]  # [V, 1, *mask]
-                h = base_resid[l]
+            row = torch.full((ns.per_layer,), m_base)
+            other_act = other_acts[(ns.site, l)][:, d0:]
+            for c0 in range(0, len(active), per_chunk):
+                idx = active[c0 : c0 + per_chunk]
+                V = len(idx)
+                mask = all_masks[idx].to(other_act.device)[:, None]  # [V, 1, *mask]
+                h = base_resid[l][:, d0:]
                 if ns.site == "resid_pre":
                     h = torch.where(mask, other_act[None], h[None]).flatten(0, 1)
                     hooks = None
@@ -150,10 +177,10 @@ def activation_patch(
                         return torch.where(mask, other_act[None], view).view(act.shape)
 
                     hooks = {Site(ns.site, l): patch}
-                logits = base.run(h, l, hooks)
-                row_scores.append(task.scores(logits.view(V, P, -1)))
-                fe += V * (L - l) / L
-            scores[l] = torch.cat(row_scores).view(ns.unit_shape).cpu()
+                logits = base.run_suffix(h, l, hooks)
+                row[idx] = task.scores(logits.view(V, P, -1)).cpu()
+                fe += V * (L - l) / L * Tq / task.n_pos
+            scores[l] = row.view(ns.unit_shape)
     norm = (scores - m_corrupt) / (m_clean - m_corrupt)
     return PatchingResult(
         scores=norm,
