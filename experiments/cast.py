@@ -1,0 +1,94 @@
+"""Conditional activation steering (CAST) on the embedded SmolLM2-135M-Instruct.
+
+Fits a harmfulness condition on steer's training prompts (grid search over layer × threshold ×
+side for F1 on a held-out training split), then on the evaluation prompts: condition accuracy/F1,
+conditional refusal on harmful vs harmless answers. Writes ``condition_grid.png`` (F1 per layer),
+``condition_scores_hist.png`` (scores of eval harmful vs harmless with the threshold) and
+``results.json`` to ``--out`` (default ``out/cast/``).
+
+    python experiments/cast.py [--out DIR] [--n-train 160] [--n-eval 120] [--n-gen 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+
+
+def _eval(name, n):
+    return [d["instruction"] for d in json.loads((HERE / "data" / f"eval_{name}.json").read_text())][:n]
+
+
+def run(out="out/cast", n_train=160, n_eval=120, n_gen=16, gen_tokens=32, layer=10, strength=2.0,
+        condition_layers=range(2, 17), kind="projection", model=None) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import steer
+    from steer import evaluate as E
+    from steer import refusal
+    from steer.conditions import fit_condition
+    from steer.steering import prompt_means
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model or steer.load()
+    data = refusal.training_data()
+    cond = fit_condition(model, data["harmful"][:n_train], data["harmless"][:n_train],
+                         layers=list(condition_layers), kind=kind)
+    grid = cond.meta["grid"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([g["layer"] for g in grid], [g["f1"] for g in grid], marker="o", label="F1 (held-out train split)")
+    ax.axvline(cond.layer, color="grey", ls="--")
+    ax.set(xlabel="condition layer", ylabel="F1")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "condition_grid.png", dpi=120)
+
+    eh, es = _eval("harmful", n_eval), _eval("harmless", n_eval)
+    h = prompt_means(model, eh + es, layers=[cond.layer])[:, 0]
+    scores = cond.score(h)
+    fired = cond.fires(h)
+    labels = torch.tensor([1] * len(eh) + [0] * len(es)).bool()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(scores[: len(eh)].numpy(), bins=20, alpha=0.6, label="harmful (eval)")
+    ax.hist(scores[len(eh):].numpy(), bins=20, alpha=0.6, label="harmless (eval)")
+    ax.axvline(cond.threshold, color="k", ls="--", label="threshold")
+    ax.set(xlabel=f"condition score ({kind}), layer {cond.layer}", ylabel="count")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "condition_scores_hist.png", dpi=120)
+    result = {"condition_layer": cond.layer, "threshold": cond.threshold, "side": cond.side, "kind": kind,
+              "train_val_f1": cond.meta["val_f1"], "eval_accuracy": E.accuracy(fired, labels),
+              "eval_f1": E.f1(fired, labels), "eval_auroc": E.auroc(scores if cond.side == "above" else -scores, labels),
+              "fired_harmful": float(fired[: len(eh)].float().mean()),
+              "fired_harmless": float(fired[len(eh):].float().mean())}
+    if n_gen:
+        beh = refusal.behaviour_vector(model, data["harmful"][:60], data["harmless"][:60], n=120, layer=layer,
+                                       layers=[layer])
+        setup = refusal.RefusalSetup(beh, cond, layer, strength)
+        ps = eh[:n_gen] + es[:n_gen]
+        with setup.steering(model, conditional=True) as s:
+            texts = s.generate(ps, max_new_tokens=gen_tokens)
+        result.update(conditional_refusal_harmful=E.refusal_rate(texts[:n_gen]),
+                      conditional_refusal_harmless=E.refusal_rate(texts[n_gen:]), n_gen=n_gen)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="out/cast")
+    p.add_argument("--n-train", type=int, default=160)
+    p.add_argument("--n-eval", type=int, default=120)
+    p.add_argument("--n-gen", type=int, default=16)
+    p.add_argument("--kind", default="projection")
+    a = p.parse_args()
+    print(json.dumps(run(a.out, a.n_train, a.n_eval, a.n_gen, kind=a.kind), indent=2))

@@ -1,0 +1,101 @@
+"""Refusal induction on the embedded SmolLM2-135M-Instruct with the refusal behaviour vector.
+
+Writes to ``--out`` (default ``out/refusal_induction/``): ``strength_sweep.png`` (refusal log-odds
+and generated refusal rate vs strength), ``layer_sweep.png`` (log-odds change and KL per layer),
+``projection_hist.png`` (harmful vs harmless eval prompts on the harmfulness direction) and
+``results.json``. Extraction uses steer's training prompts; evaluation uses experiments/data.
+
+    python experiments/refusal_induction.py [--out DIR] [--n-train 64] [--n-eval 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+
+
+def _eval(name, n):
+    return [d["instruction"] for d in json.loads((HERE / "data" / f"eval_{name}.json").read_text())][:n]
+
+
+def run(out="out/refusal_induction", n_train=64, n_eval=24, layer=10, strengths=(0.0, 1.0, 2.0, 3.0),
+        layers=(4, 6, 8, 10, 12, 14, 16), gen_tokens=24, n_gen=8, model=None) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import steer
+    from steer import evaluate as E
+    from steer import refusal
+    from steer.directions import steering_sweep
+    from steer.steering import Steering, steer as steer_ctx
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model or steer.load()
+    data = refusal.training_data()
+    H, S = data["harmful"][: n_train // 2], data["harmless"][: n_train // 2]
+    layers = sorted(set(layers) | {layer})
+    beh = refusal.behaviour_vector(model, H, S, n=n_train, layer=layer, layers=layers)
+    eh, es = _eval("harmful", n_eval), _eval("harmless", n_eval)
+    ids = E.refusal_token_ids(model.tokenizer)
+    score = lambda lg: E.refusal_logodds(lg, ids)  # noqa: E731
+
+    # strength sweep at the chosen layer: next-token log-odds on all eval prompts + generations
+    rows = []
+    for a in strengths:
+        with steer_ctx(model, beh, layer=layer, strength=a) as s:
+            lo = float(score(s.next_token_logits(eh + es)).mean())
+            texts = s.generate(es[:n_gen], max_new_tokens=gen_tokens)
+        rows.append({"strength": a, "logodds": lo, "refusal_harmless": E.refusal_rate(texts),
+                     "readable": sum(map(E.is_readable, texts)) / len(texts), "example": texts[0]})
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot([r["strength"] for r in rows], [r["logodds"] for r in rows], marker="o")
+    ax[0].set(xlabel="strength α", ylabel="refusal log-odds (next token)", title=f"layer {layer}")
+    ax[1].plot([r["strength"] for r in rows], [r["refusal_harmless"] for r in rows], marker="o", label="refusal")
+    ax[1].plot([r["strength"] for r in rows], [r["readable"] for r in rows], marker="s", label="readable")
+    ax[1].set(xlabel="strength α", ylabel="rate (harmless eval prompts)")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "strength_sweep.png", dpi=120)
+
+    # layer sweep: behaviour change vs side effect
+    sweep = steering_sweep(model, beh, es, es, score, layers, [strengths[len(strengths) // 2]])
+    sweep.plot(out / "layer_sweep.png", keys=["change", "kl"])
+
+    # harmfulness direction vs refusal behaviour vector, projection histogram of eval prompts
+    harm = refusal.harmfulness_direction(model, data["harmful"][:n_train], data["harmless"][:n_train], layer=layer)
+    cap = lambda ps: steer.capture(model, ps, layers=[layer], positions="instruction_last", progress=False)  # noqa
+    ph, ps_ = harm.project(cap(eh).tensor[:, 0]), harm.project(cap(es).tensor[:, 0])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(ph.numpy(), bins=20, alpha=0.6, label="harmful (eval)")
+    ax.hist(ps_.numpy(), bins=20, alpha=0.6, label="harmless (eval)")
+    ax.set(xlabel=f"projection on harmfulness direction, layer {layer}", ylabel="count")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "projection_hist.png", dpi=120)
+    thr = float((ph.mean() + ps_.mean()) / 2)
+    result = {
+        "layer": layer, "strength_sweep": rows, "layer_sweep": sweep.rows,
+        "cos_harmfulness_refusal": harm.cosine(beh, layer),
+        "harmfulness_auroc_eval": E.auroc(torch.cat([ph, ps_]), [1] * len(ph) + [0] * len(ps_)),
+        "latent_guard_accuracy_eval_midpoint": E.accuracy(torch.cat([ph, ps_]) > thr, [1] * len(ph) + [0] * len(ps_)),
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="out/refusal_induction")
+    p.add_argument("--n-train", type=int, default=64)
+    p.add_argument("--n-eval", type=int, default=24)
+    a = p.parse_args()
+    r = run(a.out, a.n_train, a.n_eval)
+    print(json.dumps({k: v for k, v in r.items() if k != "layer_sweep"}, indent=2))
