@@ -987,16 +987,18 @@ def demo(model, out_dir: Union[str, Path]) -> dict:
     """
     from .plotting import save
 
-    layer = min(DEFAULT_LAYER, model.n_layers - 1)
-    edit = fit_edit(model, DEFAULT_METHOD, [layer], DEFAULT_DIRECTION)
+    layers = sorted({min(l, model.n_layers - 1) for l in DEFAULT_LAYERS})
+    edit = fit_edit(model, DEFAULT_METHOD, layers, DEFAULT_DIRECTION, where=DEFAULT_WHERE, target=DEFAULT_TARGET)
     b = occupational_bias(model, "heldout", "heldout")
     a = occupational_bias(model, "heldout", "heldout", edit=edit)
     se = side_effects(model, edit)
-    path = save(plot_occupations(b, a, title=f"gender bias, held-out occupations ({edit.name}, layer {layer})"),
+    path = save(plot_occupations(b, a, title=f"gender bias, held-out occupations ({edit.name}, layers {layers})"),
                 Path(out_dir) / "bias_occupations.png")
     return {"bias_before": b.bias, "bias_after": a.bias, "stereotype_correlation_before": b.correlation,
             "stereotype_correlation_after": a.correlation, "neutral_kl": se["neutral_kl"],
-            "neutral_ppl_ratio": se["neutral_ppl_ratio"], "method": edit.name, "layer": layer, "figure": str(path)}
+            "neutral_ppl_ratio": se["neutral_ppl_ratio"], "method": edit.name, "layer": layers, "figure": str(path)}
 
 
-DEFAULT_METHOD, DEFAULT_DIRECTION, DEFAULT_LAYER = "leace", "stereotype", 12
+# The default debiasing edit (CLI, demo): chosen from the Pareto sweep on the embedded model.
+DEFAULT_METHOD, DEFAULT_DIRECTION, DEFAULT_LAYERS = "leace", "gender", (12,)
+DEFAULT_WHERE, DEFAULT_TARGET = "last", "share"

@@ -335,8 +335,8 @@ def extract(model, trait: Union[str, Trait], pairs: Optional[Sequence[dict]] = N
            for p in pairs]
     pos = [(m, c.lstrip()) for m, c in pos]
     neg = [(m, c.lstrip()) for m, c in neg]
-    a = capture(model, pos, layers=layers, positions="completion", reduce="mean")
-    b = capture(model, neg, layers=layers, positions="completion", reduce="mean")
+    a = capture(model, pos, layers=layers, positions="completion", reduce="mean", progress=False)
+    b = capture(model, neg, layers=layers, positions="completion", reduce="mean", progress=False)
     vec = torch.zeros(model.n_layers, model.d_model)
     vec[a.layers] = from_activations(a.tensor, b.tensor, "mean_diff")
     chosen = layer if layer is not None else (2 * model.n_layers) // 3
@@ -424,7 +424,7 @@ def steered_answers(model, direction, layer: Optional[int], questions: Sequence[
 def _last_token_acts(model, prompts, layers="all") -> Tensor:
     from .capture import capture
 
-    return capture(model, prompts, layers=layers, positions="last").tensor  # [n, layer, d]
+    return capture(model, prompts, layers=layers, positions="last", progress=False).tensor  # [n, layer, d]
 
 
 def monitor(model, trait: Union[str, Trait], direction, layer: Optional[int] = None,
@@ -532,8 +532,8 @@ def flag(model, direction, layer: Optional[int], dataset: Sequence[tuple], max_n
     prompts = [p for p, _ in dataset]
     own = model.generate(prompts, max_new_tokens=max_new_tokens)
     own = [o.strip() or "..." for o in own]
-    a = capture(model, [(p, r) for p, r in dataset], layers=[lay], positions="completion", reduce="mean").tensor[:, 0]
-    b = capture(model, list(zip(prompts, own)), layers=[lay], positions="completion", reduce="mean").tensor[:, 0]
+    a = capture(model, [(p, r) for p, r in dataset], layers=[lay], positions="completion", reduce="mean", progress=False).tensor[:, 0]
+    b = capture(model, list(zip(prompts, own)), layers=[lay], positions="completion", reduce="mean", progress=False).tensor[:, 0]
     u = v / v.norm()
     return (a - b) @ u
 

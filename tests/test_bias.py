@@ -193,3 +193,19 @@ def test_embedded_model_occupational_bias(smol):
     assert r.neutral_gap < 0  # prefers " she" after "The person ..." overall
     assert r.correlation < -0.5  # more women in the occupation → more " she"
     assert r.bias > 0.3
+
+
+def test_cli_bias_writes_json(tmp_path):
+    from steer.cli import main
+
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps({"template": "The {occupation} said that", "slot": "occupation",
+                             "values": ["nurse", "pilot", "cook"], "targets": [" he", " she"]}) + "\n")
+    out = tmp_path / "bias.json"
+    assert main(["bias", "--model", "tiny-llama", "--templates", str(f), "--method", "ablate", "--direction",
+                 "gender", "--layers", "1", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    for k in ("bias_before", "bias_after", "stereotype_correlation_before", "stereotype_correlation_after",
+              "neutral_kl", "neutral_ppl_ratio", "layer", "method"):
+        assert k in d
+    assert d["method"] == "ablate" and d["layer"] == [1]

@@ -113,3 +113,14 @@ def test_trace_first_entry_is_last_prompt_token_projection(tiny):
     tr = persona.trace(tiny, v, 1, ["Hi there"], max_new_tokens=2)
     last = capture(tiny, ["Hi there"], layers=[1], positions="last").tensor[0, 0]
     assert float(tr["projections"][0, 0]) == pytest.approx(float(last @ (v[1] / v[1].norm())), abs=1e-4)
+
+
+def test_cli_persona_writes_json(tmp_path):
+    from steer.cli import main
+
+    out = tmp_path / "p.json"
+    assert main(["persona", "--model", "tiny-llama", "--trait", "formal", "--prompt-pairs", "1",
+                 "--max-new-tokens", "3", "--strengths=-2,0,2", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert set(d["trait_score_by_strength"]) == {"-2.0", "0.0", "2.0"}
+    assert 0 <= d["monitor_auroc"] <= 1 and len(d["layer_curve"]["auroc"]) == 2
