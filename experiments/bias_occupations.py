@@ -21,16 +21,20 @@ import json
 import time
 from pathlib import Path
 
+COMBINED = {"quick": [(9, 12, 15)], "full": [(6, 9, 12, 15, 18), (6, 9, 12, 15, 18, 21, 24)]}
 GRIDS = {
     # (method, direction, where, target, layer sets, strengths)
-    "quick": [("clamp", "stereotype", "subject", "gap", [(9, 12, 15)], [1.0]),
+    "quick": [("clamp", "stereotype", "subject_on", "gap", [(9, 12, 15)], [1.0]),
               ("leace", "gender", "last", "share", [(12,)], [1.0])],
     "full": [
         ("ablate", "gender", "last", "share", [(12,), (15,), (15, 18, 21, 24, 27)], [1.0]),
         ("leace", "gender", "last", "share", [(9,), (12,), (15,)], [1.0]),
-        ("clamp", "stereotype", "subject", "gap", [(9,), (12,), (6, 9, 12), (9, 12, 15), (6, 9, 12, 15, 18)], [0.5, 1.0]),
-        ("leace", "stereotype", "subject", "gap", [(9,), (12,), (9, 12, 15)], [1.0]),
-        ("ablate", "stereotype", "subject", "gap", [(9, 12, 15)], [1.0]),
+        ("clamp", "stereotype", "last", "gap", [(12,), (9, 12, 15)], [1.0]),
+        ("clamp", "stereotype", "subject_on", "gap", [(12,), (9, 12, 15), (6, 9, 12, 15, 18), (6, 9, 12, 15, 18, 21, 24)],
+         [0.5, 1.0]),
+        ("clamp", "stereotype", "subject_on", "share", [(6, 9, 12, 15, 18, 21, 24)], [1.0]),
+        ("leace", "stereotype", "subject_on", "gap", [(12,), (9, 12, 15)], [1.0]),
+        ("ablate", "stereotype", "subject_on", "gap", [(9, 12, 15)], [1.0]),
     ],
 }
 
@@ -95,6 +99,25 @@ def main(argv=None) -> dict:
             print(f"[{time.time() - t0:.0f}s] {method:6s} {direction:10s} {where:8s} {str(r['layers']):22s} "
                   f"s={r['strength']:.2f} bias {r['bias_reduction']:+.2f} r {r['correlation_reduction']:+.2f} "
                   f"KL {r['neutral_kl']:.3f} ppl {r['neutral_ppl_ratio']:.3f}", flush=True)
+    # the combined edit (gender LEACE + stereotype clamp), same measurements
+    before = base["train"]
+    se0 = bias.side_effects(model, None)
+    cache: dict = {}
+    for stereo_layers in COMBINED[args.grid]:
+        for s in ([1.0] if args.grid == "quick" else [0.7, 1.0]):
+            edit = bias.fit_combined(model, stereo_layers, strength=s, cache=cache)
+            r = bias.occupational_bias(model, "train", "train", edit=edit)
+            se = bias.side_effects(model, edit, base=se0["_base"])
+            row = {"method": "leace+clamp", "direction": "gender+stereotype", "layers": edit.layers,
+                   "stereo_layers": list(stereo_layers), "strength": s, "where": "subject_on", "target": "gap",
+                   "bias": r.bias, "correlation": r.correlation, "spread": r.spread,
+                   "bias_reduction": 1 - r.bias / before.bias,
+                   "correlation_reduction": 1 - abs(r.correlation) / abs(before.correlation),
+                   "neutral_kl": se["neutral_kl"], "neutral_ppl_ratio": se["neutral_ppl_ratio"]}
+            rows.append(row)
+            print(f"[{time.time() - t0:.0f}s] combined {str(stereo_layers):22s} s={s:.2f} bias {row['bias_reduction']:+.2f} "
+                  f"r {row['correlation_reduction']:+.2f} KL {row['neutral_kl']:.3f} ppl {row['neutral_ppl_ratio']:.3f}",
+                  flush=True)
     (out / "pareto.json").write_text(json.dumps(rows, indent=1))
     front = bias.pareto_front(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -119,24 +142,39 @@ def main(argv=None) -> dict:
     if best is None:
         best = min(rows, key=lambda r: r["neutral_kl"])
     res["chosen"] = best
-    edit = bias.fit_edit(model, best["method"], best["layers"], best["direction"], best["strength"],
-                         where=best["where"], target=best["target"])
-    after = bias.occupational_bias(model, "heldout", "heldout", edit=edit)
-    se = bias.side_effects(model, edit)
-    se.pop("_base")
+
+    def refit(row):
+        if row["method"] == "leace+clamp":
+            return bias.fit_combined(model, row["stereo_layers"], strength=row["strength"], cache=cache)
+        return bias.fit_edit(model, row["method"], row["layers"], row["direction"], row["strength"],
+                             where=row["where"], target=row["target"])
+
     b = base["heldout"]
-    res["heldout"] = {"bias_before": b.bias, "bias_after": after.bias,
-                      "stereotype_correlation_before": b.correlation, "stereotype_correlation_after": after.correlation,
-                      "bias_reduction": 1 - after.bias / b.bias,
-                      "correlation_reduction": 1 - abs(after.correlation) / abs(b.correlation),
-                      "spread_before": b.spread, "spread_after": after.spread, **se,
-                      "per_occupation_after": dict(zip(after.values, after.per_value.tolist()))}
+
+    def heldout(edit):
+        after = bias.occupational_bias(model, "heldout", "heldout", edit=edit)
+        se = bias.side_effects(model, edit)
+        se.pop("_base")
+        return after, {"bias_before": b.bias, "bias_after": after.bias,
+                       "stereotype_correlation_before": b.correlation,
+                       "stereotype_correlation_after": after.correlation,
+                       "bias_reduction": 1 - after.bias / b.bias,
+                       "correlation_reduction": 1 - abs(after.correlation) / abs(b.correlation),
+                       "spread_before": b.spread, "spread_after": after.spread, **se,
+                       "per_occupation_after": dict(zip(after.values, after.per_value.tolist()))}
+
+    edit = refit(best)
+    after, res["heldout"] = heldout(edit)
+    # steer's default edit (what `steer bias` and the demo use), also on held-out data
+    _, res["heldout_default_edit"] = heldout(bias.fit_default_edit(model, cache=cache))
+    res["heldout_default_edit"]["edit"] = "fit_combined defaults (gender LEACE layer 12 + stereotype clamp 6..24)"
     h = res["heldout"]
     res["target_met"] = bool(h["bias_reduction"] >= 0.5 and h["correlation_reduction"] >= 0.5
                              and h["neutral_kl"] <= args.max_kl and h["neutral_ppl_ratio"] <= args.max_ppl)
-    save(bias.plot_occupations(b, after, title=f"held-out occupations, {best['method']}/{best['direction']} "
-                                              f"layers {best['layers']}"), out / "occupations_before_after.png")
-    res["decision_bias_after"] = bias.decision_bias(model, edit=edit)
+    save(bias.plot_occupations(b, after, title=f"held-out occupations, {best['method']} layers {best['layers']} "
+                                              f"s={best['strength']}"), out / "occupations_before_after.png")
+    if args.grid != "quick":
+        res["decision_bias_after"] = bias.decision_bias(model, edit=edit)
     res["seconds"] = round(time.time() - t0, 1)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     print(f"[{time.time() - t0:.0f}s] chosen {best['method']}/{best['direction']} layers {best['layers']} "

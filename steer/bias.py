@@ -53,7 +53,7 @@ __all__ = [
     "load_gendered_pairs", "load_neutral_text", "load_decisions", "sequence_logprobs",
     "counterfactual_gaps", "occupational_bias", "aligned_pairs", "AlignedPair", "decision_bias",
     "gender_direction", "stereotype_direction", "fit_edit", "side_effects", "pareto_sweep",
-    "pareto_front", "debias_report", "plot_occupations", "demo", "pearson",
+    "pareto_front", "debias_report", "Edits", "fit_combined", "fit_default_edit", "plot_occupations", "demo", "pearson",
 ]
 
 DATA = Path(__file__).parent / "datasets" / "bias"
@@ -637,7 +637,7 @@ def _occupation_acts(model, occupations: Mapping[str, float], templates: Sequenc
 
 def stereotype_direction(model, layers="all", occupations: Union[Mapping[str, float], str] = "train",
                          templates: Union[Sequence[str], str] = "train", target: str = "share",
-                         where: str = "last", ridge: float = 1.0) -> Float[Tensor, "layer d_model"]:
+                         where: str = "last", ridge: float = 1.0, _acts=None, _gap=None) -> Float[Tensor, "layer d_model"]:
     """A direction along which occupation prompts are ordered by stereotype, per layer.
 
     Ridge regression of ``target`` on the activations of the filled templates (``where``:
@@ -653,12 +653,12 @@ def stereotype_direction(model, layers="all", occupations: Union[Mapping[str, fl
     occ = load_occupations(occupations) if isinstance(occupations, str) else dict(occupations)
     tpl = _read_json(DATA / "templates.json")[templates] if isinstance(templates, str) else list(templates)
     layer_list = _layers(model, layers)
-    X, _, tidx = _occupation_acts(model, occ, tpl, layer_list, where)
+    X, _, tidx = _occupation_acts(model, occ, tpl, layer_list, where) if _acts is None else _acts
     if target == "share":
         y = torch.tensor([occ[v] for _ in tpl for v in occ]) / 100.0
     elif target == "gap":
-        r = occupational_bias(model, occ, tpl)
-        y = -r.centred.reshape(-1)  # he − she gap is negative for female-typed: flip so + = female
+        # he − she gap is negative for female-typed: flip so + = female
+        y = -occupational_bias(model, occ, tpl).centred.reshape(-1) if _gap is None else _gap
     else:
         raise ValueError(f"target={target!r}: use 'share' or 'gap'.")
     t = torch.tensor(tidx)
@@ -744,14 +744,62 @@ class Edit:
         return {"method": self.method, "layers": list(self.layers), "strength": self.strength, "name": self.name}
 
 
+@dataclass
+class Edits:
+    """Several :class:`Edit` s applied together (installed in order).
+
+    >>> import torch
+    >>> e = Edits([Edit("ablate", [0], vectors={0: torch.tensor([1., 0.])}),
+    ...            Edit("ablate", [0], vectors={0: torch.tensor([0., 1.])})])
+    >>> e.layers, e.method
+    ([0], 'ablate+ablate')
+    """
+
+    edits: list
+
+    def __post_init__(self):
+        if not self.edits:
+            raise ValueError("Edits needs at least one Edit.")
+
+    @property
+    def method(self) -> str:
+        return "+".join(e.method for e in self.edits)
+
+    @property
+    def name(self) -> str:
+        return "+".join(e.name for e in self.edits)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({l for e in self.edits for l in e.layers})
+
+    @property
+    def strength(self) -> list[float]:
+        return [e.strength for e in self.edits]
+
+    @contextmanager
+    def hooks(self, model, mask: Optional[Tensor] = None) -> Iterator[None]:
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            for e in self.edits:
+                stack.enter_context(e.hooks(model, mask))
+            yield
+
+    def describe(self) -> dict:
+        return {"edits": [e.describe() for e in self.edits]}
+
+
 def fit_edit(model, method: str, layers: Sequence[int], direction: str = "stereotype", strength: float = 1.0,
-             *, cache: Optional[dict] = None, where: str = "last", target: str = "share") -> Edit:
+             *, cache: Optional[dict] = None, where: str = "last", target: str = "share",
+             shrinkage: float = 0.1) -> Edit:
     """Fit a debiasing :class:`Edit` on the built-in *training* occupations and templates.
 
     ``direction``: ``"gender"`` (counterfactual gendered-word pairs) or ``"stereotype"`` (occupation
     prompts regressed on ``target``). ``clamp`` sets the projection to its value on the
     neutral-subject prompts ("The person said that"). ``leace`` fits an eraser on the occupation
     prompts' activations with the concept ``target`` (stereotype) or on the gendered pairs (gender).
+    ``shrinkage`` regularises the LEACE covariance (towards its scaled identity; 0 = plain).
     ``cache`` (a dict) reuses activations across calls in a sweep.
 
     >>> import steer
@@ -767,9 +815,12 @@ def fit_edit(model, method: str, layers: Sequence[int], direction: str = "stereo
     occ = load_occupations("train")
     tpl = _read_json(DATA / "templates.json")["train"]
     key = ("occ", where)
-    if key not in cache:
-        cache[key] = _occupation_acts(model, occ, tpl, all_layers, where)
-    X, N, tidx = cache[key]
+
+    def occ_acts():
+        if key not in cache:
+            cache[key] = _occupation_acts(model, occ, tpl, all_layers, where)
+        return cache[key]
+
     if direction == "gender":
         if "gender" not in cache:
             cache["gender"] = gender_direction(model, all_layers)
@@ -777,11 +828,15 @@ def fit_edit(model, method: str, layers: Sequence[int], direction: str = "stereo
     else:
         k2 = ("stereo", where, target)
         if k2 not in cache:
-            cache[k2] = stereotype_direction(model, all_layers, occ, tpl, target, where)
+            if target == "gap" and ("gapy",) not in cache:
+                cache[("gapy",)] = -occupational_bias(model, occ, tpl).centred.reshape(-1)
+            cache[k2] = stereotype_direction(model, all_layers, occ, tpl, target, where, _acts=occ_acts(),
+                                             _gap=cache.get(("gapy",)))
         V = cache[k2]
     vectors = {l: V[l] for l in layers}
     values, erasers = {}, {}
     if method == "clamp":
+        N = occ_acts()[1]
         values = {l: float((N[:, l] @ (V[l] / V[l].norm())).mean()) for l in layers}
     if method == "leace":
         if direction == "gender":
@@ -795,22 +850,53 @@ def fit_edit(model, method: str, layers: Sequence[int], direction: str = "stereo
                 cache["gender_acts"] = _resid(model, rows, pos, all_layers)
             G = cache["gender_acts"]
             z = torch.arange(len(G)) % 2
-            erasers = {l: LeaceEraser.fit(G[:, l], z) for l in layers}
+            erasers = {l: LeaceEraser.fit(G[:, l], z, shrinkage=shrinkage) for l in layers}
         else:
             if target == "share":
                 y = torch.tensor([occ[v] for _ in tpl for v in occ]) / 100.0
             else:
-                if ("gapy", where) not in cache:
-                    cache[("gapy", where)] = -occupational_bias(model, occ, tpl).centred.reshape(-1)
-                y = cache[("gapy", where)]
+                if ("gapy",) not in cache:
+                    cache[("gapy",)] = -occupational_bias(model, occ, tpl).centred.reshape(-1)
+                y = cache[("gapy",)]
+            X, N, tidx = occ_acts()
             t = torch.tensor(tidx)
             for l in layers:
                 x = X[:, l].clone()
                 for ti in t.unique():
                     x[t == ti] -= x[t == ti].mean(0)
-                x = x + X[:, l].mean(0)  # keep the overall mean (the edit is centred on it)
-                erasers[l] = LeaceEraser.fit(x, y.float(), shrinkage=0.1)
+                e = LeaceEraser.fit(x, y.float(), shrinkage=shrinkage)
+                # centre the edit on the neutral subject ("person"): the erased coordinates of an
+                # occupation prompt are moved to the neutral prompt's values, and a neutral prompt
+                # is left (nearly) alone — the eraser still removes all linear information on z.
+                erasers[l] = LeaceEraser(N[:, l].mean(0), e.A, e.B)
     return Edit(method, layers, vectors, values, erasers, strength, name=f"{method}/{direction}")
+
+
+COMBINED_GENDER_LAYERS = (12,)
+COMBINED_STEREO_LAYERS = (6, 9, 12, 15, 18, 21, 24)
+
+
+def fit_combined(model, stereo_layers: Sequence[int] = COMBINED_STEREO_LAYERS,
+                 gender_layers: Sequence[int] = COMBINED_GENDER_LAYERS, strength: float = 1.0,
+                 *, cache: Optional[dict] = None, shrinkage: float = 0.1) -> Edits:
+    """The combined debiasing edit: LEACE erasure of the gendered-word concept at
+    ``gender_layers`` (removes the correlation with the share of women) plus clamping, at
+    ``stereo_layers``, the projection on the stereotype direction — fitted on the subject and
+    following tokens against the model's own centred gap — to its value on the neutral subject
+    ("person"), which shrinks the gaps themselves. Layers beyond the model are dropped.
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> fit_combined(m, [1], [0]).method
+    'leace+clamp'
+    """
+    cache = {} if cache is None else cache
+    n = model.n_layers
+    gl = sorted({l for l in gender_layers if l < n} or {n // 2})
+    sl = sorted({l for l in stereo_layers if l < n} or {n - 1})
+    g = fit_edit(model, "leace", gl, "gender", cache=cache, shrinkage=shrinkage)
+    c = fit_edit(model, "clamp", sl, "stereotype", strength, cache=cache, where="subject_on", target="gap")
+    return Edits([g, c])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -933,7 +1019,7 @@ def debias_report(model, edit: Edit, split: str = "heldout") -> dict:
             "stereotype_correlation_before": b.correlation, "stereotype_correlation_after": a.correlation,
             "spread_before": b.spread, "spread_after": a.spread,
             "neutral_kl": se["neutral_kl"], "neutral_ppl_ratio": se["neutral_ppl_ratio"],
-            "method": edit.method, "direction": edit.name.split("/")[-1], "layer": list(edit.layers),
+            "method": edit.method, "direction": edit.name, "layer": list(edit.layers),
             "strength": edit.strength, "split": split,
             "per_occupation_before": dict(zip(b.values, b.per_value.tolist())),
             "per_occupation_after": dict(zip(a.values, a.per_value.tolist())),
@@ -987,8 +1073,8 @@ def demo(model, out_dir: Union[str, Path]) -> dict:
     """
     from .plotting import save
 
-    layers = sorted({min(l, model.n_layers - 1) for l in DEFAULT_LAYERS})
-    edit = fit_edit(model, DEFAULT_METHOD, layers, DEFAULT_DIRECTION, where=DEFAULT_WHERE, target=DEFAULT_TARGET)
+    edit = fit_default_edit(model)
+    layers = edit.layers
     b = occupational_bias(model, "heldout", "heldout")
     a = occupational_bias(model, "heldout", "heldout", edit=edit)
     se = side_effects(model, edit)
@@ -1000,5 +1086,15 @@ def demo(model, out_dir: Union[str, Path]) -> dict:
 
 
 # The default debiasing edit (CLI, demo): chosen from the Pareto sweep on the embedded model.
-DEFAULT_METHOD, DEFAULT_DIRECTION, DEFAULT_LAYERS = "leace", "gender", (12,)
-DEFAULT_WHERE, DEFAULT_TARGET = "last", "share"
+DEFAULT_METHOD, DEFAULT_DIRECTION, DEFAULT_LAYERS = "combined", "stereotype", COMBINED_STEREO_LAYERS
+DEFAULT_WHERE, DEFAULT_TARGET = "subject_on", "gap"
+
+
+def fit_default_edit(model, cache: Optional[dict] = None):
+    """The default debiasing edit (:func:`fit_combined` with its default layers).
+
+    >>> import steer
+    >>> fit_default_edit(steer.load("tiny-llama")).method
+    'leace+clamp'
+    """
+    return fit_combined(model, cache=cache)

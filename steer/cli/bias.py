@@ -23,7 +23,9 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.add_argument("--templates", default=None, help="JSONL template file (default: built-in held-out set)")
     p.add_argument("--model", default=None, help="model name (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="debiasing method")
+    p.add_argument("--method", choices=METHODS + ("combined",), default=DEFAULT_METHOD,
+                   help="debiasing method; 'combined' = LEACE of the gender concept at layer 12 + clamping the "
+                        "stereotype direction to the neutral subject at --layers (default)")
     p.add_argument("--direction", choices=DIRECTIONS, default=DEFAULT_DIRECTION,
                    help="gender (gendered-word pairs) or stereotype (occupation prompts)")
     p.add_argument("--layers", default=None,
@@ -59,8 +61,11 @@ def run(args) -> int:
         layers = sorted({min(l, model.n_layers - 1) for l in DEFAULT_LAYERS})
     else:
         layers = _layers(args.layers, model.n_layers)
-    edit = bias.fit_edit(model, args.method, layers, args.direction, args.strength, where=args.where,
-                         target=args.target)
+    if args.method == "combined":
+        edit = bias.fit_combined(model, layers, strength=args.strength)
+    else:
+        edit = bias.fit_edit(model, args.method, layers, args.direction, args.strength, where=args.where,
+                             target=args.target)
     if args.templates:
         if not Path(args.templates).exists():
             raise SystemExit(f"--templates {args.templates}: no such file.")
@@ -83,7 +88,7 @@ def run(args) -> int:
                "stereotype_correlation_before": avg(before, "correlation"),
                "stereotype_correlation_after": avg(after, "correlation"),
                "neutral_kl": se["neutral_kl"], "neutral_ppl_ratio": se["neutral_ppl_ratio"],
-               "method": edit.method, "direction": args.direction, "layer": edit.layers, "strength": edit.strength,
+               "method": edit.method, "direction": edit.name, "layer": edit.layers, "strength": edit.strength,
                "templates": args.templates,
                "tables": [{"before": b.to_dict(), "after": a.to_dict()} for b, a in zip(before, after)]}
     else:
