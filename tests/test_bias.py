@@ -209,3 +209,15 @@ def test_cli_bias_writes_json(tmp_path):
               "neutral_kl", "neutral_ppl_ratio", "layer", "method"):
         assert k in d
     assert d["method"] == "ablate" and d["layer"] == [1]
+
+
+@pytest.mark.slow
+def test_embedded_default_debiasing_on_heldout(smol):
+    # fitted on the training occupations/templates, measured on the held-out ones
+    rep = bias.debias_report(smol, bias.fit_default_edit(smol), "heldout")
+    bias_red = 1 - rep["bias_after"] / rep["bias_before"]
+    r_red = 1 - abs(rep["stereotype_correlation_after"]) / abs(rep["stereotype_correlation_before"])
+    # measured on this machine: bias -63 %, |r| -50 %, KL 0.040, perplexity ratio 1.043
+    assert bias_red >= 0.5
+    assert r_red >= 0.45
+    assert rep["neutral_kl"] <= 0.05 and rep["neutral_ppl_ratio"] <= 1.05
