@@ -11,6 +11,7 @@ measures generalisation.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ def add_parser(sub) -> None:
     from ..bias import DEFAULT_DIRECTION, DEFAULT_LAYERS, DEFAULT_METHOD, DEFAULT_TARGET, DEFAULT_WHERE, DIRECTIONS, METHODS
 
     p = sub.add_parser("bias", help="measure counterfactual gender bias before/after debiasing; JSON out",
-                       description=__doc__)
+                       description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--templates", default=None, help="JSONL template file (default: built-in held-out set)")
     p.add_argument("--model", default=None, help="model name (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--method", choices=METHODS + ("combined",), default=DEFAULT_METHOD,

@@ -10,13 +10,15 @@ steering strength, and the per-layer separability curve.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("persona", help="extract, steer and monitor a persona trait; JSON out", description=__doc__)
+    p = sub.add_parser("persona", help="extract, steer and monitor a persona trait; JSON out", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trait", required=True, help="built-in trait name or a trait JSON file")
     p.add_argument("--model", default=None, help="model name (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--layer", type=int, default=None, help="steering/monitoring layer (default: 2/3 of the depth)")
