@@ -493,9 +493,9 @@ class LayerSweep:
             lines.append("  ".join(f"{r[c]:>10.4f}" if isinstance(r[c], float) else f"{r[c]:>10}" for c in cols))
         return "\n".join(lines)
 
-    def plot(self, path: Optional[Union[str, Path]] = None, ax=None):
+    def plot(self, path: Optional[Union[str, Path]] = None, ax=None, keys: Optional[Sequence[str]] = None):
         """Score per layer; saved to ``path`` when given. Returns the figure."""
-        return plot_layer_sweep(self, path, ax)
+        return plot_layer_sweep(self, path, ax, keys)
 
 
 def sweep_layers(
