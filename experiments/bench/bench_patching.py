@@ -1,0 +1,95 @@
+"""Benchmark: steer.patching vs transformer_lens.patching on the embedded model (same run, same inputs).
+
+Run: ``python experiments/bench/bench_patching.py`` (about 3 minutes on 2 CPU cores).
+
+TransformerLens runs one full forward per node, whose cost does not depend on the node; to keep
+the run short TL is timed on a random subset of the nodes (stated in each line) and its time is
+extrapolated linearly to the full node set. steer is always timed on the full node set.
+Forward-equivalents of AtP/AtP* are wall time divided by the median time of a plain forward of
+the same batch, measured in between (the machine may be shared, so medians are used).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import pandas as pd
+import torch
+
+
+def _forward_time(model, task, reps: int = 3) -> float:
+    from steer.patching._runner import Runner
+
+    r = Runner(model, task.corrupt)
+    ts = []
+    with torch.no_grad():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            r.run(r.embeds)
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main(device: str = "cpu", n_prompts: int = 4, tl_nodes: int = 16, seed: int = 0) -> dict:
+    """Print ``patching <kind>: steer X s, transformer_lens Y s, speedup Zx`` lines; return the numbers."""
+    import transformer_lens.patching as TLP
+
+    import steer
+    from steer.patching import activation_patch, atp, atp_star, ioi_task
+
+    model = steer.load(device=device)
+    task = ioi_task(model, n=n_prompts)
+    bridge = model.bridge
+    clean, corrupt = task.clean.input_ids, task.corrupt.input_ids
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(clean)
+    out = {}
+    rng = random.Random(seed)
+    L, T, H = model.n_layers, task.n_pos, model.n_heads
+    for kind, fn, cols, sizes in [("resid", "get_act_patch_resid_pre", ["layer", "pos"], (L, T)),
+                                  ("heads", "get_act_patch_attn_head_out_all_pos", ["layer", "head"], (L, H))]:
+        t0 = time.perf_counter()
+        ours = activation_patch(model, task, kind)
+        t_ours = time.perf_counter() - t0
+        mc, mx = ours.meta["metric_clean"], ours.meta["metric_corrupt"]
+        metric = lambda lg: (task.metric(lg[:, -1]).mean() - mx) / (mc - mx)  # noqa: E731
+        all_idx = [(a, b) for a in range(sizes[0]) for b in range(sizes[1])]
+        sub = rng.sample(all_idx, min(tl_nodes, len(all_idx)))
+        df = pd.DataFrame(sub, columns=cols)
+        t0 = time.perf_counter()
+        kw = dict(getattr(TLP, fn).keywords)  # the same setter/hook TL's utility uses, on a node subset
+        kw.pop("index_axis_names")
+        ref = TLP.generic_activation_patch(bridge, corrupt, cache, metric, index_df=df, **kw)
+        t_sub = time.perf_counter() - t0
+        t_tl = t_sub * len(all_idx) / len(sub)
+        ours_sub = torch.tensor([float(ours.scores[a, b]) for a, b in sub])
+        err = float((ours_sub - ref.float().cpu().flatten()).abs().max())
+        print(f"patching {kind}: steer {t_ours:.1f} s, transformer_lens {t_tl:.1f} s, speedup {t_tl / t_ours:.1f}x "
+              f"(all {len(all_idx)} nodes, {n_prompts} prompts x {T} tokens; TL timed on {len(sub)} random nodes "
+              f"({t_sub:.1f} s) and extrapolated linearly; max |diff| on those nodes {err:.1e})")
+        out[kind] = {"steer_s": t_ours, "tl_s": t_tl, "speedup": t_tl / t_ours, "max_abs_diff": err}
+    f1 = _forward_time(model, task)
+    t0 = time.perf_counter()
+    atp(model, task, ["heads", "neurons"])
+    t_atp = time.perf_counter() - t0
+    f2 = _forward_time(model, task)
+    fwd = statistics.median([f1, f2])
+    print(f"atp heads+neurons: {t_atp:.2f} s = {t_atp / fwd:.1f} forward-equivalents (forward {fwd:.2f} s)")
+    t0 = time.perf_counter()
+    atp_star(model, task, ["heads"], grad_drop=True)
+    t_star = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    atp(model, task, ["q", "k"], qk_fix=True)
+    t_qk = time.perf_counter() - t0
+    f3 = _forward_time(model, task)
+    fwd = statistics.median([f1, f2, f3])
+    print(f"atp* heads (GradDrop): {t_star:.2f} s = {t_star / fwd:.1f} forward-equivalents "
+          f"(target <= L/2 + 4 = {L / 2 + 4:.0f}); AtP with QK fix on q,k: {t_qk:.2f} s = {t_qk / fwd:.1f} fe")
+    out.update(atp_fe=t_atp / fwd, atp_star_fe=t_star / fwd, qk_fe=t_qk / fwd, forward_s=fwd)
+    return out
+
+
+if __name__ == "__main__":
+    main()
