@@ -729,16 +729,30 @@ class Edit:
 
     @contextmanager
     def hooks(self, model, mask: Optional[Tensor] = None) -> Iterator[None]:
-        """Install on ``model`` for a ``with`` block. ``mask`` ``[batch, pos]``: where to edit
-        (its shape must match the forward pass; other shapes — e.g. generation steps after the
-        prompt — are edited everywhere)."""
+        """Install on ``model`` for a ``with`` block (plain forwards and ``generate``). ``mask``
+        ``[batch, pos]``: where to edit when its shape matches the forward pass; otherwise every
+        real token but each row's first (the attention sink) is edited, read from the attention
+        mask of each call (:func:`steer.erasure.track_sink`).
 
-        def fn(act, site):
-            m = mask if mask is not None and mask.shape == act.shape[:2] else None
-            return self.apply(site.layer, act, m)
+        >>> import steer, torch
+        >>> m = steer.load("tiny-llama")
+        >>> e = Edit("ablate", [1], vectors={1: torch.randn(64)})
+        >>> with e.hooks(m):
+        ...     len(m.generate(["Hi"], max_new_tokens=2))
+        1
+        """
 
-        with add_hooks(model, {f"resid_post.{l}": fn for l in self.layers}):
-            yield
+        from .erasure import track_sink
+
+        with track_sink(model, self.include_sink) as st:
+            def fn(act, site):
+                m = mask if mask is not None and mask.shape == act.shape[:2] else st["mask"]
+                if m is not None and m.shape != act.shape[:2]:
+                    m = None
+                return self.apply(site.layer, act, m)
+
+            with add_hooks(model, {f"resid_post.{l}": fn for l in self.layers}):
+                yield
 
     def describe(self) -> dict:
         return {"method": self.method, "layers": list(self.layers), "strength": self.strength, "name": self.name}

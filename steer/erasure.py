@@ -25,14 +25,15 @@ True
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-__all__ = ["LeaceEraser"]
+__all__ = ["LeaceEraser", "erasing", "track_sink"]
 
 
 @dataclass
@@ -149,3 +150,71 @@ class LeaceEraser:
         if missing:
             raise KeyError(f"Eraser state is missing {sorted(missing)}.")
         return cls(d["mean"], d["A"], d["B"])
+
+
+@contextmanager
+def track_sink(model, include_sink: bool = False) -> Iterator[dict]:
+    """Record, for every forward call of ``model`` (prefill and each ``generate`` step), which of
+    the current tokens may be edited: real tokens, minus each row's first real token (the
+    attention sink) unless ``include_sink``. Yields a dict whose ``"mask"`` (``[batch, pos]``) is
+    updated before each call's layers run.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> with track_sink(m) as st:
+    ...     _ = m.hf(input_ids=torch.tensor([[0, 5, 6]]), attention_mask=torch.tensor([[0, 1, 1]]))
+    >>> st["mask"].tolist()
+    [[False, False, True]]
+    """
+    state: dict = {"mask": None}
+    base = getattr(model.hf, model.hf.base_model_prefix)
+
+    def pre(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        b, n = ref.shape[0], ref.shape[1]
+        am = kwargs.get("attention_mask")
+        if am is None or am.ndim != 2:
+            am = torch.ones((b, n), dtype=torch.bool, device=ref.device)
+        am = am.bool()
+        past = am.shape[1] - n
+        real = am[:, past:]
+        if include_sink:
+            state["mask"] = real
+        else:
+            first = am.int().argmax(-1)
+            cols = torch.arange(past, past + n, device=ref.device)
+            state["mask"] = real & (cols[None, :] != first[:, None])
+        return None
+
+    h = base.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield state
+    finally:
+        h.remove()
+
+
+@contextmanager
+def erasing(model, erasers: Mapping[int, "LeaceEraser"], strength: float = 1.0, site: str = "resid_post",
+            include_sink: bool = False) -> Iterator[None]:
+    """Apply fitted erasers ``{layer: eraser}`` at ``site`` for every forward pass in the block —
+    plain forwards, ``model.generate`` and inside a :class:`steer.steering.Steering` (they nest) —
+    leaving each prompt's first real token (the attention sink) alone unless ``include_sink``.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> e = LeaceEraser.fit(torch.randn(40, 64), torch.arange(40) % 2)
+    >>> with erasing(m, {1: e}):
+    ...     out = m.generate(["Hi"], max_new_tokens=2)
+    >>> len(out)
+    1
+    """
+    from .hooks import add_hooks
+
+    with track_sink(model, include_sink) as st:
+        def fn(act, s):
+            m = st["mask"]
+            return erasers[s.layer](act, strength, m if m is not None and m.shape == act.shape[:2] else None)
+
+        with add_hooks(model, {f"{site}.{l}": fn for l in erasers}):
+            yield

@@ -221,3 +221,33 @@ def test_embedded_default_debiasing_on_heldout(smol):
     assert bias_red >= 0.5
     assert r_red >= 0.45
     assert rep["neutral_kl"] <= 0.05 and rep["neutral_ppl_ratio"] <= 1.05
+
+
+def test_edit_without_mask_leaves_sink_alone_in_generate(tiny):
+    v = torch.randn(tiny.d_model)
+    edit = bias.Edit("ablate", [1], vectors={1: v})
+    seen = []
+    ids, att = bias._pad(tiny, [tiny.to_tokens("The nurse"), tiny.to_tokens("Hi")])
+    with edit.hooks(tiny), add_hooks(tiny, {"resid_post.1": lambda a, s: seen.append(a.clone())}):
+        tiny.hf.generate(input_ids=ids, attention_mask=att, max_new_tokens=2, do_sample=False,
+                         pad_token_id=tiny.tokenizer.pad_token_id)
+    u = v / v.norm()
+    prefill = seen[0] @ u
+    first = att.shape[1] - att.sum(-1)
+    for i in range(2):
+        assert abs(float(prefill[i, first[i]])) > 1e-3  # the sink keeps its component
+        assert prefill[i, first[i] + 1:].abs().max() < 1e-4  # the rest is ablated
+    assert all((s[:, -1] @ u).abs().max() < 1e-4 for s in seen[1:])  # generated tokens too
+
+
+def test_erasing_context_manager(tiny):
+    from steer.erasure import erasing
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, tiny.d_model, generator=g)
+    er = LeaceEraser.fit(x, (x[:, 0] > 0).long())
+    seen = []
+    with erasing(tiny, {1: er}), add_hooks(tiny, {"resid_post.1": lambda a, s: seen.append(a.clone())}):
+        tiny.hf(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    coords = (seen[0][0] - er.mean) @ er.B
+    assert coords[1:].abs().max() < 1e-3 and coords[0].abs().max() > 1e-3
