@@ -21,7 +21,13 @@ Directions (:func:`gender_direction`, :func:`stereotype_direction`), edits (:cla
 directional ablation, projection clamping to the neutral value, LEACE erasure from
 :mod:`steer.erasure`) applied at chosen layers to every position but the first real token
 (the attention sink), the side effect on neutral text (:func:`side_effects`: KL and perplexity
-ratio) and :func:`pareto_sweep` over methods × layers × strengths.
+ratio) and :func:`pareto_sweep` over methods × layers × strengths. :func:`fit_combined` (the
+default, :func:`fit_default_edit`) joins LEACE of the gender concept at layer 12 with clamping,
+at layers 6-24, the projection on a stereotype direction — fitted on the subject and following
+tokens of the training occupation prompts against the model's own gap — to its value on the
+neutral subject. On SmolLM2-135M-Instruct, held-out occupations and templates: centred bias
+0.98 → 0.36 (−63 %), correlation with the share of women −0.88 → −0.44 (−50 %), neutral-text KL
+0.040, perplexity ratio 1.043.
 
 >>> import steer
 >>> from steer import bias
