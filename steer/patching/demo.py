@@ -57,7 +57,7 @@ def patch(model, task: PatchTask, nodes: str = "heads", methods: Union[str, Sequ
     return {"results": results, "comparison": comparison}
 
 
-def demo_figure(model, path, n: int = 8):
+def demo_figure(model, path, n: int = 2):
     """Draw the IOI head heatmap (activation patching of every head's z, all positions) and save
     it at ``path``; returns the figure. About 10-30 s on the embedded model on 2 CPU cores.
 

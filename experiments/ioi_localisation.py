@@ -1,0 +1,86 @@
+"""IOI localisation on the embedded SmolLM2-135M: which heads matter, and how well AtP / AtP*
+match exhaustive activation patching at heads, attn_out, mlp_out and resid (plus q/k, where
+the QK fix matters).
+
+    python experiments/ioi_localisation.py --out out/ioi/ [--n 4] [--model NAME]
+
+Writes ``results.json`` (scores, correlations, top-K recovery costs, claims) and figures:
+``heads_<method>.png``, ``resid_activation.png``, ``scatter_<kind>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+KINDS = ("heads", "attn_out", "mlp_out", "resid", "q", "k")
+
+
+def run(model_name=None, n: int = 4, out="out/ioi/", kinds=KINDS) -> dict:
+    """Run the comparison; returns (and saves) the results dict."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import steer
+    from steer.patching import activation_patch, atp, atp_star, ioi_task, topk_recovery_cost
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = steer.load(model_name)
+    task = ioi_task(model, n=n)
+    fast = {"atp": atp(model, task, list(kinds)), "atp*": atp_star(model, task, list(kinds))}
+    doc = {"model": model.name, "n_prompts": n, "prompts": task.clean.texts, "kinds": {}}
+    for kind in kinds:
+        t0 = time.perf_counter()
+        exact = activation_patch(model, task, kind)
+        entry = {"activation_seconds": time.perf_counter() - t0, "activation": exact.scores.tolist(),
+                 "labels": [l["name"] for l in exact.labels()], "top10_activation": exact.top_k(10)}
+        for meth, res in fast.items():
+            r = res[kind]
+            entry[meth] = {"scores": r.scores.tolist(), "seconds": r.seconds, **r.correlation(exact),
+                           "pearson_abs": r.correlation(exact, absolute=True)["pearson"],
+                           "topk_recovery": topk_recovery_cost(exact, r, k=10),
+                           "top20": r.top_k(20)}
+        top10 = set(exact.top_indices(10))
+        entry["atp*_top20_contains_activation_top10"] = top10 <= set(fast["atp*"][kind].top_indices(20))
+        entry["atp_top20_contains_activation_top10"] = top10 <= set(fast["atp"][kind].top_indices(20))
+        doc["kinds"][kind] = entry
+        print(f"{kind}: pearson atp {entry['atp']['pearson']:.3f} atp* {entry['atp*']['pearson']:.3f} | "
+              f"|.| pearson atp {entry['atp']['pearson_abs']:.3f} atp* {entry['atp*']['pearson_abs']:.3f} | "
+              f"top-10 cost atp {entry['atp']['topk_recovery']['cost']:.0f} atp* {entry['atp*']['topk_recovery']['cost']:.0f}",
+              flush=True)
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        for meth, c in [("atp", "tab:blue"), ("atp*", "tab:red")]:
+            ax.scatter(exact.effects.flatten(), fast[meth][kind].effects.flatten(), s=8, c=c, label=meth, alpha=0.6)
+        ax.set_xlabel("activation patching effect")
+        ax.set_ylabel("estimate")
+        ax.set_title(f"IOI {kind}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"scatter_{kind}.png", dpi=100)
+        plt.close(fig)
+        if kind in ("heads", "resid"):
+            exact.plot(out / f"{kind}_activation.png")
+            if kind == "heads":
+                for meth in fast:
+                    fast[meth][kind].plot(out / f"heads_{meth.replace('*', 'star')}.png")
+        plt.close("all")
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="out/ioi/")
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--model", default=None)
+    a = ap.parse_args(argv)
+    run(a.model, a.n, a.out)
+
+
+if __name__ == "__main__":
+    main()
