@@ -178,12 +178,14 @@ def test_edit_errors():
 
 
 def test_fit_edit_and_report_on_tiny(tiny):
-    for method in bias.METHODS:
-        e = bias.fit_edit(tiny, method, [1], "stereotype")
-        rep = bias.debias_report(tiny, e)
-        assert rep["method"] == method and rep["neutral_kl"] >= 0 and rep["neutral_ppl_ratio"] > 0
-    rows = bias.pareto_sweep(tiny, ["ablate"], ["gender"], [[0], [1]], [0.5, 1.0])
-    assert len(rows) == 4 and bias.pareto_front(rows)
+    cache = {}
+    edits = [bias.fit_edit(tiny, method, [1], "stereotype", cache=cache) for method in bias.METHODS]
+    edits.append(bias.fit_combined(tiny, [1], [0], cache=cache))
+    rep = bias.debias_report(tiny, bias.Edits(edits))
+    assert rep["method"] == "ablate+clamp+leace+leace+clamp" and rep["neutral_kl"] >= 0
+    assert rep["neutral_ppl_ratio"] > 0 and rep["layer"] == [0, 1]
+    rows = bias.pareto_sweep(tiny, ["ablate"], ["gender"], [[0], [1]], [1.0])
+    assert len(rows) == 2 and bias.pareto_front(rows)
 
 
 # -- the embedded model (slow) -----------------------------------------------------------------
