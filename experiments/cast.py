@@ -6,7 +6,12 @@ conditional refusal on harmful vs harmless answers. Writes ``condition_grid.png`
 ``condition_scores_hist.png`` (scores of eval harmful vs harmless with the threshold) and
 ``results.json`` to ``--out`` (default ``out/cast/``).
 
-    python experiments/cast.py [--out DIR] [--n-train 160] [--n-eval 120] [--n-gen 16]
+    python experiments/cast.py [--out DIR] [--n-train 400] [--n-eval 120] [--n-gen 16] [--kind probe]
+
+The default condition is a logistic probe (``kind="probe"``): its training-set threshold transfers
+to the informally worded eval prompts (offline, all training prompts, layer picked by held-out
+training F1: eval accuracy 0.83-0.90 depending on the split), where the mean-difference
+projection's does not (it fires on nearly every eval prompt: accuracy 0.50-0.57, AUROC 0.91-0.95).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ def _eval(name, n):
 
 
 def run(out="out/cast", n_train=160, n_eval=120, n_gen=16, gen_tokens=32, layer=10, strength=2.0,
-        condition_layers=range(2, 17), kind="projection", model=None) -> dict:
+        condition_layers=range(2, 21), kind="probe", model=None) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,9 +91,9 @@ def run(out="out/cast", n_train=160, n_eval=120, n_gen=16, gen_tokens=32, layer=
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out/cast")
-    p.add_argument("--n-train", type=int, default=160)
+    p.add_argument("--n-train", type=int, default=400)
     p.add_argument("--n-eval", type=int, default=120)
     p.add_argument("--n-gen", type=int, default=16)
-    p.add_argument("--kind", default="projection")
+    p.add_argument("--kind", default="probe", choices=("probe", "projection", "cast"))
     a = p.parse_args()
     print(json.dumps(run(a.out, a.n_train, a.n_eval, a.n_gen, kind=a.kind), indent=2))

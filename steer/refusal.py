@@ -254,11 +254,16 @@ def fit_refusal(
     strength: float = DEFAULT_STRENGTH,
     n_behaviour: int = 120,
     condition_layers="all",
-    condition_kind: str = "projection",
-    condition_method: str = "mean_diff",
+    condition_kind: str = "probe",
+    condition_method: str = "probe",
     limit: Optional[int] = None,
 ) -> RefusalSetup:
     """Extract the behaviour vector and a harmfulness condition from steer's training prompts only.
+
+    The default condition is a logistic probe on the prompt-mean hidden state: on the embedded
+    SmolLM2 its threshold transfers to differently worded (informal) prompts far better than the
+    mean-difference projection's (see ``experiments/cast.py``). ``limit=None`` uses every
+    training prompt; fewer prompts make the probe's threshold transfer worse.
 
     >>> import steer
     >>> m = steer.load("tiny-llama")

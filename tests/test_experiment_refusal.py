@@ -26,9 +26,12 @@ def test_refusal_induction_claim(smol, tmp_path):
 def test_cast_claim(smol, tmp_path):
     import cast
 
-    r = cast.run(tmp_path, n_train=24, n_eval=16, n_gen=0, condition_layers=(8, 10), model=smol)
-    # the condition ranks held-out eval prompts well (measured AUROC 0.91), but its training-set
-    # threshold does not transfer to the differently worded eval set (accuracy target not met yet)
-    assert r["eval_auroc"] >= 0.85
+    # logistic-probe condition fitted on 120+120 training prompts, layer picked between 10 and 15 by
+    # held-out training F1; its threshold transfers to the informal eval prompts (measured offline:
+    # layer 15, eval accuracy 0.97 on 16+16, AUROC 1.0)
+    r = cast.run(tmp_path, n_train=120, n_eval=16, n_gen=0, condition_layers=(10, 15), kind="probe", model=smol)
+    assert r["eval_auroc"] >= 0.95
+    assert r["eval_accuracy"] >= 0.9
+    assert r["fired_harmful"] >= 0.9 and r["fired_harmless"] <= 0.15
     for f in ("condition_grid.png", "condition_scores_hist.png", "results.json"):
         assert (tmp_path / f).exists()

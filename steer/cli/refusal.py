@@ -23,8 +23,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--strength", type=float, default=None, help="behaviour strength (default: 2.0)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--train-limit", type=int, default=160,
-                   help="training prompts per side for the condition (default 160; the behaviour vector uses 120)")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help="training prompts per side for the condition (default: all; the behaviour vector uses 120)")
+    p.add_argument("--condition-kind", default="probe", choices=("probe", "projection", "cast"),
+                   help="condition score (default: logistic probe on the prompt-mean hidden state)")
     p.set_defaults(func=run)
 
 
@@ -45,9 +47,11 @@ def run(args) -> int:
     model = steer.load(args.model)
     layer = args.layer if args.layer is not None else min(refusal.DEFAULT_LAYER, model.n_layers // 2)
     strength = args.strength if args.strength is not None else refusal.DEFAULT_STRENGTH
-    hi = max(layer + 1, min(model.n_layers, int(model.n_layers * 0.55)))
+    hi = max(layer + 1, min(model.n_layers, int(model.n_layers * 0.7)))
+    kind = args.condition_kind
     setup = refusal.fit_refusal(model, layer=layer, strength=strength, limit=args.train_limit,
-                                condition_layers=list(range(min(2, model.n_layers - 1), hi)))
+                                condition_layers=list(range(min(2, model.n_layers - 1), hi)),
+                                condition_kind=kind, condition_method="probe" if kind == "probe" else "mean_diff")
     result = refusal.evaluate_refusal(model, harmful, harmless, setup, max_new_tokens=args.max_new_tokens,
                                       batch_size=args.batch_size)
     result["model"] = model.name
