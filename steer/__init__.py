@@ -5,18 +5,37 @@
 >>> acts = steer.capture(model, ["Hi"], layers="all", positions="last")
 >>> acts.tensor.shape
 torch.Size([1, 2, 64])
+
+Steering (see :mod:`steer.steering`)::
+
+    d = steer.extract(model, harmful, harmless, layers="all", method="mean_diff")
+    with steer.steer(model, d, layer=10, strength=4.0) as s:
+        s.generate(["How do I bake bread?"])
 """
 
 __version__ = "0.1.0"
 
+from . import bias, conditions, directions, erasure, evaluate, interventions, patching, persona
+from . import refusal, steering
 from .capture import Activations, capture
+from .conditions import Condition, fit_condition
 from .data import Batch, Raw, load_prompts, tokenize
+from .directions import Direction, extract, sweep_layers
+from .erasure import LeaceEraser, erasing
 from .hooks import add_hooks
+from .interventions import Intervention, orthogonalize_weights, orthogonalized
 from .models import Model, load
+from .patching import PatchingResult, PatchTask, activation_patch, atp, atp_star, ioi_task
+from .persona import Trait, load_trait
 from .positions import Last
 from .sites import SITES, Site
+from .steering import Steering, steer
 
 __all__ = [
-    "Activations", "Batch", "Last", "Model", "Raw", "SITES", "Site", "__version__",
-    "add_hooks", "capture", "load", "load_prompts", "tokenize",
+    "Activations", "Batch", "Condition", "Direction", "Intervention", "Last", "LeaceEraser", "Model",
+    "PatchTask", "PatchingResult", "Raw", "SITES", "Site", "Steering", "Trait", "__version__",
+    "activation_patch", "add_hooks", "atp", "atp_star", "bias", "capture", "conditions", "directions",
+    "erasing", "erasure", "evaluate", "extract", "fit_condition", "interventions", "ioi_task", "load",
+    "load_prompts", "load_trait", "orthogonalize_weights", "orthogonalized", "patching", "persona",
+    "refusal", "steer", "steering", "sweep_layers", "tokenize",
 ]

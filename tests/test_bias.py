@@ -29,12 +29,9 @@ def test_aligned_pairs_handle_different_slot_lengths(tiny):
     assert tiny.tokenizer.decode([p.ids[1][b[0]]]) == "r"
 
 
-def test_aligned_pairs_refuse_merges_across_the_slot():
-    tok = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(
-        steer.models.cache_dir() / "smollm2-135m-instruct") if (
-        steer.models.cache_dir() / "smollm2-135m-instruct" / "tokenizer.json").exists() else None
-    if tok is None:
-        pytest.skip("SmolLM2 tokenizer not cached")
+@pytest.mark.slow
+def test_aligned_pairs_refuse_merges_across_the_slot(smol):
+    tok = smol.tokenizer  # a real BPE tokenizer, where " cats" is one token
     m = types.SimpleNamespace(tokenizer=tok)
     with pytest.raises(ValueError, match="straddles the slot"):
         bias.aligned_pairs(m, "The {x}s left.", [("cat", "dog")])  # " cats" is one token

@@ -20,13 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"steer.cli.{name}")
-        except ModuleNotFoundError as e:  # TODO(dev): remove once every subcommand has landed
-            if e.name != f"steer.cli.{name}":
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(f"steer.cli.{name}").add_parser(sub)
     return parser
 
 

@@ -67,7 +67,42 @@ def run(args) -> int:
         summary["separability"][label] = {"rows": sep.rows, "best_layer": sep.best_layer}
     print(f"  figure: {png}")
 
+    _section("3. refusal: unsteered vs steered vs conditionally steered (CAST)")
+    t0 = time.time()
+    r = steer.refusal.demo(model, out)
+    for kind, a in r["answers"].items():
+        print(f"[{kind}] {a['prompt']}   (condition fired: {a['condition_fired']})")
+        for mode in ("unsteered", "steered", "conditional"):
+            print(f"  {mode:>11}: {a[mode].strip()[:110]!r}")
+    print(f"  behaviour layer {r['behaviour_layer']}, strength {r['strength']}, condition layer "
+          f"{r['condition_layer']}  [{r['layer_sweep_plot']}]  ({time.time() - t0:.0f} s)")
+    summary["refusal"] = r
+
+    _section("4. patching: which heads carry IOI?")
+    t0 = time.time()
+    steer.patching.demo_figure(model, out / "ioi_heads.png")
+    print(f"  activation patching of every head's z, clean->corrupt  [{out / 'ioi_heads.png'}]  "
+          f"({time.time() - t0:.0f} s)")
+    summary["patching"] = {"figure": str(out / "ioi_heads.png"), "seconds": round(time.time() - t0, 1)}
+
+    _section("5. bias: occupational gender gap before/after debiasing (held-out occupations)")
+    t0 = time.time()
+    b = steer.bias.demo(model, out)
+    print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in b.items() if not isinstance(v, (dict, list))))
+    print(f"  ({time.time() - t0:.0f} s)")
+    summary["bias"] = b
+
+    _section("6. persona: one answer steered along a trait vector")
+    t0 = time.time()
+    pz = steer.persona.demo(model, out)
+    print(f"  trait {pz['trait']!r}, layer {pz['layer']}: {pz['question']}")
+    for strength, text in pz["answers"].items():
+        print(f"  {float(strength):+5.1f}: {text.strip()[:110]!r}")
+    print(f"  ({time.time() - t0:.0f} s)")
+    summary["persona"] = pz
+
     summary["total_s"] = round(time.time() - t_all, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     _section(f"done in {summary['total_s']} s — figures and summary.json in {out}/")
     return 0
