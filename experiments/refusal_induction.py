@@ -34,7 +34,7 @@ def run(out="out/refusal_induction", n_train=64, n_eval=24, layer=10, strengths=
     from steer import evaluate as E
     from steer import refusal
     from steer.directions import steering_sweep
-    from steer.steering import Steering, steer as steer_ctx
+    from steer.steering import steer as steer_ctx
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

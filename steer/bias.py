@@ -720,7 +720,7 @@ class Edit:
 
     def apply(self, layer: int, x: Float[Tensor, "batch pos d_model"], mask: Optional[Tensor] = None) -> Tensor:
         """The edited activations at ``layer`` (only where ``mask`` is True, if given)."""
-        from .interventions import ablate, clamp
+        from .interventions import ablate
 
         if self.method == "ablate":
             return ablate(x, self.vectors[layer], mask, self.strength)

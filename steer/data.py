@@ -16,7 +16,7 @@ Files: JSON list of strings or of ``{"instruction": ...}`` objects, or JSONL of 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
 

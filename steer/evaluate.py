@@ -9,7 +9,7 @@ accuracy/F1, perplexity. General-purpose: persona and bias recipes use them too.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from jaxtyping import Float

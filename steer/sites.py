@@ -22,7 +22,7 @@ outputs, i.e. what is actually added to the residual stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Union
 
 import torch
 

@@ -6,7 +6,6 @@ import types
 import pytest
 import torch
 
-import steer
 from steer import bias
 from steer.erasure import LeaceEraser
 from steer.hooks import add_hooks

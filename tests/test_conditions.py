@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import steer
 from steer.conditions import Condition, Rule, condition_scores, fit_condition, grid_search
 from steer.steering import Steering, prompt_means
 from steer.steering import steer as steer_ctx

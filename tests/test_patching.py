@@ -8,7 +8,7 @@ import torch
 import transformer_lens.patching as TLP
 
 import steer
-from steer.patching import (PatchTask, activation_patch, atp, atp_star, ioi_task, load_task,
+from steer.patching import (PatchTask, activation_patch, atp, atp_star, load_task,
                             missed_effect_bound, node_set, topk_recovery_cost)
 from steer.patching._runner import Runner
 from steer.patching.activation import capture_sites

@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 
-import steer
 from steer import evaluate as E
 from steer import refusal
 

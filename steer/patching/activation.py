@@ -17,10 +17,8 @@ import time
 from typing import Optional, Sequence, Union
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
-from ..hooks import add_hooks
 from ..sites import Site
 from ._runner import Runner
 from .nodes import NodeSet, node_set
