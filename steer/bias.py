@@ -51,6 +51,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .data import batches, pad_left, position_ids
+
 from .erasure import LeaceEraser
 from .hooks import add_hooks
 
@@ -180,13 +182,7 @@ def _ids(model, text: str) -> list[int]:
 
 
 def _pad(model, rows: Sequence[Sequence[int]]):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), model.tokenizer.pad_token_id, dtype=torch.long)
-    att = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-        att[i, width - len(r):] = 1
-    return ids.to(model.device), att.to(model.device)
+    return pad_left(rows, model.tokenizer.pad_token_id, model.device)
 
 
 @torch.no_grad()
@@ -195,9 +191,7 @@ def _forward(model, rows: Sequence[Sequence[int]], edit: "Optional[Edit]" = None
     """Yield ``(indices, log_probs [b, pos, vocab], attention_mask, {layer: resid_post})`` per batch
     (left padded). ``edit`` is applied to every real position but the first (the attention sink).
     ``last_only``: log-probs of the last position only (``pos`` = 1; skips the unembedding elsewhere)."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+    for idx in batches(len(rows), batch_size, [len(r) for r in rows]):
         ids, att = _pad(model, [rows[i] for i in idx])
         edit_mask = att.bool().clone()
         first = (att.shape[1] - att.sum(-1)).long()
@@ -209,7 +203,7 @@ def _forward(model, rows: Sequence[Sequence[int]], edit: "Optional[Edit]" = None
                 lambda act, site: grabbed.__setitem__(site.layer, act.detach().float().cpu()))
         ctx = edit.hooks(model, edit_mask) if edit is not None else nullcontext()
         with ctx, add_hooks(model, hooks):
-            pos_ids = (att.cumsum(-1) - 1).clamp(min=0)
+            pos_ids = position_ids(att)
             if last_only:
                 base = getattr(model.hf, model.hf.base_model_prefix)
                 h = base(input_ids=ids, attention_mask=att, position_ids=pos_ids, use_cache=False).last_hidden_state

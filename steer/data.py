@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["Raw", "Batch", "tokenize", "load_prompts", "batches", "Prompt"]
+__all__ = ["Raw", "Batch", "tokenize", "pad_left", "position_ids", "load_prompts", "batches", "Prompt"]
 
 
 class Raw(str):
@@ -49,7 +49,7 @@ class Batch:
     @property
     def position_ids(self) -> Int[Tensor, "batch pos"]:
         """Positions that ignore left padding: a padded prompt sees the positions it sees alone."""
-        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return position_ids(self.attention_mask)
 
     @property
     def lengths(self) -> Int[Tensor, "batch"]:
@@ -126,17 +126,40 @@ def tokenize(model, prompts: Sequence[Prompt], max_length: int | None = None) ->
             raise ValueError(f"Prompt {i} tokenizes to nothing: {prompts[i]!r}.")
         rows.append(ids)
         spans.append({name: _char_to_token_span(offsets, s, e) for name, (s, e) in rendered[i][1].items()})
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    input_ids, mask = pad_left(rows, tok.pad_token_id, model.device)
+    width = input_ids.shape[1]
     for i, r in enumerate(rows):
         shift = width - len(r)
-        input_ids[i, shift:] = torch.tensor(r)
-        mask[i, shift:] = 1
         spans[i] = {k: (s + shift, e + shift) for k, (s, e) in spans[i].items()}
         spans[i]["all"] = (shift, width)
-    return Batch(input_ids.to(model.device), mask.to(model.device), spans, texts)
+    return Batch(input_ids, mask, spans, texts)
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
+    """Left-pad token id lists into ``input_ids`` and ``attention_mask``, both ``[batch, pos]``.
+
+    >>> ids, mask = pad_left([[5, 6], [7]], pad_id=0)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6], [0, 7]], [[1, 1], [0, 1]])
+    """
+    if not rows:
+        raise ValueError("pad_left got no rows.")
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def position_ids(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    """Position of each token counted from its prompt's first real token (pads get 0).
+
+    >>> position_ids(torch.tensor([[0, 1, 1]])).tolist()
+    [[0, 0, 1]]
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _char_to_token_span(offsets, start: int, stop: int) -> tuple[int, int]:

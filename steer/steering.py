@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import interventions as I
 from . import positions as P
-from .data import Batch, tokenize
+from .data import Batch, position_ids, tokenize
 from .hooks import add_hooks
 from .sites import Site, resolve_layers
 
@@ -231,7 +231,7 @@ class Steering:
             if site.layer == layers[-1]:
                 raise _Stop
 
-        pos_ids = (am.long().cumsum(-1) - 1).clamp(min=0)
+        pos_ids = position_ids(am)
         self._in_prepass = True
         try:
             with add_hooks(self.model, {Site("resid_post", l): grab for l in layers}):
