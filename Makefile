@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/steer demo --out out/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --doctest-modules steer tests
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench/run.py

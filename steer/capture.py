@@ -36,7 +36,10 @@ __all__ = ["Activations", "capture", "prompts_hash"]
 
 
 def prompts_hash(prompts: Sequence[Any]) -> str:
-    """A short stable hash of a prompt list (provenance for directions and caches)."""
+    """A short stable hash of a prompt list (provenance for directions and caches).
+
+    >>> prompts_hash(["Hi"]) == prompts_hash(["Hi"]) != prompts_hash(["Ho"])
+    True"""
     return hashlib.sha256(json.dumps([repr(p) for p in prompts]).encode()).hexdigest()[:16]
 
 
@@ -48,6 +51,11 @@ class Activations:
     ``reduce="mean"``, else ``[n_prompts, n_layers, n_pos, d]`` with ``mask`` ``[n_prompts,
     n_pos]`` marking the real entries (selected tokens packed to the left). For per-head sites
     ``d`` is ``head d_head``.
+
+    >>> import steer
+    >>> a = steer.capture(steer.load("tiny-llama"), ["Hi"], layers=[0, 1], positions="all")
+    >>> a.at(1).shape, a.mean_over_positions().shape
+    (torch.Size([1, 62, 64]), torch.Size([1, 2, 64]))
     """
 
     tensor: Tensor
@@ -163,6 +171,12 @@ def capture(
 
     Returns:
         :class:`Activations` with ``tensor`` ``[n_prompts, n_layers, (n_pos,) d]``.
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> a = capture(m, ["Hi", "Hello there"], layers=[1], site="z", positions="post_instruction")
+    >>> a.tensor.shape, a.mask.sum(-1).tolist()      # [n, layer, pos, head, d_head]
+    (torch.Size([2, 1, 13, 4, 16]), [13, 13])
     """
     prompts = list(prompts)
     if not prompts:

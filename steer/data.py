@@ -178,7 +178,10 @@ def _nearest(offsets, start):
 
 
 def batches(n: int, batch_size: int, lengths: Sequence[int] | None = None) -> list[list[int]]:
-    """Index batches; with ``lengths``, examples of similar length go together (less padding)."""
+    """Index batches; with ``lengths``, examples of similar length go together (less padding).
+
+    >>> batches(4, 2, lengths=[9, 1, 8, 2])
+    [[1, 3], [2, 0]]"""
     order = sorted(range(n), key=lambda i: lengths[i]) if lengths is not None else list(range(n))
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
@@ -187,6 +190,11 @@ def load_prompts(path: str | Path, key: str = "instruction") -> list[Any]:
     """Load prompts from JSON (list of strings or of objects with ``key``) or JSONL.
 
     Objects with ``"completion"`` become ``(instruction, completion)`` pairs.
+
+    >>> import steer, pathlib
+    >>> p = pathlib.Path(steer.__file__).parent / "datasets" / "harmless.json"
+    >>> isinstance(load_prompts(p)[0], str)
+    True
     """
     path = Path(path)
     if not path.exists():

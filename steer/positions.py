@@ -38,7 +38,12 @@ NAMED = ("last", "all", "instruction", "instruction_last", "post_instruction", "
 
 @dataclass(frozen=True)
 class Last:
-    """The last ``k`` tokens of each prompt."""
+    """The last ``k`` tokens of each prompt.
+
+    >>> import steer
+    >>> from steer.data import tokenize
+    >>> mask(Last(3), tokenize(steer.load("tiny-llama"), ["Hi"])).sum().item()
+    3"""
 
     k: int
 

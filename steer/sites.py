@@ -48,7 +48,11 @@ class Site:
 
 
 def resolve_layers(model, layers: Union[str, int, Iterable[int], None]) -> list[int]:
-    """``"all"`` / ``None`` / int / iterable of ints (negative counts from the end) → layer list."""
+    """``"all"`` / ``None`` / int / iterable of ints (negative counts from the end) → layer list.
+
+    >>> import steer
+    >>> resolve_layers(steer.load("tiny-llama"), -1)
+    [1]"""
     n = model.n_layers
     if layers is None or layers == "all":
         return list(range(n))
@@ -71,7 +75,11 @@ def _check_name(name: str) -> None:
 
 
 def parse_sites(model, spec) -> list[Site]:
-    """Parse ``"resid_post.12"``, ``("resid_post", 12)``, a :class:`Site`, or a list of these."""
+    """Parse ``"resid_post.12"``, ``("resid_post", 12)``, a :class:`Site`, or a list of these.
+
+    >>> import steer
+    >>> parse_sites(steer.load("tiny-llama"), ["z.0", ("mlp_out", -1)])
+    [Site(name='z', layer=0), Site(name='mlp_out', layer=1)]"""
     if isinstance(spec, Site):
         items = [spec]
     elif isinstance(spec, str) or (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str)):
@@ -113,7 +121,10 @@ _TL = {
 
 
 def tl_name(site: Site) -> str:
-    """Canonical TransformerBridge hook name carrying the same values as ``site``."""
+    """Canonical TransformerBridge hook name carrying the same values as ``site``.
+
+    >>> tl_name(Site("z", 3))
+    'blocks.3.attn.o.hook_in'"""
     return _TL[site.name].format(l=site.layer)
 
 
