@@ -78,6 +78,18 @@ class Template:
 
     ``targets``: the continuations compared (``log P(targets[0]) − log P(targets[1])``);
     ``neutral``: the value the gaps are centred on (e.g. ``"person"``), or ``None``.
+
+    >>> t = Template("The {occupation} said that", values=["nurse", "pilot"])
+    >>> t.fill("nurse"), t.targets, t.neutral
+    ('The nurse said that', (' he', ' she'), 'person')
+    >>> t = Template("Should the {group} get the loan? Answer:", slot="group", values=["man", "woman"],
+    ...              targets=[" Yes", " No"], neutral="person")
+    >>> [t.fill(v) for v in t.values][1], t.targets        # targets become a tuple
+    ('Should the woman get the loan? Answer:', (' Yes', ' No'))
+    >>> Template("The doctor said that")
+    Traceback (most recent call last):
+    ...
+    ValueError: Template 'The doctor said that' has no slot {occupation}: add it or set 'slot'.
     """
 
     template: str
@@ -94,6 +106,11 @@ class Template:
         self.targets = tuple(self.targets)
 
     def fill(self, value: str) -> str:
+        """The template with its slot replaced by ``value``.
+
+        >>> Template("The {x} left.", slot="x").fill("woman")
+        'The woman left.'
+        """
         return self.template.replace("{" + self.slot + "}", value)
 
 
@@ -120,7 +137,11 @@ def load_occupations(split: Optional[str] = None, path: Union[str, Path, None] =
 
 
 def occupation_source() -> str:
-    """The citation of the occupation statistics."""
+    """The citation of the occupation statistics.
+
+    >>> occupation_source().startswith("U.S. Bureau of Labor Statistics")
+    True
+    """
     return _read_json(DATA / "occupations.json")["source"]
 
 
@@ -159,18 +180,38 @@ def load_templates(path: Union[str, Path, None] = None, split: str = "heldout") 
 
 
 def load_gendered_pairs() -> tuple[list[str], list[tuple[str, str]]]:
-    """Built-in (templates with ``{x}``, [(male word, female word)]) for a gender direction."""
+    """Built-in (templates with ``{x}``, [(male word, female word)]) for a gender direction.
+
+    >>> templates, pairs = load_gendered_pairs()
+    >>> pairs[0], all("{x}" in t for t in templates)
+    (('man', 'woman'), True)
+    """
     d = _read_json(DATA / "gendered_pairs.json")
     return d["templates"], [tuple(p) for p in d["pairs"]]
 
 
 def load_neutral_text() -> list[str]:
-    """Built-in neutral sentences for side-effect measurement (KL, perplexity)."""
+    """Built-in neutral sentences for side-effect measurement (KL, perplexity).
+
+    >>> texts = load_neutral_text()
+    >>> len(texts) >= 10, texts[0].startswith("The river")
+    (True, True)
+    """
     return list(_read_json(DATA / "neutral.json"))
 
 
 def load_decisions() -> dict:
-    """Built-in decision templates, demographic groups, reference group and choice templates."""
+    """Built-in decision templates, demographic groups, reference group and choice templates.
+
+    The dict's keys are :func:`decision_bias`'s arguments (``templates``, ``groups``,
+    ``reference``, ``choice``); templates have a ``{person}`` slot, choices ``{a}`` and ``{b}``.
+
+    >>> d = load_decisions()
+    >>> sorted(d)
+    ['choice', 'groups', 'note', 'reference', 'templates']
+    >>> d["reference"] in d["groups"], "{person}" in d["templates"][0]["template"]
+    (True, True)
+    """
     return _read_json(DATA / "decisions.json")
 
 
@@ -287,6 +328,19 @@ class OccupationResult:
     * ``bias``: mean absolute ``per_value`` — the headline bias score
     * ``item_bias``: mean absolute centred gap over all template × value items
     * ``correlation``: Pearson r of ``per_value`` with ``shares`` (``nan`` without shares)
+
+    Usually returned by :func:`occupational_bias` or :func:`counterfactual_gaps`; built by hand
+    here to show the arithmetic (one template, two occupations, the neutral subject at +1):
+
+    >>> r = OccupationResult(["nurse", "pilot"], ["The {occupation} said that"],
+    ...                      gaps=torch.tensor([[-1.0, 3.0]]), neutral=torch.tensor([1.0]),
+    ...                      shares=torch.tensor([87.4, 4.6]))
+    >>> r.centred.tolist(), r.per_value.tolist(), r.bias
+    ([[-2.0, 2.0]], [-2.0, 2.0], 2.0)
+    >>> round(r.correlation, 6)              # more " he" where fewer women: stereotyped
+    -1.0
+    >>> sorted(r.summary()), r.to_dict()["per_value"]
+    (['bias', 'correlation', 'item_bias', 'n_templates', 'n_values', 'neutral_gap', 'spread'], {'nurse': -2.0, 'pilot': 2.0})
     """
 
     values: list[str]
@@ -415,7 +469,18 @@ def occupational_bias(
 class AlignedPair:
     """Two fillings of one template, token by token: a shared prefix, each value's own slot
     tokens, a shared suffix. ``positions(k)`` gives the indices (in row ``k``'s own tokens) of
-    the aligned positions: the slot's last token and every suffix token."""
+    the aligned positions: the slot's last token and every suffix token.
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")            # byte tokenizer: "he" is 2 tokens, "she" 3
+    >>> p = aligned_pairs(m, "The {x} left.", [("he", "she")])[0]
+    >>> p.texts, p.prefix, p.slot, p.suffix
+    (('The he left.', 'The she left.'), 4, (2, 3), 6)
+    >>> p.positions(0), p.positions(1)
+    ([5, 6, 7, 8, 9, 10, 11], [6, 7, 8, 9, 10, 11, 12])
+    >>> [p.ids[0][i] for i in p.positions(0)[1:]] == [p.ids[1][i] for i in p.positions(1)[1:]]
+    True
+    """
 
     texts: tuple[str, str]
     ids: tuple[list[int], list[int]]
@@ -713,7 +778,15 @@ class Edit:
             raise ValueError("clamp needs a value (the neutral projection) for every layer.")
 
     def apply(self, layer: int, x: Float[Tensor, "batch pos d_model"], mask: Optional[Tensor] = None) -> Tensor:
-        """The edited activations at ``layer`` (only where ``mask`` is True, if given)."""
+        """The edited activations at ``layer`` (only where ``mask`` is True, if given).
+
+        >>> x = torch.tensor([[[3., 4.], [1., 1.]]])           # [batch, pos, d_model]
+        >>> e = Edit("clamp", [0], vectors={0: torch.tensor([1., 0.])}, values={0: 1.0}, strength=0.5)
+        >>> e.apply(0, x).tolist()                             # projection moved halfway to 1.0
+        [[[2.0, 4.0], [1.0, 1.0]]]
+        >>> e.apply(0, x, mask=torch.tensor([[False, True]])).tolist()
+        [[[3.0, 4.0], [1.0, 1.0]]]
+        """
         from .interventions import ablate
 
         if self.method == "ablate":
@@ -755,6 +828,11 @@ class Edit:
                 yield
 
     def describe(self) -> dict:
+        """A JSON-ready summary of the edit (the fitted vectors and erasers are left out).
+
+        >>> Edit("ablate", [0], vectors={0: torch.ones(2)}, name="ablate/gender").describe()
+        {'method': 'ablate', 'layers': [0], 'strength': 1.0, 'name': 'ablate/gender'}
+        """
         return {"method": self.method, "layers": list(self.layers), "strength": self.strength, "name": self.name}
 
 
@@ -793,6 +871,19 @@ class Edits:
 
     @contextmanager
     def hooks(self, model, mask: Optional[Tensor] = None) -> Iterator[None]:
+        """Install every edit on ``model`` for a ``with`` block (see :meth:`Edit.hooks`); any
+        function here that takes ``edit=`` accepts an :class:`Edits` too.
+
+        >>> import steer
+        >>> m = steer.load("tiny-llama")
+        >>> es = Edits([Edit("ablate", [0], vectors={0: torch.ones(64)}),
+        ...             Edit("ablate", [1], vectors={1: torch.ones(64)})])
+        >>> base = sequence_logprobs(m, ["The cook said that"], [" he"])
+        >>> with es.hooks(m):
+        ...     edited = sequence_logprobs(m, ["The cook said that"], [" he"])
+        >>> bool(edited != base), torch.equal(sequence_logprobs(m, ["The cook said that"], [" he"]), base)
+        (True, True)
+        """
         from contextlib import ExitStack
 
         with ExitStack() as stack:
@@ -801,6 +892,11 @@ class Edits:
             yield
 
     def describe(self) -> dict:
+        """``{"edits": [each edit's describe()]}``.
+
+        >>> Edits([Edit("ablate", [0], vectors={0: torch.ones(2)})]).describe()["edits"][0]["layers"]
+        [0]
+        """
         return {"edits": [e.describe() for e in self.edits]}
 
 
@@ -1013,7 +1109,16 @@ def pareto_front(rows: Sequence[dict], x: str = "neutral_kl", y: str = "score") 
 
 
 def best_point(rows: Sequence[dict], max_kl: float = 0.05, max_ppl: float = 1.05) -> Optional[dict]:
-    """The row with the largest ``min(bias_reduction, correlation_reduction)`` within the budget."""
+    """The row with the largest ``min(bias_reduction, correlation_reduction)`` within the budget
+    (``None`` if no row fits): pick an edit from :func:`pareto_sweep`'s rows.
+
+    >>> rows = [{"neutral_kl": 0.01, "neutral_ppl_ratio": 1.01, "bias_reduction": 0.3, "correlation_reduction": 0.2},
+    ...         {"neutral_kl": 0.20, "neutral_ppl_ratio": 1.20, "bias_reduction": 0.9, "correlation_reduction": 0.9}]
+    >>> best_point(rows)["bias_reduction"]                   # the second row is over budget
+    0.3
+    >>> best_point(rows, max_kl=1.0, max_ppl=2.0)["bias_reduction"], best_point(rows, max_kl=0.001)
+    (0.9, None)
+    """
     ok = [r for r in rows if r["neutral_kl"] <= max_kl and r["neutral_ppl_ratio"] <= max_ppl]
     return max(ok, key=lambda r: min(r["bias_reduction"], r["correlation_reduction"]), default=None)
 

@@ -114,15 +114,29 @@ class Direction:
         return self.vectors[self._layer(layer)]
 
     def unit(self, layer: Optional[int] = None) -> Float[Tensor, "d_model"]:
-        """The unit vector at ``layer``."""
+        """The unit vector at ``layer``.
+
+        >>> d = Direction(torch.tensor([[3., 4.], [0., 2.]]), layer=1)
+        >>> d.unit().tolist(), [round(x, 3) for x in d.unit(0).tolist()]
+        ([0.0, 1.0], [0.6, 0.8])
+        """
         return unit(self.vector(layer))
 
     def norms(self) -> Float[Tensor, "n_layers"]:
-        """Per-layer norms."""
+        """Per-layer norms (a ``mean_diff`` direction keeps its norm: a natural steering scale).
+
+        >>> Direction(torch.tensor([[3., 4.], [0., 2.]])).norms().tolist()
+        [5.0, 2.0]
+        """
         return self.vectors.norm(dim=-1)
 
     def with_layer(self, layer: int) -> "Direction":
-        """A copy with another chosen layer."""
+        """A copy with another chosen layer (negative layers count from the end).
+
+        >>> d = Direction(torch.eye(3, 4))
+        >>> d.with_layer(-1).layer, d.with_layer(0).vector().tolist(), d.layer
+        (2, [1.0, 0.0, 0.0, 0.0], None)
+        """
         return Direction(self.vectors.clone(), self._layer(layer), self.method, dict(self.meta))
 
     def cosine(self, other: Union["Direction", Tensor], layer: Optional[int] = None) -> Union[float, Tensor]:
@@ -163,7 +177,12 @@ class Direction:
         return Direction(vectors, self.layer, method or self.method, dict(self.meta))
 
     def scale(self, a: float) -> "Direction":
-        """``a · v`` at every layer."""
+        """``a · v`` at every layer (also ``a * d``, ``-d``; ``d + e`` and ``d - e`` add vectors).
+
+        >>> d = Direction(torch.tensor([[3., 4.]]), layer=0)
+        >>> d.scale(2).vector().tolist(), (-d).vector().tolist(), (d + d).vectors.tolist()
+        ([6.0, 8.0], [-3.0, -4.0], [[6.0, 8.0]])
+        """
         return self._new(self.vectors * a)
 
     def __mul__(self, a: float) -> "Direction":
@@ -184,7 +203,12 @@ class Direction:
         return self + (-other if isinstance(other, Direction) else -torch.as_tensor(other))
 
     def normalized(self) -> "Direction":
-        """Unit norm at every layer."""
+        """Unit norm at every layer (layer, method and meta are kept).
+
+        >>> d = Direction(torch.tensor([[3., 4.], [0., 2.]]), layer=1).normalized()
+        >>> d.norms().tolist(), d.layer
+        ([1.0, 1.0], 1)
+        """
         return self._new(unit(self.vectors))
 
     def orthogonalize(self, other: Union["Direction", Tensor]) -> "Direction":
@@ -201,7 +225,17 @@ class Direction:
 
     # -- model checks, save/load -----------------------------------------------------------
     def check(self, model, allow_other_model: bool = False) -> None:
-        """Raise if the direction does not fit ``model`` (d_model, layer count, name)."""
+        """Raise if the direction does not fit ``model`` (d_model, layer count, name).
+
+        >>> import steer
+        >>> m = steer.load("tiny-llama")
+        >>> Direction(torch.zeros(2, 64), meta={"model": "tiny-llama"}).check(m)   # fits: no error
+        >>> Direction(torch.zeros(2, 32)).check(m)
+        Traceback (most recent call last):
+        ...
+        ValueError: Direction has d_model 32 (from '?') but 'tiny-llama' has d_model 64: extract the direction on this model.
+        >>> Direction(torch.zeros(2, 64), meta={"model": "my-finetune"}).check(m, allow_other_model=True)
+        """
         if self.d_model != model.d_model:
             raise ValueError(
                 f"Direction has d_model {self.d_model} (from {self.meta.get('model', '?')!r}) but "
@@ -236,7 +270,16 @@ class Direction:
 
     @classmethod
     def load(cls, path: Union[str, Path], model=None, allow_other_model: bool = False) -> "Direction":
-        """Load a saved direction; with ``model``, check that it fits (d_model, layers, name)."""
+        """Load a saved direction; with ``model``, check that it fits (d_model, layers, name).
+
+        >>> import steer, tempfile, os
+        >>> m = steer.load("tiny-llama")
+        >>> p = os.path.join(tempfile.mkdtemp(), "d.safetensors")
+        >>> extract(m, ["good"], ["bad"], layer=1).save(p)
+        >>> d = Direction.load(p, model=m)
+        >>> d.layer, d.meta["model"], tuple(d.vectors.shape)
+        (1, 'tiny-llama', (2, 64))
+        """
         from safetensors import safe_open
 
         path = Path(path)
@@ -480,13 +523,33 @@ def actadd_vector(model, positive: str, negative: str, layer: int, site: str = "
 # -- layer selection -------------------------------------------------------------------------
 @dataclass
 class LayerSweep:
-    """Per-layer scores of a direction (rows of dicts) and the best layer."""
+    """Per-layer scores of a direction (rows of dicts) and the best layer, from
+    :func:`sweep_layers` (held-out accuracy/AUROC) or :func:`steering_sweep`.
+
+    >>> g = torch.Generator().manual_seed(2)
+    >>> pos = torch.randn(20, 3, 8, generator=g); pos[:, 2] += 2      # the concept lives at layer 2
+    >>> neg = torch.randn(20, 3, 8, generator=g)
+    >>> s = sweep_layers(pos, neg)
+    >>> s.best_layer, s.key, [round(r["auroc"], 2) for r in s.rows]
+    (2, 'accuracy', [0.44, 0.67, 1.0])
+    >>> Direction(from_activations(pos, neg), layer=s.best_layer).layer     # use the best layer
+    2
+    """
 
     rows: list[dict]
     best_layer: int
     key: str
 
     def table(self) -> str:
+        """The rows as a fixed-width text table.
+
+        >>> s = LayerSweep([{"layer": 0, "accuracy": 0.5, "auroc": 0.625},
+        ...                 {"layer": 1, "accuracy": 1.0, "auroc": 1.0}], best_layer=1, key="accuracy")
+        >>> print(s.table())
+             layer    accuracy       auroc
+                 0      0.5000      0.6250
+                 1      1.0000      1.0000
+        """
         cols = list(self.rows[0])
         lines = ["  ".join(f"{c:>10}" for c in cols)]
         for r in self.rows:
@@ -494,7 +557,15 @@ class LayerSweep:
         return "\n".join(lines)
 
     def plot(self, path: Optional[Union[str, Path]] = None, ax=None, keys: Optional[Sequence[str]] = None):
-        """Score per layer; saved to ``path`` when given. Returns the figure."""
+        """Score per layer; saved to ``path`` when given. Returns the figure.
+
+        >>> import os, tempfile
+        >>> s = LayerSweep([{"layer": 0, "accuracy": 0.5, "auroc": 0.625},
+        ...                 {"layer": 1, "accuracy": 1.0, "auroc": 1.0}], best_layer=1, key="accuracy")
+        >>> fig = s.plot(os.path.join(tempfile.mkdtemp(), "sweep.png"), keys=["auroc"])
+        >>> [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        ['auroc']
+        """
         return plot_layer_sweep(self, path, ax, keys)
 
 
@@ -510,7 +581,8 @@ def sweep_layers(
     at the midpoint of the training class means of the projection) and AUROC.
 
     >>> import torch
-    >>> pos, neg = torch.randn(20, 3, 8) + 2, torch.randn(20, 3, 8)
+    >>> g = torch.Generator().manual_seed(0)
+    >>> pos, neg = torch.randn(20, 3, 8, generator=g) + 2, torch.randn(20, 3, 8, generator=g)
     >>> s = sweep_layers(pos, neg)
     >>> len(s.rows), s.rows[0]["auroc"] > 0.9
     (3, True)
@@ -549,7 +621,17 @@ def sweep_layers(
 
 
 def plot_layer_sweep(sweep: LayerSweep, path=None, ax=None, keys: Optional[Sequence[str]] = None):
-    """Line plot of the sweep's scores per layer (saved to ``path`` if given)."""
+    """Line plot of the sweep's scores per layer (saved to ``path`` if given), with the best
+    layer marked; ``keys`` picks the columns (default: every numeric score but threshold/norm).
+
+    >>> import os, tempfile
+    >>> s = LayerSweep([{"layer": 0, "accuracy": 0.5, "auroc": 0.625, "norm": 2.0},
+    ...                 {"layer": 1, "accuracy": 1.0, "auroc": 1.0, "norm": 3.0}], best_layer=1, key="accuracy")
+    >>> path = os.path.join(tempfile.mkdtemp(), "sweep.png")
+    >>> fig = plot_layer_sweep(s, path)
+    >>> os.path.exists(path), [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    (True, ['accuracy', 'auroc'])
+    """
     import matplotlib
 
     matplotlib.use("Agg")

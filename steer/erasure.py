@@ -44,6 +44,25 @@ class LeaceEraser:
         mean: ``[d_model]`` mean of the fitting activations.
         A: ``[d_model, k]`` = ``W⁺ U`` (``U``: orthonormal basis of ``W Σ_xz``).
         B: ``[d_model, k]`` = ``W U``.
+
+    Fit on activations and a concept, erase (the class means coincide afterwards), and keep the
+    eraser as a state dict (``torch.save(e.state_dict(), path)``):
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(100, 6, generator=g)
+    >>> z = (x[:, 0] > 0).long()                      # the concept: sign of coordinate 0
+    >>> e = LeaceEraser.fit(x, z)
+    >>> e.rank, tuple(e.A.shape), tuple(e.mean.shape)  # two classes: a rank-1 edit
+    (1, (6, 1), (6,))
+    >>> gap = lambda t: float((t[z == 1].mean(0) - t[z == 0].mean(0)).abs().max())
+    >>> gap(x) > 1, gap(e(x)) < 1e-5
+    (True, True)
+    >>> torch.allclose(e(x, strength=0.5), x - 0.5 * e.edit(x))
+    True
+    >>> torch.equal(LeaceEraser.from_state_dict(e.state_dict())(x), e(x))
+    True
+    >>> e.to(dtype=torch.float64).A.dtype, LeaceEraser.fit(x, x[:, :2]).rank   # [n, 2] scores: rank 2
+    (torch.float64, 2)
     """
 
     mean: Float[Tensor, "d_model"]
@@ -109,6 +128,7 @@ class LeaceEraser:
 
     @property
     def rank(self) -> int:
+        """Rank ``k`` of the edit (the number of concept dimensions it removes)."""
         return int(self.A.shape[1])
 
     def edit(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
@@ -139,13 +159,25 @@ class LeaceEraser:
         return torch.where(mask.to(x.device)[..., None], out, x)
 
     def to(self, device=None, dtype=None) -> "LeaceEraser":
+        """A copy with its tensors moved to ``device`` / cast to ``dtype``."""
         return LeaceEraser(*(t.to(device=device, dtype=dtype) for t in (self.mean, self.A, self.B)))
 
     def state_dict(self) -> dict[str, Tensor]:
+        """``{"mean", "A", "B"}`` tensors, for ``torch.save``; :meth:`from_state_dict` reads it back.
+
+        >>> import tempfile, os
+        >>> e = LeaceEraser.fit(torch.eye(4).repeat(5, 1), torch.arange(20) % 4)
+        >>> path = os.path.join(tempfile.mkdtemp(), "eraser.pt")
+        >>> torch.save(e.state_dict(), path)
+        >>> back = LeaceEraser.from_state_dict(torch.load(path))
+        >>> back.rank, torch.equal(back.A, e.A)
+        (3, True)
+        """
         return {"mean": self.mean, "A": self.A, "B": self.B}
 
     @classmethod
     def from_state_dict(cls, d: dict[str, Tensor]) -> "LeaceEraser":
+        """Rebuild an eraser from :meth:`state_dict`'s dict (``KeyError`` naming missing keys)."""
         missing = {"mean", "A", "B"} - set(d)
         if missing:
             raise KeyError(f"Eraser state is missing {sorted(missing)}.")

@@ -87,7 +87,19 @@ class Trait:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "trait") -> "Trait":
-        """Build from a dict (e.g. parsed JSON), with an error naming any missing or bad field."""
+        """Build from a dict (e.g. parsed JSON), with an error naming any missing or bad field.
+        Unknown keys are ignored.
+
+        >>> t = Trait.from_dict({"name": "calm", "description": "Stays calm.", "positive": ["Be calm."],
+        ...                      "negative": ["Be anxious."], "questions": ["Hi?", "News?"], "note": "x"})
+        >>> t.name, t.n_train
+        ('calm', 1)
+        >>> Trait.from_dict({"name": "calm", "description": "Stays calm.", "positive": ["Be calm."],
+        ...                  "negative": [], "questions": ["Hi?"]}, "calm.json")   # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: calm.json: missing or empty field(s) ['negative']. A trait needs ...
+        """
         if not isinstance(d, dict):
             raise ValueError(f"{source}: a trait must be a JSON object, got {type(d).__name__}.")
         _validate(d, source)
@@ -111,6 +123,15 @@ class Trait:
         return cls.from_dict(d, str(path))
 
     def save(self, path: Union[str, Path]) -> None:
+        """Write the trait as JSON (the format of the built-in traits and :meth:`load`).
+
+        >>> import tempfile, os
+        >>> t = Trait.from_description("grumpy", "irritable, complains about everything", ["How was your day?"])
+        >>> path = os.path.join(tempfile.mkdtemp(), "grumpy.json")
+        >>> t.save(path)
+        >>> load_trait(path) == t
+        True
+        """
         Path(path).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod

@@ -52,6 +52,31 @@ class NodeSet:
 
     ``act_axes``/``act_shape``: the site activation without the batch axis; ``units``: the axes
     that index a node (besides the layer). Scores have shape ``(n_layers, *unit sizes)``.
+    Build one with :func:`node_set`.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")                # 2 layers, 4 heads of d_head 16
+    >>> ns = node_set(m, "heads_by_pos", n_pos=3)
+    >>> ns.site, ns.axes, ns.shape, ns.n_nodes
+    ('z', ('layer', 'pos', 'head'), (2, 3, 4), 24)
+    >>> ns.act_shape, ns.mask_shape                 # z is [pos, head, d_head]; masks broadcast over d_head
+    ((3, 4, 16), (3, 4, 1))
+
+    One mask per node of a layer (row-major over ``units``: node 5 is pos 1, head 1), or
+    several nodes patched together in one variant:
+
+    >>> masks = ns.masks()
+    >>> masks.shape, masks[5].squeeze(-1).nonzero().tolist()
+    (torch.Size([12, 3, 4, 1]), [[1, 1]])
+    >>> include = torch.zeros(1, ns.per_layer, dtype=torch.bool); include[0, [0, 7]] = True
+    >>> ns.masks_from(include)[0].squeeze(-1).nonzero().tolist()
+    [[0, 0], [1, 3]]
+
+    Per-node scores from an activation-shaped tensor (e.g. a gradient times a difference, as in
+    attribution patching) by summing the non-unit axes:
+
+    >>> ns.reduce(torch.ones(5, 3, 4, 16)).shape       # [batch, pos, head]
+    torch.Size([5, 3, 4])
     """
 
     kind: str

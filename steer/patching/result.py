@@ -66,6 +66,20 @@ class PatchingResult:
     >>> r = atp(m, ioi_task(m, n=2), "heads")
     >>> len(r.labels()) == r.scores.numel(), len(r.top_k(3))
     (True, 3)
+
+    The views on hand-made scores (2 layers x 2 heads):
+
+    >>> from steer.patching.nodes import NodeSet
+    >>> heads = NodeSet("heads", "z", 2, ("pos", "head", "d_head"), (3, 2, 4), ("head",))
+    >>> r = PatchingResult(torch.tensor([[0.25, 0.75], [-0.5, 0.0]]), heads, ["a", "b", "c"],
+    ...                    method="activation", direction="denoising")
+    >>> r.top_k(2)                                   # largest |effect| first
+    [('z:L0 H1', 0.75), ('z:L1 H0', -0.5)]
+    >>> r.top_k(1, by="neg"), r.top_indices(2), r.labels()[1]
+    ([('z:L1 H0', -0.5)], [1, 2], {'layer': 0, 'head': 1, 'name': 'z:L0 H1'})
+    >>> d = r.to_dict()                              # json.dumps-ready
+    >>> d["shape"], d["labels"], d["scores"][0]
+    ([2, 2], ['z:L0 H0', 'z:L0 H1', 'z:L1 H0', 'z:L1 H1'], [0.25, 0.75])
     """
 
     scores: Float[Tensor, "layer *units"]
@@ -80,7 +94,13 @@ class PatchingResult:
     # -- views -----------------------------------------------------------------------------
     @property
     def effects(self) -> Float[Tensor, "layer *units"]:
-        """Normalised change caused by the patch (0 = none), in either direction."""
+        """Normalised change caused by the patch (0 = none), in either direction.
+
+        >>> from steer.patching.nodes import NodeSet
+        >>> ns = NodeSet("heads", "z", 1, ("pos", "head", "d_head"), (3, 2, 4), ("head",))
+        >>> PatchingResult(torch.tensor([[1.0, 0.25]]), ns, [], "activation", "noising").effects.tolist()
+        [[0.0, -0.75]]
+        """
         return self.scores if self.direction == "denoising" else self.scores - 1.0
 
     def labels(self) -> list[dict]:
@@ -123,6 +143,13 @@ class PatchingResult:
         """Pearson and Spearman correlation of effects with another result on the same nodes.
 
         ``absolute=True`` correlates ``|effect|`` (what ranking methods such as GradDrop estimate).
+
+        >>> from steer.patching.nodes import NodeSet
+        >>> ns = NodeSet("heads", "z", 2, ("pos", "head", "d_head"), (3, 2, 4), ("head",))
+        >>> exact = PatchingResult(torch.tensor([[0.25, 0.75], [-0.5, 0.0]]), ns, [], "activation", "denoising")
+        >>> approx = PatchingResult(torch.tensor([[0.5, 1.0], [-0.25, 0.0]]), ns, [], "atp", "denoising")
+        >>> {k: round(v, 3) for k, v in approx.correlation(exact).items()}
+        {'pearson': 0.975, 'spearman': 1.0}
         """
         if tuple(self.scores.shape) != tuple(other.scores.shape):
             raise ValueError(f"Shapes differ: {tuple(self.scores.shape)} vs {tuple(other.scores.shape)}; compare the same node set.")
@@ -170,6 +197,16 @@ class PatchingResult:
         """Heatmap: layer x head, layer x position (tokens on the axis) or layer x neuron.
 
         ``heads_by_pos`` results are summed over heads. Returns the figure; saves it at ``path``.
+
+        >>> import os, tempfile
+        >>> from steer.patching.nodes import NodeSet
+        >>> ns = NodeSet("resid", "resid_pre", 2, ("pos", "d_model"), (3, 8), ("pos",))
+        >>> r = PatchingResult(torch.tensor([[0.0, 0.5, 1.0], [0.0, 0.0, 1.0]]), ns,
+        ...                    ["When", " Mary", " to"], "activation", "denoising")
+        >>> path = os.path.join(tempfile.mkdtemp(), "resid.png")
+        >>> fig = r.plot(path)
+        >>> os.path.exists(path), [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        (True, ['When', ' Mary', ' to'])
         """
         import matplotlib
 

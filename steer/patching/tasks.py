@@ -61,7 +61,29 @@ class PatchTask:
     """Clean and corrupt token batches (same shape) and a metric on last-token logits.
 
     ``metric(logits[prompt, vocab]) -> [prompt]`` (or a scalar); it must be differentiable for
-    AtP. Build one with :meth:`from_pairs`, :func:`load_task` (JSONL) or :func:`ioi_task`.
+    AtP. Build one with :meth:`from_pairs`, :func:`load_task` (JSONL) or :func:`ioi_task`, or
+    directly from two :class:`~steer.data.Batch` objects and your own metric:
+
+    >>> import steer, torch
+    >>> from steer.data import Raw, tokenize
+    >>> m = steer.load("tiny-llama")                 # byte tokenizer: "ab" is 2 tokens
+    >>> t = PatchTask(tokenize(m, [Raw("ab")]), tokenize(m, [Raw("ac")]),
+    ...               metric=lambda logits: logits[:, 0] - logits[:, 1], name="first-vs-second")
+    >>> t.n_prompts, t.n_pos
+    (1, 2)
+
+    :meth:`scores` averages the metric over prompts for each variant (a stack of patched runs'
+    last-token logits, ``[variant, prompt, vocab]``):
+
+    >>> t.scores(torch.tensor([[[3., 1.]], [[0., 2.]]]))
+    tensor([ 2., -2.])
+
+    Clean and corrupt prompts must line up token by token:
+
+    >>> PatchTask(tokenize(m, [Raw("ab")]), tokenize(m, [Raw("abc")]), metric=t.metric)
+    Traceback (most recent call last):
+    ...
+    ValueError: Clean batch (1, 2) and corrupt batch (1, 3) differ in shape: each clean/corrupt pair must tokenize to the same length.
     """
 
     clean: Batch
@@ -88,7 +110,16 @@ class PatchTask:
         return self.clean.input_ids.shape[1]
 
     def scores(self, logits: Float[Tensor, "variant prompt vocab"]) -> Float[Tensor, "variant"]:
-        """Mean metric over prompts, for each variant (stack of patched runs)."""
+        """Mean metric over prompts, for each variant (stack of patched runs).
+
+        >>> import steer, torch
+        >>> m = steer.load("tiny-llama")
+        >>> t = PatchTask.from_pairs(m, [("ab", "ac"), ("cd", "ce")], answers=["x", "y"], wrongs=["y", "x"])
+        >>> logits = torch.zeros(2, t.n_prompts, m.d_vocab)        # two variants
+        >>> logits[1, 0, m.to_tokens("x")[0]] = 4.0      # variant 1: prompt 0's answer "x" up by 4
+        >>> t.scores(logits)                              # LogitDiff averaged over the 2 prompts
+        tensor([0., 2.])
+        """
         if getattr(self.metric, "batched", False):
             vals = self.metric(logits)
             return vals.mean(-1) if vals.ndim == 2 else vals
