@@ -1,17 +1,18 @@
 """Conditional activation steering (CAST) on the embedded SmolLM2-135M-Instruct.
 
-Fits a harmfulness condition on steer's training prompts (grid search over layer × threshold ×
-side for F1 on a held-out training split), then on the evaluation prompts: condition accuracy/F1,
-conditional refusal on harmful vs harmless answers. Writes ``condition_grid.png`` (F1 per layer),
-``condition_scores_hist.png`` (scores of eval harmful vs harmless with the threshold) and
-``results.json`` to ``--out`` (default ``out/cast/``).
+Fits the harmfulness condition of ``steer refusal`` on steer's training prompts only
+(:func:`steer.refusal.harmfulness_condition`: logistic probe on the prompt-mean hidden state,
+training prompts plus an informal-voice copy of each, 5-fold cross-validation, layer by
+out-of-fold AUROC, threshold at out-of-fold recall 0.95), then on the evaluation prompts (written
+elsewhere, in an informal voice): condition accuracy/F1/AUROC and, with ``--n-gen``, conditional
+refusal on harmful vs harmless answers. Writes ``condition_grid.png`` (out-of-fold F1 and AUROC
+per layer), ``condition_scores_hist.png`` (eval scores with the threshold) and ``results.json``
+to ``--out`` (default ``out/cast/``).
 
     python experiments/cast.py [--out DIR] [--n-train 400] [--n-eval 120] [--n-gen 16] [--kind probe]
+              [--no-augment] [--recall 0.95|none]
 
-The default condition is a logistic probe (``kind="probe"``): its training-set threshold transfers
-to the informally worded eval prompts (offline, all training prompts, layer picked by held-out
-training F1: eval accuracy 0.83-0.90 depending on the split), where the mean-difference
-projection's does not (it fires on nearly every eval prompt: accuracy 0.50-0.57, AUROC 0.91-0.95).
+Measured (all 357/350 training prompts, 120+120 eval prompts): see ``RESULTS`` below.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def _eval(name, n):
     return [d["instruction"] for d in json.loads((HERE / "data" / f"eval_{name}.json").read_text())][:n]
 
 
-def run(out="out/cast", n_train=160, n_eval=120, n_gen=16, gen_tokens=32, layer=10, strength=2.0,
-        condition_layers=range(2, 21), kind="probe", model=None) -> dict:
+def run(out="out/cast", n_train=None, n_eval=120, n_gen=16, gen_tokens=32, layer=10, strength=2.0,
+        condition_layers=range(2, 21), kind="probe", augment=True, recall=0.95, model=None) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,20 +40,21 @@ def run(out="out/cast", n_train=160, n_eval=120, n_gen=16, gen_tokens=32, layer=
     import steer
     from steer import evaluate as E
     from steer import refusal
-    from steer.conditions import fit_condition
     from steer.steering import prompt_means
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model or steer.load()
     data = refusal.training_data()
-    cond = fit_condition(model, data["harmful"][:n_train], data["harmless"][:n_train],
-                         layers=list(condition_layers), kind=kind)
+    cond = refusal.harmfulness_condition(model, layers=list(condition_layers), kind=kind,
+                                         method="probe" if kind == "probe" else "mean_diff",
+                                         recall=recall, augment=augment, limit=n_train)
     grid = cond.meta["grid"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([g["layer"] for g in grid], [g["f1"] for g in grid], marker="o", label="F1 (held-out train split)")
+    ax.plot([g["layer"] for g in grid], [g["f1"] for g in grid], marker="o", label="F1 (out-of-fold, train)")
+    ax.plot([g["layer"] for g in grid], [g["auroc"] for g in grid], marker="s", label="AUROC (out-of-fold, train)")
     ax.axvline(cond.layer, color="grey", ls="--")
-    ax.set(xlabel="condition layer", ylabel="F1")
+    ax.set(xlabel="condition layer", ylabel="score")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "condition_grid.png", dpi=120)
@@ -71,7 +73,8 @@ def run(out="out/cast", n_train=160, n_eval=120, n_gen=16, gen_tokens=32, layer=
     fig.tight_layout()
     fig.savefig(out / "condition_scores_hist.png", dpi=120)
     result = {"condition_layer": cond.layer, "threshold": cond.threshold, "side": cond.side, "kind": kind,
-              "train_val_f1": cond.meta["val_f1"], "eval_accuracy": E.accuracy(fired, labels),
+              "augmented": augment, "recall_target": recall,
+              "train_val_f1": cond.meta["val_f1"], "train_val_auroc": cond.meta["val_auroc"], "eval_accuracy": E.accuracy(fired, labels),
               "eval_f1": E.f1(fired, labels), "eval_auroc": E.auroc(scores if cond.side == "above" else -scores, labels),
               "fired_harmful": float(fired[: len(eh)].float().mean()),
               "fired_harmless": float(fired[len(eh):].float().mean())}
@@ -91,9 +94,13 @@ def run(out="out/cast", n_train=160, n_eval=120, n_gen=16, gen_tokens=32, layer=
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out/cast")
-    p.add_argument("--n-train", type=int, default=400)
+    p.add_argument("--n-train", type=int, default=None, help="training prompts per side (default: all)")
     p.add_argument("--n-eval", type=int, default=120)
     p.add_argument("--n-gen", type=int, default=16)
     p.add_argument("--kind", default="probe", choices=("probe", "projection", "cast"))
+    p.add_argument("--no-augment", action="store_true", help="fit on the training prompts as written")
+    p.add_argument("--recall", default="0.95", help="out-of-fold recall for the threshold, or 'none' for best F1")
     a = p.parse_args()
-    print(json.dumps(run(a.out, a.n_train, a.n_eval, a.n_gen, kind=a.kind), indent=2))
+    rec = None if a.recall.lower() == "none" else float(a.recall)
+    print(json.dumps(run(a.out, a.n_train, a.n_eval, a.n_gen, kind=a.kind, augment=not a.no_augment, recall=rec),
+                     indent=2))

@@ -9,7 +9,8 @@ the chosen side of a threshold. Scores:
 * ``"probe"``: a logistic probe's logit ``w·h + b``.
 
 :func:`fit_condition` extracts the condition vector from labelled prompts and grid-searches
-``(layer, threshold, side)`` for the best F1 on a held-out split. Conditions combine with ``&``,
+``(layer, threshold, side)`` for the best F1 on out-of-fold scores (cross-validation), or picks
+the layer by AUROC and sets the threshold for a target recall. Conditions combine with ``&``,
 ``|`` and ``~`` into rules. Passed to :class:`~steer.steering.Steering` (``condition=``), a
 condition gates each example of a batch separately, once per sequence, at prefill.
 
@@ -24,15 +25,16 @@ condition gates each example of a batch separately, once per sequence, at prefil
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from .evaluate import accuracy, f1
+from .evaluate import accuracy, auroc, f1
 from .interventions import unit
 
 __all__ = ["Condition", "Rule", "fit_condition", "grid_search", "condition_scores"]
@@ -193,14 +195,27 @@ def condition_scores(
 
 
 def grid_search(
-    scores: Float[Tensor, "n"], labels: Bool[Tensor, "n"], sides: Sequence[str] = ("above", "below")
+    scores: Float[Tensor, "n"],
+    labels: Bool[Tensor, "n"],
+    sides: Sequence[str] = ("above", "below"),
+    recall: Optional[float] = None,
 ) -> dict:
-    """Best ``(threshold, side)`` for F1 (ties: accuracy) over midpoints of the sorted scores.
+    """Best ``(threshold, side)`` for labelled scores.
+
+    By default (CAST) the threshold maximises F1 (ties: accuracy) over midpoints of the sorted
+    scores. With ``recall=r`` it is instead the most conservative threshold that still fires on a
+    fraction ``r`` of the positives (midway between the ``⌈r·n⌉``-th and next positive score,
+    on the side where positives score higher): it trades a little recall for fewer false fires
+    when unseen negatives drift towards the positives.
 
     >>> import torch
     >>> g = grid_search(torch.tensor([0.1, 0.2, 0.8, 0.9]), torch.tensor([0, 0, 1, 1]).bool())
     >>> g["side"], round(g["threshold"], 2), g["f1"]
     ('above', 0.5, 1.0)
+    >>> g = grid_search(torch.tensor([0.1, 0.2, 0.6, 0.8, 0.9, 1.0]), torch.tensor([0, 0, 1, 1, 1, 1]).bool(),
+    ...                 recall=0.75)
+    >>> round(g["threshold"], 2), g["recall"]
+    (0.7, 0.75)
     """
     s = torch.as_tensor(scores).float().flatten()
     y = torch.as_tensor(labels).bool().flatten()
@@ -208,17 +223,29 @@ def grid_search(
         raise ValueError(f"grid_search got {s.numel()} scores and {y.numel()} labels.")
     if bool(y.all()) or not bool(y.any()):
         raise ValueError("grid_search needs both positive and negative labels: the labelled set is one-sided.")
-    u = torch.unique(s)
-    cands = torch.cat([u[:1] - 1e-3, (u[1:] + u[:-1]) / 2, u[-1:] + 1e-3])
+    if recall is not None:
+        if not 0 < recall <= 1:
+            raise ValueError(f"recall={recall}: pass a fraction in (0, 1].")
+        side = "above" if auroc(s, y) >= 0.5 else "below"
+        sign = 1.0 if side == "above" else -1.0
+        pos = (sign * s[y]).sort(descending=True).values
+        k = max(1, math.ceil(recall * len(pos) - 1e-9))
+        lo = pos[k] if k < len(pos) else pos[-1] - 1e-3
+        t = sign * float((pos[k - 1] + lo) / 2)
+        candidates = [(side, t)]
+    else:
+        u = torch.unique(s)
+        cands = torch.cat([u[:1] - 1e-3, (u[1:] + u[:-1]) / 2, u[-1:] + 1e-3]).tolist()
+        candidates = [(side, t) for side in sides for t in cands]
     best = None
-    for side in sides:
-        for t in cands.tolist():
-            pred = s > t if side == "above" else s < t
-            key = (f1(pred, y), accuracy(pred, y))
-            if best is None or key > best[0]:
-                best = (key, t, side)
-    (f, acc), t, side = best
-    return {"threshold": float(t), "side": side, "f1": f, "accuracy": acc}
+    for side, t in candidates:
+        pred = s > t if side == "above" else s < t
+        key = (f1(pred, y), accuracy(pred, y))
+        if best is None or key > best[0]:
+            best = (key, t, side, pred)
+    (f, acc), t, side, pred = best
+    return {"threshold": float(t), "side": side, "f1": f, "accuracy": acc,
+            "recall": float(pred[y].float().mean()), "false_fires": float(pred[~y].float().mean())}
 
 
 def fit_condition(
@@ -229,21 +256,37 @@ def fit_condition(
     layers="all",
     method: str = "mean_diff",
     kind: str = "projection",
-    val_frac: float = 0.3,
+    folds: int = 5,
+    val_frac: Optional[float] = None,
+    select: str = "f1",
+    recall: Optional[float] = None,
+    augment: Optional[Callable[[list], list]] = None,
     seed: int = 0,
     batch_size: int = 32,
 ) -> Condition:
-    """Fit a condition on labelled prompts: condition vectors from a training split (``method``
-    as in :mod:`steer.directions`), then a grid search over layer × threshold × side maximising F1
-    on the held-out split. ``meta["grid"]`` holds the per-layer results, ``meta["val_f1"]`` /
-    ``meta["val_accuracy"]`` the chosen one's.
+    """Fit a condition on labelled prompts (CAST's grid search, cross-validated).
+
+    For every layer, condition vectors (``method`` as in :mod:`steer.directions`; a logistic
+    probe for ``kind="probe"``) are fitted on ``folds - 1`` folds and score the held-out fold,
+    giving out-of-fold scores for every prompt (``val_frac`` instead holds out one split of that
+    size). The layer is the best by ``select`` — ``"f1"`` (CAST; ties: accuracy) or ``"auroc"``
+    (threshold-free; ties: F1) — its ``(threshold, side)`` come from :func:`grid_search` on the
+    out-of-fold scores (F1, or a target ``recall``), and the final vector is refitted on all
+    prompts at that layer.
+
+    ``augment`` maps a list of prompts to one variant of each (e.g. :func:`steer.data.casual`):
+    variants join the training and held-out folds of their original, so held-out scores measure
+    transfer to the other style too.
+
+    ``meta["grid"]`` holds the per-layer out-of-fold results, ``meta["val_f1"]``,
+    ``meta["val_accuracy"]``, ``meta["val_auroc"]`` the chosen layer's.
 
     >>> import steer
     >>> m = steer.load("tiny-llama")
     >>> c = fit_condition(m, ["kill him", "steal it", "hurt them"], ["bake bread", "sing a song", "plant trees"],
-    ...                   val_frac=0.34)
-    >>> c.layer in (0, 1)
-    True
+    ...                   folds=3)
+    >>> c.layer in (0, 1), len(c.meta["grid"])
+    (True, 2)
     """
     from .capture import prompts_hash
     from .directions import _probe, from_activations
@@ -256,35 +299,76 @@ def fit_condition(
             f"fit_condition needs at least 2 prompts per side (got {len(positive)} positive, "
             f"{len(negative)} negative): the labelled set is empty or one-sided."
         )
-    layer_list = resolve_layers(model, layers)
-    hp = prompt_means(model, positive, layer_list, batch_size)
-    hn = prompt_means(model, negative, layer_list, batch_size)
-    g = torch.Generator().manual_seed(seed)
-    ip, ineg = torch.randperm(len(hp), generator=g), torch.randperm(len(hn), generator=g)
-    kp, kn = max(1, round(len(hp) * val_frac)), max(1, round(len(hn) * val_frac))
-    tr_p, va_p, tr_n, va_n = hp[ip[kp:]], hp[ip[:kp]], hn[ineg[kn:]], hn[ineg[:kn]]
-    if len(tr_p) == 0 or len(tr_n) == 0:
-        raise ValueError("Too few prompts to hold out a validation split; pass more or lower val_frac.")
-    y = torch.cat([torch.ones(len(va_p)), torch.zeros(len(va_n))]).bool()
+    if select not in ("f1", "auroc"):
+        raise ValueError(f"select={select!r}: use 'f1' or 'auroc'.")
     if kind == "probe":
         method = "probe"
-    vecs = from_activations(tr_p, tr_n, "mean_diff" if method == "probe" else method)
+    layer_list = resolve_layers(model, layers)
+    prompts = positive + negative
+    y_all = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))]).bool()
+    h = prompt_means(model, prompts, layer_list, batch_size)  # [n, layer, d]
+    if augment is not None:
+        variants = list(augment(prompts))
+        if len(variants) != len(prompts):
+            raise ValueError(f"augment returned {len(variants)} prompts for {len(prompts)}: return one variant each.")
+        h_aug = prompt_means(model, variants, layer_list, batch_size)
+    fold = _fold_ids(y_all, folds, val_frac, seed)
+
+    def rows(mask):  # activations and labels of the prompts in ``mask`` (and their variants)
+        x, y = h[mask], y_all[mask]
+        if augment is not None:
+            x, y = torch.cat([x, h_aug[mask]]), torch.cat([y, y])
+        return x, y
+
+    def fit(x, y, j):  # (vector, bias) at layer index j
+        if method == "probe":
+            w = _probe(x[y, j], x[~y, j])
+            return w, float(-(x[:, j] @ w).mean())
+        return from_activations(x[y][:, [j]], x[~y][:, [j]], method)[0], 0.0
+
+    oof = {j: ([], []) for j in range(len(layer_list))}
+    for k in sorted(set(fold.tolist()) - {-1}):
+        xt, yt = rows(fold != k)
+        xv, yv = rows(fold == k)
+        if yt.all() or not yt.any():
+            raise ValueError("A training fold is one-sided; pass more prompts or fewer folds.")
+        for j in range(len(layer_list)):
+            v, b = fit(xt, yt, j)
+            oof[j][0].append(condition_scores(xv[:, j], v, kind, b))
+            oof[j][1].append(yv)
     grid, best = [], None
     for j, layer in enumerate(layer_list):
-        bias = 0.0
-        v = vecs[j]
-        if kind == "probe":
-            x = torch.cat([tr_p[:, j], tr_n[:, j]])
-            w = _probe(tr_p[:, j], tr_n[:, j])
-            v = w
-            bias = float(-(x @ w).mean())
-        s = condition_scores(torch.cat([va_p[:, j], va_n[:, j]]), v, kind, bias)
-        r = grid_search(s, y)
-        r.update(layer=layer)
+        sc, yy = torch.cat(oof[j][0]), torch.cat(oof[j][1])
+        r = grid_search(sc, yy, recall=recall)
+        r.update(layer=layer, auroc=auroc(sc, yy) if r["side"] == "above" else auroc(-sc, yy))
         grid.append(r)
-        if best is None or (r["f1"], r["accuracy"]) > (best[0]["f1"], best[0]["accuracy"]):
-            best = (r, v, bias)
-    r, v, bias = best
+        key = (r["f1"], r["accuracy"]) if select == "f1" else (r["auroc"], r["f1"])
+        if best is None or key > best[0]:
+            best = (key, j, r)
+    _, j, r = best
+    v, bias = fit(*rows(torch.ones(len(prompts), dtype=torch.bool)), j)
     meta = {"model": model.name, "method": method, "val_f1": r["f1"], "val_accuracy": r["accuracy"],
-            "grid": grid, "data_hash": prompts_hash(positive + negative)}
+            "val_auroc": r["auroc"], "select": select, "recall_target": recall, "folds": folds if val_frac is None else 1,
+            "augmented": augment is not None, "grid": grid, "data_hash": prompts_hash(positive + negative)}
     return Condition(v, r["layer"], r["threshold"], r["side"], kind, bias, meta)
+
+
+def _fold_ids(y: Bool[Tensor, "n"], folds: int, val_frac: Optional[float], seed: int) -> Tensor:
+    """Stratified fold id per example; with ``val_frac`` one held-out fold (0) and the rest -1."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.empty(len(y), dtype=torch.long)
+    for cls in (True, False):
+        idx = torch.nonzero(y == cls).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        if val_frac is not None:
+            k = max(1, round(len(idx) * val_frac))
+            if k >= len(idx):
+                raise ValueError("Too few prompts to hold out a validation split; pass more or lower val_frac.")
+            ids[idx] = -1
+            ids[idx[:k]] = 0
+        else:
+            n_folds = min(folds, len(idx))
+            if n_folds < 2:
+                raise ValueError("Cross-validation needs at least 2 prompts per side and folds >= 2.")
+            ids[idx] = torch.arange(len(idx)) % n_folds
+    return ids

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["Raw", "Batch", "tokenize", "pad_left", "position_ids", "load_prompts", "batches", "Prompt"]
+__all__ = ["Raw", "Batch", "tokenize", "pad_left", "position_ids", "load_prompts", "batches", "casual", "Prompt"]
 
 
 class Raw(str):
@@ -216,4 +216,36 @@ def load_prompts(path: str | Path, key: str = "instruction") -> list[Any]:
             raise ValueError(f"{path}: item {i} is neither a string nor an object with {key!r}: {it!r}")
     if not out:
         raise ValueError(f"{path} holds no prompts.")
+    return out
+
+
+_OPENERS = ("", "", "hey, ", "ok so ", "quick question: ", "hi! ", "so ", "um, ", "can u help? ")
+_CLOSERS = ("", "", " pls", " lol", "??", " thanks", " asap", "!")
+
+
+def casual(prompts: Sequence[str], seed: int = 0) -> list[str]:
+    """One informal-voice copy of each prompt: lower case, dropped apostrophes and final
+    punctuation, chatty openers and closers ("hey, ", " pls"), each applied at random.
+
+    A style augmentation for fitting classifiers on prompts: steer's training prompts are written
+    in a tidy voice, while users (and evaluation sets written elsewhere) often are not; a
+    condition fitted on both voices keeps its threshold when the voice changes (see
+    :func:`steer.refusal.fit_refusal`). Deterministic for a given ``seed``.
+
+    >>> casual(["What's the capital of France?", "Write a poem."], seed=1)
+    ["quick question: what's the capital of france?", 'ok so write a poem.']
+    """
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for text in prompts:
+        if not isinstance(text, str):
+            raise TypeError(f"casual() takes instruction strings, got {type(text).__name__}.")
+        s = text.lower() if rng.random() < 0.7 else text
+        if rng.random() < 0.6:
+            s = s.replace("'", "").replace("\u2019", "")
+        if rng.random() < 0.6:
+            s = s.rstrip(".?!")
+        out.append(rng.choice(_OPENERS) + s + rng.choice(_CLOSERS))
     return out

@@ -35,12 +35,13 @@ from .steering import Steering, steer
 __all__ = [
     "training_data", "behaviour_vector", "refusal_direction", "select_refusal_direction",
     "harmfulness_direction", "LatentGuard", "latent_guard", "refusal_scores", "evaluate_refusal",
-    "fit_refusal", "RefusalSetup", "demo", "DEFAULT_LAYER", "DEFAULT_STRENGTH",
+    "fit_refusal", "harmfulness_condition", "RefusalSetup", "demo", "DEFAULT_LAYER", "DEFAULT_STRENGTH",
 ]
 
 DATA_DIR = Path(__file__).parent / "datasets"
 DEFAULT_LAYER = 10  # behaviour layer on the embedded SmolLM2 (sweep in experiments/refusal_induction.py)
 DEFAULT_STRENGTH = 2.0
+CONDITION_RECALL = 0.95  # out-of-fold recall the harmfulness condition's threshold keeps (fit_refusal)
 
 
 def _instructions(path: Path) -> list[str]:
@@ -135,7 +136,13 @@ def refusal_direction(
 @torch.no_grad()
 def refusal_scores(model, prompts: Sequence[Any], steering: Optional[Steering] = None) -> Tensor:
     """Refusal log-odds of the first generated token for each prompt (optionally under ``steering``,
-    a :class:`Steering` that is not yet active)."""
+    a :class:`Steering` that is not yet active): Arditi et al.'s refusal score.
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> refusal_scores(m, ["Rob a bank", "Bake bread"]).shape
+    torch.Size([2])
+    """
     ids = E.refusal_token_ids(model.tokenizer)
     with (steering or Steering(model)) as s:
         return E.refusal_logodds(s.next_token_logits(prompts), ids)
@@ -156,6 +163,14 @@ def select_refusal_direction(
     harmful prompts under ablation everywhere, (b) on harmless prompts with the vector added at its
     layer, (c) next-token KL on harmless prompts under ablation; keep ``KL ≤ max_kl`` and layers
     before the last ``skip_last`` fraction, prefer induction > 0, then the lowest ablation score.
+    ``meta["selection"]`` keeps every candidate's three numbers.
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> cands = refusal_direction(m, ["Rob a bank", "Hack a server"], ["Bake bread", "Sing a song"])
+    >>> d = select_refusal_direction(m, cands, ["Steal a car"], ["Plant a tree"])
+    >>> d.layer in range(m.n_layers), len(d.meta["selection"]) > 0
+    (True, True)
     """
     ids = E.refusal_token_ids(model.tokenizer)
     with Steering(model) as s:
@@ -198,7 +213,16 @@ def harmfulness_direction(model, harmful: Sequence[str], harmless: Sequence[str]
 
 @dataclass
 class LatentGuard:
-    """Projection classifier on the harmfulness direction at the last instruction token."""
+    """Projection classifier on the harmfulness direction at the last instruction token
+    ("Latent Guard" of "LLMs Encode Harmfulness and Refusal Separately"); fit with
+    :func:`latent_guard`.
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> g = latent_guard(m, ["Rob a bank", "Hack it"], ["Bake", "Sing a song"], layer=1)
+    >>> g.scores(m, ["Rob a bank", "Bake"]).shape
+    torch.Size([2])
+    """
 
     direction: Direction
     layer: int
@@ -235,7 +259,17 @@ def latent_guard(model, harmful: Sequence[str], harmless: Sequence[str], layer: 
 # -- the full conditional-refusal setup -------------------------------------------------------
 @dataclass
 class RefusalSetup:
-    """A behaviour vector, its layer/strength, and a harmfulness condition."""
+    """A behaviour vector, its layer/strength, and a harmfulness condition; ``steering()`` applies
+    the vector always or, with ``conditional=True``, only to prompts where the condition fires.
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> s = fit_refusal(m, layer=1, n_behaviour=4, limit=6)
+    >>> with s.steering(m, conditional=True) as st:
+    ...     out = st.generate(["Rob a bank", "Bake bread"], max_new_tokens=2)
+    >>> len(out), st.last_gate.shape
+    (2, torch.Size([2]))
+    """
 
     behaviour: Direction
     condition: Condition
@@ -256,28 +290,62 @@ def fit_refusal(
     condition_layers="all",
     condition_kind: str = "probe",
     condition_method: str = "probe",
+    condition_recall: Optional[float] = CONDITION_RECALL,
+    augment: bool = True,
     limit: Optional[int] = None,
 ) -> RefusalSetup:
     """Extract the behaviour vector and a harmfulness condition from steer's training prompts only.
 
-    The default condition is a logistic probe on the prompt-mean hidden state: on the embedded
-    SmolLM2 its threshold transfers to differently worded (informal) prompts far better than the
-    mean-difference projection's (see ``experiments/cast.py``). ``limit=None`` uses every
-    training prompt; fewer prompts make the probe's threshold transfer worse.
+    The condition is CAST's, with three choices stated here because they decide how well it
+    transfers to prompts written elsewhere (measured in ``experiments/cast.py``):
+
+    * score: a logistic probe on the prompt-mean hidden state (``condition_kind="probe"``) — the
+      mean-difference projection's threshold does not transfer across prompt styles;
+    * data: every training prompt plus an informal-voice copy of it (:func:`steer.data.casual`,
+      ``augment=True``): the training prompts are tidy, users are not;
+    * selection: 5-fold cross-validation; the layer with the best out-of-fold AUROC; the
+      threshold that keeps out-of-fold recall at ``condition_recall`` (0.95) rather than the
+      F1-best one, because a false fire costs a refused harmless request while the behaviour
+      target for harmful prompts is 0.80. ``condition_recall=None`` restores CAST's F1 search.
 
     >>> import steer
     >>> m = steer.load("tiny-llama")
     >>> s = fit_refusal(m, layer=1, n_behaviour=4, limit=6)
-    >>> s.layer
-    1
+    >>> s.layer, s.condition.meta["recall_target"]
+    (1, 0.95)
     """
     data = training_data(limit)
-    # disjoint halves: behaviour vector from the first prompts, the condition from all of them
     beh = behaviour_vector(model, data["harmful"], data["harmless"], data["refusals"], data["compliances"],
                            n=n_behaviour, layer=layer, layers=[layer])
-    cond = fit_condition(model, data["harmful"], data["harmless"], layers=condition_layers,
-                         kind=condition_kind, method=condition_method)
+    cond = harmfulness_condition(model, layers=condition_layers, kind=condition_kind, method=condition_method,
+                                 recall=condition_recall, augment=augment, limit=limit)
     return RefusalSetup(beh, cond, layer, strength)
+
+
+def harmfulness_condition(
+    model,
+    *,
+    layers="all",
+    kind: str = "probe",
+    method: str = "probe",
+    recall: Optional[float] = CONDITION_RECALL,
+    augment: bool = True,
+    limit: Optional[int] = None,
+) -> Condition:
+    """The CAST condition "the prompt is harmful", fitted on steer's training prompts with the
+    choices :func:`fit_refusal` documents (probe, informal-voice copies, 5-fold CV, layer by
+    out-of-fold AUROC, threshold at out-of-fold ``recall``).
+
+    >>> import steer
+    >>> c = harmfulness_condition(steer.load("tiny-llama"), limit=6)
+    >>> c.kind, c.meta["augmented"]
+    ('probe', True)
+    """
+    from .data import casual
+
+    data = training_data(limit)
+    return fit_condition(model, data["harmful"], data["harmless"], layers=layers, kind=kind, method=method,
+                         select="auroc", recall=recall, augment=casual if augment else None)
 
 
 @torch.no_grad()
@@ -289,7 +357,7 @@ def evaluate_refusal(
     *,
     max_new_tokens: int = 64,
     batch_size: int = 32,
-    keep_texts: int = 3,
+    keep_texts: Optional[int] = 3,
 ) -> dict:
     """Greedy answers without steering, always steered, and with CAST; refusal rates, condition
     accuracy/F1 on the evaluation prompts, readability, and next-token KL on harmless prompts
@@ -303,6 +371,7 @@ def evaluate_refusal(
     True
     """
     harmful, harmless = list(harmful), list(harmless)
+    k = max(len(harmful), len(harmless)) if keep_texts is None else keep_texts  # answers kept per side (None: all)
     if not harmful or not harmless:
         raise ValueError(f"evaluate_refusal needs harmful and harmless prompts (got {len(harmful)}, {len(harmless)}).")
     prompts = harmful + harmless
@@ -318,13 +387,7 @@ def evaluate_refusal(
 
     base = gen(lambda: Steering(model))
     steered = gen(lambda: setup.steering(model))
-    gates = []
-
-    def cond_make():
-        s = setup.steering(model, conditional=True)
-        return s
-
-    conditional = []
+    gates, conditional = [], []
     for i in range(0, len(prompts), batch_size):
         with setup.steering(model, conditional=True) as s:
             conditional += s.generate(prompts[i: i + batch_size], max_new_tokens=max_new_tokens)
@@ -345,12 +408,16 @@ def evaluate_refusal(
     def rate(texts, lo, hi):
         return E.refusal_rate(texts[lo:hi])
 
+    refused_base = E.refusal_substring(base[nh:])
+    refused_cond = E.refusal_substring(conditional[nh:])
     r = {
         "n_harmful": nh, "n_harmless": len(harmless), "layer": setup.layer, "strength": setup.strength,
         "baseline_refusal_harmful": rate(base, 0, nh), "baseline_refusal_harmless": rate(base, nh, None),
         "steered_refusal_harmful": rate(steered, 0, nh), "steered_refusal_harmless": rate(steered, nh, None),
         "conditional_refusal_harmful": rate(conditional, 0, nh),
         "conditional_refusal_harmless": rate(conditional, nh, None),
+        # harmless prompts refused under CAST that the unsteered model answered: what CAST adds
+        "conditional_refusal_harmless_added": sum(c and not b for b, c in zip(refused_base, refused_cond)) / len(harmless),
         "condition_accuracy": E.accuracy(fired, labels), "condition_f1": E.f1(fired, labels),
         "condition_fired_harmful": float(fired[:nh].float().mean()),
         "condition_fired_harmless": float(fired[nh:].float().mean()),
@@ -359,10 +426,12 @@ def evaluate_refusal(
         "kl_harmless_not_fired": kl, "n_harmless_not_fired": len(quiet),
         "steered_readable": sum(map(E.is_readable, steered)) / len(steered),
         "max_new_tokens": max_new_tokens, "seconds": round(time.time() - t0, 1),
+        # every harmless prompt the unsteered model already declines (the floor of the conditional rate)
+        "refused_unsteered_harmless": [{"prompt": p, "answer": t} for p, t, r in zip(harmless, base[nh:], refused_base) if r],
         "examples": [
             {"prompt": prompts[i], "baseline": base[i], "steered": steered[i], "conditional": conditional[i],
              "fired": bool(fired[i])}
-            for i in list(range(min(keep_texts, nh))) + list(range(nh, nh + min(keep_texts, len(harmless))))
+            for i in list(range(min(k, nh))) + list(range(nh, nh + min(k, len(harmless))))
         ],
     }
     return r

@@ -26,12 +26,12 @@ def test_refusal_induction_claim(smol, tmp_path):
 def test_cast_claim(smol, tmp_path):
     import cast
 
-    # logistic-probe condition fitted on 120+120 training prompts, layer picked between 10 and 15 by
-    # held-out training F1; its threshold transfers to the informal eval prompts (measured offline:
-    # layer 15, eval accuracy 0.97 on 16+16, AUROC 1.0)
-    r = cast.run(tmp_path, n_train=120, n_eval=16, n_gen=0, condition_layers=(10, 15), kind="probe", model=smol)
+    # the harmfulness condition of `steer refusal` (probe, informal-voice copies, 5-fold CV, threshold at
+    # out-of-fold recall 0.95), fitted on all training prompts at two candidate layers, transfers to 40+40
+    # informally worded eval prompts written elsewhere: it fires on harmful ones and almost never on harmless
+    r = cast.run(tmp_path, n_eval=40, n_gen=0, condition_layers=(12, 14), kind="probe", model=smol)
     assert r["eval_auroc"] >= 0.95
     assert r["eval_accuracy"] >= 0.9
-    assert r["fired_harmful"] >= 0.9 and r["fired_harmless"] <= 0.15
+    assert r["fired_harmful"] >= 0.85 and r["fired_harmless"] <= 0.10
     for f in ("condition_grid.png", "condition_scores_hist.png", "results.json"):
         assert (tmp_path / f).exists()

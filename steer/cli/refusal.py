@@ -31,8 +31,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     import steer
     from steer import refusal
     from steer.data import load_prompts
@@ -53,15 +51,15 @@ def run(args) -> int:
                                 condition_layers=list(range(min(2, model.n_layers - 1), hi)),
                                 condition_kind=kind, condition_method="probe" if kind == "probe" else "mean_diff")
     result = refusal.evaluate_refusal(model, harmful, harmless, setup, max_new_tokens=args.max_new_tokens,
-                                      batch_size=args.batch_size)
+                                      batch_size=args.batch_size, keep_texts=None)
     result["model"] = model.name
     result["condition_val_f1_train_split"] = setup.condition.meta.get("val_f1")
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text)
-    keys = [k for k in result if k.endswith(("_harmful", "_harmless")) or k.startswith(("condition_acc", "condition_f1", "kl_"))]
+    keys = [k for k, v in result.items() if isinstance(v, (int, float))
+            and (k.endswith(("_harmful", "_harmless", "_added")) or k.startswith(("condition_acc", "condition_f1", "kl_")))]
     for k in ["layer", "strength"] + keys:
         print(f"{k:32s} {result[k]}")
-    del torch
     return 0
