@@ -198,25 +198,13 @@ def track_sink(model, include_sink: bool = False) -> Iterator[dict]:
     >>> st["mask"].tolist()
     [[False, False, True]]
     """
+    from .hooks import call_positions
+
     state: dict = {"mask": None}
     base = getattr(model.hf, model.hf.base_model_prefix)
 
     def pre(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        ref = ids if ids is not None else kwargs.get("inputs_embeds")
-        b, n = ref.shape[0], ref.shape[1]
-        am = kwargs.get("attention_mask")
-        if am is None or am.ndim != 2:
-            am = torch.ones((b, n), dtype=torch.bool, device=ref.device)
-        am = am.bool()
-        past = am.shape[1] - n
-        real = am[:, past:]
-        if include_sink:
-            state["mask"] = real
-        else:
-            first = am.int().argmax(-1)
-            cols = torch.arange(past, past + n, device=ref.device)
-            state["mask"] = real & (cols[None, :] != first[:, None])
+        state["mask"] = call_positions(args, kwargs).editable(include_sink)
         return None
 
     h = base.register_forward_pre_hook(pre, with_kwargs=True)

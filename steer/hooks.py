@@ -16,13 +16,16 @@ Hooks sit on the HuggingFace modules, so HF ``generate`` with its KV cache runs 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
+import torch
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from .sites import Site, hf_target, parse_sites
 
-__all__ = ["add_hooks", "HookFn"]
+__all__ = ["add_hooks", "HookFn", "CallPositions", "call_positions"]
 
 HookFn = Callable[[Tensor, Site], Optional[Tensor]]
 
@@ -99,3 +102,52 @@ def add_hooks(
     finally:
         for h in handles:
             h.remove()
+
+
+@dataclass
+class CallPositions:
+    """Where the tokens of one forward call sit: the call's ``n`` tokens are columns
+    ``past .. past + n`` of the full (left-padded) sequence, as in ``generate`` with a KV cache.
+
+    ``attention_mask`` is the full ``[batch, past + n]`` mask, ``real`` the call's real tokens
+    (``[batch, n]``), ``sink`` the call's tokens that are each row's first real token (the
+    attention sink), ``cols`` the columns of the call's tokens.
+    """
+
+    attention_mask: Bool[Tensor, "batch full"]
+    past: int
+    cols: Int[Tensor, "pos"]
+    real: Bool[Tensor, "batch pos"]
+    sink: Bool[Tensor, "batch pos"]
+
+    def editable(self, include_sink: bool = False) -> Bool[Tensor, "batch pos"]:
+        """Real tokens, minus the attention sink unless ``include_sink``."""
+        return self.real if include_sink else self.real & ~self.sink
+
+
+def call_positions(args: tuple, kwargs: dict) -> CallPositions:
+    """:class:`CallPositions` of a decoder forward call from its (pre-hook) arguments
+    (``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``past_key_values``).
+
+    >>> cp = call_positions((), {"input_ids": torch.tensor([[0, 5, 6]]), "attention_mask": torch.tensor([[0, 1, 1]])})
+    >>> cp.editable().tolist(), cp.editable(include_sink=True).tolist()
+    ([[False, False, True]], [[False, True, True]])
+    >>> cp = call_positions((), {"input_ids": torch.tensor([[7]]), "attention_mask": torch.tensor([[0, 1, 1, 1]])})
+    >>> cp.past, cp.editable().tolist()      # a generate step: column 3, not the sink
+    (3, [[True]])
+    """
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    ref = ids if ids is not None else kwargs.get("inputs_embeds")
+    b, n = ref.shape[0], ref.shape[1]
+    dev = ref.device
+    am = kwargs.get("attention_mask")
+    if am is not None and am.ndim == 2:
+        am = am.bool()
+        past = am.shape[1] - n
+    else:
+        cache = kwargs.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        am = torch.ones((b, past + n), dtype=torch.bool, device=dev)
+    cols = torch.arange(past, past + n, device=dev)
+    first = am.int().argmax(-1)  # first real column of each row
+    return CallPositions(am, past, cols, am[:, past:], cols[None, :] == first[:, None])

@@ -31,7 +31,7 @@ from torch import Tensor
 from . import interventions as I
 from . import positions as P
 from .data import Batch, position_ids, tokenize
-from .hooks import add_hooks
+from .hooks import add_hooks, call_positions
 from .sites import Site, resolve_layers
 
 __all__ = ["Steering", "steer", "prompt_means"]
@@ -138,33 +138,22 @@ class Steering:
     def _on_forward(self, module, args, kwargs):
         if self._in_prepass:
             return None
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        emb = kwargs.get("inputs_embeds")
-        ref = ids if ids is not None else emb
-        b, n = ref.shape[0], ref.shape[1]
-        dev = ref.device
-        am = kwargs.get("attention_mask")
-        if am is not None and am.ndim == 2:
-            am = am.bool()
-            past = am.shape[1] - n
-        else:
-            cache = kwargs.get("past_key_values")
-            past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-            am = torch.ones((b, past + n), dtype=torch.bool, device=dev)
+        ids, emb = kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
+        cp = call_positions(args, kwargs)
+        am, past, cols, real = cp.attention_mask, cp.past, cp.cols, cp.real
+        b, n = real.shape
+        dev = real.device
         if past == 0:
             self._prompt_width = n
-        cols = torch.arange(past, past + n, device=dev)
-        real = am[:, past:]
         first = am.int().argmax(-1)  # first real column of each row
-        not_sink = cols[None, :] != first[:, None]
         is_prompt = (cols < self._prompt_width)[None, :].expand(b, n)
         if past == 0:
-            self.last_gate = self._compute_gate(module, ids, emb, am, not_sink & real, b)
+            self.last_gate = self._compute_gate(module, ids, emb, am, cp.editable(), b)
         elif self.last_gate is not None and self.last_gate.shape[0] != b:
             raise ValueError(f"Gate has {self.last_gate.shape[0]} entries but the batch has {b} rows.")
         masks, aligned = [], []
         for iv in self.interventions:
-            m = real if iv.include_sink else real & not_sink
+            m = cp.editable(iv.include_sink)
             pos = iv.positions
             idx = None
             if isinstance(pos, str) and pos in _REGIONS:
