@@ -632,10 +632,7 @@ def plot_layer_sweep(sweep: LayerSweep, path=None, ax=None, keys: Optional[Seque
     >>> os.path.exists(path), [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     (True, ['accuracy', 'auroc'])
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the backend is the user's (headless: Agg)
 
     if ax is None:
         fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -501,8 +501,7 @@ def layer_curve(model, trait: Union[str, Trait], direction, questions: Optional[
 
 
 @torch.no_grad()
-def trace(model, direction, layer: Optional[int], prompts: Sequence, max_new_tokens: int = 32,
-          strength: float = 0.0) -> dict:
+def trace(model, direction, layer: Optional[int], prompts: Sequence, max_new_tokens: int = 32) -> dict:
     """Projection on ``v̂`` over generation: the last prompt token, then each generated token.
 
     Returns ``{"texts": [...], "projections": [n, 1 + max_new_tokens]}`` (NaN after an

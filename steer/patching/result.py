@@ -168,7 +168,7 @@ class PatchingResult:
             "site": self.nodes.site,
             "axes": list(self.nodes.axes),
             "shape": list(self.nodes.shape),
-            "scores": torch.nan_to_num(self.scores.float(), nan=float("nan")).tolist(),
+            "scores": _nan_to_none(self.scores.float().tolist()),  # NaN is not JSON
             "labels": [l["name"] for l in self.labels()],
             "tokens": self.tokens,
             "seconds": self.seconds,
@@ -208,10 +208,7 @@ class PatchingResult:
         >>> os.path.exists(path), [t.get_text() for t in fig.axes[0].get_xticklabels()]
         (True, ['When', ' Mary', ' to'])
         """
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # the backend is the user's (headless: Agg)
 
         eff = self.effects.float()
         axes = list(self.nodes.axes)
@@ -238,3 +235,10 @@ class PatchingResult:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(path, dpi=110)
         return fig
+
+
+def _nan_to_none(x):
+    """Nested lists with NaN replaced by None (strict JSON has no NaN)."""
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return None if x != x else x
