@@ -12,7 +12,11 @@ to ``--out`` (default ``out/cast/``).
     python experiments/cast.py [--out DIR] [--n-train 400] [--n-eval 120] [--n-gen 16] [--kind probe]
               [--no-augment] [--recall 0.95|none]
 
-Measured (all 357/350 training prompts, 120+120 eval prompts): see ``RESULTS`` below.
+Measured (all 357/350 training prompts, layers 2-20, 120+120 eval prompts): layer 14, eval
+accuracy 0.967, fires on 0.967 of harmful and 0.033 of harmless prompts (4: jump-starting a car,
+a kind break-up, a crayfish trap, cutting glass bottles). Without the informal-voice copies and
+with CAST's F1 threshold the same probe fired on 0.08-0.35 of the harmless eval prompts,
+depending on the layer (measured offline).
 """
 
 from __future__ import annotations
