@@ -84,8 +84,9 @@ class Runner:
         mask = None if self.mask is None else self.mask.repeat(reps, 1, 1, 1)
         return mask, (self.cos.repeat(reps, 1, 1), self.sin.repeat(reps, 1, 1)), self.position_ids.repeat(reps, 1)
 
-    def run_suffix(self, h: Tensor, start: int, hooks=None) -> Tensor:
-        """Run layers ``start..`` on the suffix residual ``h`` ``[reps*P, T - prefix, d]``."""
+    def run_suffix(self, h: Tensor, start: int, hooks=None, columns: Tensor | None = None) -> Tensor:
+        """Run layers ``start..`` on the suffix residual ``h`` ``[reps*P, T - prefix, d]``; return
+        last-token logits (only the vocabulary ``columns`` if given)."""
         reps = h.shape[0] // self.P
         n = self.prefix
         mask = self.suffix_mask.repeat(reps, 1, 1, 1) if reps > 1 else self.suffix_mask
@@ -101,7 +102,17 @@ class Runner:
                         h = h[0]
         finally:
             self.cache.recording, self.cache.reps = True, 1
-        return self.model.hf.lm_head(self.inner.norm(h[:, -1]))
+        return self.unembed(h[:, -1], columns)
+
+    def unembed(self, h: Tensor, columns: Tensor | None = None) -> Tensor:
+        """Final norm + unembedding of residuals ``[rows, d]`` (onto ``columns`` only if given)."""
+        x = self.inner.norm(h)
+        head = self.model.hf.lm_head
+        if columns is None:
+            return head(x)
+        cols = columns.to(x.device)
+        bias = None if head.bias is None else head.bias[cols]
+        return torch.nn.functional.linear(x, head.weight[cols], bias)
 
     def run(self, h: Tensor, start: int = 0, hooks=None, keep_resid: bool = False, record: bool = False):
         """Run layers ``start..L-1`` on residual ``h`` ``[reps*P, T, d]``; return last-token logits.

@@ -47,6 +47,24 @@ class LogitDiff:
         self.answer_ids = answer_ids.long()
         self.wrong_ids = wrong_ids.long()
 
+    @property
+    def token_ids(self) -> Tensor:
+        """The vocabulary columns this metric reads (sorted, unique)."""
+        return torch.unique(torch.cat([self.answer_ids, self.wrong_ids]))
+
+    def on_columns(self, columns: Tensor) -> "LogitDiff":
+        """The same metric on logits restricted to ``columns`` (which must hold :attr:`token_ids`).
+
+        >>> m = LogitDiff(torch.tensor([7]), torch.tensor([3]))
+        >>> cols = m.token_ids
+        >>> full = torch.arange(10.0)[None]
+        >>> bool(m.on_columns(cols)(full[:, cols]) == m(full))
+        True
+        """
+        pos = {int(c): i for i, c in enumerate(columns.tolist())}
+        return LogitDiff(torch.tensor([pos[int(i)] for i in self.answer_ids]),
+                         torch.tensor([pos[int(i)] for i in self.wrong_ids]))
+
     def __call__(self, logits: Float[Tensor, "... prompt vocab"]) -> Float[Tensor, "... prompt"]:
         a = self.answer_ids.to(logits.device)
         w = self.wrong_ids.to(logits.device)
@@ -128,6 +146,18 @@ class PatchTask:
             v = self.metric(lg)
             out.append(v.float().mean() if torch.is_tensor(v) else torch.tensor(float(v)))
         return torch.stack(out)
+
+    def column_scorer(self):
+        """``(columns, score)``: when the metric reads only a few vocabulary columns (the built-in
+        :class:`LogitDiff`), patched runs need logits for those columns only (a ``d_vocab``-wide
+        unembedding per variant is ~10% of a patching sweep); ``score`` maps such restricted
+        logits ``[variant, prompt, len(columns)]`` to :meth:`scores`. Otherwise ``(None, scores)``.
+        """
+        if isinstance(self.metric, LogitDiff):
+            cols = self.metric.token_ids
+            restricted = self.metric.on_columns(cols)
+            return cols, lambda logits: restricted(logits).mean(-1)
+        return None, self.scores
 
     @classmethod
     def from_pairs(
