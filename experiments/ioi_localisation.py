@@ -16,9 +16,10 @@ Measured (Pearson vs activation patching, AtP / AtP*):
 
 AtP* (GradDrop, as in the paper) is slightly *below* AtP on heads and attention outputs at every
 n (by 0.0004-0.004): on this model and task there is little cancellation for GradDrop to undo,
-and averaging |estimate| over dropped layers adds a little noise. It ranks the same top nodes
-(top-10 recovery needs the same verifications). The QK fix is where AtP* matters: q .82 -> .99,
-k .89 -> .99 (n=4).
+and averaging |estimate| over dropped layers adds a little noise. Both rank the true top-10
+heads and attention outputs first (10 verifications each; AtP*'s GradDrop costs L/2 = 15
+forward-equivalents more); on resid at n=16 AtP* needs 40 verifications to AtP's 44. The QK fix
+is where AtP* matters: q .82 -> .99, k .89 -> .99 (n=4).
 """
 
 from __future__ import annotations
