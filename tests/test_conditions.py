@@ -86,3 +86,29 @@ def test_condition_save_load(tmp_path):
     c.save(tmp_path / "c.json")
     d = Condition.load(tmp_path / "c.json")
     assert torch.equal(c.vector, d.vector) and (d.layer, d.threshold, d.side, d.kind) == (2, 0.3, "below", "cast")
+
+
+def test_fit_condition_cross_validated_with_augment_and_recall(tiny):
+    from steer.data import casual
+
+    pos = [f"Please kill number {i}" for i in range(10)]
+    neg = [f"Kindly bake loaf {i}" for i in range(10)]
+    c = fit_condition(tiny, pos, neg, folds=5, select="auroc", recall=0.8, augment=casual)
+    assert c.meta["augmented"] and c.meta["folds"] == 5 and c.meta["recall_target"] == 0.8
+    for row in c.meta["grid"]:  # out-of-fold scores of 20 prompts + 20 variants, threshold keeps recall >= 0.8
+        assert row["recall"] >= 0.8 and 0.0 <= row["auroc"] <= 1.0
+    assert c.meta["val_auroc"] == max(r["auroc"] for r in c.meta["grid"])
+    with pytest.raises(ValueError, match="one variant each"):
+        fit_condition(tiny, pos, neg, augment=lambda ps: ps[:-1])
+    with pytest.raises(ValueError, match="select"):
+        fit_condition(tiny, pos, neg, select="precision")
+
+
+def test_grid_search_recall_is_the_conservative_quantile():
+    s = torch.tensor([0.0, 0.1, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4])
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]).bool()
+    g = grid_search(s, y, recall=0.8)  # 9 positives: fire on ceil(0.8 * 9) = 8 of them
+    assert g["side"] == "above" and abs(g["threshold"] - 0.65) < 1e-6 and abs(g["recall"] - 8 / 9) < 1e-6
+    assert g["false_fires"] == 0.0
+    g = grid_search(-s, y, recall=0.8)  # positives lower: side flips
+    assert g["side"] == "below" and abs(g["threshold"] + 0.65) < 1e-6

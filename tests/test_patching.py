@@ -279,3 +279,14 @@ def test_topk_recovery_and_missed_effect_bound(model, task):
     # the bound covers every unverified single-node effect here
     rest = [i for i in range(exact.scores.numel()) if i not in exact.top_indices(2)]
     assert max(abs(float(exact.effects.flatten()[i])) for i in rest) <= d["bound"] + 1e-6 or d["bound"] > 0
+
+
+@pytest.mark.parametrize("kind", ["heads", "attn_out"])
+def test_custom_metric_full_vocab_equals_logitdiff_columns(model, task, kind):
+    """A plain callable metric reads full-width logits; the built-in LogitDiff lets patched runs
+    unembed only its columns (and small runs merge layers): both must give the same scores."""
+    ld = task.metric
+    custom = PatchTask(task.clean, task.corrupt, metric=lambda logits: ld(logits), name="custom")
+    assert task.column_scorer()[0] is not None and custom.column_scorer()[0] is None
+    torch.testing.assert_close(activation_patch(model, custom, kind).scores,
+                               activation_patch(model, task, kind).scores, atol=1e-5, rtol=0)
