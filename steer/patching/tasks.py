@@ -152,6 +152,14 @@ class PatchTask:
         :class:`LogitDiff`), patched runs need logits for those columns only (a ``d_vocab``-wide
         unembedding per variant is ~10% of a patching sweep); ``score`` maps such restricted
         logits ``[variant, prompt, len(columns)]`` to :meth:`scores`. Otherwise ``(None, scores)``.
+
+        >>> import steer, torch
+        >>> m = steer.load("tiny-llama")
+        >>> t = PatchTask.from_pairs(m, [("ab", "ac")], answers=["x"], wrongs=["y"])
+        >>> cols, score = t.column_scorer()
+        >>> logits = torch.randn(3, 1, m.d_vocab)                 # 3 variants, 1 prompt
+        >>> torch.allclose(score(logits[..., cols]), t.scores(logits))
+        True
         """
         if isinstance(self.metric, LogitDiff):
             cols = self.metric.token_ids
