@@ -39,7 +39,48 @@ def _items(hooks) -> Iterable[tuple[object, HookFn]]:
         yield from hooks
 
 
+class _Handles:
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _install_resid_mid(model, site: Site, fn: HookFn):
+    """``resid_mid`` has no module boundary in a HF decoder layer (the layer keeps the sum
+    ``resid_pre + attn_out`` in a local variable). Reading it off the MLP norm's input would let
+    an edit reach only the MLP, not the residual stream. Instead: stash ``resid_pre`` as the
+    attention norm's input, and at the attention output (``attn_out``) form
+    ``mid = resid_pre + attn_out``, let ``fn`` edit it, and write ``attn_out' = mid' - resid_pre``,
+    so the edit flows on through the residual stream exactly as ``mid'``."""
+    layer = model.layers[site.layer]
+    out_tgt = hf_target(model, Site("attn_out", site.layer))
+    state: dict = {}
+
+    def stash(module, args, kwargs):
+        state["pre"] = args[0] if args else next(iter(kwargs.values()))
+
+    def post_hook(module, args, output):
+        first = output[0] if isinstance(output, tuple) else output
+        pre = state.pop("pre")
+        mid = pre + first
+        new = fn(mid, site)
+        if new is None:
+            return None
+        if new.shape != mid.shape:
+            raise ValueError(f"Hook on {site} returned shape {tuple(new.shape)}, expected {tuple(mid.shape)}.")
+        new = new - pre
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return _Handles(layer.input_layernorm.register_forward_pre_hook(stash, with_kwargs=True),
+                    out_tgt.module.register_forward_hook(post_hook))
+
+
 def _install(model, site: Site, fn: HookFn):
+    if site.name == "resid_mid":
+        return _install_resid_mid(model, site, fn)
     tgt = hf_target(model, site)
     heads = tgt.heads
 
@@ -94,6 +135,9 @@ def add_hooks(
     [torch.Size([1, 3, 64])]
     """
     pairs = [(site, fn) for spec, fn in _items(hooks) for site in parse_sites(model, spec)]
+    # resid_mid hooks sit on the attention output too: install them after any attn_out hook so
+    # they see (and the residual carries) the edited attention output, as data flows in the layer
+    pairs.sort(key=lambda p: p[0].name == "resid_mid")
     handles = []
     try:
         for site, fn in pairs:

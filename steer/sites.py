@@ -145,7 +145,7 @@ def hf_target(model, site: Site) -> _Target:
         return _Target(layer, True, None)
     if name == "resid_post":
         return _Target(layer, False, None)
-    if name == "resid_mid":
+    if name == "resid_mid":  # the MLP norm's input: right for reading; add_hooks edits it via attn_out
         norm = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
         return _Target(norm, True, None)
     if name == "attn_out":

@@ -172,3 +172,20 @@ def test_bad_inputs(tiny):
         with steer_ctx(tiny, torch.randn(64), layer=0):
             raise KeyError
     assert not tiny.hf.model._forward_pre_hooks
+
+
+def test_resid_mid_edit_flows_through_the_residual_stream(tiny):
+    """Adding v to resid_mid of layer l equals adding v to layer l's attention output (the
+    residual after attention is resid_pre + attn_out): the edit must reach later layers too,
+    not only the MLP's input."""
+    v = torch.randn(64, generator=torch.Generator().manual_seed(3)) * 2
+    logits = {}
+    for site in ("resid_mid", "attn_out"):
+        with Steering(tiny, [Intervention("add", v, layers=[0], sites=(site,))]) as s:
+            logits[site] = s.logits(PROMPTS)
+    with Steering(tiny) as s:
+        base = s.logits(PROMPTS)
+    b = steer.tokenize(tiny, PROMPTS)
+    real = b.attention_mask.bool()
+    torch.testing.assert_close(logits["resid_mid"][real], logits["attn_out"][real], atol=1e-5, rtol=0)
+    assert not torch.allclose(logits["resid_mid"][real], base[real], atol=1e-3)
