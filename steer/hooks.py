@@ -153,13 +153,14 @@ class CallPositions:
     """Where the tokens of one forward call sit: the call's ``n`` tokens are columns
     ``past .. past + n`` of the full (left-padded) sequence, as in ``generate`` with a KV cache.
 
-    ``attention_mask`` is the full ``[batch, past + n]`` mask, ``real`` the call's real tokens
-    (``[batch, n]``), ``sink`` the call's tokens that are each row's first real token (the
-    attention sink), ``cols`` the columns of the call's tokens.
+    ``attention_mask`` is the full ``[batch, past + n]`` mask, ``first`` each row's first real
+    column (the attention sink), ``cols`` the columns of the call's tokens, ``real`` the call's
+    real tokens and ``sink`` the call's sink tokens (both ``[batch, n]``).
     """
 
     attention_mask: Bool[Tensor, "batch full"]
     past: int
+    first: Int[Tensor, "batch"]
     cols: Int[Tensor, "pos"]
     real: Bool[Tensor, "batch pos"]
     sink: Bool[Tensor, "batch pos"]
@@ -194,4 +195,4 @@ def call_positions(args: tuple, kwargs: dict) -> CallPositions:
         am = torch.ones((b, past + n), dtype=torch.bool, device=dev)
     cols = torch.arange(past, past + n, device=dev)
     first = am.int().argmax(-1)  # first real column of each row
-    return CallPositions(am, past, cols, am[:, past:], cols[None, :] == first[:, None])
+    return CallPositions(am, past, first, cols, am[:, past:], cols[None, :] == first[:, None])

@@ -140,12 +140,11 @@ class Steering:
             return None
         ids, emb = kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
         cp = call_positions(args, kwargs)
-        am, past, cols, real = cp.attention_mask, cp.past, cp.cols, cp.real
+        am, past, cols, real, first = cp.attention_mask, cp.past, cp.cols, cp.real, cp.first
         b, n = real.shape
         dev = real.device
         if past == 0:
             self._prompt_width = n
-        first = am.int().argmax(-1)  # first real column of each row
         is_prompt = (cols < self._prompt_width)[None, :].expand(b, n)
         if past == 0:
             self.last_gate = self._compute_gate(module, ids, emb, am, cp.editable(), b)

@@ -161,7 +161,9 @@ def activation_patch(
     with torch.no_grad():
         for run in _pack(layer_list, active, per_chunk, P, merge=ns.site != "resid_pre"):
             start = run[0][0]
-            V = sum(len(idx) for _, idx in run)
+            ends = torch.tensor([len(idx) for _, idx in run]).cumsum(0).tolist()
+            blocks = [slice(e - len(idx), e) for (_, idx), e in zip(run, ends)]  # each layer's rows
+            V = ends[-1]
             h = base_resid[start][:, d0:]
             if ns.site == "resid_pre":  # one layer per run: the patch is the starting residual itself
                 (l, idx), = run
@@ -170,16 +172,14 @@ def activation_patch(
                 hooks = None
             else:  # variants of consecutive layers share one run; each is patched at its own layer
                 h = h.repeat(V, 1, 1)
-                hooks, s0 = {}, 0
-                for l, idx in run:
-                    hooks[Site(ns.site, l)] = _patcher(all_masks[idx].to(h.device)[:, None],
-                                                       other_acts[(ns.site, l)][:, d0:], s0, V, P)
-                    s0 += len(idx)
+                hooks = {}
+                for (l, idx), rows in zip(run, blocks):
+                    mask = torch.zeros((V, 1, *all_masks.shape[1:]), dtype=torch.bool, device=h.device)
+                    mask[rows] = all_masks[idx].to(h.device)[:, None]
+                    hooks[Site(ns.site, l)] = _patcher(mask, other_acts[(ns.site, l)][:, d0:], V, P)
             vals = score(base.run_suffix(h, start, hooks, columns).view(V, P, -1)).cpu()
-            s0 = 0
-            for l, idx in run:
-                scores[l].view(-1)[idx] = vals[s0: s0 + len(idx)]
-                s0 += len(idx)
+            for (l, idx), rows in zip(run, blocks):
+                scores[l].view(-1)[idx] = vals[rows]
             fe += V * (L - start) / L * Tq / task.n_pos
     norm = (scores - m_corrupt) / (m_clean - m_corrupt)
     return PatchingResult(
@@ -220,13 +220,11 @@ def _pack(layers, active: Tensor, per_chunk: int, P: int, merge: bool) -> list[l
     return runs
 
 
-def _patcher(mask: Tensor, other_act: Tensor, s0: int, V: int, P: int):
-    """Hook: rows ``s0 .. s0 + len(mask)`` of a ``V``-variant run take ``other_act`` where ``mask``."""
-    n = mask.shape[0]
+def _patcher(mask: Tensor, other_act: Tensor, V: int, P: int):
+    """Hook: the rows of a ``V``-variant run take ``other_act`` where ``mask`` ``[V, 1, *unit]``."""
 
     def patch(act, site):
         view = act.view(V, P, *act.shape[1:])
-        block = torch.where(mask, other_act[None], view[s0: s0 + n])
-        return torch.cat([view[:s0], block, view[s0 + n:]]).view(act.shape)
+        return torch.where(mask, other_act[None], view).view(act.shape)
 
     return patch
