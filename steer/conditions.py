@@ -123,8 +123,10 @@ class Condition(_Logic):
                 "side": self.side, "kind": self.kind, "bias": self.bias, "meta": self.meta}
 
     def save(self, path: Union[str, Path]) -> None:
-        """Save as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict()))
+        """Save as JSON (written atomically)."""
+        from .capture import _atomic
+
+        _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(self.to_dict())))
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Condition":
