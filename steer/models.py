@@ -386,7 +386,9 @@ def _tiny(key: str, seed: int):
     if key == "tiny-llama":
         cfg = LlamaConfig(**common, tie_word_embeddings=True)
     else:
-        cfg = Gemma3TextConfig(**common, sliding_window=64)
+        # one sliding-window layer (a window shorter than test prompts) and one global layer,
+        # each with its own rotary base, as in the real Gemma-3
+        cfg = Gemma3TextConfig(**common, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
     cfg.architectures = ["LlamaForCausalLM" if key == "tiny-llama" else "Gemma3ForCausalLM"]
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -30,7 +30,7 @@ from ..sites import Site
 from ._runner import Runner
 from .activation import _check_direction, capture_sites, run_metrics
 from .nodes import NodeSet, node_set
-from .qk_fix import attn_logits, key_fix, pattern_grad, query_fix, rotary
+from .qk_fix import key_fix, pattern_grad, query_fix
 from .result import PatchingResult
 from .tasks import PatchTask
 
@@ -85,22 +85,19 @@ class _Attribution:
         delta = self.other[key] - self.base[key].detach()
         return ns.reduce((delta * grads[key]).sum(0))
 
+    @torch.no_grad()
     def _qk_scores(self, ns: NodeSet, l: int, grads: dict) -> Tensor:
         r = self.base_runner
-        attn = self.model.layers[l].self_attn
-        cos, sin = r.cos, r.sin
         q, k = self.base[("q", l)].detach(), self.base[("k", l)].detach()
         v = self.base[("v", l)].detach()
-        key_valid = self.task.clean.attention_mask.bool()
-        q_rot, k_rot = rotary(q, cos, sin), rotary(k, cos, sin)
-        x = attn_logits(q_rot, k_rot, attn.scaling, key_valid)
+        x = r.attention_logits(l, q, k)
         g = pattern_grad(grads[("z", l)], v)
         H, Hkv = q.shape[2], k.shape[2]
         if ns.site == "q":
-            x_new = attn_logits(rotary(self.other[("q", l)], cos, sin), k_rot, attn.scaling, key_valid)
+            x_new = r.attention_logits(l, self.other[("q", l)], k)
             per_row = query_fix(x, x_new, g).sum(0)  # [H, T]
             return per_row.sum(-1) if ns.units == ("head",) else per_row.T  # [H] or [T, H]
-        x_new = attn_logits(q_rot, rotary(self.other[("k", l)], cos, sin), attn.scaling, key_valid)
+        x_new = r.attention_logits(l, q, self.other[("k", l)])
         if ns.units == ("head",):  # all keys of a kv head patched at once: exact softmax
             per_head = query_fix(x, x_new, g).sum((0, 2))  # [H]
             return per_head.view(Hkv, H // Hkv).sum(-1)

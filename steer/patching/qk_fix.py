@@ -40,10 +40,11 @@ def rotary(x: Float[Tensor, "P T H d"], cos: Float[Tensor, "P T d"], sin: Float[
 
 def attn_logits(
     q_rot: Float[Tensor, "P T H d"], k_rot: Float[Tensor, "P S Hkv d"], scaling: float,
-    key_valid: Bool[Tensor, "P S"] | None = None,
+    key_valid: Bool[Tensor, "P S"] | None = None, window: int | None = None, softcap: float | None = None,
 ) -> Float[Tensor, "P H T S"]:
     """Causal attention logits with masked entries set to :data:`NEG` (GQA: head h uses kv head
-    ``h // (H // Hkv)``).
+    ``h // (H // Hkv)``). ``window``: sliding-window attention (row ``t`` sees keys
+    ``t - window < s <= t``); ``softcap``: ``tanh(x / c) * c`` (Gemma-2 style).
 
     >>> import torch
     >>> attn_logits(torch.randn(1, 3, 2, 4), torch.randn(1, 3, 1, 4), 0.5).shape
@@ -52,8 +53,13 @@ def attn_logits(
     H, Hkv = q_rot.shape[2], k_rot.shape[2]
     k = k_rot.repeat_interleave(H // Hkv, dim=2)
     x = torch.einsum("pthd,pshd->phts", q_rot, k) * scaling
+    if softcap:
+        x = torch.tanh(x / softcap) * softcap
     T, S = x.shape[-2:]
-    valid = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
+    valid = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+    if window:
+        valid = valid & ~torch.ones_like(valid).tril(S - T - window)
+    valid = valid[None, None]
     if key_valid is not None:
         valid = valid & key_valid[:, None, None, :]
     return x.masked_fill(~valid, NEG)
