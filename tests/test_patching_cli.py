@@ -1,6 +1,7 @@
 import argparse
 import json
 
+import steer.cli
 from steer.cli import patch as cli
 
 
@@ -18,3 +19,12 @@ def test_cli_patch_json_and_plot(tmp_path):
     assert len(doc["methods"]["atp"]["labels"]) == 8 and doc["methods"]["atp"]["seconds"] > 0
     assert set(doc["comparison"]["atp"]) >= {"pearson", "spearman", "topk_recovery"}
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_console_entry_point_exits_zero(tmp_path, capsys):
+    """`steer patch` through the real entry point (its status is what the shell sees)."""
+    rc = steer.cli.main(["patch", "--task", "ioi", "--n", "2", "--nodes", "resid", "--method", "activation,atp",
+                         "--model", "tiny-gemma3"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"] == "tiny-gemma3" and set(doc["methods"]) == {"activation", "atp"}

@@ -27,9 +27,16 @@ def add_parser(subparsers):
     return p
 
 
-def run(args) -> dict:
+def run(args) -> int:
+    """Entry point of ``steer patch``: :func:`report`, exit status 0."""
+    report(args)
+    return 0
+
+
+def report(args) -> dict:
     """Run the methods and emit JSON: per method the scores, node labels and time; with
-    ``activation`` among the methods, Pearson/Spearman of each fast method and top-K recovery cost."""
+    ``activation`` among the methods, Pearson/Spearman of each fast method and top-K recovery cost.
+    Returns the JSON document."""
     import steer
     from steer.patching import ioi_task, load_task, patch
 
