@@ -289,3 +289,31 @@ def test_custom_metric_full_vocab_equals_logitdiff_columns(model, task, kind):
     assert task.column_scorer()[0] is not None and custom.column_scorer()[0] is None
     torch.testing.assert_close(activation_patch(model, custom, kind).scores,
                                activation_patch(model, task, kind).scores, atol=1e-5, rtol=0)
+
+
+# -- the embedded Gemma-3-270M ---------------------------------------------------------------
+@pytest.mark.slow
+def test_embedded_gemma3_ioi_heads_match_bridge_and_qk_fix_helps():
+    """Real Gemma-3 (sliding-window layers 0-4, global layer 5, q/k norms, sandwich norms):
+    head patching equals one bridge forward per head; the QK fix improves AtP on keys."""
+    from steer.patching import ioi_task
+
+    g = steer.load("gemma-3-270m")
+    t = ioi_task(g, n=4)
+    ours = activation_patch(g, t, "heads", layers=[4, 5])
+    assert ours.meta["metric_clean"] > 0 > ours.meta["metric_corrupt"]  # the base model solves IOI
+    bridge = g.bridge
+    _, cache = bridge.run_with_cache(t.clean.input_ids)
+    metric = _tl_metric(t, ours)
+    for layer in (4, 5):
+        name = f"blocks.{layer}.attn.o.hook_in"
+        for head in range(g.n_heads):
+            def hook(act, hook, head=head, name=name):
+                act = act.clone()  # [batch, pos, head, d_head]
+                act[:, :, head] = cache[name][:, :, head]
+                return act
+            ref = metric(bridge.run_with_hooks(t.corrupt.input_ids, fwd_hooks=[(name, hook)]))
+            assert abs(float(ref) - float(ours.scores[layer, head])) < 1e-4, (layer, head)
+    exact = activation_patch(g, t, "k")
+    plain, fixed = atp(g, t, "k"), atp(g, t, "k", qk_fix=True)
+    assert fixed.correlation(exact)["pearson"] > max(0.95, plain.correlation(exact)["pearson"])
