@@ -273,11 +273,29 @@ def test_topk_recovery_and_missed_effect_bound(model, task):
     exact = activation_patch(model, task, "heads")
     c = topk_recovery_cost(exact, exact, k=3, method_cost=0)
     assert c["verified"] == 3 and c["cost"] == 3
-    d = missed_effect_bound(model, task, "heads", verified=exact.top_indices(2), confidence=0.9, p=0.3)
-    assert d["confidence"] >= 0.9 and d["n_subsets"] == len(d["subset_effects"])
-    # the bound covers every unverified single-node effect here
-    rest = [i for i in range(exact.scores.numel()) if i not in exact.top_indices(2)]
-    assert max(abs(float(exact.effects.flatten()[i])) for i in rest) <= d["bound"] + 1e-6 or d["bound"] > 0
+    verified = exact.top_indices(2)
+    d = missed_effect_bound(model, task, "heads", verified=verified, confidence=0.9, p=0.3)
+    assert d["confidence"] >= 0.9 and d["n_subsets"] == len(d["subset_effects"]) == len(d["subsets"])
+    assert d["bound"] == max(d["subset_effects"])
+    assert not set(verified) & {i for s in d["subsets"] for i in s}
+    # each subset effect is a joint patch of its heads: recompute the largest ones on the bridge
+    bridge, H = model.bridge, model.n_heads
+    _, cache = bridge.run_with_cache(task.clean.input_ids)
+    metric = _tl_metric(task, exact)
+    for i in sorted(range(d["n_subsets"]), key=lambda i: -d["subset_effects"][i])[:3]:
+        hooks = []
+        for layer in range(model.n_layers):
+            heads = [j % H for j in d["subsets"][i] if j // H == layer]
+            name = f"blocks.{layer}.attn.o.hook_in"
+
+            def hook(act, hook, heads=heads, name=name):
+                act = act.clone()
+                act[:, :, heads] = cache[name][:, :, heads]
+                return act
+
+            hooks.append((name, hook))
+        ref = abs(float(metric(bridge.run_with_hooks(task.corrupt.input_ids, fwd_hooks=hooks))))
+        assert abs(ref - d["subset_effects"][i]) < 1e-4
 
 
 @pytest.mark.parametrize("kind", ["heads", "attn_out"])

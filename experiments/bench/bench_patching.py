@@ -1,6 +1,7 @@
 """Benchmark: steer.patching vs transformer_lens.patching on the embedded model (same run, same inputs).
 
-Run: ``python experiments/bench/bench_patching.py [--tl-nodes N]`` (about 4 minutes on 2 CPU cores).
+Run: ``python experiments/bench/bench_patching.py [--tl-nodes N] [--model gemma-3-270m]`` (about
+4 minutes on 2 CPU cores for SmolLM2, the default).
 
 Both libraries are timed on the full node set by default. TransformerLens runs one full forward
 per node, whose cost does not depend on the node, so ``--tl-nodes N`` times it on N random nodes
@@ -32,14 +33,15 @@ def _forward_time(model, task, reps: int = 3) -> float:
     return statistics.median(ts)
 
 
-def main(device: str = "cpu", n_prompts: int = 4, tl_nodes: int | None = None, seed: int = 0) -> dict:
+def main(device: str = "cpu", n_prompts: int = 4, tl_nodes: int | None = None, seed: int = 0,
+         model_name: str | None = None) -> dict:
     """Print ``patching <kind>: steer X s, transformer_lens Y s, speedup Zx`` lines; return the numbers."""
     import transformer_lens.patching as TLP
 
     import steer
     from steer.patching import activation_patch, atp, atp_star, ioi_task
 
-    model = steer.load(device=device)
+    model = steer.load(model_name, device=device)
     task = ioi_task(model, n=n_prompts)
     bridge = model.bridge
     clean, corrupt = task.clean.input_ids, task.corrupt.input_ids
@@ -99,5 +101,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tl-nodes", type=int, default=None, help="time TransformerLens on N random nodes only")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default=None, help="steer.load name (default: the embedded SmolLM2)")
     a = ap.parse_args()
-    main(device=a.device, tl_nodes=a.tl_nodes)
+    main(device=a.device, tl_nodes=a.tl_nodes, model_name=a.model)

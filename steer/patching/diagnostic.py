@@ -70,8 +70,9 @@ def missed_effect_bound(
     """Bound the largest effect among unverified nodes by patching random subsets of them.
 
     ``verified``: flat node indices already checked (excluded from the subsets). Returns
-    ``{"bound", "confidence", "n_subsets", "p", "subset_effects"}``; effects are normalised
-    (change of ``(M - corrupt)/(clean - corrupt)`` from the base run).
+    ``{"bound", "confidence", "n_subsets", "p", "subset_effects", "subsets"}``: effects are
+    normalised (``|change|`` of ``(M - corrupt)/(clean - corrupt)`` from the base run) and
+    ``subsets[i]`` lists the flat node indices patched together in subset ``i``.
 
     >>> import steer
     >>> from steer.patching import ioi_task, missed_effect_bound
@@ -121,4 +122,5 @@ def missed_effect_bound(
     m_base = m_corrupt if direction == "denoising" else m_clean
     norm = ((eff - m_base) / (m_clean - m_corrupt)).abs()
     return {"bound": float(norm.max()), "confidence": 1 - (1 - p / 2) ** m_sub, "n_subsets": m_sub, "p": p,
-            "subset_effects": norm.tolist(), "seconds": time.perf_counter() - t0}
+            "subset_effects": norm.tolist(), "subsets": [row.nonzero().flatten().tolist() for row in include],
+            "seconds": time.perf_counter() - t0}
