@@ -2,24 +2,35 @@
 match exhaustive activation patching at heads, attn_out, mlp_out and resid (plus q/k, where
 the QK fix matters).
 
-    python experiments/ioi_localisation.py --out out/ioi/ [--n 4] [--model NAME]
+    python experiments/ioi_localisation.py --out out/ioi/ [--n 4] [--model gemma-3-270m]
 
 Writes ``results.json`` (scores, correlations, top-K recovery costs, claims) and figures:
 ``heads_<method>.png``, ``resid_activation.png``, ``scatter_<kind>.png``.
 
-Measured (Pearson vs activation patching, AtP / AtP*):
+Measured (Pearson vs activation patching, AtP / AtP*), SmolLM2-135M-Instruct (the default):
 
     n    heads          attn_out       mlp_out          resid
     4    .996 / .995    .982 / .979    .020 / .027      .262 / .271
     8    .996 / .996    .990 / .987    .003 / .012      .204 / .214
     16   .993 / .992    .978 / .974    -.090 / -.085    .202 / .204
 
-AtP* (GradDrop, as in the paper) is slightly *below* AtP on heads and attention outputs at every
-n (by 0.0004-0.004): on this model and task there is little cancellation for GradDrop to undo,
-and averaging |estimate| over dropped layers adds a little noise. Both rank the true top-10
-heads and attention outputs first (10 verifications each; AtP*'s GradDrop costs L/2 = 15
-forward-equivalents more); on resid at n=16 AtP* needs 40 verifications to AtP's 44. The QK fix
-is where AtP* matters: q .82 -> .99, k .89 -> .99 (n=4).
+Gemma-3-270M (base; ``--model gemma-3-270m``):
+
+    n    heads          attn_out       mlp_out          resid
+    4    .920 / .933    .903 / .912    -.004 / -.099    .467 / .469
+    8    .928 / .940    .923 / .935    -.284 / -.239    .424 / .434
+    16   .935 / .946    .920 / .928    .271 / .324      .532 / .530
+
+AtP* (GradDrop, as in the paper) is slightly *below* AtP on SmolLM2's heads and attention
+outputs at every n (by 0.0004-0.004): on that model there is little cancellation for GradDrop
+to undo, and averaging |estimate| over dropped layers adds a little noise. On Gemma-3 it is
+*above* AtP on heads and attention outputs at every n (by 0.008-0.013), as the paper expects.
+MLP outputs and residual nodes are poorly estimated by both (large, saturating patches at the
+name tokens: see ``scatter_mlp_out.png``); there the AtP*/AtP ordering flips with n. Both
+methods rank SmolLM2's true top-10 heads and attention outputs first (10 verifications each;
+AtP*'s GradDrop costs L/2 = 15 forward-equivalents more); on resid at n=16 AtP* needs 40
+verifications to AtP's 44. The QK fix is where AtP* matters: SmolLM2 q .82 -> .99, k .89 -> .99
+(n=4); Gemma-3 q .98 -> 1.00, k .94 -> .98 (n=4).
 """
 
 from __future__ import annotations
