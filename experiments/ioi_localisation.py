@@ -1,5 +1,5 @@
-"""IOI localisation on the embedded SmolLM2-135M: which heads matter, and how well AtP / AtP*
-match exhaustive activation patching at heads, attn_out, mlp_out and resid (plus q/k, where
+"""IOI localisation on the embedded SmolLM2-135M: which heads matter, and how well AtP / AtP* /
+RelP match exhaustive activation patching at heads, attn_out, mlp_out and resid (plus q/k, where
 the QK fix matters).
 
     python experiments/ioi_localisation.py --out out/ioi/ [--n 4] [--model gemma-3-270m]
@@ -7,30 +7,34 @@ the QK fix matters).
 Writes ``results.json`` (scores, correlations, top-K recovery costs, claims) and figures:
 ``heads_<method>.png``, ``resid_activation.png``, ``scatter_<kind>.png``.
 
-Measured (Pearson vs activation patching, AtP / AtP*), SmolLM2-135M-Instruct (the default):
+Measured (Pearson vs activation patching, AtP / AtP* / RelP), SmolLM2-135M-Instruct (default):
 
-    n    heads          attn_out       mlp_out          resid
-    4    .996 / .995    .982 / .979    .020 / .027      .262 / .271
-    8    .996 / .996    .990 / .987    .003 / .012      .204 / .214
-    16   .993 / .992    .978 / .974    -.090 / -.085    .202 / .204
+    n    heads              attn_out           mlp_out               resid
+    4    .996 / .995 / .991  .982 / .979 / .981  .020 / .027 / .309     .262 / .271 / .426
+    8    .996 / .996 / .992  .990 / .987 / .988  .003 / .012 / .175     .203 / .214 / .285
+    16   .993 / .992 / .990  .978 / .974 / .980  -.090 / -.085 / .030   .202 / .204 / .259
 
 Gemma-3-270M (base; ``--model gemma-3-270m``):
 
-    n    heads          attn_out       mlp_out          resid
-    4    .920 / .933    .903 / .912    -.004 / -.099    .467 / .469
-    8    .928 / .940    .923 / .935    -.284 / -.239    .424 / .434
-    16   .935 / .946    .920 / .928    .271 / .324      .532 / .530
+    n    heads              attn_out           mlp_out               resid
+    4    .920 / .933 / .908  .903 / .912 / .855  -.004 / -.099 / .283   .467 / .469 / .515
+    8    .928 / .940 / .919  .923 / .935 / .899  -.284 / -.239 / .232   .424 / .434 / .502
+    16   .935 / .946 / .928  .920 / .928 / .882  .271 / .324 / .384     .532 / .530 / .535
 
 AtP* (GradDrop, as in the paper) is slightly *below* AtP on SmolLM2's heads and attention
 outputs at every n (by 0.0004-0.004): on that model there is little cancellation for GradDrop
 to undo, and averaging |estimate| over dropped layers adds a little noise. On Gemma-3 it is
 *above* AtP on heads and attention outputs at every n (by 0.008-0.013), as the paper expects.
-MLP outputs and residual nodes are poorly estimated by both (large, saturating patches at the
-name tokens: see ``scatter_mlp_out.png``); there the AtP*/AtP ordering flips with n. Both
-methods rank SmolLM2's true top-10 heads and attention outputs first (10 verifications each;
-AtP*'s GradDrop costs L/2 = 15 forward-equivalents more); on resid at n=16 AtP* needs 40
-verifications to AtP's 44. The QK fix is where AtP* matters: SmolLM2 q .82 -> .99, k .89 -> .99
-(n=4); Gemma-3 q .98 -> 1.00, k .94 -> .98 (n=4).
+MLP outputs and residual nodes are poorly estimated by AtP and AtP* (large, saturating patches
+at the name tokens: see ``scatter_mlp_out.png``); there the AtP*/AtP ordering flips with n.
+RelP raises the signed correlation on MLP outputs and residual nodes in all six runs, far from
+the paper's 0.956 (GPT-2 large), and it ranks by |effect| *worse* than AtP there (Pearson on
+|effect|, SmolLM2 n=4: mlp_out .62 -> .35, resid .70 -> .60; top-10 recovery needs more
+verifications); on heads it is slightly below AtP. Both AtP and AtP* rank SmolLM2's true top-10
+heads and attention outputs first (10 verifications each; AtP*'s GradDrop costs L/2 = 15
+forward-equivalents more); on resid at n=16 AtP* needs 40 verifications to AtP's 44. The QK fix
+is where AtP* matters: SmolLM2 q .82 -> .99, k .89 -> .99 (n=4); Gemma-3 q .98 -> 1.00,
+k .94 -> .98 (n=4).
 """
 
 from __future__ import annotations
@@ -51,13 +55,14 @@ def run(model_name=None, n: int = 4, out="out/ioi/", kinds=KINDS) -> dict:
     import matplotlib.pyplot as plt
 
     import steer
-    from steer.patching import activation_patch, atp, atp_star, ioi_task, topk_recovery_cost
+    from steer.patching import activation_patch, atp, atp_star, ioi_task, relp, topk_recovery_cost
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = steer.load(model_name)
     task = ioi_task(model, n=n)
-    fast = {"atp": atp(model, task, list(kinds)), "atp*": atp_star(model, task, list(kinds))}
+    fast = {"atp": atp(model, task, list(kinds)), "atp*": atp_star(model, task, list(kinds)),
+            "relp": relp(model, task, list(kinds))}
     doc = {"model": model.name, "n_prompts": n, "prompts": task.clean.texts, "kinds": {}}
     for kind in kinds:
         t0 = time.perf_counter()
@@ -74,12 +79,11 @@ def run(model_name=None, n: int = 4, out="out/ioi/", kinds=KINDS) -> dict:
         entry["atp*_top20_contains_activation_top10"] = top10 <= set(fast["atp*"][kind].top_indices(20))
         entry["atp_top20_contains_activation_top10"] = top10 <= set(fast["atp"][kind].top_indices(20))
         doc["kinds"][kind] = entry
-        print(f"{kind}: pearson atp {entry['atp']['pearson']:.3f} atp* {entry['atp*']['pearson']:.3f} | "
-              f"|.| pearson atp {entry['atp']['pearson_abs']:.3f} atp* {entry['atp*']['pearson_abs']:.3f} | "
-              f"top-10 cost atp {entry['atp']['topk_recovery']['cost']:.0f} atp* {entry['atp*']['topk_recovery']['cost']:.0f}",
-              flush=True)
+        print(f"{kind}: pearson " + " ".join(f"{m} {entry[m]['pearson']:.3f}" for m in fast) + " | |.| pearson "
+              + " ".join(f"{m} {entry[m]['pearson_abs']:.3f}" for m in fast) + " | top-10 cost "
+              + " ".join(f"{m} {entry[m]['topk_recovery']['cost']:.0f}" for m in fast), flush=True)
         fig, ax = plt.subplots(figsize=(4.5, 4))
-        for meth, c in [("atp", "tab:blue"), ("atp*", "tab:red")]:
+        for meth, c in [("atp", "tab:blue"), ("atp*", "tab:red"), ("relp", "tab:green")]:
             ax.scatter(exact.effects.flatten(), fast[meth][kind].effects.flatten(), s=8, c=c, label=meth, alpha=0.6)
         ax.set_xlabel("activation patching effect")
         ax.set_ylabel("estimate")

@@ -25,7 +25,7 @@ from .erasure import LeaceEraser, erasing
 from .hooks import add_hooks
 from .interventions import Intervention, orthogonalize_weights, orthogonalized
 from .models import Model, load
-from .patching import PatchingResult, PatchTask, activation_patch, atp, atp_star, ioi_task
+from .patching import PatchingResult, PatchTask, activation_patch, atp, atp_star, ioi_task, relp
 from .persona import Trait, load_trait
 from .positions import Last
 from .sites import SITES, Site
@@ -37,5 +37,5 @@ __all__ = [
     "activation_patch", "add_hooks", "atp", "atp_star", "bias", "capture", "conditions", "directions",
     "erasing", "erasure", "evaluate", "extract", "fit_condition", "interventions", "ioi_task", "load",
     "load_prompts", "load_trait", "orthogonalize_weights", "orthogonalized", "patching", "persona",
-    "refusal", "steer", "steering", "sweep_layers", "tokenize",
+    "refusal", "relp", "steer", "steering", "sweep_layers", "tokenize",
 ]

@@ -29,6 +29,12 @@ def test_ioi_claims_on_embedded_model(tmp_path):
         assert e["atp*"]["pearson_abs"] >= e["atp"]["pearson_abs"] - 0.02, kind
     # heads and attention outputs: AtP is already close to exhaustive patching on IOI
     assert doc["kinds"]["heads"]["atp"]["pearson"] > 0.9
+    # RelP (LN-rule, identity rule, half-rule) repairs much of AtP's failure on MLP outputs and
+    # residual nodes without losing the heads
+    for kind in ("mlp_out", "resid"):
+        e = doc["kinds"][kind]
+        assert e["relp"]["pearson"] > e["atp"]["pearson"] + 0.1, kind
+    assert doc["kinds"]["heads"]["relp"]["pearson"] > 0.95
     # queries and keys are where linearising through the softmax fails; the QK fix repairs it
     for kind in ("q", "k"):
         e = doc["kinds"][kind]

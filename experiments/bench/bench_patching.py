@@ -39,7 +39,7 @@ def main(device: str = "cpu", n_prompts: int = 4, tl_nodes: int | None = None, s
     import transformer_lens.patching as TLP
 
     import steer
-    from steer.patching import activation_patch, atp, atp_star, ioi_task
+    from steer.patching import activation_patch, atp, atp_star, ioi_task, relp
 
     model = steer.load(model_name, device=device)
     task = ioi_task(model, n=n_prompts)
@@ -82,6 +82,10 @@ def main(device: str = "cpu", n_prompts: int = 4, tl_nodes: int | None = None, s
     fwd = statistics.median([f1, f2])
     print(f"atp heads+neurons: {t_atp:.2f} s = {t_atp / fwd:.1f} forward-equivalents (forward {fwd:.2f} s)")
     t0 = time.perf_counter()
+    relp(model, task, ["heads", "neurons"])
+    t_relp = time.perf_counter() - t0
+    print(f"relp heads+neurons: {t_relp:.2f} s = {t_relp / fwd:.1f} forward-equivalents")
+    t0 = time.perf_counter()
     atp_star(model, task, ["heads"], grad_drop=True)
     t_star = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -91,7 +95,7 @@ def main(device: str = "cpu", n_prompts: int = 4, tl_nodes: int | None = None, s
     fwd = statistics.median([f1, f2, f3])
     print(f"atp* heads (GradDrop): {t_star:.2f} s = {t_star / fwd:.1f} forward-equivalents "
           f"(target <= L/2 + 4 = {L / 2 + 4:.0f}); AtP with QK fix on q,k: {t_qk:.2f} s = {t_qk / fwd:.1f} fe")
-    out.update(atp_fe=t_atp / fwd, atp_star_fe=t_star / fwd, qk_fe=t_qk / fwd, forward_s=fwd)
+    out.update(atp_fe=t_atp / fwd, relp_fe=t_relp / fwd, atp_star_fe=t_star / fwd, qk_fe=t_qk / fwd, forward_s=fwd)
     return out
 
 

@@ -15,7 +15,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser("patch", help="activation patching / AtP / AtP* over a node set")
     p.add_argument("--task", default="ioi", help="'ioi' (built-in generator) or a JSONL file of {clean, corrupt, answer, wrong}")
     p.add_argument("--nodes", default="heads", help="heads|resid|attn_out|mlp_out|neurons (or any steer.patching.NODE_KINDS)")
-    p.add_argument("--method", default="activation,atp,atp*", help="comma-separated: activation,atp,atp*")
+    p.add_argument("--method", default="activation,atp,atp*", help="comma-separated: activation,atp,atp*,relp")
     p.add_argument("--model", default=None, help="model name for steer.load (default: embedded SmolLM2)")
     p.add_argument("--n", type=int, default=8, help="number of IOI prompts (--task ioi)")
     p.add_argument("--direction", default="denoising", choices=["denoising", "noising"])

@@ -1,4 +1,4 @@
-"""Localisation by patching: tasks, node sets, activation patching, AtP, AtP*, diagnostics.
+"""Localisation by patching: tasks, node sets, activation patching, AtP, AtP*, RelP, diagnostics.
 
 >>> import steer
 >>> from steer.patching import ioi_task, activation_patch, atp
@@ -14,6 +14,7 @@ from .activation import activation_patch, auto_batch_size
 from .attribution import atp, atp_star
 from .diagnostic import missed_effect_bound, topk_recovery_cost
 from .nodes import NODE_KINDS, NodeSet, node_set
+from .relp import relevance_rules, relp
 from .result import PatchingResult, pearson, spearman
 from .tasks import IOI_NAMES, IOI_TEMPLATES, LogitDiff, PatchTask, ioi_task, load_task
 from .demo import demo_figure, patch
@@ -21,5 +22,6 @@ from .demo import demo_figure, patch
 __all__ = [
     "IOI_NAMES", "IOI_TEMPLATES", "LogitDiff", "NODE_KINDS", "NodeSet", "PatchTask", "PatchingResult",
     "activation_patch", "atp", "atp_star", "auto_batch_size", "demo_figure", "ioi_task", "load_task",
-    "missed_effect_bound", "node_set", "patch", "pearson", "spearman", "topk_recovery_cost",
+    "missed_effect_bound", "node_set", "patch", "pearson", "relevance_rules", "relp", "spearman",
+    "topk_recovery_cost",
 ]

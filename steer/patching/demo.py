@@ -8,13 +8,14 @@ from typing import Sequence, Union
 
 from .activation import activation_patch
 from .attribution import atp, atp_star
+from .relp import relp
 from .diagnostic import topk_recovery_cost
 from .result import PatchingResult
 from .tasks import PatchTask, ioi_task
 
 __all__ = ["patch", "demo_figure", "METHODS"]
 
-METHODS = ("activation", "atp", "atp*")
+METHODS = ("activation", "atp", "atp*", "relp")
 
 
 def patch(model, task: PatchTask, nodes: str = "heads", methods: Union[str, Sequence[str]] = METHODS,
@@ -42,6 +43,8 @@ def patch(model, task: PatchTask, nodes: str = "heads", methods: Union[str, Sequ
             results[meth] = activation_patch(model, task, nodes, direction, batch_size=batch_size)
         elif meth == "atp":
             results[meth] = atp(model, task, nodes, direction)
+        elif meth == "relp":
+            results[meth] = relp(model, task, nodes, direction)
         else:
             results[meth] = atp_star(model, task, nodes, direction)
     comparison = {}

@@ -1,0 +1,105 @@
+"""RelP (relevance patching): each LRP rule against a hand-written backward, forward values
+unchanged, and an end-to-end score through the final norm computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+import steer
+from steer.patching import PatchTask, activation_patch, atp, relevance_rules, relp
+from steer.patching._runner import Runner
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gemma3"])
+def model(request):
+    return steer.load(request.param)
+
+
+@pytest.fixture(scope="module")
+def task(model):
+    pairs = [("M and Y; Y to", "M and Y; N to"), ("B and Q; B to", "B and Q; K to"), ("J and D; J to", "J and D; W to")]
+    return PatchTask.from_pairs(model, pairs, ["M", "Q", "D"], ["Y", "B", "J"], name="tiny-ioi")
+
+
+def _gain(norm):
+    return (1.0 + norm.weight) if "Gemma" in type(norm).__name__ else norm.weight
+
+
+def _eps(norm):
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+
+
+def test_forward_values_unchanged(model, task):
+    r = Runner(model, task.clean)
+    with torch.no_grad():
+        plain = r.run(r.embeds)
+        with relevance_rules(model):
+            ruled = r.run(r.embeds)
+    torch.testing.assert_close(ruled, plain, atol=1e-5, rtol=0)
+    assert not any(m._forward_hooks for m in model.hf.modules())  # removed on exit
+
+
+def test_ln_rule_holds_the_rms_scale_fixed(model):
+    norm = model.layers[0].input_layernorm
+    x = torch.randn(3, 5, model.d_model, requires_grad=True)
+    g = torch.randn(3, 5, model.d_model)
+    with relevance_rules(model):
+        (gx,) = torch.autograd.grad((norm(x) * g).sum(), x)
+    s = torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + _eps(norm))
+    torch.testing.assert_close(gx, _gain(norm).detach() * s * g, atol=1e-5, rtol=1e-5)
+    (true,) = torch.autograd.grad((norm(x) * g).sum(), x)
+    assert (true - gx).abs().max() > 1e-3  # the plain gradient has the d(1/rms)/dx term
+
+
+def test_identity_and_half_rules_in_the_gated_mlp(model):
+    mlp = model.layers[1].mlp
+    x = torch.randn(2, 4, model.d_model, requires_grad=True)
+    g = torch.randn(2, 4, model.d_model)
+    with relevance_rules(model):
+        (gx,) = torch.autograd.grad((mlp(x) * g).sum(), x)
+    with torch.no_grad():
+        pre, up = mlp.gate_proj(x), mlp.up_proj(x)
+        act = mlp.act_fn(pre)
+        gh = g @ mlp.down_proj.weight  # dL/dh for h = act * up
+        ref = (0.5 * (act / pre) * up * gh) @ mlp.gate_proj.weight + (0.5 * act * gh) @ mlp.up_proj.weight
+    torch.testing.assert_close(gx, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_last_layer_mlp_score_through_the_frozen_final_norm(model, task):
+    """RelP of the last MLP output at the last position = (clean - corrupt) · c s (W_U[a] - W_U[w]),
+    averaged over prompts and normalised: the LN-rule on the final norm, written out by hand."""
+    res = relp(model, task, "mlp_out")
+    L, T = model.n_layers, task.n_pos
+    store = {}
+
+    def grab(tag):
+        def fn(act, site):
+            store[tag] = act.detach().clone()
+        return fn
+
+    for tag, batch in [("clean", task.clean), ("corrupt", task.corrupt)]:
+        r = Runner(model, batch)
+        with torch.no_grad():
+            _, resid = r.run(r.embeds, 0, {f"mlp_out.{L - 1}": grab(tag)}, keep_resid=True)
+        store[tag + "_final"] = resid[-1][:, -1]
+    norm, W_U = model.hf.model.norm, model.hf.lm_head.weight.detach()
+    s = torch.rsqrt(store["corrupt_final"].pow(2).mean(-1, keepdim=True) + _eps(norm))
+    direction = W_U[task.metric.answer_ids] - W_U[task.metric.wrong_ids]
+    coef = _gain(norm).detach() * s * direction  # [prompt, d_model]
+    delta = store["clean"][:, -1] - store["corrupt"][:, -1]
+    d = res.meta["metric_clean"] - res.meta["metric_corrupt"]
+    ref = float((delta * coef).sum(-1).mean()) / d
+    assert math.isclose(float(res.scores[L - 1, T - 1]), ref, rel_tol=1e-4, abs_tol=1e-5)
+    assert float(res.scores[L - 1, : T - 1].abs().max()) == 0.0  # earlier positions cannot reach the answer
+    plain = atp(model, task, "mlp_out")
+    assert abs(float(plain.scores[L - 1, T - 1]) - ref) > 1e-6  # AtP differentiates through 1/rms
+
+
+def test_relp_shapes_and_cli_method(model, task):
+    from steer.patching import patch
+
+    out = patch(model, task, "heads", ["activation", "relp"], k=2)
+    assert out["results"]["relp"].method == "relp"
+    assert out["results"]["relp"].scores.shape == activation_patch(model, task, "heads").scores.shape
+    assert "pearson" in out["comparison"]["relp"]
