@@ -112,9 +112,8 @@ class Runner:
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = self.layer_pe(l)
-        x = attn_logits(rotary(q, cos, sin), rotary(k, cos, sin), attn.scaling,
-                        self.batch.attention_mask.bool(), window=self.windows[l], softcap=self.attn_softcap)
-        return x
+        return attn_logits(rotary(q, cos, sin), rotary(k, cos, sin), attn.scaling,
+                           self.batch.attention_mask.bool(), window=self.windows[l], softcap=self.attn_softcap)
 
     def _layers(self, start: int, h: Tensor, reps: int, suffix: bool, hooks, cache_kw, keep: bool = False):
         n = self.prefix if suffix else 0
