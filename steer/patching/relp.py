@@ -13,9 +13,10 @@ which the model's nonlinearities follow layer-wise relevance propagation rules:
 * **Half-rule** - the gated product ``act(gate) * up`` splits relevance equally between its
   two factors (each factor's coefficient is halved).
 
-Attention is left to the ordinary gradient. Holding the attention pattern fixed as well (the
-AH-rule of Ali et al., 2022) was tried on IOI with SmolLM2 and hurt every node kind (heads
-Pearson 0.99 -> 0.80, MLP outputs 0.31 -> -0.49, n=4), so it is not applied.
+These are the paper's default rules; attention keeps the ordinary gradient. The reference code
+also offers an AH-rule (attention pattern held fixed); a prototype of it on IOI with SmolLM2
+made every node kind worse (heads Pearson 0.99 -> 0.80, MLP outputs 0.31 -> -0.49, n=4), so
+steer does not ship it.
 The rules only change the backward pass: under :func:`relevance_rules` every forward value is
 unchanged. On MLP outputs the paper reports Pearson 0.956 against activation patching where
 AtP gets 0.006 (GPT-2 large). On IOI with the embedded models RelP raises the MLP-output
