@@ -15,16 +15,14 @@ from steer.patching.activation import capture_sites
 from steer.patching.qk_fix import NEG, key_fix, key_fix_bruteforce, query_fix
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gemma3"])
-def model(request):
-    return steer.load(request.param)
+@pytest.fixture(scope="module")
+def model(decoder):
+    return decoder
 
 
 @pytest.fixture(scope="module")
-def task(model):
-    pairs = [("M and Y; Y to", "M and Y; N to"), ("B and Q; B to", "B and Q; K to"), ("J and D; J to", "J and D; W to")]
-    t = PatchTask.from_pairs(model, pairs, ["M", "Q", "D"], ["Y", "B", "J"], name="tiny-ioi")
-    return t
+def task(ioi_pairs):
+    return ioi_pairs
 
 
 def _tl_metric(task, res):

@@ -7,19 +7,18 @@ import pytest
 import torch
 
 import steer
-from steer.patching import PatchTask, activation_patch, atp, relevance_rules, relp
+from steer.patching import activation_patch, atp, relevance_rules, relp
 from steer.patching._runner import Runner
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gemma3"])
-def model(request):
-    return steer.load(request.param)
+@pytest.fixture(scope="module")
+def model(decoder):
+    return decoder
 
 
 @pytest.fixture(scope="module")
-def task(model):
-    pairs = [("M and Y; Y to", "M and Y; N to"), ("B and Q; B to", "B and Q; K to"), ("J and D; J to", "J and D; W to")]
-    return PatchTask.from_pairs(model, pairs, ["M", "Q", "D"], ["Y", "B", "J"], name="tiny-ioi")
+def task(ioi_pairs):
+    return ioi_pairs
 
 
 def _gain(norm):
