@@ -102,3 +102,18 @@ def test_relp_shapes_and_cli_method(model, task):
     assert out["results"]["relp"].method == "relp"
     assert out["results"]["relp"].scores.shape == activation_patch(model, task, "heads").scores.shape
     assert "pearson" in out["comparison"]["relp"]
+
+
+def test_qk_norms_keep_their_gradient_unless_asked():
+    model = steer.load("tiny-gemma3")  # the tiny model with per-head q/k norms
+    attn = model.layers[0].self_attn
+    x = torch.randn(2, 3, model.n_heads, model.d_head, requires_grad=True)
+    g = torch.randn(2, 3, model.n_heads, model.d_head)
+    (true,) = torch.autograd.grad((attn.q_norm(x) * g).sum(), x)
+    with relevance_rules(model):
+        (default,) = torch.autograd.grad((attn.q_norm(x) * g).sum(), x)
+    with relevance_rules(model, qk_norms=True):
+        (ruled,) = torch.autograd.grad((attn.q_norm(x) * g).sum(), x)
+    torch.testing.assert_close(default, true)
+    s = torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + _eps(attn.q_norm))
+    torch.testing.assert_close(ruled, _gain(attn.q_norm).detach() * s * g, atol=1e-5, rtol=1e-5)

@@ -14,7 +14,7 @@ from .activation import activation_patch, auto_batch_size
 from .attribution import atp, atp_star
 from .diagnostic import missed_effect_bound, topk_recovery_cost
 from .nodes import NODE_KINDS, NodeSet, node_set
-from .relp import relevance_rules, relp
+from .relevance import relevance_rules, relp
 from .result import PatchingResult, pearson, spearman
 from .tasks import IOI_NAMES, IOI_TEMPLATES, LogitDiff, PatchTask, ioi_task, load_task
 from .demo import demo_figure, patch

@@ -8,7 +8,7 @@ from typing import Sequence, Union
 
 from .activation import activation_patch
 from .attribution import atp, atp_star
-from .relp import relp
+from .relevance import relp
 from .diagnostic import topk_recovery_cost
 from .result import PatchingResult
 from .tasks import PatchTask, ioi_task

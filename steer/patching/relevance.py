@@ -5,9 +5,10 @@ Same cost as AtP (2 forwards + 1 backward) and the same estimate
 ``Î(n) = (n_other - n_base)ᵀ r(n)``, but the coefficients ``r`` come from a backward pass in
 which the model's nonlinearities follow layer-wise relevance propagation rules:
 
-* **LN-rule** - every RMSNorm (block norms, Gemma's sandwich and q/k norms, the final norm)
-  is linear in its input with its ``1/rms`` scale held fixed: ``∂out/∂x = c · s`` with ``c``
-  the norm's gain and ``s = 1/sqrt(mean(x²) + eps)`` (no derivative through ``s``).
+* **LN-rule** - every RMSNorm of the residual stream (block norms, Gemma's sandwich norms, the
+  final norm; per-head q/k norms only if asked) is linear in its input with its ``1/rms`` scale
+  held fixed: ``∂out/∂x = c · s`` with ``c`` the norm's gain and ``s = 1/sqrt(mean(x²) + eps)``
+  (no derivative through ``s``).
 * **Identity rule** - the MLP activation passes relevance straight through:
   ``∂act(x)/∂x := act(x) / x``.
 * **Half-rule** - the gated product ``act(gate) * up`` splits relevance equally between its
@@ -17,11 +18,12 @@ These are the paper's default rules; attention keeps the ordinary gradient. The 
 also offers an AH-rule (attention pattern held fixed); a prototype of it on IOI with SmolLM2
 made every node kind worse (heads Pearson 0.99 -> 0.80, MLP outputs 0.31 -> -0.49, n=4), so
 steer does not ship it.
+
 The rules only change the backward pass: under :func:`relevance_rules` every forward value is
 unchanged. On MLP outputs the paper reports Pearson 0.956 against activation patching where
 AtP gets 0.006 (GPT-2 large). On IOI with the embedded models RelP raises the MLP-output
-correlation much less (SmolLM2: 0.02 -> 0.31, n=4) and ranks by |effect| worse than AtP there;
-``experiments/ioi_localisation.py`` has the figures.
+correlation much less (SmolLM2: 0.02 -> 0.31, n=4; Gemma-3: no gain) and ranks by |effect|
+worse than AtP there; ``experiments/ioi_localisation.py`` has the figures.
 """
 
 from __future__ import annotations
@@ -73,11 +75,15 @@ def _half_rule(module, args, out):
 
 
 @contextlib.contextmanager
-def relevance_rules(model) -> Iterator[None]:
+def relevance_rules(model, qk_norms: bool = False) -> Iterator[None]:
     """Install RelP's LRP rules (LN-rule, identity rule, half-rule) on ``model`` for one block.
 
     Forward values are unchanged; gradients taken through a graph built inside the block are
     LRP coefficients. Hooks are removed on exit, also after an exception.
+
+    ``qk_norms``: also apply the LN-rule to per-head query/key norms (Gemma-3). The paper's
+    models have none. Measured on IOI with Gemma-3-270M (n=4): it wrecks key-node estimates
+    (Pearson 0.92 -> 0.11) while raising MLP outputs (0.02 -> 0.28); off by default.
 
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")
@@ -96,8 +102,9 @@ def relevance_rules(model) -> Iterator[None]:
                     f"RelP's rules are written for gated MLPs (gate_proj, up_proj, act_fn); "
                     f"{type(mlp).__name__} has another shape - use atp() for this model."
                 )
+            skip = set() if qk_norms else {id(getattr(layer.self_attn, n, None)) for n in ("q_norm", "k_norm")}
             for mod in layer.modules():
-                if type(mod).__name__.endswith("RMSNorm"):
+                if type(mod).__name__.endswith("RMSNorm") and id(mod) not in skip:
                     handles.append(mod.register_forward_hook(_norm_rule))
             handles.append(mlp.act_fn.register_forward_hook(_activation_rule(half=True)))
             handles.append(mlp.up_proj.register_forward_hook(_half_rule))
@@ -110,10 +117,12 @@ def relevance_rules(model) -> Iterator[None]:
 
 def relp(
     model, task: PatchTask, nodes: Union[str, Sequence[str]] = "heads", direction: str = "denoising",
+    qk_norms: bool = False,
 ) -> Union[PatchingResult, dict[str, PatchingResult]]:
     """Relevance patching: :func:`~steer.patching.atp` with LRP coefficients (see module doc).
 
     One node kind gives a :class:`PatchingResult` (``method="relp"``); a list gives ``{kind: result}``.
+    ``qk_norms``: see :func:`relevance_rules`.
 
     >>> import steer
     >>> from steer.patching import ioi_task, relp
@@ -122,7 +131,7 @@ def relp(
     >>> r.method, tuple(r.scores.shape)[0]
     ('relp', 2)
     """
-    with relevance_rules(model):
+    with relevance_rules(model, qk_norms=qk_norms):
         out = atp(model, task, nodes, direction)
     for r in [out] if isinstance(out, PatchingResult) else out.values():
         r.method = "relp"
