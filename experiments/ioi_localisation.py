@@ -37,6 +37,13 @@ heads and attention outputs first (10 verifications each; AtP*'s GradDrop costs 
 forward-equivalents more); on resid at n=16 AtP* needs 40 verifications to AtP's 44. The QK fix
 is where AtP* matters: SmolLM2 q .82 -> .99, k .89 -> .99 (n=4); Gemma-3 q .98 -> 1.00,
 k .94 -> .98 (n=4).
+
+Where AtP misses a true top-10 node by more than 0.1 (``atp_misses`` in results.json; n=4):
+SmolLM2's query of L17 H4 (activation .316, AtP .010, AtP* .219: saturated attention, repaired
+by the QK fix); Gemma-3's head L11 H3 (activation .531, AtP .214, AtP* .242: GradDrop recovers a
+little of a cancelled effect); and on both models the early-layer residual and MLP nodes at the
+second name token, whose patch flips the answer (activation ~1.0) while every estimate is near
+0 or negative: no first-order method sees a saturating whole-token patch.
 """
 
 from __future__ import annotations
