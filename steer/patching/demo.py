@@ -8,8 +8,8 @@ from typing import Sequence, Union
 
 from .activation import activation_patch
 from .attribution import atp, atp_star
-from .relevance import relp
 from .diagnostic import topk_recovery_cost
+from .relevance import relp
 from .result import PatchingResult
 from .tasks import PatchTask, ioi_task
 
