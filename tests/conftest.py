@@ -19,16 +19,16 @@ def smol():
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-gemma3"])
-def decoder(request):
+def model(request):
     """Each tiny architecture in turn: Llama, and Gemma-3 (a 4-token sliding-window layer and a
     global one, q/k norms, sandwich norms)."""
     return steer.load(request.param)
 
 
 @pytest.fixture(scope="module")
-def ioi_pairs(decoder):
-    """A 3-prompt IOI-shaped patching task for :func:`decoder` (clean/corrupt differ in one name)."""
+def task(model):
+    """A 3-prompt IOI-shaped patching task for :func:`model` (clean/corrupt differ in one name)."""
     from steer.patching import PatchTask
 
     pairs = [("M and Y; Y to", "M and Y; N to"), ("B and Q; B to", "B and Q; K to"), ("J and D; J to", "J and D; W to")]
-    return PatchTask.from_pairs(decoder, pairs, ["M", "Q", "D"], ["Y", "B", "J"], name="tiny-ioi")
+    return PatchTask.from_pairs(model, pairs, ["M", "Q", "D"], ["Y", "B", "J"], name="tiny-ioi")

@@ -15,16 +15,6 @@ from steer.patching.activation import capture_sites
 from steer.patching.qk_fix import NEG, key_fix, key_fix_bruteforce, query_fix
 
 
-@pytest.fixture(scope="module")
-def model(decoder):
-    return decoder
-
-
-@pytest.fixture(scope="module")
-def task(ioi_pairs):
-    return ioi_pairs
-
-
 def _tl_metric(task, res):
     mc, mx = res.meta["metric_clean"], res.meta["metric_corrupt"]
     return lambda logits: (task.metric(logits[:, -1]).mean() - mx) / (mc - mx)

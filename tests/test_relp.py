@@ -3,22 +3,11 @@ unchanged, and an end-to-end score through the final norm computed by hand."""
 
 import math
 
-import pytest
 import torch
 
 import steer
 from steer.patching import activation_patch, atp, relevance_rules, relp
 from steer.patching._runner import Runner
-
-
-@pytest.fixture(scope="module")
-def model(decoder):
-    return decoder
-
-
-@pytest.fixture(scope="module")
-def task(ioi_pairs):
-    return ioi_pairs
 
 
 def _gain(norm):
