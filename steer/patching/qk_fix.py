@@ -86,18 +86,30 @@ def query_fix(x: Float[Tensor, "... T S"], x_new: Float[Tensor, "... T S"], g: F
     return ((torch.softmax(x_new, -1) - torch.softmax(x, -1)) * g).sum(-1)
 
 
-def key_fix(x: Float[Tensor, "... T S"], delta: Float[Tensor, "... T S"], g: Float[Tensor, "... T S"]) -> Float[Tensor, "... T S"]:
+def key_fix(x: Float[Tensor, "... T S"], delta: Float[Tensor, "... T S"], g: Float[Tensor, "... T S"],
+            impl: str = "torch") -> Float[Tensor, "... T S"]:
     """Effect on row ``t`` of shifting only logit ``x_ts`` by ``δ_ts``: for every (t, s) at once.
 
     ``out[..., t, s] = Σ_j (A'_tj - A_tj) g_tj`` where ``A'`` is row ``t``'s softmax with
     ``x_ts + δ_ts``. O(T·S) in total; stable in saturated rows. Masked logits (≤ :data:`NEG`/2)
     give 0. Sum over ``t`` for the effect of patching key ``s``.
 
+    ``impl``: ``"torch"`` (default), ``"triton"`` (the fused kernel of
+    :mod:`steer.patching.kernels`) or ``"auto"`` (Triton for CUDA tensors when it is installed).
+    The kernel is checked in Triton's CPU interpreter but not yet on a GPU, so it is opt-in.
+
     >>> import torch
     >>> x = torch.tensor([[0.0, 0.0]]); d = torch.tensor([[5.0, 0.0]]); g = torch.tensor([[1.0, 0.0]])
     >>> key_fix(x, d, g)[0, 0].item() > 0.49
     True
     """
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl={impl!r}: use 'auto', 'torch' or 'triton'.")
+    if impl == "triton" or (impl == "auto" and x.is_cuda):
+        from .kernels import key_fix_triton, triton_available
+
+        if impl == "triton" or triton_available():
+            return key_fix_triton(x, delta, g)
     valid = x > NEG / 2
     m, top = x.max(-1, keepdim=True)
     is_top = torch.zeros_like(valid).scatter_(-1, top, True)
