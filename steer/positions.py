@@ -98,7 +98,10 @@ def mask(sel: Selector, batch: Batch, include_sink: bool = True) -> Bool[Tensor,
                     )
                 s, e = spans[sel]
                 if e <= s:
-                    raise ValueError(f"Prompt {i} has no {sel!r} tokens ({batch.texts[i]!r}).")
+                    hint = (": the tokens after the instruction come from a chat template, and this prompt "
+                            "has none (a model without a template, or steer.Raw); use 'last' or "
+                            "'instruction_last'") if sel == "post_instruction" else ""
+                    raise ValueError(f"Prompt {i} has no {sel!r} tokens ({batch.texts[i]!r}){hint}.")
                 out[i, s:e] = True
     elif isinstance(sel, Last):
         lengths = batch.lengths

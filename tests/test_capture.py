@@ -81,6 +81,8 @@ def test_bad_input_errors(tiny):
         steer.capture(tiny, ["Hi"], positions="first-ish")
     with pytest.raises(ValueError, match="completion"):
         steer.capture(tiny, ["Hi"], positions="completion")
+    with pytest.raises(ValueError, match="chat template.*'last'"):
+        steer.capture(tiny, [steer.Raw("Hi")], positions="post_instruction")
 
 
 def test_fp16_overflow_is_reported(tiny):
