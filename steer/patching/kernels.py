@@ -108,5 +108,7 @@ def key_fix_triton(x: Tensor, delta: Tensor, g: Tensor) -> Tensor:
     out = torch.empty_like(xs)
     rows = xs.numel() // S if S else 0
     if rows:
-        _kernel(interpret)[(rows,)](xs, ds, gs, out, S, NEG / 2, BLOCK=triton.next_power_of_2(S))
+        block = triton.next_power_of_2(S)
+        warps = 4 if block <= 1024 else 8 if block <= 4096 else 16  # as in Triton's softmax tutorial
+        _kernel(interpret)[(rows,)](xs, ds, gs, out, S, NEG / 2, BLOCK=block, num_warps=warps)
     return out.to(x.dtype)
