@@ -1,5 +1,6 @@
 """IOI localisation experiment: a smoke run on the tiny model, and the paper's claims checked on
-a fresh run on the embedded model (4 IOI prompts, all node kinds; ~30 s on 2 CPU cores)."""
+a fresh run on the embedded SmolLM2 (4 IOI prompts, all node kinds; ~30 s on 2 CPU cores) and
+on Gemma-3-270M (heads, attention outputs, queries, keys; ~20 s)."""
 
 import json
 import sys
@@ -40,3 +41,14 @@ def test_ioi_claims_on_embedded_model(tmp_path):
         e = doc["kinds"][kind]
         assert e["atp*"]["pearson"] > e["atp"]["pearson"] + 0.05, kind
         assert e["atp*"]["pearson"] > 0.95, kind
+
+
+@pytest.mark.slow
+def test_graddrop_helps_on_gemma3(tmp_path):
+    """On Gemma-3-270M (where AtP underestimates L11 H3 through cancellation) AtP* beats AtP on
+    heads and attention outputs, as the AtP* paper claims; the QK fix helps queries and keys."""
+    doc = ioi_localisation.run("gemma-3-270m", n=4, out=tmp_path, kinds=("heads", "attn_out", "q", "k"))
+    for kind in ("heads", "attn_out", "q", "k"):
+        e = doc["kinds"][kind]
+        assert e["atp*"]["pearson"] > e["atp"]["pearson"], kind
+    assert doc["kinds"]["heads"]["atp*_top20_contains_activation_top10"]
