@@ -22,7 +22,7 @@ import torch
 
 from ..sites import Site
 from ._runner import Runner
-from .activation import _check_direction, auto_batch_size, capture_sites, run_metrics
+from .activation import _check_direction, _patcher, auto_batch_size, capture_sites, run_metrics
 from .nodes import NodeSet, node_set
 from .result import PatchingResult
 from .tasks import PatchTask
@@ -109,13 +109,7 @@ def missed_effect_bound(
             if not inc[:, l].any():
                 continue
             mask = ns.masks_from(inc[:, l]).to(base.embeds.device)[:, None]
-            oa = other_acts[(ns.site, l)]
-
-            def patch(act, site, mask=mask, oa=oa, V=V):
-                view = act.view(V, P, *act.shape[1:])
-                return torch.where(mask, oa[None], view).view(act.shape)
-
-            hooks.append((Site(ns.site, l), patch))
+            hooks.append((Site(ns.site, l), _patcher(mask, other_acts[(ns.site, l)], V, P)))
         logits = base.run(base.embeds.repeat(V, 1, 1), 0, hooks)
         effects.append(task.scores(logits.view(V, P, -1)))
     eff = torch.cat(effects)

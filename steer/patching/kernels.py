@@ -20,6 +20,8 @@ import os
 import torch
 from torch import Tensor
 
+from .qk_fix import NEG
+
 try:  # optional: CUDA builds of torch ship it
     import triton
     import triton.language as tl
@@ -87,8 +89,6 @@ def key_fix_triton(x: Tensor, delta: Tensor, g: Tensor) -> Tensor:
     >>> torch.allclose(key_fix_triton(x.tril(), d, g), key_fix(x.tril(), d, g, impl="torch"), atol=1e-5)
     True
     """
-    from .qk_fix import NEG
-
     if triton is None:
         raise RuntimeError("key_fix_triton needs Triton (pip install triton), or use impl='torch'.")
 

@@ -47,24 +47,33 @@ def _straight(out: Tensor, x: Tensor, coef: Tensor) -> Tensor:
     return out.detach() + coef * (x - x.detach())
 
 
-def _norm_rule(module, args, out):
-    x = args[0]
+def _norm_rule(module):
+    """LN-rule hook for one RMSNorm; its gain and eps are read once, when the rule is installed."""
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
     with torch.no_grad():
-        ones = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+        ones = torch.ones(module.weight.shape[-1], dtype=module.weight.dtype, device=module.weight.device)
         gain = module.forward(ones) * math.sqrt(1.0 + eps)  # c: RMSNorm(1) = c / sqrt(1 + eps)
-        scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
-    return _straight(out, x, gain * scale)
 
-
-def _activation_rule(half: bool):
-    def hook(module, args, out):
+    def hook(mod, args, out):
         x = args[0]
         with torch.no_grad():
-            eps = torch.tensor(1e-4, dtype=x.dtype, device=x.device)
-            at_zero = module.forward(eps) / eps  # act(x)/x as x -> 0
+            scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+        return _straight(out, x, gain.to(x.dtype) * scale)
+
+    return hook
+
+
+def _activation_rule(module, half: bool):
+    """Identity-rule hook for one activation module (halved for the gate when ``half``)."""
+    with torch.no_grad():
+        eps = torch.tensor(1e-4)
+        at_zero = float(module.forward(eps) / eps)  # act(x)/x as x -> 0
+
+    def hook(mod, args, out):
+        x = args[0]
+        with torch.no_grad():
             safe = torch.where(x != 0, x, torch.ones_like(x))
-            coef = torch.where(x != 0, out / safe, at_zero)
+            coef = torch.where(x != 0, out / safe, torch.full_like(x, at_zero))
         return _straight(out, x, coef * 0.5 if half else coef)
 
     return hook
@@ -105,10 +114,10 @@ def relevance_rules(model, qk_norms: bool = False) -> Iterator[None]:
             skip = set() if qk_norms else {id(getattr(layer.self_attn, n, None)) for n in ("q_norm", "k_norm")}
             for mod in layer.modules():
                 if type(mod).__name__.endswith("RMSNorm") and id(mod) not in skip:
-                    handles.append(mod.register_forward_hook(_norm_rule))
-            handles.append(mlp.act_fn.register_forward_hook(_activation_rule(half=True)))
+                    handles.append(mod.register_forward_hook(_norm_rule(mod)))
+            handles.append(mlp.act_fn.register_forward_hook(_activation_rule(mlp.act_fn, half=True)))
             handles.append(mlp.up_proj.register_forward_hook(_half_rule))
-        handles.append(model.hf.model.norm.register_forward_hook(_norm_rule))
+        handles.append(model.hf.model.norm.register_forward_hook(_norm_rule(model.hf.model.norm)))
         yield
     finally:
         for h in handles:
