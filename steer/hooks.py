@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from ._hf import cached_length
 from .sites import Site, hf_target, parse_sites
 
 __all__ = ["add_hooks", "HookFn", "CallPositions", "call_positions"]
@@ -172,7 +173,9 @@ class CallPositions:
 
 def call_positions(args: tuple, kwargs: dict) -> CallPositions:
     """:class:`CallPositions` of a decoder forward call from its (pre-hook) arguments
-    (``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``past_key_values``).
+    (``input_ids`` or ``inputs_embeds``, and whatever tells how many tokens are cached:
+    ``cache_position``, the KV cache under either of its names, a 2-D ``attention_mask``; see
+    :func:`steer._hf.cached_length`). Without a 2-D mask every column is real, as in HF.
 
     >>> cp = call_positions((), {"input_ids": torch.tensor([[0, 5, 6]]), "attention_mask": torch.tensor([[0, 1, 1]])})
     >>> cp.editable().tolist(), cp.editable(include_sink=True).tolist()
@@ -180,18 +183,25 @@ def call_positions(args: tuple, kwargs: dict) -> CallPositions:
     >>> cp = call_positions((), {"input_ids": torch.tensor([[7]]), "attention_mask": torch.tensor([[0, 1, 1, 1]])})
     >>> cp.past, cp.editable().tolist()      # a generate step: column 3, not the sink
     (3, [[True]])
+    >>> from transformers import DynamicCache
+    >>> cache = DynamicCache()
+    >>> cache.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2), 0)[0].shape[2]
+    3
+    >>> cp = call_positions((), {"input_ids": torch.tensor([[7]]), "cache": cache})  # no mask (HF dropped it)
+    >>> cp.past, cp.editable().tolist()
+    (3, [[True]])
     """
     ids = kwargs.get("input_ids", args[0] if args else None)
     ref = ids if ids is not None else kwargs.get("inputs_embeds")
+    if ref is None:
+        raise TypeError("The forward call has neither input_ids nor inputs_embeds.")
     b, n = ref.shape[0], ref.shape[1]
     dev = ref.device
+    past = cached_length(kwargs, n)
     am = kwargs.get("attention_mask")
-    if am is not None and am.ndim == 2:
-        am = am.bool()
-        past = am.shape[1] - n
+    if isinstance(am, Tensor) and am.ndim == 2:
+        am = am.to(dev).bool()
     else:
-        cache = kwargs.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         am = torch.ones((b, past + n), dtype=torch.bool, device=dev)
     cols = torch.arange(past, past + n, device=dev)
     first = am.int().argmax(-1)  # first real column of each row

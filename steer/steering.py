@@ -9,15 +9,21 @@
 >>> len(texts)
 2
 
-How it works. One forward pre-hook on the base model reads each call's attention mask and input
-length: the first call of a sequence (no cache) is the *prefill* and sees the whole left-padded
-prompt; each later call sees one new token per example. From the mask it derives, per example,
-which of the current tokens are real (never pads), which one is the first real token (the
-attention sink, left alone unless ``include_sink=True``), and which are prompt or generated
-tokens. Site hooks then apply :mod:`steer.interventions` with ``[batch]`` strengths times a
-``[batch]`` gate. With a CAST condition the gate is computed once per sequence, at prefill, from
-the prompt's mean hidden state (a forward pass up to the condition layer) and kept for the rest of
-generation. All state lives on the :class:`Steering` object; nothing is global.
+How it works. One forward pre-hook on the base model asks each call where its tokens sit
+(:func:`steer.hooks.call_positions`): how many columns are cached before them — from
+``cache_position``, the KV cache's own length (under whatever name the installed transformers
+passes it, see :mod:`steer._hf`) or the 2-D attention mask, which must agree — and, from the
+mask, which of the current tokens are real (never pads) and which one is each row's first real
+token (the attention sink, left alone unless ``include_sink=True``). A call with no cached
+tokens starts a *sequence*; the :class:`~steer.data.Batch` that :meth:`Steering.generate`
+tokenized describes it if the call starts with its tokens, each prompt on ``k`` consecutive rows
+(``num_return_sequences``, beam search). So the prompt may be prefilled in one call or in chunks,
+decode steps may come with or without a mask, and every row still knows its example: its
+strength, its prompt-position selection (``Last``, ``post_instruction``, ...) and its gate. Site
+hooks then apply :mod:`steer.interventions` with ``[rows]`` strengths times a ``[rows]`` gate.
+With a CAST condition the gate is computed once per sequence from each whole prompt's mean hidden
+state (a forward pass up to the condition layer) and kept for the rest of generation. All state
+lives on the :class:`Steering` object; nothing is global.
 """
 
 from __future__ import annotations
@@ -79,8 +85,8 @@ class Steering:
         self.condition_scores: Optional[Tensor] = None
         self._handles: list = []
         self._ctx = None
-        self._step: dict[str, Any] = {}
-        self._prompt_width = 0
+        self._step: dict[str, Any] = {}  # what the current forward call edits
+        self._seq: Optional[dict] = None  # the sequence being processed (prefill + decode steps)
         self._in_prepass = False
         self._active = False
         self._by_site = self._plan()
@@ -126,6 +132,7 @@ class Steering:
         self._remove()
 
     def _remove(self):
+        self._seq, self._step = None, {}
         if self._ctx is not None:
             self._ctx.__exit__(None, None, None)
             self._ctx = None
@@ -136,22 +143,27 @@ class Steering:
 
     # -- per-call state -------------------------------------------------------------------
     def _on_forward(self, module, args, kwargs):
+        """Work out, for this forward call, what every intervention touches (see the module doc)."""
         if self._in_prepass:
             return None
         ids, emb = kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
         cp = call_positions(args, kwargs)
-        am, past, cols, real, first = cp.attention_mask, cp.past, cp.cols, cp.real, cp.first
-        b, n = real.shape
-        dev = real.device
-        if past == 0:
-            self._prompt_width = n
-        is_prompt = (cols < self._prompt_width)[None, :].expand(b, n)
-        if past == 0:
-            self.last_gate = self._compute_gate(module, ids, emb, am, cp.editable(), b)
-        elif self.last_gate is not None and self.last_gate.shape[0] != b:
-            raise ValueError(f"Gate has {self.last_gate.shape[0]} entries but the batch has {b} rows.")
-        masks, aligned = [], []
-        for iv in self.interventions:
+        am, past, cols = cp.attention_mask, cp.past, cp.cols
+        rows, n = cp.real.shape
+        dev = cp.real.device
+        if past == 0 or self._seq is None:
+            self._seq = self._start_sequence(module, ids, emb, cp)
+        seq = self._seq
+        if rows != seq["rows"]:
+            raise RuntimeError(
+                f"The forward call has {rows} rows but its sequence started with {seq['rows']}: steer "
+                "cannot tell which row is which example. Start a new sequence (no cache) instead."
+            )
+        k = seq["k"]
+        gate = None if seq["gate"] is None else seq["gate"].to(dev).repeat_interleave(k)
+        is_prompt = (cols < seq["width"])[None, :].expand(rows, n)
+        step = []
+        for i, iv in enumerate(self.interventions):
             m = cp.editable(iv.include_sink)
             pos = iv.positions
             idx = None
@@ -161,24 +173,66 @@ class Steering:
                 elif pos == "generated":
                     m = m & ~is_prompt
             else:
-                sel = self._prompt_selection(pos, b, iv.include_sink)  # [b, prompt_width]
+                sel = self._prompt_selection(i, pos, seq).to(dev)  # [rows, prompt width]
                 inside = cols < sel.shape[1]
-                cur = torch.zeros((b, n), dtype=torch.bool, device=dev)
+                cur = torch.zeros((rows, n), dtype=torch.bool, device=dev)
                 cur[:, inside] = sel[:, cols[inside]]
                 m = m & cur
                 if iv.aligned:
                     rank = sel.long().cumsum(-1) - 1
-                    idx = torch.zeros((b, n), dtype=torch.long, device=dev)
+                    idx = torch.zeros((rows, n), dtype=torch.long, device=dev)
                     idx[:, inside] = rank[:, cols[inside]]
             if iv.aligned:
                 if idx is None:  # region positions: rank among selected tokens of the prompt
-                    idx = (self._region_rank(am, first, iv.include_sink))[:, past:]
+                    idx = (self._region_rank(am, cp.first, iv.include_sink))[:, past:]
                 m = m & (idx < iv.vector.shape[0])
                 idx = idx.clamp(0, iv.vector.shape[0] - 1)
-            masks.append(m)
-            aligned.append(idx)
-        self._step = {"masks": masks, "aligned": aligned, "b": b}
+            step.append((m, idx, self._row_strength(i, iv, rows, k, dev)))
+        self._step = {"interventions": step, "gate": gate}
         return None
+
+    def _start_sequence(self, base, ids, emb, cp) -> dict:
+        """State of a new sequence: its rows, examples, prompt width and gate.
+
+        ``self.batch`` (set by :meth:`generate`/:meth:`logits`) describes the sequence if the call
+        starts with its tokens, each prompt on ``k`` consecutive rows (``num_return_sequences``
+        and beam search expand rows that way and keep them grouped). A prompt may arrive in one
+        call or in several (chunked prefill); ``generate(use_cache=False)`` re-runs it each step."""
+        rows, n = cp.real.shape
+        bt, prev = self.batch, self._seq
+        match = None
+        if bt is not None and cp.past == 0 and rows % len(bt) == 0:
+            k, w = rows // len(bt), min(n, bt.input_ids.shape[1])
+            if ids is None or torch.equal(ids[:, :w], bt.input_ids[:, :w].to(ids.device).repeat_interleave(k, 0)):
+                match = bt
+        if match is not None:
+            k, width = rows // len(match), match.input_ids.shape[1]
+        else:  # called directly: one example per row, the prompt is this first call
+            k, width = 1, cp.past + n
+        seq = {"rows": rows, "k": k, "batch": match, "width": width, "selections": {}}
+        if prev is not None and match is not None and prev["batch"] is match and prev["rows"] == rows:
+            seq["selections"], seq["gate"] = prev["selections"], prev["gate"]  # same prompts again
+            return seq
+        if self.condition is not None and cp.past > 0 and match is None:
+            raise ValueError(
+                "A CAST condition is read from the whole prompt, but this sequence started from a "
+                "cache steer did not see: call Steering.generate, or set steering.batch = "
+                "steer.tokenize(model, prompts) before calling the model yourself."
+            )
+        seq["gate"] = self.last_gate = self._compute_gate(base, ids, emb, cp, match, rows)
+        return seq
+
+    def _row_strength(self, i, iv, rows: int, k: int, dev) -> Tensor:
+        """``[rows]`` strengths of intervention ``i`` (per example, repeated over its ``k`` rows)."""
+        st = torch.as_tensor(iv.strength, dtype=torch.float32, device=dev)
+        if st.ndim == 0:
+            return st.expand(rows)
+        if st.shape[0] * k != rows:
+            raise ValueError(
+                f"Intervention {i}: strength has {st.shape[0]} entries but the call has {rows} rows "
+                f"({k} per example): pass one strength per prompt."
+            )
+        return st.repeat_interleave(k)
 
     def _region_rank(self, am, first, include_sink):
         """Rank of each column among the real prompt tokens (sink excluded unless asked)."""
@@ -187,22 +241,33 @@ class Steering:
             keep[torch.arange(am.shape[0], device=am.device), first] = False
         return keep.long().cumsum(-1) - 1
 
-    def _prompt_selection(self, pos, b, include_sink) -> Tensor:
-        bt = self.batch
-        if bt is None or len(bt) != b or bt.input_ids.shape[1] != self._prompt_width:
-            raise ValueError(
-                f"positions={pos!r} needs the tokenized prompts: call Steering.generate/logits, or set "
-                "steering.batch = steer.tokenize(model, prompts) before calling the model yourself."
-            )
-        return P.mask(pos, bt, include_sink=include_sink).to(bt.input_ids.device)
+    def _prompt_selection(self, i: int, pos, seq: dict) -> Tensor:
+        """``[rows, prompt width]`` tokens that a prompt selector picks, once per sequence."""
+        if i not in seq["selections"]:
+            bt = seq["batch"]
+            if bt is None:
+                raise ValueError(
+                    f"positions={pos!r} needs the tokenized prompts: call Steering.generate/logits, or "
+                    "set steering.batch = steer.tokenize(model, prompts) before calling the model yourself."
+                )
+            sel = P.mask(pos, bt, include_sink=self.interventions[i].include_sink)
+            seq["selections"][i] = sel.repeat_interleave(seq["k"], 0)
+        return seq["selections"][i]
 
-    def _compute_gate(self, base, ids, emb, am, keep, b) -> Optional[Tensor]:
+    def _compute_gate(self, base, ids, emb, cp, batch: Optional[Batch], rows: int) -> Optional[Tensor]:
+        """``[examples]`` gate: the user's ``gate`` times the condition, read once per sequence
+        from each prompt (the whole tokenized prompt when known, else this first call)."""
+        b = len(batch) if batch is not None else rows
         gate = None if self.gate is None else torch.as_tensor(self.gate, dtype=torch.float32)
         if gate is not None and gate.shape != (b,):
-            raise ValueError(f"gate has shape {tuple(gate.shape)}; the batch has {b} rows: pass a [batch] tensor.")
+            raise ValueError(f"gate has shape {tuple(gate.shape)}; the batch has {b} prompts: pass a [batch] tensor.")
         if self.condition is None:
             return gate
-        hs = self._condition_states(base, ids, emb, am, keep)
+        if batch is not None:
+            dev = cp.real.device
+            ids, emb = batch.input_ids.to(dev), None
+            cp = call_positions((), {"input_ids": ids, "attention_mask": batch.attention_mask.to(dev)})
+        hs = self._condition_states(base, ids, emb, cp.attention_mask, cp.editable())
         fires = self.condition.evaluate(hs)
         self.condition_scores = getattr(self.condition, "last_scores", None)
         g = fires.float()
@@ -236,38 +301,29 @@ class Steering:
     def _site_hook(self, act: Tensor, site: Site) -> Optional[Tensor]:
         if self._in_prepass or not self._step:
             return None
-        st = self._step
+        step, gate = self._step["interventions"], self._step["gate"]
         out = act
-        gate = self.last_gate
         for i, iv in self._by_site[site]:
-            m = st["masks"][i]
+            m, idx, strength = step[i]
             if m.shape != act.shape[:2]:
                 raise RuntimeError(
                     f"Steering saw activations {tuple(act.shape[:2])} but the forward call had "
                     f"{tuple(m.shape)} tokens: the model was called in an unsupported way."
                 )
-            strength = torch.as_tensor(iv.strength, dtype=act.dtype, device=act.device)
-            if strength.ndim == 0:
-                strength = strength.expand(act.shape[0])
-            if strength.shape[0] != act.shape[0]:
-                raise ValueError(f"Intervention {i}: strength has {strength.shape[0]} entries, batch has {act.shape[0]}.")
-            if gate is not None:
-                strength = strength * gate.to(device=act.device, dtype=act.dtype)
             v = iv.vector_for(site.layer, self.model.n_layers).to(device=act.device, dtype=act.dtype)
+            if iv.kind == "clamp":
+                # gate decides which rows are clamped; the strength is the target value
+                mm = m if gate is None else m & (gate != 0)[:, None]
+                out = I.clamp(out, v, strength.to(act.dtype), mm)
+                continue
+            s = (strength if gate is None else strength * gate).to(act.dtype)
             if iv.kind == "add":
                 if iv.aligned:
-                    delta = v[st["aligned"][i]] * strength[:, None, None]
-                    out = torch.where(m[..., None], out + delta, out)
+                    out = torch.where(m[..., None], out + v[idx] * s[:, None, None], out)
                 else:
-                    out = I.add(out, v, strength, m)
-            elif iv.kind == "ablate":
-                out = I.ablate(out, v, m, strength)
+                    out = I.add(out, v, s, m)
             else:
-                # clamp: gate/strength decide the target value; gated-off rows are left alone
-                target = torch.as_tensor(iv.strength, dtype=act.dtype, device=act.device)
-                target = target.expand(act.shape[0]) if target.ndim == 0 else target
-                mm = m if gate is None else m & (gate.to(act.device) != 0)[:, None]
-                out = I.clamp(out, v, target, mm)
+                out = I.ablate(out, v, m, s)
         return out
 
     # -- conveniences ---------------------------------------------------------------------

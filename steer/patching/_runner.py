@@ -14,6 +14,7 @@ import inspect
 import torch
 from torch import Tensor
 
+from .._hf import cache_kwarg
 from ..data import Batch
 from ..hooks import add_hooks
 from .qk_fix import attn_logits, rotary
@@ -99,6 +100,7 @@ class Runner:
             self.suffix_masks[w] = _mask(am, self.T, slice(prefix, None), w, dtype)  # [P, 1, T-prefix, T]
         self.prefix = prefix
         self.cache = _PrefixCache(prefix)
+        self._cache_kw = cache_kwarg(model.layers[0])  # `cache` from transformers 5.24 (steer._hf)
 
     def layer_pe(self, l: int) -> tuple[Tensor, Tensor]:
         """``(cos, sin)`` ``[P, T, d_head]`` used by layer ``l``."""
@@ -143,7 +145,7 @@ class Runner:
         reps = h.shape[0] // self.P
         self.cache.recording, self.cache.reps = False, reps
         try:
-            h = self._layers(start, h, reps, True, hooks, {"past_key_values": self.cache})[-1]
+            h = self._layers(start, h, reps, True, hooks, {self._cache_kw: self.cache})[-1]
         finally:
             self.cache.recording, self.cache.reps = True, 1
         return self.unembed(h[:, -1], columns)
@@ -165,7 +167,7 @@ class Runner:
         (``L - start + 1`` tensors, in the autograd graph when ``h`` requires grad).
         """
         reps = h.shape[0] // self.P
-        kw = {"past_key_values": self.cache} if record else {}
+        kw = {self._cache_kw: self.cache} if record else {}
         resid = self._layers(start, h, reps, False, hooks, kw, keep=keep_resid)
         logits = self.unembed(resid[-1][:, -1])
         return (logits, resid) if keep_resid else logits

@@ -1,0 +1,112 @@
+"""What steer reads from a HuggingFace forward call, independent of how a release spells it.
+
+steer's hooks sit on HF modules, so they see whatever keyword arguments the installed
+transformers passes. Those move between releases; everything that depends on their spelling
+lives here, so a rename is one edit and not a silent change of results.
+
+Known changes (the oldest release ``pyproject.toml`` allows is 5.9):
+
+* **transformers 5.24** renamed the KV cache argument of every model and decoder-layer
+  ``forward`` from ``past_key_values=`` to ``cache=`` (``past_key_values`` still works with a
+  warning until 5.40). Since 5.18 ``generate`` also drops an all-ones attention mask
+  (``generation/utils.py``: "we will never have padding"), so for an unpadded batch — any batch
+  of one prompt — decode steps carry no mask, and under 5.24 no ``past_key_values`` either.
+  steer read the number of cached tokens from the mask or from ``past_key_values``; under 5.24 it
+  found neither, took every decode step for a fresh one-token prompt whose only token was the
+  attention sink, and left it unsteered. Batched steered generation then differed from
+  per-example generation (issue 10). :func:`cached_length` now asks the cache object itself,
+  under whichever name it came, and refuses to guess.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["find_cache", "cached_length", "cache_kwarg"]
+
+_CACHE_NAMES = ("cache", "past_key_values")  # 5.24+, then 5.9-5.23
+
+
+def _is_cache(obj: Any) -> bool:
+    return hasattr(obj, "get_seq_length") and hasattr(obj, "update")
+
+
+def find_cache(kwargs: dict) -> Optional[Any]:
+    """The KV cache object among a forward call's keyword arguments, whatever it is called.
+
+    >>> from transformers import DynamicCache
+    >>> c = DynamicCache()
+    >>> find_cache({"cache": c}) is c, find_cache({"past_key_values": c}) is c, find_cache({})
+    (True, True, None)
+    """
+    for name in _CACHE_NAMES:
+        if _is_cache(kwargs.get(name)):
+            return kwargs[name]
+    for value in kwargs.values():  # a future spelling: any argument that is a cache
+        if _is_cache(value):
+            return value
+    return None
+
+
+def cached_length(kwargs: dict, n_new: int) -> int:
+    """How many columns of the sequence precede the ``n_new`` tokens of this call.
+
+    Read, in this order, from ``cache_position`` (releases that pass it), the cache's own length
+    (before this call writes to it), and a 2-D attention mask (``past + n_new`` columns). Each
+    source that is present must agree with the others; with none of them the call is a fresh
+    sequence, and ``position_ids`` that do not start at 0 then mean a cache is hidden somewhere
+    steer cannot see — an error, not a guess.
+
+    >>> import torch
+    >>> cached_length({"attention_mask": torch.ones(2, 7)}, 1)
+    6
+    >>> cached_length({"input_ids": torch.ones(1, 3)}, 3)
+    0
+    """
+    found: dict[str, int] = {}
+    cp = kwargs.get("cache_position")
+    if isinstance(cp, Tensor) and cp.numel():
+        found["cache_position"] = int(cp.reshape(-1)[0])
+    cache = find_cache(kwargs)
+    if cache is not None:
+        found["the cache's length"] = int(cache.get_seq_length())
+    am = kwargs.get("attention_mask")
+    if isinstance(am, Tensor) and am.ndim == 2:
+        found["the attention mask"] = am.shape[1] - n_new
+    if len(set(found.values())) > 1:
+        raise RuntimeError(
+            f"This forward call disagrees with itself about how many tokens are cached ({found}); "
+            "steer cannot place its tokens in the sequence. Pass a 2-D attention_mask covering the "
+            "cached and the new tokens."
+        )
+    if found:
+        return next(iter(found.values()))
+    pos = kwargs.get("position_ids")
+    if isinstance(pos, Tensor) and pos.numel() and int(pos.min()) > 0:
+        raise RuntimeError(
+            f"The forward call's position_ids start at {int(pos.min())} but it carries no cache, "
+            "cache_position or 2-D attention_mask that steer can read, so it cannot tell which "
+            "tokens are new. Pass attention_mask= (the full [batch, past + new] mask)."
+        )
+    return 0
+
+
+def cache_kwarg(module: torch.nn.Module) -> str:
+    """The keyword a decoder layer's ``forward`` takes its KV cache under (``cache`` from 5.24).
+
+    >>> import steer
+    >>> cache_kwarg(steer.load("tiny-llama").layers[0]) in ("cache", "past_key_values")
+    True
+    """
+    params = inspect.signature(module.forward).parameters
+    for name in _CACHE_NAMES:
+        if name in params:
+            return name
+    raise TypeError(
+        f"{type(module).__name__}.forward takes neither of {_CACHE_NAMES}: steer does not know how "
+        "this transformers release passes the KV cache to a decoder layer."
+    )
