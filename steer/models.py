@@ -22,6 +22,7 @@ import copy
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -302,7 +303,7 @@ def _dequantize_to_cache(key: str, target: Path) -> None:
 
     gguf = _gguf_path(key)
     t0 = time.time()
-    print(f"steer: dequantizing {gguf.name} once (cached under {target}) ...", flush=True)
+    print(f"steer: dequantizing {gguf.name} once (cached under {target}) ...", file=sys.stderr, flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = hf.config.to_dict()
@@ -320,7 +321,7 @@ def _dequantize_to_cache(key: str, target: Path) -> None:
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, target)
-    print(f"steer: cached in {time.time() - t0:.0f} s", flush=True)
+    print(f"steer: cached in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
 
 # -- tiny random models (unit tests) ---------------------------------------------------------
