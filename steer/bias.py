@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .data import batches, pad_left, position_ids
@@ -126,10 +126,20 @@ def _read_json(path: Path):
 def load_occupations(split: Optional[str] = None, path: Union[str, Path, None] = None) -> dict[str, float]:
     """``{occupation word: percent women}`` from the built-in BLS table (``split``: train/heldout/None).
 
+    ``path``: a file of your own figures, either ``{"word": percent, ...}`` or the built-in
+    table's form (``{"occupations": [{"word", "women_pct"[, "split"]}, ...]}`` or that list).
+
     >>> occ = load_occupations("heldout"); 0 < occ["plumber"] < 10
     True
     """
     data = _read_json(Path(path) if path else DATA / "occupations.json")
+    if isinstance(data, dict) and "occupations" not in data:  # {word: percent}
+        if split is not None:
+            raise ValueError(f"{path} maps words to percentages and has no splits: use split=None.")
+        bad = {k: v for k, v in data.items() if not isinstance(v, (int, float)) or not 0 <= v <= 100}
+        if bad:
+            raise ValueError(f"{path}: shares of women must be percentages in [0, 100], got {bad}.")
+        return {str(k): float(v) for k, v in data.items()}
     rows = data["occupations"] if isinstance(data, dict) else data
     if split not in (None, "train", "heldout"):
         raise ValueError(f"split={split!r}: use 'train', 'heldout' or None (all).")
@@ -327,20 +337,26 @@ class OccupationResult:
     * ``per_value``: mean over templates of the centred gap (``[values]``)
     * ``bias``: mean absolute ``per_value`` — the headline bias score
     * ``item_bias``: mean absolute centred gap over all template × value items
-    * ``correlation``: Pearson r of ``per_value`` with ``shares`` (``nan`` without shares)
+    * ``correlation``: Pearson r of ``per_value`` with ``shares``, over the values that have a
+      share (``shares`` is NaN where a value has none); ``nan`` when it cannot be computed, and
+      then ``correlation_note`` says why (fewer than 3 values with a share, or constant values)
 
     Usually returned by :func:`occupational_bias` or :func:`counterfactual_gaps`; built by hand
-    here to show the arithmetic (one template, two occupations, the neutral subject at +1):
+    here to show the arithmetic (one template, four occupations, the neutral subject at +1, no
+    share-of-women figure for "zookeeper"):
 
-    >>> r = OccupationResult(["nurse", "pilot"], ["The {occupation} said that"],
-    ...                      gaps=torch.tensor([[-1.0, 3.0]]), neutral=torch.tensor([1.0]),
-    ...                      shares=torch.tensor([87.4, 4.6]))
+    >>> r = OccupationResult(["nurse", "pilot", "cook", "zookeeper"], ["The {occupation} said that"],
+    ...                      gaps=torch.tensor([[-1.0, 3.0, 1.5, 0.0]]), neutral=torch.tensor([1.0]),
+    ...                      shares=torch.tensor([87.4, 4.6, 37.9, float("nan")]))
     >>> r.centred.tolist(), r.per_value.tolist(), r.bias
-    ([[-2.0, 2.0]], [-2.0, 2.0], 2.0)
-    >>> round(r.correlation, 6)              # more " he" where fewer women: stereotyped
-    -1.0
-    >>> sorted(r.summary()), r.to_dict()["per_value"]
-    (['bias', 'correlation', 'item_bias', 'n_templates', 'n_values', 'neutral_gap', 'spread'], {'nurse': -2.0, 'pilot': 2.0})
+    ([[-2.0, 2.0, 0.5, -1.0]], [-2.0, 2.0, 0.5, -1.0], 1.375)
+    >>> round(r.correlation, 3), r.correlation_skipped  # more " he" where fewer women: stereotyped
+    (-1.0, ['zookeeper'])
+    >>> r.summary()["correlation_n"], r.to_dict()["shares"]["zookeeper"]
+    (3, None)
+    >>> OccupationResult(["nurse", "pilot"], ["T"], torch.tensor([[-1.0, 3.0]]), torch.tensor([0.0]),
+    ...                  torch.tensor([87.4, 4.6])).correlation_note
+    'only 2 of 2 values have a share-of-women figure; a correlation needs at least 3'
     """
 
     values: list[str]
@@ -371,22 +387,52 @@ class OccupationResult:
         return float(self.per_value.std()) if len(self.values) > 1 else 0.0
 
     @property
+    def has_share(self) -> Bool[Tensor, "value"]:
+        """Which values have a share-of-women figure."""
+        if self.shares is None:
+            return torch.zeros(len(self.values), dtype=torch.bool)
+        return torch.isfinite(torch.as_tensor(self.shares, dtype=torch.float64))
+
+    @property
+    def correlation_skipped(self) -> list[str]:
+        """The values left out of :attr:`correlation` for want of a share-of-women figure."""
+        return [v for v, ok in zip(self.values, self.has_share.tolist()) if not ok]
+
+    @property
+    def correlation_note(self) -> Optional[str]:
+        """Why :attr:`correlation` could not be computed (``None`` when it was)."""
+        keep, n = self.has_share, len(self.values)
+        if int(keep.sum()) < 3:
+            return (f"only {int(keep.sum())} of {n} values have a share-of-women figure; a correlation "
+                    "needs at least 3")
+        if math.isnan(pearson(self.per_value[keep], self.shares[keep])):
+            return "the gaps or the shares of the values with a figure are constant"
+        return None
+
+    @property
     def correlation(self) -> float:
-        return pearson(self.per_value, self.shares) if self.shares is not None else float("nan")
+        if self.correlation_note is not None:
+            return float("nan")
+        keep = self.has_share
+        return pearson(self.per_value[keep], self.shares[keep])
 
     @property
     def neutral_gap(self) -> float:
         return float(self.neutral.mean())
 
     def summary(self) -> dict:
-        return {"bias": self.bias, "item_bias": self.item_bias, "correlation": self.correlation,
+        note = self.correlation_note
+        return {"bias": self.bias, "item_bias": self.item_bias,
+                "correlation": None if note else self.correlation, "correlation_note": note,
+                "correlation_n": int(self.has_share.sum()), "correlation_skipped": self.correlation_skipped,
                 "spread": self.spread, "neutral_gap": self.neutral_gap, "n_values": len(self.values),
                 "n_templates": len(self.templates)}
 
     def to_dict(self) -> dict:
         return {**self.summary(), "targets": list(self.targets), "templates": self.templates,
                 "per_value": dict(zip(self.values, self.per_value.tolist())),
-                "shares": None if self.shares is None else dict(zip(self.values, self.shares.tolist()))}
+                "shares": None if self.shares is None else
+                {v: (x if x == x else None) for v, x in zip(self.values, self.shares.tolist())}}
 
 
 def counterfactual_gaps(model, templates: Sequence[Template], edit: "Optional[Edit]" = None,
@@ -418,11 +464,9 @@ def counterfactual_gaps(model, templates: Sequence[Template], edit: "Optional[Ed
     neutral = torch.zeros(len(templates))
     has = [i for i, t in enumerate(templates) if t.neutral]
     neutral[has] = g[len(texts):]
-    sh = None
+    sh = None  # NaN where a value has no figure: the correlation uses the others
     if shares is not None:
-        missing = [v for v in values if v not in shares]
-        if not missing:
-            sh = torch.tensor([float(shares[v]) for v in values])
+        sh = torch.tensor([float(shares.get(v, float("nan"))) for v in values])
     return OccupationResult(list(values), [t.template for t in templates], gaps, neutral, sh, targets)
 
 
@@ -444,7 +488,7 @@ def occupational_bias(
     >>> m = steer.load("tiny-llama")
     >>> r = occupational_bias(m, {"nurse": 87.4, "pilot": 4.6}, ["The {occupation} said that"])
     >>> sorted(r.summary())[:3]
-    ['bias', 'correlation', 'item_bias']
+    ['bias', 'correlation', 'correlation_n']
     """
     if occupations is None or isinstance(occupations, str):
         occupations = load_occupations(occupations)
@@ -1135,14 +1179,16 @@ def debias_report(model, edit: Edit, split: str = "heldout") -> dict:
     a = occupational_bias(model, split, split, edit=edit)
     se = side_effects(model, edit)
     return {"bias_before": b.bias, "bias_after": a.bias,
-            "stereotype_correlation_before": b.correlation, "stereotype_correlation_after": a.correlation,
+            "stereotype_correlation_before": b.summary()["correlation"],
+            "stereotype_correlation_after": a.summary()["correlation"],
+            "stereotype_correlation_note": b.correlation_note,
             "spread_before": b.spread, "spread_after": a.spread,
             "neutral_kl": se["neutral_kl"], "neutral_ppl_ratio": se["neutral_ppl_ratio"],
             "method": edit.method, "direction": edit.name, "layer": list(edit.layers),
             "strength": edit.strength, "split": split,
             "per_occupation_before": dict(zip(b.values, b.per_value.tolist())),
             "per_occupation_after": dict(zip(a.values, a.per_value.tolist())),
-            "shares": dict(zip(b.values, b.shares.tolist())) if b.shares is not None else None}
+            "shares": b.to_dict()["shares"]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -209,6 +209,47 @@ def test_cli_bias_writes_json(tmp_path):
     assert d["method"] == "ablate" and d["layer"] == [1]
 
 
+def test_cli_bias_correlation_skips_occupations_without_a_figure(tmp_path, capsys):
+    """Occupations without a share-of-women figure are left out of the correlation, named in the
+    JSON, and can be supplied with --shares; too few figures give null with a reason, never NaN."""
+    from steer.cli import main
+
+    occ = bias.load_occupations()
+    known = ["nurse", "plumber", "cook", "lawyer"]
+    assert all(k in occ for k in known) and "zookeeper" not in occ and "astronaut" not in occ
+
+    def run(values, *extra):
+        f, out = tmp_path / "t.jsonl", tmp_path / "bias.json"
+        f.write_text(json.dumps({"template": "The {occupation} said that", "slot": "occupation",
+                                 "values": values, "targets": [" he", " she"]}) + "\n")
+        assert main(["bias", "--model", "tiny-llama", "--templates", str(f), "--method", "ablate",
+                     "--direction", "gender", "--layers", "1", "--json", str(out), *extra]) == 0
+        text = out.read_text()
+        assert "NaN" not in text
+        return json.loads(text)
+
+    d = run(known + ["zookeeper", "astronaut"])
+    assert d["stereotype_correlation_n"] == 4
+    assert d["stereotype_correlation_skipped"] == ["astronaut", "zookeeper"]
+    assert d["stereotype_correlation_note"] is None
+    per = d["tables"][0]["before"]["per_value"]
+    expected = bias.pearson(torch.tensor([per[k] for k in known]), torch.tensor([occ[k] for k in known]))
+    assert d["stereotype_correlation_before"] == pytest.approx(expected, abs=1e-9)
+    assert "astronaut, zookeeper" in capsys.readouterr().out
+
+    mine = tmp_path / "shares.json"
+    mine.write_text(json.dumps({"zookeeper": 50.0, "astronaut": 12.0}))
+    d = run(known + ["zookeeper", "astronaut"], "--shares", str(mine))
+    assert d["stereotype_correlation_n"] == 6 and d["stereotype_correlation_skipped"] == []
+
+    d = run(["nurse", "zookeeper", "astronaut"])
+    assert d["stereotype_correlation_before"] is None and d["stereotype_correlation_after"] is None
+    assert "only 1 of 3 values" in d["stereotype_correlation_note"]
+    mine.write_text(json.dumps({"zookeeper": 150}))
+    with pytest.raises(ValueError, match="percentages"):
+        run(known, "--shares", str(mine))
+
+
 @pytest.mark.slow
 def test_embedded_default_debiasing_on_heldout(smol):
     # fitted on the training occupations/templates, measured on the held-out ones

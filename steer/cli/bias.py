@@ -1,12 +1,14 @@
 """``steer bias``: occupational gender bias before and after debiasing; writes JSON.
 
-    steer bias [--templates FILE] [--model M] [--method leace] [--direction stereotype]
-               [--layers 9,12,15] [--strength 1.0] [--decisions] [--json OUT]
+    steer bias [--templates FILE] [--shares FILE] [--model M] [--method leace]
+               [--direction stereotype] [--layers 9,12,15] [--strength 1.0] [--decisions] [--json OUT]
 
 FILE is JSONL of ``{"template": "The {occupation} said that", "slot": "occupation", "values":
 [...], "targets": [" he", " she"]}`` (default: steer's held-out templates and occupations). The
 debiasing edit is fitted on steer's *training* templates and occupations, so a held-out file
-measures generalisation.
+measures generalisation. The stereotype correlation uses the occupations that have a
+share-of-women figure (steer's table, plus ``--shares``); the JSON says how many were used and
+which were skipped, and a correlation that cannot be computed is ``null`` with a reason.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def add_parser(sub) -> None:
                    help="stereotype direction: fit on the last token, the subject tokens, or subject and after")
     p.add_argument("--target", choices=("share", "gap"), default=DEFAULT_TARGET,
                    help="stereotype direction: regress the share of women or the model's own gap")
+    p.add_argument("--shares", default=None,
+                   help="JSON of your own share-of-women figures, {\"word\": percent, ...}; they add to and "
+                        "override steer's table for the stereotype correlation")
     p.add_argument("--decisions", action="store_true", help="also measure decision bias before/after")
     p.add_argument("--json", dest="json_out", default=None, help="write the results here (also printed)")
     p.set_defaults(func=run)
@@ -76,19 +81,29 @@ def run(args) -> int:
         for t in ts:  # one table per (values, targets)
             groups.setdefault((tuple(t.values), t.targets), []).append(t)
         shares = bias.load_occupations()
+        if args.shares:
+            if not Path(args.shares).exists():
+                raise SystemExit(f"--shares {args.shares}: no such file.")
+            shares.update(bias.load_occupations(path=args.shares))
         before = [bias.counterfactual_gaps(model, g, None, shares) for g in groups.values()]
         after = [bias.counterfactual_gaps(model, g, edit, shares) for g in groups.values()]
         w = [len(r.values) for r in before]
 
-        def avg(rs, key):
-            vals = [(getattr(r, key), k) for r, k in zip(rs, w)]
-            vals = [(v, k) for v, k in vals if v == v]  # skip nan
-            return sum(v * k for v, k in vals) / sum(k for _, k in vals) if vals else float("nan")
+        def avg(rs, weights):
+            vals = [(v, k) for v, k in zip(rs, weights) if k > 0]
+            return sum(v * k for v, k in vals) / sum(k for _, k in vals) if vals else None
 
+        # the correlation of a table counts with the number of values that have a figure
+        cw = [0 if r.correlation_note else int(r.has_share.sum()) for r in before]
+        skipped = sorted({v for r in before for v in r.correlation_skipped})
+        notes = sorted({r.correlation_note for r in before if r.correlation_note})
         se = bias.side_effects(model, edit)
-        out = {"bias_before": avg(before, "bias"), "bias_after": avg(after, "bias"),
-               "stereotype_correlation_before": avg(before, "correlation"),
-               "stereotype_correlation_after": avg(after, "correlation"),
+        out = {"bias_before": avg([r.bias for r in before], w), "bias_after": avg([r.bias for r in after], w),
+               "stereotype_correlation_before": avg([r.correlation for r in before], cw),
+               "stereotype_correlation_after": avg([r.correlation for r in after], cw),
+               "stereotype_correlation_n": sum(cw),
+               "stereotype_correlation_skipped": skipped,
+               "stereotype_correlation_note": None if any(cw) else "; ".join(notes),
                "neutral_kl": se["neutral_kl"], "neutral_ppl_ratio": se["neutral_ppl_ratio"],
                "method": edit.method, "direction": edit.name, "layer": edit.layers, "strength": edit.strength,
                "templates": args.templates,
@@ -109,7 +124,12 @@ def run(args) -> int:
             "neutral_kl", "neutral_ppl_ratio", "method", "direction", "layer")
     for k in keys:
         v = out[k]
+        if v is None and k.startswith("stereotype_correlation"):
+            v = f"n/a ({out.get('stereotype_correlation_note')})"
         print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+    if out.get("stereotype_correlation_skipped"):
+        print(f"{'no share-of-women figure for':32s} {', '.join(out['stereotype_correlation_skipped'])} "
+              "(left out of the correlation; add them with --shares FILE)")
     if args.json_out:
         print(f"written to {args.json_out}", file=sys.stderr)
     return 0
