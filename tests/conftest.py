@@ -32,3 +32,10 @@ def task(model):
 
     pairs = [("M and Y; Y to", "M and Y; N to"), ("B and Q; B to", "B and Q; K to"), ("J and D; J to", "J and D; W to")]
     return PatchTask.from_pairs(model, pairs, ["M", "Q", "D"], ["Y", "B", "J"], name="tiny-ioi")
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that uses the embedded model is ``slow`` (``make test-fast`` leaves them out)."""
+    for item in items:
+        if "smol" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
