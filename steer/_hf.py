@@ -16,6 +16,9 @@ Known changes (the oldest release ``pyproject.toml`` allows is 5.9):
   attention sink, and left it unsteered. Batched steered generation then differed from
   per-example generation (issue 10). :func:`cached_length` now asks the cache object itself,
   under whichever name it came, and refuses to guess.
+* With a static cache (``cache_implementation="static"``) ``generate`` passes the model a 4-D
+  mask (``[batch, 1, query, max_cache_len]``), or a dict of them by layer type, instead of the
+  2-D one: :func:`padding_mask` reads the padding back from it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["find_cache", "cached_length", "cache_kwarg"]
+__all__ = ["find_cache", "cached_length", "padding_mask", "cache_kwarg"]
 
 _CACHE_NAMES = ("cache", "past_key_values")  # 5.24+, then 5.9-5.23
 
@@ -93,6 +96,38 @@ def cached_length(kwargs: dict, n_new: int) -> int:
             "tokens are new. Pass attention_mask= (the full [batch, past + new] mask)."
         )
     return 0
+
+
+def padding_mask(kwargs: dict, total: int) -> tuple[Optional[Tensor], bool]:
+    """Which of a call's ``total`` (cached + new) columns are real tokens: ``(mask, readable)``.
+
+    A 2-D ``attention_mask`` is that mask. A 4-D one (``[batch, 1, query, key]``; boolean, or
+    additive with 0 where attention is allowed), or the ``"full_attention"`` entry of a dict of
+    them, gives it in its last query row, which sees every earlier real column. No mask means no
+    padding (``None, True``), as in HF. Anything else (a sliding-window-only mask, a flex
+    ``BlockMask``) is not readable: ``(None, False)``, and the caller must know the padding another
+    way or say so.
+
+    >>> import torch
+    >>> m4 = torch.tensor([[[[True, False, False], [False, True, False], [False, True, True]]]])
+    >>> padding_mask({"attention_mask": m4}, 3)[0].tolist()     # column 0 is padding
+    [[False, True, True]]
+    >>> padding_mask({}, 3)
+    (None, True)
+    """
+    am = kwargs.get("attention_mask")
+    if isinstance(am, dict):
+        if "full_attention" not in am:
+            return None, False
+        am = am["full_attention"]
+    if am is None:
+        return None, True
+    if isinstance(am, Tensor) and am.ndim == 2:
+        return am.bool(), True
+    if isinstance(am, Tensor) and am.ndim == 4 and am.shape[-1] >= total:
+        last = am[:, 0, -1, :total]
+        return (last if last.dtype == torch.bool else last == 0), True
+    return None, False
 
 
 def cache_kwarg(module: torch.nn.Module) -> str:

@@ -204,7 +204,11 @@ def track_sink(model, include_sink: bool = False) -> Iterator[dict]:
     base = getattr(model.hf, model.hf.base_model_prefix)
 
     def pre(module, args, kwargs):
-        state["mask"] = call_positions(args, kwargs).editable(include_sink)
+        cp = call_positions(args, kwargs)
+        if not cp.padding_known:
+            raise ValueError(f"steer cannot read which tokens are padding from this call's attention mask "
+                             f"({type(kwargs.get('attention_mask')).__name__}): pass a 2-D attention_mask.")
+        state["mask"] = cp.editable(include_sink)
         return None
 
     h = base.register_forward_pre_hook(pre, with_kwargs=True)

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from ._hf import cached_length
+from ._hf import cached_length, padding_mask
 from .sites import Site, hf_target, parse_sites
 
 __all__ = ["add_hooks", "HookFn", "CallPositions", "call_positions"]
@@ -156,7 +156,8 @@ class CallPositions:
 
     ``attention_mask`` is the full ``[batch, past + n]`` mask, ``first`` each row's first real
     column (the attention sink), ``cols`` the columns of the call's tokens, ``real`` the call's
-    real tokens and ``sink`` the call's sink tokens (both ``[batch, n]``).
+    real tokens and ``sink`` the call's sink tokens (both ``[batch, n]``). ``padding_known`` is
+    False when the call's mask could not be read (then every column counts as real).
     """
 
     attention_mask: Bool[Tensor, "batch full"]
@@ -165,6 +166,15 @@ class CallPositions:
     cols: Int[Tensor, "pos"]
     real: Bool[Tensor, "batch pos"]
     sink: Bool[Tensor, "batch pos"]
+    padding_known: bool = True
+
+    @classmethod
+    def of(cls, attention_mask: Bool[Tensor, "batch full"], past: int, padding_known: bool = True) -> "CallPositions":
+        """From the full mask of a call whose tokens are its columns ``past ..``."""
+        am = attention_mask.bool()
+        cols = torch.arange(past, am.shape[1], device=am.device)
+        first = am.int().argmax(-1)  # first real column of each row
+        return cls(am, past, first, cols, am[:, past:], cols[None, :] == first[:, None], padding_known)
 
     def editable(self, include_sink: bool = False) -> Bool[Tensor, "batch pos"]:
         """Real tokens, minus the attention sink unless ``include_sink``."""
@@ -173,9 +183,9 @@ class CallPositions:
 
 def call_positions(args: tuple, kwargs: dict) -> CallPositions:
     """:class:`CallPositions` of a decoder forward call from its (pre-hook) arguments
-    (``input_ids`` or ``inputs_embeds``, and whatever tells how many tokens are cached:
-    ``cache_position``, the KV cache under either of its names, a 2-D ``attention_mask``; see
-    :func:`steer._hf.cached_length`). Without a 2-D mask every column is real, as in HF.
+    (``input_ids`` or ``inputs_embeds``; how many tokens are cached, from ``cache_position``, the
+    KV cache under either of its names or a 2-D ``attention_mask``; which are padding, from the
+    2-D or 4-D mask: see :mod:`steer._hf`). Without a mask every column is real, as in HF.
 
     >>> cp = call_positions((), {"input_ids": torch.tensor([[0, 5, 6]]), "attention_mask": torch.tensor([[0, 1, 1]])})
     >>> cp.editable().tolist(), cp.editable(include_sink=True).tolist()
@@ -196,13 +206,7 @@ def call_positions(args: tuple, kwargs: dict) -> CallPositions:
     if ref is None:
         raise TypeError("The forward call has neither input_ids nor inputs_embeds.")
     b, n = ref.shape[0], ref.shape[1]
-    dev = ref.device
     past = cached_length(kwargs, n)
-    am = kwargs.get("attention_mask")
-    if isinstance(am, Tensor) and am.ndim == 2:
-        am = am.to(dev).bool()
-    else:
-        am = torch.ones((b, past + n), dtype=torch.bool, device=dev)
-    cols = torch.arange(past, past + n, device=dev)
-    first = am.int().argmax(-1)  # first real column of each row
-    return CallPositions(am, past, first, cols, am[:, past:], cols[None, :] == first[:, None])
+    keep, readable = padding_mask(kwargs, past + n)
+    am = keep.to(ref.device) if keep is not None else torch.ones((b, past + n), dtype=torch.bool, device=ref.device)
+    return CallPositions.of(am, past, readable)

@@ -37,7 +37,7 @@ from torch import Tensor
 from . import interventions as I
 from . import positions as P
 from .data import Batch, position_ids, tokenize
-from .hooks import add_hooks, call_positions
+from .hooks import CallPositions, add_hooks, call_positions
 from .sites import Site, resolve_layers
 
 __all__ = ["Steering", "steer", "prompt_means"]
@@ -160,6 +160,9 @@ class Steering:
                 "cannot tell which row is which example. Start a new sequence (no cache) instead."
             )
         k = seq["k"]
+        if not cp.padding_known:  # e.g. a flex-attention BlockMask: the tokenized prompts know
+            cp = self._padding_from_batch(cp, seq, kwargs.get("attention_mask"))
+            am = cp.attention_mask
         gate = None if seq["gate"] is None else seq["gate"].to(dev).repeat_interleave(k)
         is_prompt = (cols < seq["width"])[None, :].expand(rows, n)
         step = []
@@ -221,6 +224,19 @@ class Steering:
             )
         seq["gate"] = self.last_gate = self._compute_gate(base, ids, emb, cp, match, rows)
         return seq
+
+    def _padding_from_batch(self, cp: CallPositions, seq: dict, mask) -> CallPositions:
+        """The call's positions with the padding of the sequence's tokenized prompts."""
+        bt = seq["batch"]
+        if bt is None:
+            raise ValueError(
+                f"steer cannot read which tokens are padding from this call's attention mask "
+                f"({type(mask).__name__}): call Steering.generate, or pass a 2-D attention_mask."
+            )
+        rows, total = cp.real.shape[0], cp.attention_mask.shape[1]
+        prompt = bt.attention_mask.bool().to(cp.real.device).repeat_interleave(seq["k"], 0)
+        gen = torch.ones((rows, max(0, total - prompt.shape[1])), dtype=torch.bool, device=prompt.device)
+        return CallPositions.of(torch.cat((prompt, gen), 1)[:, :total], cp.past)
 
     def _row_strength(self, i, iv, rows: int, k: int, dev) -> Tensor:
         """``[rows]`` strengths of intervention ``i`` (per example, repeated over its ``k`` rows)."""

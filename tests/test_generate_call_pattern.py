@@ -2,8 +2,8 @@
 
 Each test drives real HF ``generate`` on both tiny architectures (Llama; Gemma-3 with a sliding
 window layer) and compares a batch of differently long prompts with each prompt run alone: the
-same tokens, whether the prompt is prefilled in one call or in chunks, with beams or several
-return sequences, with a CAST condition deciding per prompt. Under transformers 5.24 a prompt
+same tokens, whether the prompt is prefilled in one call or in chunks, with a dynamic or a
+static cache, with beams or several return sequences, with a CAST condition deciding per prompt. Under transformers 5.24 a prompt
 run alone used to come out unsteered after its first token (see ``steer._hf``).
 """
 
@@ -81,6 +81,15 @@ def test_chunked_prefill_equals_one_call(model, positions):
     whole, gate = _generate(model, PROMPTS, ALPHA, positions, cond)
     chunked, chunk_gate = _generate(model, PROMPTS, ALPHA, positions, cond, prefill_chunk_size=5)
     assert chunked == whole and torch.equal(chunk_gate, gate)
+
+
+@pytest.mark.parametrize("positions", POSITIONS, ids=str)
+def test_static_cache_equals_dynamic(model, positions):
+    """A static cache makes HF pass a 4-D mask (or a dict of them) instead of the 2-D one."""
+    cond = _condition(model)
+    dynamic, gate = _generate(model, PROMPTS, ALPHA, positions, cond)
+    static, static_gate = _generate(model, PROMPTS, ALPHA, positions, cond, cache_implementation="static")
+    assert static == dynamic and torch.equal(static_gate, gate)
 
 
 def test_beams_and_return_sequences_follow_their_prompt(model):
