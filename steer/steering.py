@@ -327,15 +327,17 @@ class Steering:
                     f"{tuple(m.shape)} tokens: the model was called in an unsupported way."
                 )
             v = iv.vector_for(site.layer, self.model.n_layers).to(device=act.device, dtype=act.dtype)
+            m, strength = m.to(act.device), strength.to(act.device)  # layers may sit on other devices
+            g = None if gate is None else gate.to(act.device)
             if iv.kind == "clamp":
                 # gate decides which rows are clamped; the strength is the target value
-                mm = m if gate is None else m & (gate != 0)[:, None]
+                mm = m if g is None else m & (g != 0)[:, None]
                 out = I.clamp(out, v, strength.to(act.dtype), mm)
                 continue
-            s = (strength if gate is None else strength * gate).to(act.dtype)
+            s = (strength if g is None else strength * g).to(act.dtype)
             if iv.kind == "add":
                 if iv.aligned:
-                    out = torch.where(m[..., None], out + v[idx] * s[:, None, None], out)
+                    out = torch.where(m[..., None], out + v[idx.to(act.device)] * s[:, None, None], out)
                 else:
                     out = I.add(out, v, s, m)
             else:
