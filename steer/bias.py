@@ -256,7 +256,7 @@ def _forward(model, rows: Sequence[Sequence[int]], edit: "Optional[Edit]" = None
         with ctx, add_hooks(model, hooks):
             pos_ids = position_ids(att)
             if last_only:
-                base = getattr(model.hf, model.hf.base_model_prefix)
+                base = model.base
                 h = base(input_ids=ids, attention_mask=att, position_ids=pos_ids, use_cache=False).last_hidden_state
                 logits = model.hf.get_output_embeddings()(h[:, -1:])
                 cap = getattr(model.config, "final_logit_softcapping", None)

@@ -215,7 +215,7 @@ def capture(
         if s.layer == last_layer:  # nothing later is needed
             raise _Stop
 
-    base = getattr(model.hf, model.hf.base_model_prefix)
+    base = model.base
     with add_hooks(model, {Site(site, l): grab for l in layer_list}):
         for rows in tqdm(groups, disable=not show, desc=f"capture {site}", leave=False):
             batch = tokenize(model, [prompts[i] for i in rows])

@@ -201,7 +201,7 @@ def track_sink(model, include_sink: bool = False) -> Iterator[dict]:
     from .hooks import call_positions
 
     state: dict = {"mask": None}
-    base = getattr(model.hf, model.hf.base_model_prefix)
+    base = model.base
 
     def pre(module, args, kwargs):
         cp = call_positions(args, kwargs)

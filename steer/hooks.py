@@ -49,19 +49,26 @@ class _Handles:
             h.remove()
 
 
+def _first_input(args, kwargs) -> Tensor:
+    return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+
+
 def _install_resid_mid(model, site: Site, fn: HookFn):
-    """``resid_mid`` has no module boundary in a HF decoder layer (the layer keeps the sum
+    """``resid_mid`` has no module boundary in a HF block (the block keeps the sum
     ``resid_pre + attn_out`` in a local variable). Reading it off the MLP norm's input would let
     an edit reach only the MLP, not the residual stream. Instead: stash ``resid_pre`` as the
-    attention norm's input, and at the attention output (``attn_out``) form
+    attention's (norm's) input, and at the attention output (``attn_out``) form
     ``mid = resid_pre + attn_out``, let ``fn`` edit it, and write ``attn_out' = mid' - resid_pre``,
     so the edit flows on through the residual stream exactly as ``mid'``."""
-    layer = model.layers[site.layer]
+    a = model.arch
+    hf_target(model, site)  # raises where there is no resid_mid (parallel blocks)
+    block = model.layers[site.layer]
+    stash_at = a.part(block, "attn_norm") or a.attention(block)
     out_tgt = hf_target(model, Site("attn_out", site.layer))
     state: dict = {}
 
     def stash(module, args, kwargs):
-        state["pre"] = args[0] if args else next(iter(kwargs.values()))
+        state["pre"] = _first_input(args, kwargs)
 
     def post_hook(module, args, output):
         first = output[0] if isinstance(output, tuple) else output
@@ -75,7 +82,7 @@ def _install_resid_mid(model, site: Site, fn: HookFn):
         new = new - pre
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    return _Handles(layer.input_layernorm.register_forward_pre_hook(stash, with_kwargs=True),
+    return _Handles(stash_at.register_forward_pre_hook(stash, with_kwargs=True),
                     out_tgt.module.register_forward_hook(post_hook))
 
 
@@ -83,16 +90,15 @@ def _install(model, site: Site, fn: HookFn):
     if site.name == "resid_mid":
         return _install_resid_mid(model, site, fn)
     tgt = hf_target(model, site)
-    heads = tgt.heads
 
     def call(x: Tensor) -> Optional[Tensor]:
-        act = x.unflatten(-1, (heads, -1)) if heads else x
+        act = tgt.read(x) if tgt.read else x
         out = fn(act, site)
         if out is None:
             return None
         if out.shape != act.shape:
             raise ValueError(f"Hook on {site} returned shape {tuple(out.shape)}, expected {tuple(act.shape)}.")
-        return out.flatten(-2) if heads else out
+        return tgt.write(x, out) if tgt.write else out
 
     if tgt.pre:
 
@@ -100,7 +106,7 @@ def _install(model, site: Site, fn: HookFn):
             if args:
                 new = call(args[0])
                 return None if new is None else ((new, *args[1:]), kwargs)
-            key = next(iter(kwargs))  # hidden_states passed by keyword
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))  # passed by keyword
             new = call(kwargs[key])
             if new is None:
                 return None

@@ -28,6 +28,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from . import arch
+
 __all__ = [
     "Intervention", "add", "ablate", "clamp", "orthogonalize_weights", "orthogonalized", "unit",
 ]
@@ -178,19 +180,25 @@ class Intervention:
 
 # -- weight orthogonalization ----------------------------------------------------------------
 def _writers(model) -> list[tuple[str, torch.nn.Module, str]]:
-    """(parameter name, module, kind) for every matrix that writes into the residual stream."""
-    hf = model.hf
-    base = getattr(hf, hf.base_model_prefix)
-    prefix = hf.base_model_prefix
-    out = [(f"{prefix}.embed_tokens.weight", base.embed_tokens, "embed")]
-    for i, layer in enumerate(model.layers):
-        if hasattr(layer, "pre_feedforward_layernorm"):
+    """(parameter name, module, kind) for every matrix that writes into the residual stream:
+    ``"embed"`` (rows written), ``"out"`` (a Linear, ``[d_model, in]``) or ``"conv1d"`` (GPT-2's
+    ``Conv1D``, ``[in, d_model]``)."""
+    a = model.arch
+    names = {m: n for n, m in model.hf.named_modules()}
+    base = a.base_model(model.hf)
+    out = [(names[m] + ".weight", m, "embed") for m in
+           (arch._get(base, a.embed), arch._get(base, a.pos_embed) if a.pos_embed else None) if m is not None]
+    for layer in model.layers:
+        if a.attn_post_norm or a.mlp_post_norm:
             raise NotImplementedError(
-                "Weight orthogonalization is not exact for sandwich-norm models (Gemma-3): the "
-                "post-norms rescale what is written. Use runtime ablation (Steering) instead."
+                f"Weight orthogonalization is not exact for models whose sublayer outputs are normed "
+                f"before the residual add ({a.family}: Gemma-2/3 sandwich norms, OLMo-2 post-norms): "
+                "the norms rescale what is written. Use runtime ablation (Steering) instead."
             )
-        out.append((f"{prefix}.layers.{i}.self_attn.o_proj.weight", layer.self_attn.o_proj, "out"))
-        out.append((f"{prefix}.layers.{i}.mlp.down_proj.weight", layer.mlp.down_proj, "out"))
+        for m in a.writers(layer):
+            if m is None:
+                raise NotImplementedError(f"{model.name} ({a.family}): {'; '.join(a.notes)}.")
+            out.append((names[m] + ".weight", m, "conv1d" if a.conv1d else "out"))
     return out
 
 
@@ -219,12 +227,12 @@ def orthogonalize_weights(model, direction) -> dict[str, Float[Tensor, "..."]]:
         W = module.weight
         u = unit(v.to(W.device, torch.float32))
         Wf = W.float()
-        if kind == "embed":  # [vocab, d_model]: rows are written
+        if kind in ("embed", "conv1d"):  # [vocab or d_in, d_model]: rows are written
             new = Wf - (Wf @ u)[:, None] * u[None, :]
         else:  # Linear [d_model, d_in]: columns are written
             new = Wf - u[:, None] * (u @ Wf)[None, :]
         out[name] = new.to(W.dtype)
-        if kind == "out" and getattr(module, "bias", None) is not None:
+        if kind != "embed" and getattr(module, "bias", None) is not None:
             b = module.bias.float()
             out[name[: -len("weight")] + "bias"] = (b - (b @ u) * u).to(W.dtype)
     return out

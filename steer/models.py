@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from . import arch
+
 __all__ = ["Model", "load", "EMBEDDED_MODELS", "TINY_MODELS", "cache_dir"]
 
 
@@ -62,7 +64,9 @@ _ALIASES = {
     "SmolLM2-135M-Instruct": "smollm2-135m-instruct",
     "gemma3-270m": "gemma-3-270m",
 }
-TINY_MODELS = ("tiny-llama", "tiny-gemma3")
+# tiny random models: the two the unit tests use, then one per family of the architecture matrix
+TINY_MODELS = ("tiny-llama", "tiny-gemma3", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-qwen3-moe",
+               "tiny-olmo2", "tiny-gemma", "tiny-gemma2", "tiny-phi3", "tiny-gpt2", "tiny-pythia")
 
 # The SmolLM2 chat template, also given to the tiny models so chat code paths are testable.
 _CHATML_TEMPLATE = (
@@ -98,21 +102,43 @@ class Model:
             tokenizer.pad_token = tokenizer.eos_token
         cfg = hf.config
         self.config = cfg
-        self.n_layers: int = cfg.num_hidden_layers
-        self.d_model: int = cfg.hidden_size
-        self.n_heads: int = cfg.num_attention_heads
-        self.n_kv_heads: int = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.d_head: int = getattr(cfg, "head_dim", None) or self.d_model // self.n_heads
-        self.d_mlp: int = cfg.intermediate_size
-        self.d_vocab: int = cfg.vocab_size
+        self.arch = arch.of(hf)  # where its parts are (raises for a family steer does not know)
+        d = arch.dims(cfg)
+        self.n_layers: int = d["n_layers"]
+        self.d_model: int = d["d_model"]
+        self.n_heads: int = d["n_heads"]
+        self.n_kv_heads: int = d["n_kv_heads"]
+        self.d_head: int = d["d_head"]
+        self.d_mlp: int = d["d_mlp"]
+        self.d_vocab: int = d["d_vocab"]
         for p in self.hf.parameters():
             p.requires_grad_(False)
+
+    @classmethod
+    def from_hf(cls, hf: torch.nn.Module, tokenizer: Any, name: str | None = None) -> "Model":
+        """Wrap a HF ``*ForCausalLM`` you already loaded (its dtype and weights as you set them).
+
+        steer puts it in eval mode, freezes its parameters and sets the tokenizer to left padding
+        (with the EOS token as pad token if it has none). Its family must be one that
+        :mod:`steer.arch` knows; otherwise :class:`~steer.arch.UnsupportedModel` says which are.
+
+        >>> import steer
+        >>> t = steer.load("tiny-gpt2")
+        >>> Model.from_hf(t.hf, t.tokenizer).arch.family
+        'gpt2'
+        """
+        return cls(name or getattr(hf.config, "_name_or_path", "") or type(hf).__name__, hf, tokenizer)
 
     # -- the two views -------------------------------------------------------------------
     @property
     def layers(self) -> torch.nn.ModuleList:
-        """The HF decoder layers (``hf.model.layers``)."""
-        return self.hf.model.layers
+        """The HF decoder blocks (``hf.model.layers``, ``hf.transformer.h``, ...; see :mod:`steer.arch`)."""
+        return self.arch.blocks(self.hf)
+
+    @property
+    def base(self) -> torch.nn.Module:
+        """The HF base model under the LM head (``hf.model``, ``hf.transformer``, ...)."""
+        return self.arch.base_model(self.hf)
 
     @cached_property
     def bridge(self):
@@ -367,32 +393,45 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
-def _tiny(key: str, seed: int):
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+def _tiny_config(key: str, tok):
+    import transformers as T
 
-    tok = _byte_tokenizer()
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, **ids)
     if key == "tiny-llama":
-        cfg = LlamaConfig(**common, tie_word_embeddings=True)
-    else:
+        return T.LlamaConfig(**common, tie_word_embeddings=True)
+    if key == "tiny-gemma3":
         # one sliding-window layer (a window shorter than test prompts) and one global layer,
         # each with its own rotary base, as in the real Gemma-3
-        cfg = Gemma3TextConfig(**common, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
-    cfg.architectures = ["LlamaForCausalLM" if key == "tiny-llama" else "Gemma3ForCausalLM"]
+        return T.Gemma3TextConfig(**common, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    family = {
+        "tiny-mistral": lambda: T.MistralConfig(**common, sliding_window=None),
+        "tiny-qwen2": lambda: T.Qwen2Config(**common),
+        "tiny-qwen3": lambda: T.Qwen3Config(**common),
+        "tiny-qwen3-moe": lambda: T.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2,
+                                                   moe_intermediate_size=32),
+        "tiny-olmo2": lambda: T.Olmo2Config(**common),
+        "tiny-gemma": lambda: T.GemmaConfig(**common),
+        "tiny-gemma2": lambda: T.Gemma2Config(**common, sliding_window=4, attn_logit_softcapping=50.0,
+                                              final_logit_softcapping=30.0, query_pre_attn_scalar=16),
+        "tiny-phi3": lambda: T.Phi3Config(**common),
+        "tiny-gpt2": lambda: T.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=512, **ids),
+        "tiny-pythia": lambda: T.GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, intermediate_size=128, rotary_pct=0.25,
+                                               max_position_embeddings=512, **ids),
+    }
+    return family[key]()
+
+
+def _tiny(key: str, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    tok = _byte_tokenizer()
+    cfg = _tiny_config(key, tok)
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    cfg.architectures = [type(hf).__name__]
     # Random init with std 0.02 gives nearly uniform attention; widen it so tests see structure.
     with torch.no_grad():
         for p in hf.parameters():

@@ -22,9 +22,12 @@ outputs, i.e. what is actually added to the residual stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
+from torch import Tensor
+
+from . import arch
 
 __all__ = ["Site", "SITES", "parse_sites", "resolve_layers", "tl_name"]
 
@@ -120,43 +123,69 @@ _TL = {
 }
 
 
-def tl_name(site: Site) -> str:
-    """Canonical TransformerBridge hook name carrying the same values as ``site``.
+def tl_name(site: Site, model=None) -> str:
+    """Canonical TransformerBridge hook name carrying the same values as ``site`` (on ``model``:
+    where a family's sublayer outputs are normed before the residual add, Gemma-2/3 and OLMo-2,
+    ``attn_out``/``mlp_out`` are those norms' outputs).
 
     >>> tl_name(Site("z", 3))
     'blocks.3.attn.o.hook_in'"""
-    return _TL[site.name].format(l=site.layer)
+    a, l = getattr(model, "arch", None), site.layer
+    if a is not None:
+        if site.name == "attn_out" and a.attn_post_norm:
+            return f"blocks.{l}.ln1_post.hook_out"
+        if site.name == "mlp_out" and a.mlp_post_norm:
+            return f"blocks.{l}.ln2_post.hook_out"
+        if site.name == "resid_mid" and a.mlp_norm is None:
+            return f"blocks.{l}.mlp.hook_in"
+    return _TL[site.name].format(l=l)
 
 
-# -- where each site lives in a HuggingFace decoder layer -----------------------------------
+# -- where each site lives in a HuggingFace block (the anatomy comes from steer.arch) --------
 @dataclass(frozen=True)
 class _Target:
     module: torch.nn.Module
     pre: bool  # read/modify the module's first input (True) or its output (False)
-    heads: int | None  # split the last axis into [heads, d_head]
+    read: Optional[Callable[[Tensor], Tensor]] = None  # module tensor -> site activation
+    write: Optional[Callable[[Tensor, Tensor], Tensor]] = None  # (module tensor, new activation) -> module tensor
+
+
+def _heads(n: int):
+    return (lambda x: x.unflatten(-1, (n, -1))), (lambda x, new: new.flatten(-2))
 
 
 def hf_target(model, site: Site) -> _Target:
-    layer = model.layers[site.layer]
-    attn, mlp = layer.self_attn, layer.mlp
-    sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma-style post-norms
+    """The HF module (and which of its tensors, and how to view it) that carries ``site``."""
+    a: arch.Arch = model.arch
+    block = model.layers[site.layer]
     name = site.name
     if name == "resid_pre":
-        return _Target(layer, True, None)
+        return _Target(block, True)
     if name == "resid_post":
-        return _Target(layer, False, None)
-    if name == "resid_mid":  # the MLP norm's input: right for reading; add_hooks edits it via attn_out
-        norm = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
-        return _Target(norm, True, None)
+        return _Target(block, False)
+    if name == "resid_mid":  # the MLP's (norm's) input: right for reading; add_hooks edits it via attn_out
+        if a.parallel:
+            raise arch.UnsupportedModel(
+                f"{model.name} runs attention and MLP in parallel on the block input ({a.family}): "
+                "there is no resid_mid. Use resid_pre, attn_out or mlp_out."
+            )
+        norm = a.part(block, "mlp_norm")
+        return _Target(norm if norm is not None else a.mlp_module(block), True)
     if name == "attn_out":
-        return _Target(layer.post_attention_layernorm if sandwich else attn, False, None)
+        post = a.part(block, "attn_post_norm")
+        return _Target(post if post is not None else a.attention(block), False)
     if name == "mlp_out":
-        return _Target(layer.post_feedforward_layernorm if sandwich else mlp, False, None)
+        post = a.part(block, "mlp_post_norm")
+        return _Target(post if post is not None else a.mlp_module(block), False)
     if name == "z":
-        return _Target(attn.o_proj, True, model.n_heads)
+        return _Target(a.proj(block, "o"), True, *_heads(model.n_heads))
     if name in ("q", "k", "v"):
-        heads = model.n_heads if name == "q" else model.n_kv_heads
-        return _Target(getattr(attn, f"{name}_proj"), False, heads)
+        if a.qkv is not None:
+            read, write = arch.qkv_slices(a, model.n_heads, model.n_kv_heads, model.d_head)[name]
+            return _Target(a.proj(block, "qkv"), False, read, write)
+        return _Target(a.proj(block, name), False, *_heads(model.n_heads if name == "q" else model.n_kv_heads))
     if name == "neuron":
-        return _Target(mlp.down_proj, True, None)
+        if a.mlp_out is None:
+            raise arch.UnsupportedModel(f"{model.name} ({a.family}): {'; '.join(a.notes) or 'no MLP output projection'}.")
+        return _Target(arch._get(a.mlp_module(block), a.mlp_out), True)
     raise AssertionError(name)

@@ -117,7 +117,7 @@ class Steering:
     def __enter__(self) -> "Steering":
         if self._active:
             raise RuntimeError("This Steering is already active; nest a new Steering instead.")
-        base = getattr(self.model.hf, self.model.hf.base_model_prefix)
+        base = self.model.base
         self._handles.append(base.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         self._ctx = add_hooks(self.model, {site: self._site_hook for site in self._by_site})
         try:

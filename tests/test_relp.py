@@ -3,11 +3,31 @@ unchanged, and an end-to-end score through the final norm computed by hand."""
 
 import math
 
+import pytest
 import torch
 
 import steer
 from steer.patching import activation_patch, atp, relevance_rules, relp
 from steer.patching._runner import Runner
+
+from conftest import RUNNER_FAMILIES
+
+
+RELP = [f for f in RUNNER_FAMILIES if steer.load(f).arch.gated_mlp is not None]
+
+
+@pytest.fixture(scope="module", params=RELP)
+def model(request):
+    """The runner families whose MLP RelP's rules are written for (gated, separate gate and up
+    projections); see test_relp_refuses_other_mlps for the rest."""
+    return steer.load(request.param)
+
+
+@pytest.mark.parametrize("name", sorted(set(RUNNER_FAMILIES) - set(RELP)))
+def test_relp_refuses_other_mlps(name):
+    with pytest.raises(NotImplementedError, match="gated MLPs"):
+        with relevance_rules(steer.load(name)):
+            pass
 
 
 def _gain(norm):
@@ -41,7 +61,8 @@ def test_forward_values_unchanged(model, task):
 
 
 def test_ln_rule_holds_the_rms_scale_fixed(model):
-    norm = model.layers[0].input_layernorm
+    a = model.arch
+    norm = a.part(model.layers[0], "attn_norm") or a.part(model.layers[0], "attn_post_norm")
     x = torch.randn(3, 5, model.d_model, requires_grad=True)
     g = torch.randn(3, 5, model.d_model)
     with relevance_rules(model):
@@ -81,9 +102,19 @@ def test_last_layer_mlp_score_through_the_frozen_final_norm(model, task):
         with torch.no_grad():
             _, resid = r.run(r.embeds, 0, {f"mlp_out.{L - 1}": grab(tag)}, keep_resid=True)
         store[tag + "_final"] = resid[-1][:, -1]
-    norm, W_U = model.hf.model.norm, model.hf.lm_head.weight.detach()
+    norm = getattr(model.base, model.arch.final_norm)
+    W_U = getattr(model.hf, model.arch.unembed).weight.detach()
     s = torch.rsqrt(store["corrupt_final"].pow(2).mean(-1, keepdim=True) + _eps(norm))
-    direction = W_U[task.metric.answer_ids] - W_U[task.metric.wrong_ids]
+    a, w = task.metric.answer_ids, task.metric.wrong_ids
+    cap = getattr(model.hf.config, "final_logit_softcapping", None)
+    if cap:  # logits = cap·tanh(raw/cap): the gradient carries 1 - tanh² at the corrupt run's logits
+        with torch.no_grad():
+            raw = norm(store["corrupt_final"]) @ W_U.T
+        slope = 1 - torch.tanh(raw / cap) ** 2
+        rows = torch.arange(len(a))
+        direction = W_U[a] * slope[rows, a, None] - W_U[w] * slope[rows, w, None]
+    else:
+        direction = W_U[a] - W_U[w]
     coef = _gain(norm).detach() * s * direction  # [prompt, d_model]
     delta = store["clean"][:, -1] - store["corrupt"][:, -1]
     d = res.meta["metric_clean"] - res.meta["metric_corrupt"]

@@ -14,19 +14,45 @@ import inspect
 import torch
 from torch import Tensor
 
+from .. import arch
 from .._hf import cache_kwarg
+from ..arch import UnsupportedModel
 from ..data import Batch
 from ..hooks import add_hooks
 from .qk_fix import attn_logits, rotary
 
 
 def _check_supported(model) -> None:
-    inner = getattr(model.hf, "model", None)
-    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
-        raise NotImplementedError(
-            f"steer.patching runs Llama-style decoders (model.hf.model.rotary_emb/layers); "
-            f"{type(model.hf).__name__} is not supported yet - use a Llama- or Gemma-3-family model."
+    a = model.arch
+    if not a.runner or a.rotary is None or not hasattr(a.base_model(model.hf), a.rotary):
+        raise UnsupportedModel(
+            f"steer.patching re-runs a model block by block; it does not do {a.family!r} models yet "
+            f"({'; '.join(a.notes) or 'no rotary embedding on the base model'}). Supported families: "
+            f"{', '.join(f.family for f in arch.FAMILIES if f.runner)}."
         )
+
+
+class _Stop(Exception):
+    pass
+
+
+def _embeddings(model, batch: Batch) -> Tensor:
+    """What HF's own forward feeds the first block (embedding scale, learned positions included)."""
+    got = {}
+
+    def grab(module, args, kwargs):
+        got["h"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
+    handle = model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return got["h"]
 
 
 def _softcap(x: Tensor, cap) -> Tensor:
@@ -73,7 +99,8 @@ class Runner:
     def __init__(self, model, batch: Batch, prefix: int = 0):
         _check_supported(model)
         self.model = model
-        self.inner = model.hf.model
+        self.arch = a = model.arch
+        self.inner = model.base
         self.batch = batch
         self.P, self.T = batch.input_ids.shape
         self.position_ids = batch.position_ids
@@ -82,25 +109,58 @@ class Runner:
         self.attn_softcap = getattr(cfg, "attn_logit_softcapping", None)
         types = getattr(cfg, "layer_types", None) or ["full_attention"] * model.n_layers
         self.layer_types = list(types)[: model.n_layers]
-        self.windows = [getattr(layer.self_attn, "sliding_window", None) for layer in model.layers]
+        self.windows = [getattr(a.attention(layer), "sliding_window", None) for layer in model.layers]
+        self.final_norm, self.lm_head = arch._get(self.inner, a.final_norm), arch._get(model.hf, a.unembed)
         with torch.no_grad():
-            self.embeds = self.inner.embed_tokens(batch.input_ids)
-            typed = "layer_type" in inspect.signature(self.inner.rotary_emb.forward).parameters
+            self.embeds = _embeddings(model, batch)
+            rope = arch._get(self.inner, a.rotary)
+            typed = "layer_type" in inspect.signature(rope.forward).parameters
             self.pe = {
-                t: self.inner.rotary_emb(self.embeds, self.position_ids, t) if typed
-                else self.inner.rotary_emb(self.embeds, position_ids=self.position_ids)
+                t: rope(self.embeds, self.position_ids, t) if typed
+                else rope(self.embeds, position_ids=self.position_ids)
                 for t in set(self.layer_types)
             }
         am = batch.attention_mask
         dtype = self.embeds.dtype
         self.masks, self.suffix_masks = {}, {}
+        # no mask lets sdpa take its causal fast path; other attention implementations (eager, as
+        # Gemma-2 uses for soft-capping) would attend to later tokens without one
+        sdpa = getattr(cfg, "_attn_implementation", None) == "sdpa"
         for w in set(self.windows):
-            full = bool((am == 1).all()) and (not w or w >= self.T)
+            full = sdpa and bool((am == 1).all()) and (not w or w >= self.T)
             self.masks[w] = None if full else _mask(am, self.T, slice(None), w, dtype)  # None: sdpa's fast path
             self.suffix_masks[w] = _mask(am, self.T, slice(prefix, None), w, dtype)  # [P, 1, T-prefix, T]
         self.prefix = prefix
         self.cache = _PrefixCache(prefix)
         self._cache_kw = cache_kwarg(model.layers[0])  # `cache` from transformers 5.24 (steer._hf)
+        self.verify()
+
+    # fp32 agrees with HF to ~1e-6 of the logit scale; half precision rounds every block
+    TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+    @torch.no_grad()
+    def verify(self) -> float:
+        """Check that the block-by-block forward reproduces HF's own forward on this batch.
+
+        Returns the largest last-token logit difference relative to the logits' scale; raises
+        :class:`~steer.arch.UnsupportedModel` past :attr:`TOLERANCE` (a patching score computed
+        from a forward that is not the model's would be a plausible, wrong number).
+        """
+        b = self.batch
+        ref = self.model.hf(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                            position_ids=b.position_ids, use_cache=False).logits[:, -1].float()
+        ours = self.run(self.embeds).float()
+        err = float((ours - ref).abs().max() / ref.abs().max().clamp(min=1.0))
+        tol = self.TOLERANCE.get(self.embeds.dtype, 1e-2)
+        if not err <= tol:
+            raise UnsupportedModel(
+                f"steer's block-by-block forward does not reproduce {type(self.model.hf).__name__}'s own "
+                f"forward ({self.arch.family!r} family, {self.embeds.dtype}): last-token logits differ by "
+                f"{err:.2e} of their scale (tolerance {tol:.0e}). Patching this model would give wrong "
+                "numbers, so it is refused; something in its blocks (masks, positions, norms, "
+                "soft-capping) is not what steer.patching assumes."
+            )
+        return err
 
     def layer_pe(self, l: int) -> tuple[Tensor, Tensor]:
         """``(cos, sin)`` ``[P, T, d_head]`` used by layer ``l``."""
@@ -110,8 +170,10 @@ class Runner:
         """Layer ``l``'s attention logits ``[P, H, T, T]`` from pre-norm, pre-rotary ``q``
         ``[P, T, H, d]`` and ``k`` ``[P, T, Hkv, d]`` (the ``q``/``k`` sites): q/k norms if the
         model has them, rotary, scaling, soft-capping; masked entries are ``qk_fix.NEG``."""
-        attn = self.model.layers[l].self_attn
-        if hasattr(attn, "q_norm"):
+        attn = self.arch.attention(self.model.layers[l])
+        if hasattr(attn, "q_norm") and self.arch.qk_norm_scope == "full":  # OLMo-2: over all heads at once
+            q, k = attn.q_norm(q.flatten(-2)).view_as(q), attn.k_norm(k.flatten(-2)).view_as(k)
+        elif hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = self.layer_pe(l)
         return attn_logits(rotary(q, cos, sin), rotary(k, cos, sin), attn.scaling,
@@ -152,8 +214,8 @@ class Runner:
 
     def unembed(self, h: Tensor, columns: Tensor | None = None) -> Tensor:
         """Final norm + unembedding (+ soft-cap) of residuals ``[rows, d]`` (onto ``columns`` only if given)."""
-        x = self.inner.norm(h)
-        head = self.model.hf.lm_head
+        x = self.final_norm(h)
+        head = self.lm_head
         if columns is None:
             return _softcap(head(x), self.final_softcap)
         cols = columns.to(x.device)

@@ -74,8 +74,8 @@ def capture_sites(model, runner: Runner, sites: Sequence[str], record: bool = Fa
 
 def run_metrics(task: PatchTask, clean_logits, corrupt_logits) -> tuple[float, float]:
     """Mean metric on the clean and corrupt runs; errors if they coincide."""
-    mc = float(task.scores(clean_logits[None])[0])
-    mx = float(task.scores(corrupt_logits[None])[0])
+    mc = float(task.scores(clean_logits[None].float())[0])
+    mx = float(task.scores(corrupt_logits[None].float())[0])
     if abs(mc - mx) < 1e-6:
         raise ValueError(
             f"The metric is the same on clean and corrupt prompts ({mc:.4g}): nothing to localise; "
@@ -177,7 +177,7 @@ def activation_patch(
                     mask = torch.zeros((V, 1, *all_masks.shape[1:]), dtype=torch.bool, device=h.device)
                     mask[rows] = all_masks[idx].to(h.device)[:, None]
                     hooks[Site(ns.site, l)] = _patcher(mask, other_acts[(ns.site, l)][:, d0:], V, P)
-            vals = score(base.run_suffix(h, start, hooks, columns).view(V, P, -1)).cpu()
+            vals = score(base.run_suffix(h, start, hooks, columns).float().view(V, P, -1)).cpu()  # metric in fp32
             for (l, idx), rows in zip(run, blocks):
                 scores[l].view(-1)[idx] = vals[rows]
             fe += V * (L - start) / L * Tq / task.n_pos

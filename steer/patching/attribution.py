@@ -26,6 +26,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from ..arch import UnsupportedModel
 from ..sites import Site
 from ._runner import Runner
 from .activation import _check_direction, capture_sites, run_metrics
@@ -45,6 +46,12 @@ class _Attribution:
         base_b, other_b = (task.corrupt, task.clean) if direction == "denoising" else (task.clean, task.corrupt)
         sites = {ns.site for ns in kinds}
         if qk and sites & {"q", "k"}:
+            if model.arch.qk_norm_scope == "full":
+                raise UnsupportedModel(
+                    f"The QK fix assumes that patching one head's query or key changes only that head's "
+                    f"attention; {model.name} ({model.arch.family}) normalises q and k over all heads "
+                    "at once, so it does not hold. Use atp() without the QK fix for q/k nodes."
+                )
             sites |= {"q", "k", "v", "z"}
         self.sites = sites
         self.other_runner = Runner(model, other_b)

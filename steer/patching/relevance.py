@@ -35,6 +35,7 @@ from typing import Iterator, Sequence, Union
 import torch
 from torch import Tensor
 
+from .. import arch
 from .attribution import atp
 from .result import PatchingResult
 from .tasks import PatchTask
@@ -104,20 +105,24 @@ def relevance_rules(model, qk_norms: bool = False) -> Iterator[None]:
     """
     handles = []
     try:
+        a = model.arch
+        if a.gated_mlp is None:
+            raise NotImplementedError(
+                f"RelP's rules are written for gated MLPs with separate gate and up projections; "
+                f"{model.name} ({a.family}) has another MLP - use atp() for this model."
+            )
+        _, up_name, act_name = a.gated_mlp
         for layer in model.layers:
-            mlp = layer.mlp
-            if not (hasattr(mlp, "act_fn") and hasattr(mlp, "up_proj") and hasattr(mlp, "gate_proj")):
-                raise NotImplementedError(
-                    f"RelP's rules are written for gated MLPs (gate_proj, up_proj, act_fn); "
-                    f"{type(mlp).__name__} has another shape - use atp() for this model."
-                )
-            skip = set() if qk_norms else {id(getattr(layer.self_attn, n, None)) for n in ("q_norm", "k_norm")}
+            mlp, attn = a.mlp_module(layer), a.attention(layer)
+            skip = set() if qk_norms else {id(getattr(attn, n, None)) for n in ("q_norm", "k_norm")}
             for mod in layer.modules():
                 if type(mod).__name__.endswith("RMSNorm") and id(mod) not in skip:
                     handles.append(mod.register_forward_hook(_norm_rule(mod)))
-            handles.append(mlp.act_fn.register_forward_hook(_activation_rule(mlp.act_fn, half=True)))
-            handles.append(mlp.up_proj.register_forward_hook(_half_rule))
-        handles.append(model.hf.model.norm.register_forward_hook(_norm_rule(model.hf.model.norm)))
+            act = getattr(mlp, act_name)
+            handles.append(act.register_forward_hook(_activation_rule(act, half=True)))
+            handles.append(getattr(mlp, up_name).register_forward_hook(_half_rule))
+        final = arch._get(model.base, a.final_norm)
+        handles.append(final.register_forward_hook(_norm_rule(final)))
         yield
     finally:
         for h in handles:
