@@ -31,7 +31,7 @@ from torch import Tensor
 
 __all__ = ["find_cache", "cached_length", "padding_mask", "cache_kwarg"]
 
-_CACHE_NAMES = ("cache", "past_key_values")  # 5.24+, then 5.9-5.23
+_CACHE_NAMES = ("cache", "past_key_values", "layer_past")  # 5.24+, 5.9-5.23, GPT-NeoX's blocks
 
 
 def _is_cache(obj: Any) -> bool:

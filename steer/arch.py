@@ -33,7 +33,8 @@ class UnsupportedModel(NotImplementedError):
 class Arch:
     """Where a family keeps its parts (attribute paths, dotted, relative to the named parent).
 
-    ``base`` is the CausalLM's base model, ``layers`` its block list; block parts are relative to
+    The token embedding and the unembedding are HF's own ``get_input_embeddings()`` /
+    ``get_output_embeddings()``. ``base`` is the CausalLM's base model, ``layers`` its block list; block parts are relative to
     a block, projections relative to the attention or MLP module. ``attn_post_norm`` /
     ``mlp_post_norm`` name norms applied to a sublayer's *output* before the residual add
     (Gemma-2/3 sandwich norms, OLMo-2 post-norms): steer's ``attn_out``/``mlp_out`` are their
@@ -48,10 +49,8 @@ class Arch:
     model_types: tuple[str, ...]
     base: str = "model"
     layers: str = "layers"
-    embed: str = "embed_tokens"
     pos_embed: Optional[str] = None
     final_norm: str = "norm"
-    unembed: str = "lm_head"
     attn: str = "self_attn"
     mlp: str = "mlp"
     attn_norm: Optional[str] = "input_layernorm"
@@ -121,20 +120,18 @@ FAMILIES: tuple[Arch, ...] = (
          mlp_post_norm="post_feedforward_layernorm", qk_norm_scope="full",
          notes=("q/k norms span all heads, so patching one head's q moves every head: no QK fix",)),
     Arch("gemma", ("gemma",)),
-    Arch("gemma2", ("gemma2", "gemma3", "gemma3_text"), mlp_norm="pre_feedforward_layernorm",
+    Arch("gemma2", ("gemma2", "gemma3_text"), mlp_norm="pre_feedforward_layernorm",
          attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm",
          notes=("sandwich norms: attn_out/mlp_out are the normed sublayer outputs",)),
     Arch("phi3", ("phi3",), qkv="qkv_proj", qkv_layout="concat", gated_mlp=None,
          notes=("fused qkv_proj and gate_up_proj",)),
-    Arch("gpt2", ("gpt2",), base="transformer", layers="h", embed="wte", pos_embed="wpe", final_norm="ln_f",
+    Arch("gpt2", ("gpt2",), base="transformer", layers="h", pos_embed="wpe", final_norm="ln_f",
          attn="attn", attn_norm="ln_1", mlp_norm="ln_2", qkv="c_attn", qkv_layout="concat", o="c_proj",
-         mlp_out="c_proj", gated_mlp=None, conv1d=True, positions="learned", rotary=None, runner=False,
-         notes=("learned absolute positions: the patching runner does not re-run these blocks yet",)),
-    Arch("gpt_neox", ("gpt_neox",), base="gpt_neox", embed="embed_in", final_norm="final_layer_norm",
-         unembed="embed_out", attn="attention", qkv="query_key_value", qkv_layout="per_head", o="dense",
-         mlp_out="dense_4h_to_h", gated_mlp=None, runner=False,
-         notes=("parallel attention + MLP and partial rotary: the patching runner does not re-run "
-                "these blocks yet",)),
+         mlp_out="c_proj", gated_mlp=None, conv1d=True, positions="learned", rotary=None,
+         notes=("Conv1D weights, learned absolute positions",)),
+    Arch("gpt_neox", ("gpt_neox",), base="gpt_neox", final_norm="final_layer_norm", attn="attention", qkv="query_key_value", qkv_layout="per_head", o="dense",
+         mlp_out="dense_4h_to_h", gated_mlp=None,
+         notes=("parallel attention + MLP (no resid_mid), partial rotary",)),
 )
 _BY_TYPE = {t: a for a in FAMILIES for t in a.model_types}
 
@@ -246,10 +243,10 @@ def support_table() -> str:
         post = a.attn_post_norm or a.mlp_post_norm
         rows.append(
             f"| {a.family} | {', '.join(a.model_types)} | {yes} | "
-            f"{no if a.family == 'gpt_neox' else yes} / {no if a.mlp_out is None else yes} | "
+            f"{no if a.family == 'gpt_neox' else yes} / {no if a.mlp_out is None else yes} | "  # Pythia: parallel
             f"{yes if a.runner else no} | {yes if a.runner and a.qk_norm_scope == 'per_head' else no} | "
             f"{yes if a.runner and a.gated_mlp else no} | {no if post or a.mlp_out is None else yes} | "
-            f"{'; '.join(a.notes + (('resid_mid only without parallel residual',) if a.family == 'gpt_neox' else ()))} |"
+            f"{'; '.join(a.notes)} |"
         )
     return "\n".join(rows)
 

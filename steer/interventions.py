@@ -187,7 +187,7 @@ def _writers(model) -> list[tuple[str, torch.nn.Module, str]]:
     names = {m: n for n, m in model.hf.named_modules()}
     base = a.base_model(model.hf)
     out = [(names[m] + ".weight", m, "embed") for m in
-           (arch._get(base, a.embed), arch._get(base, a.pos_embed) if a.pos_embed else None) if m is not None]
+           (model.hf.get_input_embeddings(), arch._get(base, a.pos_embed) if a.pos_embed else None) if m is not None]
     for layer in model.layers:
         if a.attn_post_norm or a.mlp_post_norm:
             raise NotImplementedError(

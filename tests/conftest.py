@@ -18,16 +18,15 @@ def smol():
     return steer.load()
 
 
-# The families the patching runner re-runs (steer.arch; GPT-2 and Pythia are refused, see
-# test_architectures), each a tiny random model: Llama, Gemma-3 (a 4-token sliding-window layer
-# and a global one, q/k norms, sandwich norms), then the rest of the matrix.
+# Every family of steer.arch, each a tiny random model: Llama, Gemma-3 (a 4-token sliding-window
+# layer and a global one, q/k norms, sandwich norms), then the rest of the matrix.
 RUNNER_FAMILIES = ["tiny-llama", "tiny-gemma3", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-qwen3-moe",
-                   "tiny-olmo2", "tiny-gemma", "tiny-gemma2", "tiny-phi3"]
+                   "tiny-olmo2", "tiny-gemma", "tiny-gemma2", "tiny-phi3", "tiny-gpt2", "tiny-pythia"]
 
 
 @pytest.fixture(scope="module", params=RUNNER_FAMILIES)
 def model(request):
-    """Each tiny architecture the patching runner supports, in turn."""
+    """Each tiny architecture, in turn."""
     return steer.load(request.param)
 
 

@@ -18,7 +18,7 @@ from steer.steering import steer as steer_ctx
 FAMILIES = [k for k in steer.models.TINY_MODELS if k not in ("tiny-llama", "tiny-gemma3")] + ["tiny-llama", "tiny-gemma3"]
 NO_RESID_MID = {"tiny-pythia"}  # parallel attention + MLP
 NO_NEURONS = {"tiny-qwen3-moe"}  # the MLP is a mixture of experts
-NO_RUNNER = {"tiny-gpt2", "tiny-pythia"}  # the patching runner refuses these (learned positions, parallel)
+NO_RUNNER = {k for k in steer.models.TINY_MODELS if not steer.load(k).arch.runner}  # none at present
 PROMPT = Raw("Hello there my good friend, how are you")
 PROMPTS = [Raw("Hi there"), PROMPT, Raw("A third one")]
 
@@ -204,4 +204,52 @@ def test_readme_support_table_is_current():
     assert arch.support_table() in readme, "README is stale: paste `python -m steer.arch` into it"
     covered = {steer.load(k).config.model_type for k in FAMILIES}
     assert {a.family for a in arch.FAMILIES} <= {arch._BY_TYPE[t].family for t in covered}
-    assert set(arch.supported()) <= covered | {"gemma3"}  # gemma3 (multimodal) shares gemma3_text's blocks
+    assert set(arch.supported()) <= covered
+
+
+def test_qk_fix_refuses_attention_it_does_not_reproduce(monkeypatch):
+    """The QK fix re-implements attention logits; they are checked against the model's own z."""
+    from steer.patching import PatchTask, _runner, atp
+
+    m = steer.load("tiny-qwen2")
+    t = PatchTask.from_pairs(m, [("M and Y; Y to", "M and Y; N to")], ["M"], ["Y"])
+    atp(m, t, ["k"], qk_fix=True)  # fine as it is
+    real = _runner.Runner.attention_logits
+    monkeypatch.setattr(_runner.Runner, "attention_logits", lambda self, l, q, k: real(self, l, q, k) * 1.1)
+    with pytest.raises(UnsupportedModel, match="attention logits for layer 0"):
+        atp(m, t, ["k"], qk_fix=True)
+
+
+@pytest.mark.parametrize("kind,site", [("attn_out", "attn_out"), ("heads", "z"), ("resid", "resid_pre")])
+def test_atp_equals_a_gradient_through_hfs_own_forward(fam, fam_task, kind, site):
+    """AtP = (clean − corrupt) · ∂metric/∂activation, the gradient taken through HF's forward
+    with steer's hooks (not the patching runner), summed per node and normalised."""
+    from steer.hooks import add_hooks
+    from steer.patching import atp, node_set
+
+    ours = atp(fam, fam_task, kind)
+
+    def keep(store):
+        def fn(act, s):
+            y = act.clone()  # in the graph: later sites are functions of earlier ones
+            store[s.layer] = y
+            return y
+        return fn
+
+    def run(batch, store, grad):
+        hooks = [(f"{site}.{l}", keep(store)) for l in range(fam.n_layers)]
+        if grad:  # the graph starts at the embeddings (the weights are frozen)
+            hooks.insert(0, ("resid_pre.0", lambda act, s: act.detach().requires_grad_(True)))
+        with add_hooks(fam, hooks), torch.enable_grad():
+            return fam.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids).logits[:, -1]
+
+    clean, corrupt = {}, {}
+    run(fam_task.clean, clean, False)
+    logits = run(fam_task.corrupt, corrupt, True)
+    metric = fam_task.scores(logits[None])[0]
+    grads = torch.autograd.grad(metric, [corrupt[l] for l in range(fam.n_layers)])
+    ns = node_set(fam, kind, fam_task.n_pos)
+    d = ours.meta["metric_clean"] - ours.meta["metric_corrupt"]
+    ref = torch.stack([ns.reduce(((clean[l] - corrupt[l].detach()) * grads[l]).sum(0)) for l in range(fam.n_layers)]) / d
+    torch.testing.assert_close(ours.scores, ref.float(), atol=1e-4, rtol=1e-4)

@@ -10,10 +10,9 @@ import steer
 from steer.patching import activation_patch, atp, relevance_rules, relp
 from steer.patching._runner import Runner
 
-from conftest import RUNNER_FAMILIES
 
-
-RELP = [f for f in RUNNER_FAMILIES if steer.load(f).arch.gated_mlp is not None]
+FAMILIES = steer.models.TINY_MODELS
+RELP = [f for f in FAMILIES if steer.load(f).arch.gated_mlp is not None]
 
 
 @pytest.fixture(scope="module", params=RELP)
@@ -23,7 +22,7 @@ def model(request):
     return steer.load(request.param)
 
 
-@pytest.mark.parametrize("name", sorted(set(RUNNER_FAMILIES) - set(RELP)))
+@pytest.mark.parametrize("name", sorted(set(FAMILIES) - set(RELP)))
 def test_relp_refuses_other_mlps(name):
     with pytest.raises(NotImplementedError, match="gated MLPs"):
         with relevance_rules(steer.load(name)):
@@ -103,7 +102,7 @@ def test_last_layer_mlp_score_through_the_frozen_final_norm(model, task):
             _, resid = r.run(r.embeds, 0, {f"mlp_out.{L - 1}": grab(tag)}, keep_resid=True)
         store[tag + "_final"] = resid[-1][:, -1]
     norm = getattr(model.base, model.arch.final_norm)
-    W_U = getattr(model.hf, model.arch.unembed).weight.detach()
+    W_U = model.hf.get_output_embeddings().weight.detach()
     s = torch.rsqrt(store["corrupt_final"].pow(2).mean(-1, keepdim=True) + _eps(norm))
     a, w = task.metric.answer_ids, task.metric.wrong_ids
     cap = getattr(model.hf.config, "final_logit_softcapping", None)

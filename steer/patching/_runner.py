@@ -3,13 +3,18 @@
 Lets a patched run start from a cached residual at layer ``l`` and return only the logits at
 the last token (left padding puts every prompt's last token at the last position).
 
-Handles Llama-style decoders and Gemma-3's additions: per-layer-type rotary embeddings and
-sliding-window masks, q/k norms, sandwich norms (inside the HF layer) and logit soft-capping.
+It calls the HF blocks themselves (found through :mod:`steer.arch`), so each family's block
+internals (sandwich norms, parallel attention + MLP, fused projections, soft-capping) are HF's.
+What it supplies around them: the embeddings (taken from HF's own forward: scaling and learned
+positions included), per-layer-type rotary embeddings (partial rotary too), causal, padding and
+sliding-window masks, a prefix KV cache, the final norm, unembedding and logit soft-capping.
+Before a runner is used it reproduces HF's own logits on its batch (:meth:`Runner.verify`).
 """
 
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -24,7 +29,7 @@ from .qk_fix import attn_logits, rotary
 
 def _check_supported(model) -> None:
     a = model.arch
-    if not a.runner or a.rotary is None or not hasattr(a.base_model(model.hf), a.rotary):
+    if not a.runner or (a.rotary is not None and not hasattr(a.base_model(model.hf), a.rotary)):
         raise UnsupportedModel(
             f"steer.patching re-runs a model block by block; it does not do {a.family!r} models yet "
             f"({'; '.join(a.notes) or 'no rotary embedding on the base model'}). Supported families: "
@@ -110,16 +115,18 @@ class Runner:
         types = getattr(cfg, "layer_types", None) or ["full_attention"] * model.n_layers
         self.layer_types = list(types)[: model.n_layers]
         self.windows = [getattr(a.attention(layer), "sliding_window", None) for layer in model.layers]
-        self.final_norm, self.lm_head = arch._get(self.inner, a.final_norm), arch._get(model.hf, a.unembed)
+        self.final_norm, self.lm_head = arch._get(self.inner, a.final_norm), model.hf.get_output_embeddings()
         with torch.no_grad():
             self.embeds = _embeddings(model, batch)
-            rope = arch._get(self.inner, a.rotary)
-            typed = "layer_type" in inspect.signature(rope.forward).parameters
-            self.pe = {
-                t: rope(self.embeds, self.position_ids, t) if typed
-                else rope(self.embeds, position_ids=self.position_ids)
-                for t in set(self.layer_types)
-            }
+            self.pe = {}  # (cos, sin) by layer type; none where positions are in the embeddings (GPT-2)
+            if a.rotary is not None:
+                rope = arch._get(self.inner, a.rotary)
+                typed = "layer_type" in inspect.signature(rope.forward).parameters
+                self.pe = {
+                    t: rope(self.embeds, self.position_ids, t) if typed
+                    else rope(self.embeds, position_ids=self.position_ids)
+                    for t in set(self.layer_types)
+                }
         am = batch.attention_mask
         dtype = self.embeds.dtype
         self.masks, self.suffix_masks = {}, {}
@@ -162,9 +169,9 @@ class Runner:
             )
         return err
 
-    def layer_pe(self, l: int) -> tuple[Tensor, Tensor]:
-        """``(cos, sin)`` ``[P, T, d_head]`` used by layer ``l``."""
-        return self.pe[self.layer_types[l]]
+    def layer_pe(self, l: int) -> Optional[tuple[Tensor, Tensor]]:
+        """``(cos, sin)`` ``[P, T, d_rotary]`` used by layer ``l`` (None without rotary embeddings)."""
+        return self.pe.get(self.layer_types[l])
 
     def attention_logits(self, l: int, q: Tensor, k: Tensor) -> Tensor:
         """Layer ``l``'s attention logits ``[P, H, T, T]`` from pre-norm, pre-rotary ``q``
@@ -175,9 +182,32 @@ class Runner:
             q, k = attn.q_norm(q.flatten(-2)).view_as(q), attn.k_norm(k.flatten(-2)).view_as(k)
         elif hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = self.layer_pe(l)
-        return attn_logits(rotary(q, cos, sin), rotary(k, cos, sin), attn.scaling,
+        pe = self.layer_pe(l)
+        if pe is not None:
+            q, k = rotary(q, *pe), rotary(k, *pe)
+        return attn_logits(q, k, attn.scaling,
                            self.batch.attention_mask.bool(), window=self.windows[l], softcap=self.attn_softcap)
+
+    @torch.no_grad()
+    def verify_attention(self, l: int, logits: Tensor, v: Tensor, z: Tensor) -> float:
+        """Check :meth:`attention_logits` against the model: ``softmax(logits) · v`` must be the
+        ``z`` the real forward produced at layer ``l`` (on real query tokens). Raises
+        :class:`~steer.arch.UnsupportedModel` past :attr:`TOLERANCE` (attention with parts steer
+        does not model, e.g. learned sink logits or ALiBi, would make the QK fix wrong)."""
+        H, Hkv = z.shape[2], v.shape[2]
+        pattern = torch.softmax(logits.float(), -1)  # [P, H, T, S]
+        z_hat = torch.einsum("phts,pshd->pthd", pattern, v.float().repeat_interleave(H // Hkv, 2))
+        real = self.batch.attention_mask.bool()
+        err = float((z_hat - z.float())[real].abs().max() / z.float()[real].abs().max().clamp(min=1e-6))
+        tol = self.TOLERANCE.get(self.embeds.dtype, 1e-2)
+        if not err <= tol:
+            raise UnsupportedModel(
+                f"steer's attention logits for layer {l} do not reproduce {type(self.model.hf).__name__}'s "
+                f"attention ({self.arch.family!r} family): softmax(logits)·v differs from the model's z by "
+                f"{err:.2e} of its scale (tolerance {tol:.0e}), so the QK fix would be wrong. Use atp() "
+                "without the QK fix."
+            )
+        return err
 
     def _layers(self, start: int, h: Tensor, reps: int, suffix: bool, hooks, cache_kw, keep: bool = False):
         n = self.prefix if suffix else 0
@@ -189,13 +219,15 @@ class Runner:
             for l in range(start, self.model.n_layers):
                 if keep:
                     resid.append(h)
-                cos, sin = self.layer_pe(l)
-                pe = (cos[:, n:], sin[:, n:])
+                kw = dict(cache_kw)
+                pe = self.layer_pe(l)
+                if pe is not None:
+                    pe = (pe[0][:, n:], pe[1][:, n:])
+                    kw["position_embeddings"] = pe if reps == 1 else (pe[0].repeat(reps, 1, 1), pe[1].repeat(reps, 1, 1))
                 mask = masks[self.windows[l]]
                 if reps > 1:
-                    pe = (pe[0].repeat(reps, 1, 1), pe[1].repeat(reps, 1, 1))
                     mask = None if mask is None else mask.repeat(reps, 1, 1, 1)
-                h = self.model.layers[l](h, attention_mask=mask, position_embeddings=pe, position_ids=pos, **cache_kw)
+                h = self.model.layers[l](h, attention_mask=mask, position_ids=pos, **kw)
                 if isinstance(h, tuple):
                     h = h[0]
         resid.append(h)

@@ -75,6 +75,7 @@ class _Attribution:
         clean_l, corrupt_l = (other_logits, base_logits) if direction == "denoising" else (base_logits, other_logits)
         self.m_clean, self.m_corrupt = run_metrics(task, clean_l, corrupt_l)
         self.keys = sorted(self.base)
+        self.attention_checked: set = set()
 
     def grads(self, retain: bool) -> dict:
         tensors = [self.base[k] for k in self.keys] + self.resid[1:]
@@ -98,6 +99,9 @@ class _Attribution:
         q, k = self.base[("q", l)].detach(), self.base[("k", l)].detach()
         v = self.base[("v", l)].detach()
         x = r.attention_logits(l, q, k)
+        if l not in self.attention_checked:  # the QK fix re-implements attention: check it first
+            r.verify_attention(l, x, v, self.base[("z", l)].detach())
+            self.attention_checked.add(l)
         g = pattern_grad(grads[("z", l)], v)
         H, Hkv = q.shape[2], k.shape[2]
         if ns.site == "q":

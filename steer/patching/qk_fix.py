@@ -27,14 +27,20 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
-def rotary(x: Float[Tensor, "P T H d"], cos: Float[Tensor, "P T d"], sin: Float[Tensor, "P T d"]) -> Float[Tensor, "P T H d"]:
-    """Apply Llama rotary embeddings (HF ``rotate_half`` convention) to pre-rotary q or k.
+def rotary(x: Float[Tensor, "P T H d"], cos: Float[Tensor, "P T r"], sin: Float[Tensor, "P T r"]) -> Float[Tensor, "P T H d"]:
+    """Apply rotary embeddings (HF ``rotate_half`` convention) to pre-rotary q or k; with partial
+    rotary (GPT-NeoX, some Phi-3) only the first ``r = cos.shape[-1]`` dimensions turn.
 
     >>> import torch
     >>> x = torch.randn(1, 3, 2, 4)
     >>> torch.allclose(rotary(x, torch.ones(1, 3, 4), torch.zeros(1, 3, 4)), x)
     True
+    >>> torch.equal(rotary(x, torch.zeros(1, 3, 2), torch.ones(1, 3, 2))[..., 2:], x[..., 2:])
+    True
     """
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((rotary(x[..., :r], cos, sin), x[..., r:]), -1)
     return x * cos[:, :, None] + _rotate_half(x) * sin[:, :, None]
 
 
