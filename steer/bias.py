@@ -290,10 +290,12 @@ def sequence_logprobs(model, prompts: Sequence[str], continuations: Sequence[str
     out = torch.zeros(len(rows))
     for idx, lp, att, _ in _forward(model, rows, edit, batch_size=batch_size):
         width = lp.shape[1]
+        sums = []
         for j, i in enumerate(idx):
             k = spans[i]
             tgt = torch.tensor(rows[i][-k:], device=lp.device)
-            out[i] = lp[j, width - k - 1: width - 1].gather(-1, tgt[:, None]).sum().cpu()
+            sums.append(lp[j, width - k - 1: width - 1].gather(-1, tgt[:, None]).sum())
+        out[torch.as_tensor(list(idx))] = torch.stack(sums).float().cpu()  # one transfer per batch
     return out
 
 

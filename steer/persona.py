@@ -264,12 +264,14 @@ def _completion_logprob(model, prompts: Sequence, completions: Sequence[str], st
             logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               position_ids=batch.position_ids, use_cache=False).logits
         lp = logits.float().log_softmax(-1)
+        means = []
         for j, sp in enumerate(batch.spans):
             a, b = sp["completion"]
             if b <= a:
                 raise ValueError(f"Completion {completions[s + j]!r} has no tokens.")
             tgt = batch.input_ids[j, a:b]
-            out[s + j] = lp[j, a - 1:b - 1].gather(-1, tgt[:, None]).mean().cpu()
+            means.append(lp[j, a - 1:b - 1].gather(-1, tgt[:, None]).mean())
+        out[s: s + len(means)] = torch.stack(means).cpu()  # one transfer per batch
     return out
 
 

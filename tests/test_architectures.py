@@ -253,3 +253,34 @@ def test_atp_equals_a_gradient_through_hfs_own_forward(fam, fam_task, kind, site
     d = ours.meta["metric_clean"] - ours.meta["metric_corrupt"]
     ref = torch.stack([ns.reduce(((clean[l] - corrupt[l].detach()) * grads[l]).sum(0)) for l in range(fam.n_layers)]) / d
     torch.testing.assert_close(ours.scores, ref.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_recipes_in_half_precision_agree_with_fp32(dtype):
+    """CAST condition scores, AtP*, RelP, occupational bias and persona log-probs in bf16/fp16
+    against fp32 on tiny-llama. Measured max deviations relative to each quantity's largest value:
+    bf16 ≤ 7.4 % (RelP; bias 4.8 %, AtP* 4.8 %, condition 0.9 %, persona 0.2 %), fp16 ≤ 2.0 %
+    (AtP*); held to 10 %."""
+    from steer import bias, persona
+    from steer.patching import PatchTask, atp_star, relp
+    from steer.steering import prompt_means
+
+    prompts = ["Hi", "How are you today, my friend?", "Tell me a joke.", "Write one long sentence about the sea."]
+    pairs = [("M and Y; Y to", "M and Y; N to"), ("B and Q; B to", "B and Q; K to")]
+    u = torch.randn(64, generator=torch.Generator().manual_seed(7))
+    out = {}
+    for dt in (torch.float32, dtype):
+        m = steer.load("tiny-llama", dtype=dt)
+        t = PatchTask.from_pairs(m, pairs, ["M", "Q"], ["Y", "B"])
+        out[dt] = {
+            "condition": prompt_means(m, prompts, layers=[0])[:, 0] @ (u / u.norm()),
+            "atp*": atp_star(m, t, ["heads"])["heads"].scores,
+            "relp": relp(m, t, "heads").scores,
+            "bias": bias.occupational_bias(m, {"nurse": 87.4, "pilot": 4.6, "cook": 37.9},
+                                           ["The {occupation} said that"]).per_value,
+            "persona": persona._completion_logprob(m, ["Hi", "Bye"], ["Hello there!", "See you"]),
+        }
+    for key, ref in out[torch.float32].items():
+        got = out[dtype][key].float()
+        assert torch.isfinite(got).all(), key
+        assert float((got - ref).abs().max()) <= 0.1 * float(ref.abs().max()), key

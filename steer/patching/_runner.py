@@ -158,14 +158,17 @@ class Runner:
                             position_ids=b.position_ids, use_cache=False).logits[:, -1].float()
         ours = self.run(self.embeds).float()
         err = float((ours - ref).abs().max() / ref.abs().max().clamp(min=1.0))
+        return self._refuse_unless_close(
+            err, "steer's block-by-block forward does not reproduce the model's own: its last-token logits",
+            "patching this model would give wrong numbers, so it is refused; something in its blocks "
+            "(masks, positions, norms, soft-capping) is not what steer.patching assumes.")
+
+    def _refuse_unless_close(self, err: float, what: str, consequence: str) -> float:
         tol = self.TOLERANCE.get(self.embeds.dtype, 1e-2)
         if not err <= tol:
             raise UnsupportedModel(
-                f"steer's block-by-block forward does not reproduce {type(self.model.hf).__name__}'s own "
-                f"forward ({self.arch.family!r} family, {self.embeds.dtype}): last-token logits differ by "
-                f"{err:.2e} of their scale (tolerance {tol:.0e}). Patching this model would give wrong "
-                "numbers, so it is refused; something in its blocks (masks, positions, norms, "
-                "soft-capping) is not what steer.patching assumes."
+                f"{what} differ by {err:.2e} of their scale (tolerance {tol:.0e}) on "
+                f"{type(self.model.hf).__name__} ({self.arch.family!r} family, {self.embeds.dtype}): {consequence}"
             )
         return err
 
@@ -199,15 +202,9 @@ class Runner:
         z_hat = torch.einsum("phts,pshd->pthd", pattern, v.float().repeat_interleave(H // Hkv, 2))
         real = self.batch.attention_mask.bool()
         err = float((z_hat - z.float())[real].abs().max() / z.float()[real].abs().max().clamp(min=1e-6))
-        tol = self.TOLERANCE.get(self.embeds.dtype, 1e-2)
-        if not err <= tol:
-            raise UnsupportedModel(
-                f"steer's attention logits for layer {l} do not reproduce {type(self.model.hf).__name__}'s "
-                f"attention ({self.arch.family!r} family): softmax(logits)·v differs from the model's z by "
-                f"{err:.2e} of its scale (tolerance {tol:.0e}), so the QK fix would be wrong. Use atp() "
-                "without the QK fix."
-            )
-        return err
+        return self._refuse_unless_close(
+            err, f"steer's attention logits for layer {l} do not reproduce the model's attention: "
+            "softmax(logits)·v and its z", "the QK fix would be wrong; use atp() without the QK fix.")
 
     def _layers(self, start: int, h: Tensor, reps: int, suffix: bool, hooks, cache_kw, keep: bool = False):
         n = self.prefix if suffix else 0
