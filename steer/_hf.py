@@ -16,6 +16,10 @@ Known changes (the oldest release ``pyproject.toml`` allows is 5.9):
   attention sink, and left it unsteered. Batched steered generation then differed from
   per-example generation (issue 10). :func:`cached_length` now asks the cache object itself,
   under whichever name it came, and refuses to guess.
+* Before 5.24 the ``sdpa`` attention silently dropped Gemma-2's attention-logit soft-capping
+  (5.24 raises instead, and loads Gemma-2 with eager attention): a Gemma-2 loaded with ``sdpa``
+  under 5.9-5.23 computes another function than the model's. :func:`softcap_safe_attention`
+  switches such a model to eager attention.
 * With a static cache (``cache_implementation="static"``) ``generate`` passes the model a 4-D
   mask (``[batch, 1, query, max_cache_len]``), or a dict of them by layer type, instead of the
   2-D one: :func:`padding_mask` reads the padding back from it.
@@ -29,7 +33,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["find_cache", "cached_length", "padding_mask", "cache_kwarg"]
+__all__ = ["find_cache", "cached_length", "padding_mask", "cache_kwarg", "softcap_safe_attention"]
 
 _CACHE_NAMES = ("cache", "past_key_values", "layer_past")  # 5.24+, 5.9-5.23, GPT-NeoX's blocks
 
@@ -145,3 +149,19 @@ def cache_kwarg(module: torch.nn.Module) -> str:
         f"{type(module).__name__}.forward takes neither of {_CACHE_NAMES}: steer does not know how "
         "this transformers release passes the KV cache to a decoder layer."
     )
+
+
+def softcap_safe_attention(hf: torch.nn.Module) -> bool:
+    """Switch a model whose attention soft-caps its logits to eager attention if it would run
+    ``sdpa``, which has no soft-capping (before transformers 5.24 it silently skipped it). Returns
+    whether it switched.
+
+    >>> import steer
+    >>> softcap_safe_attention(steer.load("tiny-llama").hf)   # no soft-capping: left alone
+    False
+    """
+    cfg = hf.config
+    if getattr(cfg, "attn_logit_softcapping", None) and getattr(cfg, "_attn_implementation", None) == "sdpa":
+        hf.set_attn_implementation("eager")
+        return True
+    return False

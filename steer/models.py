@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from . import arch
+from ._hf import softcap_safe_attention
 
 __all__ = ["Model", "load", "EMBEDDED_MODELS", "TINY_MODELS", "cache_dir"]
 
@@ -103,6 +104,7 @@ class Model:
         cfg = hf.config
         self.config = cfg
         self.arch = arch.of(hf)  # where its parts are (raises for a family steer does not know)
+        softcap_safe_attention(self.hf)  # Gemma-2 under transformers < 5.24 would drop soft-capping
         d = arch.dims(cfg)
         self.n_layers: int = d["n_layers"]
         self.d_model: int = d["d_model"]

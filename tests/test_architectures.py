@@ -284,3 +284,16 @@ def test_recipes_in_half_precision_agree_with_fp32(dtype):
         got = out[dtype][key].float()
         assert torch.isfinite(got).all(), key
         assert float((got - ref).abs().max()) <= 0.1 * float(ref.abs().max()), key
+
+
+def test_softcapped_attention_is_never_run_by_sdpa():
+    """sdpa has no attention soft-capping (transformers < 5.24 silently dropped it for Gemma-2):
+    steer switches such a model to eager attention, and its forward then matches the bridge."""
+    from steer.models import Model
+
+    ref = steer.load("tiny-gemma2")
+    ref.hf.config._attn_implementation = "sdpa"  # as transformers 5.9-5.23 load it (5.24 refuses sdpa here)
+    m = Model.from_hf(ref.hf, ref.tokenizer)
+    assert m.hf.config._attn_implementation == "eager"
+    b = steer.tokenize(m, [PROMPT])
+    torch.testing.assert_close(m.hf(input_ids=b.input_ids).logits, m.bridge(b.input_ids), atol=1e-4, rtol=1e-4)
