@@ -101,7 +101,7 @@ class Runner:
     ``>= prefix``, attending to the keys/values recorded by a full :meth:`run` with ``record=True``.
     """
 
-    def __init__(self, model, batch: Batch, prefix: int = 0):
+    def __init__(self, model, batch: Batch, prefix: int = 0, verify: bool = True):
         _check_supported(model)
         self.model = model
         self.arch = a = model.arch
@@ -140,14 +140,16 @@ class Runner:
         self.prefix = prefix
         self.cache = _PrefixCache(prefix)
         self._cache_kw = cache_kwarg(model.layers[0])  # `cache` from transformers 5.24 (steer._hf)
-        self.verify()
+        if verify:  # (callers that run the batch anyway pass verify=False and check those logits)
+            self.verify()
 
     # fp32 agrees with HF to ~1e-6 of the logit scale; half precision rounds every block
     TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
     @torch.no_grad()
-    def verify(self) -> float:
-        """Check that the block-by-block forward reproduces HF's own forward on this batch.
+    def verify(self, logits: Optional[Tensor] = None) -> float:
+        """Check that the block-by-block forward reproduces HF's own forward on this batch
+        (``logits``: this runner's unpatched last-token logits, if already computed).
 
         Returns the largest last-token logit difference relative to the logits' scale; raises
         :class:`~steer.arch.UnsupportedModel` past :attr:`TOLERANCE` (a patching score computed
@@ -156,7 +158,7 @@ class Runner:
         b = self.batch
         ref = self.model.hf(input_ids=b.input_ids, attention_mask=b.attention_mask,
                             position_ids=b.position_ids, use_cache=False).logits[:, -1].float()
-        ours = self.run(self.embeds).float()
+        ours = (self.run(self.embeds) if logits is None else logits).float()
         err = float((ours - ref).abs().max() / ref.abs().max().clamp(min=1.0))
         return self._refuse_unless_close(
             err, "steer's block-by-block forward does not reproduce the model's own: its last-token logits",

@@ -132,9 +132,10 @@ def activation_patch(
     t0 = time.perf_counter()
     base_b, other_b = (task.corrupt, task.clean) if direction == "denoising" else (task.clean, task.corrupt)
     d0 = first_difference(task)
-    base, other = Runner(model, base_b, prefix=d0), Runner(model, other_b)
+    base, other = Runner(model, base_b, prefix=d0, verify=False), Runner(model, other_b, verify=False)
     base_acts, base_resid, base_logits = capture_sites(model, base, [ns.site], record=True)
     other_acts, _, other_logits = capture_sites(model, other, [ns.site])
+    base.verify(base_logits), other.verify(other_logits)  # the runner reproduces HF's forward
     clean_logits, corrupt_logits = (other_logits, base_logits) if direction == "denoising" else (base_logits, other_logits)
     m_clean, m_corrupt = run_metrics(task, clean_logits, corrupt_logits)
 

@@ -54,9 +54,10 @@ class _Attribution:
                 )
             sites |= {"q", "k", "v", "z"}
         self.sites = sites
-        self.other_runner = Runner(model, other_b)
+        self.other_runner = Runner(model, other_b, verify=False)
         self.other, _, other_logits = capture_sites(model, self.other_runner, list(sites))
-        self.base_runner = r = Runner(model, base_b)
+        self.other_runner.verify(other_logits)  # the runner reproduces HF's forward
+        self.base_runner = r = Runner(model, base_b, verify=False)
         self.base: dict = {}
 
         def keep(act, site: Site):
@@ -72,6 +73,7 @@ class _Attribution:
                 self.base[("resid_pre", l)] = h
             self.M = self.task.scores(logits[None])[0]
         base_logits = logits.detach()
+        r.verify(base_logits)
         clean_l, corrupt_l = (other_logits, base_logits) if direction == "denoising" else (base_logits, other_logits)
         self.m_clean, self.m_corrupt = run_metrics(task, clean_l, corrupt_l)
         self.keys = sorted(self.base)
