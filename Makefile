@@ -35,7 +35,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --doctest-modules steer tests
 
-# tiny models only (no embedded-model tests): for iterating
+# without the tests marked slow (the embedded-model checks): for iterating
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q --doctest-modules steer tests -m "not slow"
 

@@ -15,7 +15,8 @@ Steering (see :mod:`steer.steering`)::
 
 __version__ = "0.1.0"
 
-from . import bias, conditions, directions, erasure, evaluate, interventions, patching, persona
+from . import arch, bias, conditions, directions, erasure, evaluate, interventions, patching, persona
+from .arch import UnsupportedModel
 from . import refusal, steering
 from .capture import Activations, capture
 from .conditions import Condition, fit_condition
@@ -33,8 +34,8 @@ from .steering import Steering, steer
 
 __all__ = [
     "Activations", "Batch", "Condition", "Direction", "Intervention", "Last", "LeaceEraser", "Model",
-    "PatchTask", "PatchingResult", "Raw", "SITES", "Site", "Steering", "Trait", "__version__",
-    "activation_patch", "add_hooks", "atp", "atp_star", "bias", "capture", "conditions", "directions",
+    "PatchTask", "PatchingResult", "Raw", "SITES", "Site", "Steering", "Trait", "UnsupportedModel", "__version__",
+    "activation_patch", "add_hooks", "arch", "atp", "atp_star", "bias", "capture", "conditions", "directions",
     "erasing", "erasure", "evaluate", "extract", "fit_condition", "interventions", "ioi_task", "load",
     "load_prompts", "load_trait", "orthogonalize_weights", "orthogonalized", "patching", "persona",
     "refusal", "relp", "steer", "steering", "sweep_layers", "tokenize",

@@ -137,7 +137,11 @@ _BY_TYPE = {t: a for a in FAMILIES for t in a.model_types}
 
 
 def supported() -> list[str]:
-    """Model types steer knows (``config.model_type``)."""
+    """Model types steer knows (``config.model_type``).
+
+    >>> "gpt2" in supported(), "bloom" in supported()
+    (True, False)
+    """
     return sorted(_BY_TYPE)
 
 
@@ -145,6 +149,11 @@ def of(hf: torch.nn.Module) -> Arch:
     """The :class:`Arch` of a HF ``*ForCausalLM``, checked against its modules.
 
     Raises :class:`UnsupportedModel` naming the model type and the families steer knows.
+
+    >>> import steer
+    >>> a = of(steer.load("tiny-pythia").hf)
+    >>> a.family, a.parallel, a.proj(a.blocks(steer.load("tiny-pythia").hf)[0], "qkv").out_features
+    ('gpt_neox', True, 192)
     """
     cfg = hf.config
     mt = getattr(cfg, "model_type", None)
@@ -185,6 +194,13 @@ def _replace(a: Arch, **kw) -> Arch:
 def qkv_slices(a: Arch, n_heads: int, n_kv_heads: int, d_head: int):
     """For a fused projection: ``{"q"|"k"|"v": (read, write)}`` where ``read(out)`` gives the
     ``[batch, pos, heads, d_head]`` part of the fused output and ``write(out, new)`` puts it back.
+
+    >>> out = torch.arange(12.).view(1, 1, 12)            # 2 heads x (q, k, v) x d_head 2, per head
+    >>> read, write = qkv_slices(FAMILIES[-1], 2, 2, 2)["k"]
+    >>> read(out).tolist()
+    [[[[2.0, 3.0], [8.0, 9.0]]]]
+    >>> write(out, torch.zeros(1, 1, 2, 2))[0, 0].tolist()[:6]
+    [0.0, 1.0, 0.0, 0.0, 4.0, 5.0]
     """
     if a.qkv_layout == "concat":
         sizes = {"q": n_heads * d_head, "k": n_kv_heads * d_head, "v": n_kv_heads * d_head}
@@ -220,7 +236,12 @@ def qkv_slices(a: Arch, n_heads: int, n_kv_heads: int, d_head: int):
 
 
 def dims(cfg) -> dict:
-    """``n_layers, d_model, n_heads, n_kv_heads, d_head, d_mlp, d_vocab`` from a HF config."""
+    """``n_layers, d_model, n_heads, n_kv_heads, d_head, d_mlp, d_vocab`` from a HF config.
+
+    >>> from transformers import GPT2Config
+    >>> dims(GPT2Config(n_embd=64, n_layer=2, n_head=4))["d_mlp"]     # GPT-2: 4 x d_model
+    256
+    """
     d = cfg.hidden_size
     h = cfg.num_attention_heads
     d_mlp = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d

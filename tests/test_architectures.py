@@ -297,3 +297,22 @@ def test_softcapped_attention_is_never_run_by_sdpa():
     assert m.hf.config._attn_implementation == "eager"
     b = steer.tokenize(m, [PROMPT])
     torch.testing.assert_close(m.hf(input_ids=b.input_ids).logits, m.bridge(b.input_ids), atol=1e-4, rtol=1e-4)
+
+
+def test_resid_mid_edit_flows_through_the_residual_stream(fam):
+    """Adding v at resid_mid.l equals adding it at attn_out.l (resid_mid = resid_pre + attn_out):
+    the edit reaches the rest of the residual stream, not only the MLP's input."""
+    from steer.interventions import Intervention
+    from steer.steering import Steering
+
+    if fam.name in NO_RESID_MID:
+        with pytest.raises(UnsupportedModel, match="parallel"):
+            Steering(fam, [Intervention("add", torch.ones(fam.d_model), layers=[0], sites=("resid_mid",))]).__enter__()
+        return
+    v = torch.randn(fam.d_model, generator=torch.Generator().manual_seed(3)) * 2
+    logits = {}
+    for site in ("resid_mid", "attn_out"):
+        with Steering(fam, [Intervention("add", v, layers=[0], sites=(site,))]) as s:
+            logits[site] = s.logits(PROMPTS)
+    real = steer.tokenize(fam, PROMPTS).attention_mask.bool()
+    torch.testing.assert_close(logits["resid_mid"][real], logits["attn_out"][real], atol=1e-4, rtol=1e-4)
