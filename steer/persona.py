@@ -522,7 +522,7 @@ def trace(model, direction, layer: Optional[int], prompts: Sequence, max_new_tok
     steps: list[Tensor] = []
 
     def grab(act, site):
-        steps.append((act[:, -1].float().cpu() @ u))
+        steps.append(act[:, -1].float() @ u.to(act.device))  # stays on the model's device until the end
 
     batch = tokenize(model, list(prompts))
     with add_hooks(model, {f"resid_post.{lay}": grab}):
@@ -530,7 +530,7 @@ def trace(model, direction, layer: Optional[int], prompts: Sequence, max_new_tok
                                 max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=model.tokenizer.pad_token_id)
     new = out[:, batch.input_ids.shape[1]:]
-    proj = torch.stack(steps[: 1 + new.shape[1]], 1)  # step k reads the token generated at k-1
+    proj = torch.stack(steps[: 1 + new.shape[1]], 1).cpu()  # step k reads the token generated at k-1
     done = (new == model.tokenizer.eos_token_id).cumsum(-1) > 0
     proj[:, 1:][done[:, : proj.shape[1] - 1]] = float("nan")
     full = torch.full((len(prompts), 1 + max_new_tokens), float("nan"))
