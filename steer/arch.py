@@ -67,8 +67,7 @@ class Arch:
     gated_mlp: Optional[tuple[str, str, str]] = ("gate_proj", "up_proj", "act_fn")
     conv1d: bool = False
     parallel: bool = False
-    positions: str = "rotary"
-    rotary: Optional[str] = "rotary_emb"  # on the base model
+    rotary: Optional[str] = "rotary_emb"  # on the base model; None: positions are in the embeddings
     qk_norm_scope: str = "per_head"  # q_norm/k_norm (where present) normalise each head, or the whole projection
     runner: bool = True
     notes: tuple[str, ...] = field(default=())
@@ -96,10 +95,23 @@ class Arch:
         path = getattr(self, which)
         return None if path is None else _get(self.attention(block), path, None)
 
-    def writers(self, block) -> list[torch.nn.Module]:
+    def mlp_out_proj(self, block) -> Optional[torch.nn.Module]:
+        """The MLP's output projection (its input is the ``neuron`` site); None for MoE blocks."""
+        return None if self.mlp_out is None else _get(self.mlp_module(block), self.mlp_out)
+
+    def writers(self, block) -> list[Optional[torch.nn.Module]]:
         """The modules of a block whose outputs are added to the residual stream."""
-        mlp_out = None if self.mlp_out is None else _get(self.mlp_module(block), self.mlp_out)
-        return [self.proj(block, "o"), mlp_out]
+        return [self.proj(block, "o"), self.mlp_out_proj(block)]
+
+    def final_norm_of(self, hf: torch.nn.Module) -> torch.nn.Module:
+        return _get(self.base_model(hf), self.final_norm)
+
+    def pos_embedding(self, hf: torch.nn.Module) -> Optional[torch.nn.Module]:
+        """Learned absolute position embeddings (GPT-2's ``wpe``); None for rotary models."""
+        return None if self.pos_embed is None else _get(self.base_model(hf), self.pos_embed)
+
+    def rotary_of(self, hf: torch.nn.Module) -> Optional[torch.nn.Module]:
+        return None if self.rotary is None else _get(self.base_model(hf), self.rotary, None)
 
 
 def _get(obj, path: str, default=...):
@@ -127,7 +139,7 @@ FAMILIES: tuple[Arch, ...] = (
          notes=("fused qkv_proj and gate_up_proj",)),
     Arch("gpt2", ("gpt2",), base="transformer", layers="h", pos_embed="wpe", final_norm="ln_f",
          attn="attn", attn_norm="ln_1", mlp_norm="ln_2", qkv="c_attn", qkv_layout="concat", o="c_proj",
-         mlp_out="c_proj", gated_mlp=None, conv1d=True, positions="learned", rotary=None,
+         mlp_out="c_proj", gated_mlp=None, conv1d=True, rotary=None,
          notes=("Conv1D weights, learned absolute positions",)),
     Arch("gpt_neox", ("gpt_neox",), base="gpt_neox", final_norm="final_layer_norm", attn="attention", qkv="query_key_value", qkv_layout="per_head", o="dense",
          mlp_out="dense_4h_to_h", gated_mlp=None,
@@ -163,10 +175,8 @@ def of(hf: torch.nn.Module) -> Arch:
             f"steer does not know the anatomy of model_type={mt!r} ({type(hf).__name__}). Known: "
             f"{', '.join(supported())}. Adding a family is one entry in steer/arch.py."
         )
-    if a.family == "gpt_neox" and not getattr(cfg, "use_parallel_residual", True):
-        a = _replace(a, parallel=False)
-    elif a.family == "gpt_neox":
-        a = _replace(a, parallel=True)
+    if a.family == "gpt_neox":  # Pythia: parallel attention + MLP unless the config says otherwise
+        a = _replace(a, parallel=bool(getattr(cfg, "use_parallel_residual", True)))
     try:
         block = a.blocks(hf)[0]
         for role in ("attn", "mlp"):
@@ -177,7 +187,7 @@ def of(hf: torch.nn.Module) -> Arch:
         else:
             _get(a.attention(block), a.qkv)
         _get(a.attention(block), a.o)
-        _get(a.base_model(hf), a.final_norm)
+        a.final_norm_of(hf)
     except UnsupportedModel as e:
         raise UnsupportedModel(f"{type(hf).__name__} (model_type={mt!r}) does not look like steer's "
                                f"{a.family!r} family: {e}") from None

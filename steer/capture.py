@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import positions as P
 from .data import Prompt, batches, tokenize
-from .hooks import add_hooks
+from .hooks import StopForward, add_hooks
 from .sites import SITES, Site, resolve_layers
 
 __all__ = ["Activations", "capture", "prompts_hash"]
@@ -123,10 +123,6 @@ def _atomic(path, write) -> None:
             os.unlink(tmp)
 
 
-class _Stop(Exception):
-    """Raised by the last hook to end the forward pass early."""
-
-
 def _pack(mask: Tensor) -> tuple[Tensor, Tensor]:
     """Selected positions packed to the left: index ``[b, k]`` and validity ``[b, k]``."""
     counts = mask.sum(-1)
@@ -213,7 +209,7 @@ def capture(
         sel = sel.to(device=device if device is not None else sel.device, dtype=dtype or sel.dtype)
         per_layer[s.layer].append((state["rows"], sel, valid.to(sel.device)))
         if s.layer == last_layer:  # nothing later is needed
-            raise _Stop
+            raise StopForward
 
     base = model.base
     with add_hooks(model, {Site(site, l): grab for l in layer_list}):
@@ -228,7 +224,7 @@ def capture(
             try:
                 base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                      position_ids=batch.position_ids, use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
 
     tensor, mask = _assemble(per_layer, layer_list, len(prompts), single)

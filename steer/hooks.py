@@ -26,9 +26,13 @@ from torch import Tensor
 from ._hf import cached_length, padding_mask
 from .sites import Site, hf_target, parse_sites
 
-__all__ = ["add_hooks", "HookFn", "CallPositions", "call_positions"]
+__all__ = ["add_hooks", "HookFn", "CallPositions", "call_positions", "StopForward"]
 
 HookFn = Callable[[Tensor, Site], Optional[Tensor]]
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once it has what it needs (caught by the caller)."""
 
 
 def _items(hooks) -> Iterable[tuple[object, HookFn]]:

@@ -28,8 +28,6 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from . import arch
-
 __all__ = [
     "Intervention", "add", "ablate", "clamp", "orthogonalize_weights", "orthogonalized", "unit",
 ]
@@ -184,21 +182,19 @@ def _writers(model) -> list[tuple[str, torch.nn.Module, str]]:
     ``"embed"`` (rows written), ``"out"`` (a Linear, ``[d_model, in]``) or ``"conv1d"`` (GPT-2's
     ``Conv1D``, ``[in, d_model]``)."""
     a = model.arch
+    if a.attn_post_norm or a.mlp_post_norm:
+        raise NotImplementedError(
+            f"Weight orthogonalization is not exact for models whose sublayer outputs are normed "
+            f"before the residual add ({a.family}: Gemma-2/3 sandwich norms, OLMo-2 post-norms): "
+            "the norms rescale what is written. Use runtime ablation (Steering) instead."
+        )
+    if a.mlp_out is None:
+        raise NotImplementedError(f"{model.name} ({a.family}): {'; '.join(a.notes)}.")
     names = {m: n for n, m in model.hf.named_modules()}
-    base = a.base_model(model.hf)
-    out = [(names[m] + ".weight", m, "embed") for m in
-           (model.hf.get_input_embeddings(), arch._get(base, a.pos_embed) if a.pos_embed else None) if m is not None]
-    for layer in model.layers:
-        if a.attn_post_norm or a.mlp_post_norm:
-            raise NotImplementedError(
-                f"Weight orthogonalization is not exact for models whose sublayer outputs are normed "
-                f"before the residual add ({a.family}: Gemma-2/3 sandwich norms, OLMo-2 post-norms): "
-                "the norms rescale what is written. Use runtime ablation (Steering) instead."
-            )
-        for m in a.writers(layer):
-            if m is None:
-                raise NotImplementedError(f"{model.name} ({a.family}): {'; '.join(a.notes)}.")
-            out.append((names[m] + ".weight", m, "conv1d" if a.conv1d else "out"))
+    embeds = [m for m in (model.hf.get_input_embeddings(), a.pos_embedding(model.hf)) if m is not None]
+    out = [(names[m] + ".weight", m, "embed") for m in embeds]
+    kind = "conv1d" if a.conv1d else "out"
+    out += [(names[m] + ".weight", m, kind) for layer in model.layers for m in a.writers(layer)]
     return out
 
 

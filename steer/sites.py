@@ -185,7 +185,8 @@ def hf_target(model, site: Site) -> _Target:
             return _Target(a.proj(block, "qkv"), False, read, write)
         return _Target(a.proj(block, name), False, *_heads(model.n_heads if name == "q" else model.n_kv_heads))
     if name == "neuron":
-        if a.mlp_out is None:
+        proj = a.mlp_out_proj(block)
+        if proj is None:
             raise arch.UnsupportedModel(f"{model.name} ({a.family}): {'; '.join(a.notes) or 'no MLP output projection'}.")
-        return _Target(arch._get(a.mlp_module(block), a.mlp_out), True)
+        return _Target(proj, True)
     raise AssertionError(name)

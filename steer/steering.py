@@ -37,17 +37,13 @@ from torch import Tensor
 from . import interventions as I
 from . import positions as P
 from .data import Batch, position_ids, tokenize
-from .hooks import CallPositions, add_hooks, call_positions
+from .hooks import CallPositions, StopForward, add_hooks, call_positions
 from .sites import Site, resolve_layers
 
 __all__ = ["Steering", "steer", "prompt_means"]
 
 _EDITABLE = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 _REGIONS = ("all", "prompt", "generated")
-
-
-class _Stop(Exception):
-    pass
 
 
 class Steering:
@@ -209,7 +205,7 @@ class Steering:
             if ids is None or torch.equal(ids[:, :w], bt.input_ids[:, :w].to(ids.device).repeat_interleave(k, 0)):
                 match = bt
         if match is not None:
-            k, width = rows // len(match), match.input_ids.shape[1]
+            width = match.input_ids.shape[1]
         else:  # called directly: one example per row, the prompt is this first call
             k, width = 1, cp.past + n
         seq = {"rows": rows, "k": k, "batch": match, "width": width, "selections": {}}
@@ -282,7 +278,7 @@ class Steering:
         if batch is not None:
             dev = cp.real.device
             ids, emb = batch.input_ids.to(dev), None
-            cp = call_positions((), {"input_ids": ids, "attention_mask": batch.attention_mask.to(dev)})
+            cp = CallPositions.of(batch.attention_mask.to(dev), 0)
         hs = self._condition_states(base, ids, emb, cp.attention_mask, cp.editable())
         fires = self.condition.evaluate(hs)
         self.condition_scores = getattr(self.condition, "last_scores", None)
@@ -298,7 +294,7 @@ class Steering:
         def grab(act, site):
             hs[site.layer] = ((act.float() * w).sum(1) / w.sum(1).clamp(min=1))
             if site.layer == layers[-1]:
-                raise _Stop
+                raise StopForward
 
         pos_ids = position_ids(am)
         self._in_prepass = True
@@ -307,7 +303,7 @@ class Steering:
                 try:
                     base(input_ids=ids, inputs_embeds=emb, attention_mask=am.long(), position_ids=pos_ids,
                          use_cache=False)
-                except _Stop:
+                except StopForward:
                     pass
         finally:
             self._in_prepass = False

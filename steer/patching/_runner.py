@@ -23,22 +23,18 @@ from .. import arch
 from .._hf import cache_kwarg
 from ..arch import UnsupportedModel
 from ..data import Batch
-from ..hooks import add_hooks
+from ..hooks import StopForward, add_hooks
 from .qk_fix import attn_logits, rotary
 
 
 def _check_supported(model) -> None:
     a = model.arch
-    if not a.runner or (a.rotary is not None and not hasattr(a.base_model(model.hf), a.rotary)):
+    if not a.runner or (a.rotary is not None and a.rotary_of(model.hf) is None):
         raise UnsupportedModel(
             f"steer.patching re-runs a model block by block; it does not do {a.family!r} models yet "
             f"({'; '.join(a.notes) or 'no rotary embedding on the base model'}). Supported families: "
             f"{', '.join(f.family for f in arch.FAMILIES if f.runner)}."
         )
-
-
-class _Stop(Exception):
-    pass
 
 
 def _embeddings(model, batch: Batch) -> Tensor:
@@ -47,13 +43,13 @@ def _embeddings(model, batch: Batch) -> Tensor:
 
     def grab(module, args, kwargs):
         got["h"] = args[0] if args else kwargs["hidden_states"]
-        raise _Stop
+        raise StopForward
 
     handle = model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         model.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                    position_ids=batch.position_ids, use_cache=False)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         handle.remove()
@@ -105,7 +101,6 @@ class Runner:
         _check_supported(model)
         self.model = model
         self.arch = a = model.arch
-        self.inner = model.base
         self.batch = batch
         self.P, self.T = batch.input_ids.shape
         self.position_ids = batch.position_ids
@@ -115,12 +110,12 @@ class Runner:
         types = getattr(cfg, "layer_types", None) or ["full_attention"] * model.n_layers
         self.layer_types = list(types)[: model.n_layers]
         self.windows = [getattr(a.attention(layer), "sliding_window", None) for layer in model.layers]
-        self.final_norm, self.lm_head = arch._get(self.inner, a.final_norm), model.hf.get_output_embeddings()
+        self.final_norm, self.lm_head = a.final_norm_of(model.hf), model.hf.get_output_embeddings()
         with torch.no_grad():
             self.embeds = _embeddings(model, batch)
             self.pe = {}  # (cos, sin) by layer type; none where positions are in the embeddings (GPT-2)
-            if a.rotary is not None:
-                rope = arch._get(self.inner, a.rotary)
+            rope = a.rotary_of(model.hf)
+            if rope is not None:
                 typed = "layer_type" in inspect.signature(rope.forward).parameters
                 self.pe = {
                     t: rope(self.embeds, self.position_ids, t) if typed

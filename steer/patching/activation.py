@@ -135,7 +135,8 @@ def activation_patch(
     base, other = Runner(model, base_b, prefix=d0, verify=False), Runner(model, other_b, verify=False)
     base_acts, base_resid, base_logits = capture_sites(model, base, [ns.site], record=True)
     other_acts, _, other_logits = capture_sites(model, other, [ns.site])
-    base.verify(base_logits), other.verify(other_logits)  # the runner reproduces HF's forward
+    base.verify(base_logits)  # each runner reproduces HF's forward on its batch
+    other.verify(other_logits)
     clean_logits, corrupt_logits = (other_logits, base_logits) if direction == "denoising" else (base_logits, other_logits)
     m_clean, m_corrupt = run_metrics(task, clean_logits, corrupt_logits)
 

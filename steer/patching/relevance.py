@@ -35,7 +35,6 @@ from typing import Iterator, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import arch
 from .attribution import atp
 from .result import PatchingResult
 from .tasks import PatchTask
@@ -121,7 +120,7 @@ def relevance_rules(model, qk_norms: bool = False) -> Iterator[None]:
             act = getattr(mlp, act_name)
             handles.append(act.register_forward_hook(_activation_rule(act, half=True)))
             handles.append(getattr(mlp, up_name).register_forward_hook(_half_rule))
-        final = arch._get(model.base, a.final_norm)
+        final = a.final_norm_of(model.hf)
         handles.append(final.register_forward_hook(_norm_rule(final)))
         yield
     finally:
