@@ -15,7 +15,7 @@ LATEST  := .venv-latest
 OLDEST  := .venv-oldest
 UV      := $(VENV)/bin/uv
 
-.PHONY: demo test test-fast bench install lock test-latest test-oldest known-answers clean
+.PHONY: demo test test-fast test-gpu bench install lock test-latest test-oldest known-answers clean
 
 $(STAMP): pyproject.toml Makefile $(LOCK) $(MODELS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: $(STAMP)
 # without the tests marked slow (the embedded-model checks): for iterating
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q --doctest-modules steer tests -m "not slow"
+
+# the tests marked gpu, on a CUDA device (`make test` deselects them where there is none, and says so)
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m gpu
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench/run.py

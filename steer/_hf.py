@@ -62,9 +62,10 @@ def find_cache(kwargs: dict) -> Optional[Any]:
 def cached_length(kwargs: dict, n_new: int) -> int:
     """How many columns of the sequence precede the ``n_new`` tokens of this call.
 
-    Read, in this order, from ``cache_position`` (releases that pass it), the cache's own length
-    (before this call writes to it), and a 2-D attention mask (``past + n_new`` columns). Each
-    source that is present must agree with the others; with none of them the call is a fresh
+    Read from the cache's own length (before this call writes to it), a 2-D attention mask
+    (``past + n_new`` columns) and, unless both of those are there, ``cache_position`` (releases
+    that pass it; reading a device tensor waits for the GPU). Each source that is present must
+    agree with the others; with none of them the call is a fresh
     sequence, and ``position_ids`` that do not start at 0 then mean a cache is hidden somewhere
     steer cannot see — an error, not a guess.
 
@@ -75,15 +76,15 @@ def cached_length(kwargs: dict, n_new: int) -> int:
     0
     """
     found: dict[str, int] = {}
-    cp = kwargs.get("cache_position")
-    if isinstance(cp, Tensor) and cp.numel():
-        found["cache_position"] = int(cp.reshape(-1)[0])
     cache = find_cache(kwargs)
     if cache is not None:
         found["the cache's length"] = int(cache.get_seq_length())
     am = kwargs.get("attention_mask")
     if isinstance(am, Tensor) and am.ndim == 2:
         found["the attention mask"] = am.shape[1] - n_new
+    cp = kwargs.get("cache_position")
+    if isinstance(cp, Tensor) and cp.numel() and len(found) < 2:  # (reading it syncs a GPU: only
+        found["cache_position"] = int(cp.reshape(-1)[0])         # when two others cannot agree)
     if len(set(found.values())) > 1:
         raise RuntimeError(
             f"This forward call disagrees with itself about how many tokens are cached ({found}); "
@@ -165,3 +166,69 @@ def softcap_safe_attention(hf: torch.nn.Module) -> bool:
         hf.set_attn_implementation("eager")
         return True
     return False
+
+
+# -- models a user loaded: PEFT adapters, accelerate's device maps, quantized layers ----------
+
+def unwrap_adapters(hf: torch.nn.Module) -> torch.nn.Module:
+    """The ``*ForCausalLM`` under a PEFT ``PeftModel`` (its adapter layers stay injected in that
+    model's modules, so its forward is the adapted one); any other model unchanged."""
+    get = getattr(hf, "get_base_model", None)
+    return get() if callable(get) and type(hf).__module__.startswith("peft.") else hf
+
+
+def execution_device(hf: torch.nn.Module) -> torch.device:
+    """Where a model's forward takes its inputs: its input embedding's device, or the device
+    accelerate's hook computes it on when ``device_map`` offloaded it (its weight is then on
+    ``meta``)."""
+    emb = hf.get_input_embeddings()
+    hook = getattr(emb, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+    dev = emb.weight.device
+    if dev.type == "meta":
+        raise ValueError(
+            f"{type(hf).__name__}'s input embedding is on the meta device with no accelerate hook to "
+            "load it: the model was not fully loaded (load it with from_pretrained, with a device_map "
+            "if it does not fit)."
+        )
+    return dev
+
+
+def _not_dense(module: torch.nn.Module) -> Optional[str]:
+    w = getattr(module, "weight", None)
+    if hasattr(module, "base_layer") or hasattr(module, "lora_A"):
+        return "it carries a PEFT adapter; merge it first (model = peft_model.merge_and_unload())"
+    if not isinstance(w, Tensor):
+        return f"{type(module).__name__} has no weight tensor"
+    if w.device.type == "meta":
+        return ("accelerate offloaded it (device_map with CPU/disk offload); load the model onto "
+                "devices that hold it whole")
+    if not w.is_floating_point() or type(w) not in (torch.nn.Parameter, Tensor):
+        return (f"it is stored as {type(w).__name__} ({w.dtype}), i.e. quantized; load the model "
+                "unquantized in bf16/fp16 for this")
+    return None
+
+
+def is_dense(module: torch.nn.Module) -> bool:
+    """Whether ``module.weight`` is the whole, materialised floating-point weight of its function."""
+    return _not_dense(module) is None
+
+
+def dense_weight(module: torch.nn.Module, what: str) -> Tensor:
+    """``module.weight`` when it is the whole, materialised floating-point weight of the layer's
+    function (:func:`is_dense`); otherwise an error naming why steer cannot read it. Code that read
+    the weight instead of calling the module would silently ignore an adapter or misread a
+    quantized matrix.
+
+    >>> import steer
+    >>> dense_weight(steer.load("tiny-llama").hf.lm_head, "the unembedding").shape
+    torch.Size([259, 64])
+    """
+    why = _not_dense(module)
+    if why is not None:
+        from .arch import UnsupportedModel
+
+        raise UnsupportedModel(f"steer reads the weight of {what} directly and cannot here: {why}.")
+    return module.weight

@@ -28,6 +28,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from ._hf import dense_weight
+
 __all__ = [
     "Intervention", "add", "ablate", "clamp", "orthogonalize_weights", "orthogonalized", "unit",
 ]
@@ -220,7 +222,7 @@ def orthogonalize_weights(model, direction) -> dict[str, Float[Tensor, "..."]]:
         raise ValueError(f"Direction has shape {tuple(v.shape)}, model {model.name} needs [{model.d_model}].")
     out = {}
     for name, module, kind in _writers(model):
-        W = module.weight
+        W = dense_weight(module, f"{name[: -len('.weight')]} (to orthogonalize it)")
         u = unit(v.to(W.device, torch.float32))
         Wf = W.float()
         if kind in ("embed", "conv1d"):  # [vocab or d_in, d_model]: rows are written

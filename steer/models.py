@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from . import arch
-from ._hf import softcap_safe_attention
+from ._hf import execution_device, softcap_safe_attention, unwrap_adapters
 
 __all__ = ["Model", "load", "EMBEDDED_MODELS", "TINY_MODELS", "cache_dir"]
 
@@ -96,7 +96,7 @@ class Model:
 
     def __init__(self, name: str, hf: torch.nn.Module, tokenizer: Any):
         self.name = name
-        self.hf = hf.eval()
+        self.hf = hf = unwrap_adapters(hf).eval()  # a PeftModel's base model, adapters injected
         self.tokenizer = tokenizer
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
@@ -119,6 +119,14 @@ class Model:
     @classmethod
     def from_hf(cls, hf: torch.nn.Module, tokenizer: Any, name: str | None = None) -> "Model":
         """Wrap a HF ``*ForCausalLM`` you already loaded (its dtype and weights as you set them).
+
+        It may carry PEFT adapters (a ``PeftModel``: steer wraps its base model, adapters active),
+        be spread over devices or offloaded by accelerate's ``device_map``, or be quantized.
+        Capture, steering, CAST, generation and the patching engine call the model's own modules,
+        so they see exactly what its forward computes (the patching runner checks that it
+        reproduces the model's logits). What reads weights instead — weight orthogonalization,
+        the QK fix — refuses adapters, offloaded and quantized weights with an error that says
+        what to do instead.
 
         steer puts it in eval mode, freezes its parameters and sets the tokenizer to left padding
         (with the EOS token as pad token if it has none). Its family must be one that
@@ -164,11 +172,16 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where the model takes its inputs (the input embedding's device; under accelerate's
+        ``device_map`` the device it computes the embedding on). Later layers may sit elsewhere:
+        steer moves what it adds to each activation's own device."""
+        return execution_device(self.hf)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.hf.parameters()).dtype
+        """The dtype of the residual stream (the input embedding's; quantized layers keep other
+        storage)."""
+        return self.hf.get_input_embeddings().weight.dtype
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         """Move the model (and drop a booted bridge, which is rebuilt on next access)."""

@@ -83,6 +83,7 @@ class Steering:
         self._ctx = None
         self._step: dict[str, Any] = {}  # what the current forward call edits
         self._seq: Optional[dict] = None  # the sequence being processed (prefill + decode steps)
+        self._vectors: dict[tuple, Tensor] = {}  # each vector on each device/dtype it met
         self._in_prepass = False
         self._active = False
         self._by_site = self._plan()
@@ -128,7 +129,7 @@ class Steering:
         self._remove()
 
     def _remove(self):
-        self._seq, self._step = None, {}
+        self._seq, self._step, self._vectors = None, {}, {}
         if self._ctx is not None:
             self._ctx.__exit__(None, None, None)
             self._ctx = None
@@ -173,14 +174,12 @@ class Steering:
                     m = m & ~is_prompt
             else:
                 sel = self._prompt_selection(i, pos, seq).to(dev)  # [rows, prompt width]
-                inside = cols < sel.shape[1]
-                cur = torch.zeros((rows, n), dtype=torch.bool, device=dev)
-                cur[:, inside] = sel[:, cols[inside]]
-                m = m & cur
+                inside = cols < sel.shape[1]  # (gathers, not boolean indexing: no device sync per step)
+                at = cols.clamp(max=sel.shape[1] - 1)
+                m = m & sel[:, at] & inside[None, :]
                 if iv.aligned:
                     rank = sel.long().cumsum(-1) - 1
-                    idx = torch.zeros((rows, n), dtype=torch.long, device=dev)
-                    idx[:, inside] = rank[:, cols[inside]]
+                    idx = torch.where(inside[None, :], rank[:, at], 0)
             if iv.aligned:
                 if idx is None:  # region positions: rank among selected tokens of the prompt
                     idx = (self._region_rank(am, cp.first, iv.include_sink))[:, past:]
@@ -310,6 +309,14 @@ class Steering:
         return hs
 
     # -- the site hook --------------------------------------------------------------------
+    def _vector(self, i: int, iv, layer: int, act: Tensor) -> Tensor:
+        """Intervention ``i``'s vector at ``layer`` on ``act``'s device and dtype, moved once
+        (not at every decode step)."""
+        key = (i, layer, act.device, act.dtype)
+        if key not in self._vectors:
+            self._vectors[key] = iv.vector_for(layer, self.model.n_layers).to(device=act.device, dtype=act.dtype)
+        return self._vectors[key]
+
     def _site_hook(self, act: Tensor, site: Site) -> Optional[Tensor]:
         if self._in_prepass or not self._step:
             return None
@@ -322,7 +329,7 @@ class Steering:
                     f"Steering saw activations {tuple(act.shape[:2])} but the forward call had "
                     f"{tuple(m.shape)} tokens: the model was called in an unsupported way."
                 )
-            v = iv.vector_for(site.layer, self.model.n_layers).to(device=act.device, dtype=act.dtype)
+            v = self._vector(i, iv, site.layer, act)
             m, strength = m.to(act.device), strength.to(act.device)  # layers may sit on other devices
             g = None if gate is None else gate.to(act.device)
             if iv.kind == "clamp":

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -39,8 +41,29 @@ def task(model):
     return PatchTask.from_pairs(model, pairs, ["M", "Q", "D"], ["Y", "B", "J"], name="tiny-ioi")
 
 
-def pytest_collection_modifyitems(items):
-    """Every test that uses the embedded model is ``slow`` (``make test-fast`` leaves them out)."""
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the embedded model is ``slow`` (``make test-fast`` leaves them out).
+
+    Tests marked ``gpu`` run on ``STEER_TEST_DEVICE`` (default ``cuda``). Without a CUDA device
+    they are deselected, and the summary says so; ``-m gpu`` then fails instead (``make
+    test-gpu`` is for a machine with a GPU; ``STEER_TEST_DEVICE=cpu`` dry-runs them here)."""
     for item in items:
         if "smol" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    gpu = [i for i in items if i.get_closest_marker("gpu")]
+    if not gpu or not os.environ.get("STEER_TEST_DEVICE", "cuda").startswith("cuda") or torch.cuda.is_available():
+        return
+    if config.getoption("markexpr", "") == "gpu":
+        raise pytest.UsageError("`-m gpu` needs a CUDA device; STEER_TEST_DEVICE=cpu runs these tests on the CPU.")
+    items[:] = [i for i in items if not i.get_closest_marker("gpu")]
+    config.hook.pytest_deselected(items=gpu)
+    config.stash[_GPU_LEFT] = len(gpu)
+
+
+_GPU_LEFT = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    n = config.stash.get(_GPU_LEFT, 0)
+    if n:
+        terminalreporter.write_line(f"{n} tests marked gpu deselected: no CUDA device here (`make test-gpu` runs them on one).")

@@ -161,17 +161,6 @@ def test_bf16_agrees_with_fp32(name):
         assert float((f[2] - b[2]).abs().max()) < 0.25
 
 
-def test_bring_your_own_model():
-    """A model the user loaded: steer wraps it, captures the same values as steer.load's."""
-    from steer.models import Model
-
-    ref = steer.load("tiny-phi3")
-    mine = Model.from_hf(ref.hf, ref.tokenizer, name="my-phi3")
-    a = steer.capture(mine, PROMPTS, layers=[1], site="q", positions="all", progress=False).tensor
-    torch.testing.assert_close(a, steer.capture(ref, PROMPTS, layers=[1], site="q", positions="all",
-                                                progress=False).tensor)
-
-
 def test_weight_orthogonalization_equals_runtime_ablation(fam):
     """Where the table says weight orthogonalization works, it equals ablating v̂ everywhere at
     runtime; elsewhere it refuses."""

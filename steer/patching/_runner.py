@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import arch
-from .._hf import cache_kwarg
+from .._hf import cache_kwarg, is_dense
 from ..arch import UnsupportedModel
 from ..data import Batch
 from ..hooks import StopForward, add_hooks
@@ -155,10 +155,16 @@ class Runner:
                             position_ids=b.position_ids, use_cache=False).logits[:, -1].float()
         ours = (self.run(self.embeds) if logits is None else logits).float()
         err = float((ours - ref).abs().max() / ref.abs().max().clamp(min=1.0))
+        quantized = [] if err <= self.TOLERANCE.get(self.embeds.dtype, 1e-2) else [
+            n for n, m in self.model.hf.named_modules()
+            if hasattr(m, "weight") and not hasattr(m, "base_layer") and not is_dense(m)]
+        why = (f"its {len(quantized)} quantized layers (e.g. {quantized[0]}) may compute another "
+               "function on the runner's batches (dynamic quantization scales by the whole batch)"
+               if quantized else "something in its blocks (masks, positions, norms, soft-capping) "
+               "is not what steer.patching assumes")
         return self._refuse_unless_close(
             err, "steer's block-by-block forward does not reproduce the model's own: its last-token logits",
-            "patching this model would give wrong numbers, so it is refused; something in its blocks "
-            "(masks, positions, norms, soft-capping) is not what steer.patching assumes.")
+            f"patching this model would give wrong numbers, so it is refused; {why}.")
 
     def _refuse_unless_close(self, err: float, what: str, consequence: str) -> float:
         tol = self.TOLERANCE.get(self.embeds.dtype, 1e-2)
@@ -242,8 +248,9 @@ class Runner:
         """Final norm + unembedding (+ soft-cap) of residuals ``[rows, d]`` (onto ``columns`` only if given)."""
         x = self.final_norm(h)
         head = self.lm_head
-        if columns is None:
-            return _softcap(head(x), self.final_softcap)
+        if columns is None or not is_dense(head):  # (an adapter or offloaded head: call it)
+            out = head(x) if columns is None else head(x)[:, columns.to(x.device)]
+            return _softcap(out, self.final_softcap)
         cols = columns.to(x.device)
         bias = None if head.bias is None else head.bias[cols]
         return _softcap(torch.nn.functional.linear(x, head.weight[cols], bias), self.final_softcap)

@@ -52,7 +52,7 @@ def _norm_rule(module):
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
     with torch.no_grad():
         ones = torch.ones(module.weight.shape[-1], dtype=module.weight.dtype, device=module.weight.device)
-        gain = module.forward(ones) * math.sqrt(1.0 + eps)  # c: RMSNorm(1) = c / sqrt(1 + eps)
+        gain = module(ones) * math.sqrt(1.0 + eps)  # c: RMSNorm(1) = c / sqrt(1 + eps)
 
     def hook(mod, args, out):
         x = args[0]

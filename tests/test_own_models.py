@@ -1,0 +1,130 @@
+"""Models a researcher loaded themselves (``Model.from_hf``): PEFT adapters, accelerate's
+``device_map`` with offloading, quantized layers.
+
+The reference for each is the same computation without the wrapping: the adapter merged into
+the weights, the model loaded whole, the quantized model's own ``output_hidden_states``. Where
+steer cannot give the right number (it reads weights, or the model's function depends on the
+batch) the test asks for the error that says so.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import steer
+from steer.arch import UnsupportedModel
+from steer.data import Raw
+from steer.interventions import orthogonalized
+from steer.models import Model
+from steer.patching import PatchTask, activation_patch, atp
+from steer.steering import steer as steer_ctx
+
+PROMPTS = [Raw("Hi there"), Raw("Hello there my good friend, how are you")]
+PAIRS = [("M and Y; Y to", "M and Y; N to"), ("B and Q; B to", "B and Q; K to")]
+
+
+def _capture(m, site="resid_post"):
+    return steer.capture(m, PROMPTS, layers="all", site=site, positions="all", progress=False).tensor
+
+
+def _steered(m):
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(3)) * 3
+    with steer_ctx(m, v, layer=1, strength=2.0) as s:
+        return s.logits(PROMPTS)
+
+
+def _patching(m):
+    t = PatchTask.from_pairs(m, PAIRS, ["M", "Q"], ["Y", "B"])
+    return activation_patch(m, t, "heads").scores, atp(m, t, "heads").scores
+
+
+def test_wrapping_a_loaded_model_changes_nothing():
+    ref = steer.load("tiny-phi3")
+    mine = Model.from_hf(ref.hf, ref.tokenizer, name="my-phi3")
+    torch.testing.assert_close(_capture(mine, "q"), _capture(ref, "q"))
+
+
+@pytest.fixture(scope="module")
+def lora():
+    """tiny-llama with a (non-zero) LoRA adapter on q, v and the MLP's down projection, and the
+    same adapter merged into a copy's weights."""
+    peft = pytest.importorskip("peft")  # a dev dependency: installed by `make test`
+    base = steer.load("tiny-llama")
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    wrapped = peft.get_peft_model(copy.deepcopy(base.hf), cfg)
+    merged = copy.deepcopy(wrapped).merge_and_unload()
+    return Model.from_hf(wrapped, base.tokenizer), Model.from_hf(merged, base.tokenizer), base
+
+
+def test_peft_adapter_is_what_steer_sees(lora):
+    adapted, merged, base = lora
+    assert adapted.arch.family == "llama" and type(adapted.hf).__name__ == "LlamaForCausalLM"
+    assert float((_capture(merged) - _capture(base)).abs().max()) > 1e-2  # the adapter matters
+    for site in ("resid_post", "q", "mlp_out"):
+        torch.testing.assert_close(_capture(adapted, site), _capture(merged, site), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_steered(adapted), _steered(merged), atol=1e-5, rtol=1e-5)
+    for ours, ref in zip(_patching(adapted), _patching(merged)):
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_peft_adapter_refuses_weight_surgery(lora):
+    adapted, merged, _ = lora
+    orthogonalized(merged, torch.randn(64))  # the merged model is fine
+    with pytest.raises(UnsupportedModel, match=r"q_proj|down_proj.*merge_and_unload"):
+        orthogonalized(adapted, torch.randn(64))
+
+
+@pytest.fixture(scope="module")
+def offloaded(tmp_path_factory):
+    """tiny-llama loaded by accelerate with every weight offloaded to disk (on ``meta`` until a
+    module runs): the CPU-only stand-in for a ``device_map`` spread over GPUs."""
+    from transformers import AutoModelForCausalLM
+
+    base = steer.load("tiny-llama")
+    d = tmp_path_factory.mktemp("tiny-llama")
+    base.hf.save_pretrained(d)
+    hf = AutoModelForCausalLM.from_pretrained(d, device_map="auto", max_memory={"cpu": "60KB"},
+                                              offload_folder=str(d / "offload"))
+    assert set(hf.hf_device_map.values()) == {"disk"}
+    return Model.from_hf(hf, base.tokenizer), base
+
+
+def test_device_map_offloading_gives_the_same_numbers(offloaded):
+    off, base = offloaded
+    assert off.device == torch.device("cpu") and off.dtype == base.dtype  # not `meta`
+    torch.testing.assert_close(_capture(off), _capture(base))
+    torch.testing.assert_close(_steered(off), _steered(base))
+    for ours, ref in zip(_patching(off), _patching(base)):
+        torch.testing.assert_close(ours, ref)
+    with pytest.raises(UnsupportedModel, match="offloaded"):
+        orthogonalized(off, torch.randn(64))
+
+
+def test_quantized_layers():
+    """torch's dynamic int8 quantization of every Linear: capture reads what the quantized model
+    computes; patching is refused because that model's output depends on the whole batch (each
+    Linear scales its input by the batch's range), so a patched batch is not the model's forward."""
+    base = steer.load("tiny-llama")
+    hf = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base.hf), {torch.nn.Linear}, dtype=torch.qint8)
+    q = Model.from_hf(hf, base.tokenizer)
+    b = steer.tokenize(q, PROMPTS)
+    own = hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+             output_hidden_states=True).hidden_states
+    a = steer.capture(q, PROMPTS, layers=[0], site="resid_post", positions="all", progress=False)
+    torch.testing.assert_close(a.tensor[:, 0][a.mask], own[1][b.attention_mask.bool()])
+    with pytest.raises(UnsupportedModel, match="quantized layers"):
+        _patching(q)
+    with pytest.raises(UnsupportedModel, match="no weight tensor"):
+        orthogonalized(q, torch.randn(64))
+
+
+def test_dense_weight_refuses_integer_storage():
+    from steer._hf import dense_weight
+
+    lin = torch.nn.Linear(4, 4)
+    assert dense_weight(lin, "a layer") is lin.weight
+    lin.weight = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(UnsupportedModel, match="quantized"):
+        dense_weight(lin, "a layer")
