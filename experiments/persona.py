@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
         save(fig, out / f"{name}_monitor.png")
 
         curve = persona.layer_curve(model, t, vec, hq)
-        save(layer_curve({"held-out AUROC": curve["auroc"]}, curve["layers"], ylabel="AUROC",
+        save(layer_curve({"held-out AUROC": curve.column("auroc")}, curve.layers, ylabel="AUROC",
                          title=f"{name}: where the persona is encoded", mark_best="held-out AUROC"),
              out / f"{name}_layers.png")
 
@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
         res["traits"][name] = {
             "layer": L, "n_pairs": vec.meta["n_pairs"], "n_pairs_generated": len(pairs),
             "monitor_auroc": mon["auroc"], "projection_vs_score_r": r_proj,
-            "layer_curve": curve["auroc"], "best_layer": curve["best_layer"],
+            "layer_curve": curve.column("auroc"), "best_layer": curve.best_layer,
             "trait_score_by_strength": {str(a): ts[a] for a in sorted(strengths)},
             "steering_monotonic": all(b > a for a, b in zip(vals, vals[1:])),
             "question": q, "answers": answers,

@@ -52,6 +52,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .data import batches, pad_left, position_ids
+from .display import Rich
+from .progress import bar
 
 from .erasure import LeaceEraser
 from .hooks import add_hooks
@@ -331,8 +333,8 @@ def pearson(a: Tensor, b: Tensor) -> float:
     return float((a @ b) / den) if den > 0 else float("nan")
 
 
-@dataclass
-class OccupationResult:
+@dataclass(repr=False)
+class OccupationResult(Rich):
     """Gaps ``log P(t0) − log P(t1)`` of each template × value, and the neutral-subject gaps.
 
     * ``centred = gaps − neutral[:, None]`` (``[templates, values]``)
@@ -429,6 +431,23 @@ class OccupationResult:
                 "correlation_n": int(self.has_share.sum()), "correlation_skipped": self.correlation_skipped,
                 "spread": self.spread, "neutral_gap": self.neutral_gap, "n_values": len(self.values),
                 "n_templates": len(self.templates)}
+
+    def _fields(self):
+        s = self.summary()
+        r = s["correlation_note"] or f"{s['correlation']:+.3f} over {s['correlation_n']} values with a share"
+        return [("targets", f"log P({self.targets[0]!r}) − log P({self.targets[1]!r})"),
+                ("values x templates", f"{len(self.values)} x {len(self.templates)}"),
+                ("bias (mean |per value|)", s["bias"]), ("item bias", s["item_bias"]),
+                ("correlation with share", r), ("neutral gap", s["neutral_gap"])]
+
+    def _table(self):
+        order = sorted(range(len(self.values)), key=lambda i: -abs(float(self.per_value[i])))[:10]
+        return ["value (largest |gap|)", "centred gap", "share %"], [
+            [self.values[i], float(self.per_value[i]),
+             float(self.shares[i]) if self.shares is not None else float("nan")] for i in order]
+
+    def _figure(self):
+        return plot_occupations(self)
 
     def to_dict(self) -> dict:
         return {**self.summary(), "targets": list(self.targets), "templates": self.templates,
@@ -1099,10 +1118,11 @@ def _reduction(before: float, after: float) -> float:
 def pareto_sweep(model, methods: Sequence[str] = METHODS, directions: Sequence[str] = DIRECTIONS,
                  layer_sets: Sequence[Sequence[int]] = ((12,), (15,), (18,)), strengths: Sequence[float] = (1.0,),
                  split: str = "train", where: str = "last", target: str = "share",
-                 progress: Optional[Callable[[dict], None]] = None) -> list[dict]:
+                 progress: Union[bool, None, Callable[[dict], None]] = None) -> list[dict]:
     """Measure every method × direction × layer set × strength: bias and correlation on the
     ``split`` occupations/templates, KL and perplexity ratio on neutral text. Each row has
-    ``bias_reduction`` and ``correlation_reduction`` (fractions; 1 = removed).
+    ``bias_reduction`` and ``correlation_reduction`` (fractions; 1 = removed). ``progress``: a
+    bar (``True``/``False``; default in a terminal or notebook), or a function called with each row.
 
     >>> import steer
     >>> m = steer.load("tiny-llama")
@@ -1114,24 +1134,21 @@ def pareto_sweep(model, methods: Sequence[str] = METHODS, directions: Sequence[s
     se0 = side_effects(model, None)
     cache: dict = {}
     rows = []
-    for method in methods:
-        for direction in directions:
-            if method == "leace" and direction == "gender" and where != "last":
-                continue
-            for layers in layer_sets:
-                for s in strengths:
-                    edit = fit_edit(model, method, layers, direction, s, cache=cache, where=where, target=target)
-                    r = occupational_bias(model, split, split, edit=edit)
-                    se = side_effects(model, edit, base=se0["_base"])
-                    row = {"method": method, "direction": direction, "layers": list(edit.layers), "strength": s,
-                           "bias": r.bias, "correlation": r.correlation, "spread": r.spread,
-                           "bias_reduction": _reduction(before.bias, r.bias),
-                           "correlation_reduction": _reduction(before.correlation, r.correlation),
-                           "neutral_kl": se["neutral_kl"], "neutral_ppl_ratio": se["neutral_ppl_ratio"],
-                           "bias_before": before.bias, "correlation_before": before.correlation}
-                    rows.append(row)
-                    if progress:
-                        progress(row)
+    grid = [(m, d, ls, s) for m in methods for d in directions for ls in layer_sets for s in strengths
+            if not (m == "leace" and d == "gender" and where != "last")]
+    for method, direction, layers, s in bar(grid, desc="bias sweep", enabled=False if callable(progress) else progress):
+        edit = fit_edit(model, method, layers, direction, s, cache=cache, where=where, target=target)
+        r = occupational_bias(model, split, split, edit=edit)
+        se = side_effects(model, edit, base=se0["_base"])
+        row = {"method": method, "direction": direction, "layers": list(edit.layers), "strength": s,
+               "bias": r.bias, "correlation": r.correlation, "spread": r.spread,
+               "bias_reduction": _reduction(before.bias, r.bias),
+               "correlation_reduction": _reduction(before.correlation, r.correlation),
+               "neutral_kl": se["neutral_kl"], "neutral_ppl_ratio": se["neutral_ppl_ratio"],
+               "bias_before": before.bias, "correlation_before": before.correlation}
+        rows.append(row)
+        if callable(progress):
+            progress(row)
     return rows
 
 

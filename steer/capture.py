@@ -25,11 +25,12 @@ from typing import Any, Optional, Sequence
 import torch
 from jaxtyping import Bool
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from . import positions as P
 from .data import Prompt, batches, tokenize
+from .display import Rich
 from .hooks import StopForward, add_hooks
+from .progress import bar
 from .sites import SITES, Site, resolve_layers
 
 __all__ = ["Activations", "capture", "prompts_hash"]
@@ -43,8 +44,8 @@ def prompts_hash(prompts: Sequence[Any]) -> str:
     return hashlib.sha256(json.dumps([repr(p) for p in prompts]).encode()).hexdigest()[:16]
 
 
-@dataclass
-class Activations:
+@dataclass(repr=False)
+class Activations(Rich):
     """Captured activations and what they are.
 
     ``tensor`` is ``[n_prompts, n_layers, d]`` for one-token selectors (``"last"``) or with
@@ -86,6 +87,38 @@ class Activations:
 
     def __len__(self) -> int:
         return self.tensor.shape[0]
+
+    # -- display ---------------------------------------------------------------------------
+    def _norms(self) -> Tensor:
+        """``[n_layers, n_selected]`` norms of every selected activation (real tokens only)."""
+        t = self.tensor.float()
+        t = t.flatten(t.ndim - 2) if t.ndim == (5 if self.has_pos else 4) else t  # heads: [head d_head] → d
+        n = t.norm(dim=-1)  # [prompt, layer(, pos)]
+        if self.has_pos:
+            return n.permute(1, 0, 2)[:, self.mask]
+        return n.T
+
+    def _fields(self):
+        f = [("model", self.model), ("site", self.site), ("positions", self.positions),
+             ("layers", self.layers), ("tensor", f"{list(self.tensor.shape)} {str(self.tensor.dtype)[6:]}"),
+             ("prompts", len(self))]
+        if self.has_pos:
+            f.append(("selected tokens", int(self.mask.sum())))
+        return f + [(k, v) for k, v in self.meta.items() if isinstance(v, (str, int, float))]
+
+    def _table(self):
+        n = self._norms()
+        rows = [[l, float(n[i].mean()), float(n[i].median()), float(n[i].max())] for i, l in enumerate(self.layers)]
+        return ["layer", "mean norm", "median norm", "max norm"], rows[:12] + ([["…", "", "", ""]] if len(rows) > 12 else [])
+
+    def _figure(self):
+        if len(self.layers) < 2:
+            return None
+        from .plotting import layer_curve
+
+        n = self._norms()
+        return layer_curve({"mean": n.mean(1).tolist(), "median": n.median(1).values.tolist()}, self.layers,
+                           ylabel=f"{self.site} norm", title=f"{self.model}: {self.site} norms")
 
     def save(self, path: str | Path) -> None:
         """Save as safetensors with the metadata inside (atomic write)."""
@@ -163,7 +196,8 @@ def capture(
         batch_size: prompts per forward pass.
         device, dtype: where the kept activations go (default CPU float32); ``None`` keeps them.
         include_sink: keep the first (attention-sink) token when the selector picks it.
-        progress: show a progress bar (default: when there is more than one batch).
+        progress: show a progress bar (default: in a terminal or notebook, when there is more than
+            one batch; see :mod:`steer.progress`).
 
     Returns:
         :class:`Activations` with ``tensor`` ``[n_prompts, n_layers, (n_pos,) d]``.
@@ -185,7 +219,6 @@ def capture(
     single = P.is_single(positions) or reduce == "mean"
     lengths = tokenize(model, prompts).lengths.tolist()  # cheap: tokenization only
     groups = batches(len(prompts), batch_size, lengths)
-    show = progress if progress is not None else len(groups) > 1
 
     per_layer: dict[int, list[tuple[list[int], Tensor, Tensor]]] = {l: [] for l in layer_list}
     state: dict[str, Tensor] = {}
@@ -213,7 +246,7 @@ def capture(
 
     base = model.base
     with add_hooks(model, {Site(site, l): grab for l in layer_list}):
-        for rows in tqdm(groups, disable=not show, desc=f"capture {site}", leave=False):
+        for rows in bar(groups, desc=f"capture {site}", enabled=progress):
             batch = tokenize(model, [prompts[i] for i in rows])
             m = P.mask(positions, batch, include_sink=include_sink)
             if (m.sum(-1) == 0).any():

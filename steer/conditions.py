@@ -34,6 +34,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from .display import Rich
 from .evaluate import accuracy, auroc, f1
 from .interventions import unit
 
@@ -42,7 +43,7 @@ __all__ = ["Condition", "Rule", "fit_condition", "grid_search", "condition_score
 KINDS = ("projection", "cast", "probe")
 
 
-class _Logic:
+class _Logic(Rich):
     """and/or/not combinators shared by conditions and rules."""
 
     def __and__(self, other) -> "Rule":
@@ -69,7 +70,7 @@ class _Logic:
         return self.evaluate({l: h[:, j] for j, l in enumerate(layers)})
 
 
-@dataclass
+@dataclass(repr=False)
 class Condition(_Logic):
     """A CAST condition: fires when ``score(h)`` is above (``side="above"``) or below a threshold.
 
@@ -118,6 +119,21 @@ class Condition(_Logic):
             raise KeyError(f"Condition needs layer {self.layer}; got layers {sorted(hs)}.")
         return self.fires(hs[self.layer])
 
+    def _fields(self):
+        f = [("fires when", f"{self.kind} score {'>' if self.side == 'above' else '<'} {self.threshold:.4g}"),
+             ("layer", self.layer), ("‖vector‖", float(self.vector.norm()))]
+        if self.bias:
+            f.append(("bias", self.bias))
+        return f + [(k, v) for k, v in self.meta.items() if isinstance(v, (str, int, float))]
+
+    def _table(self):
+        if self.last_scores is None:
+            return None
+        s = self.last_scores.float()
+        fires = (s > self.threshold) if self.side == "above" else (s < self.threshold)
+        return ["last prompts", "n", "fired", "min score", "max score"], \
+            [["scores", len(s), int(fires.sum()), float(s.min()), float(s.max())]]
+
     def to_dict(self) -> dict:
         return {"vector": self.vector.tolist(), "layer": self.layer, "threshold": self.threshold,
                 "side": self.side, "kind": self.kind, "bias": self.bias, "meta": self.meta}
@@ -134,7 +150,7 @@ class Condition(_Logic):
         return cls(torch.tensor(d["vector"]), d["layer"], d["threshold"], d["side"], d["kind"], d["bias"], d["meta"])
 
 
-@dataclass
+@dataclass(repr=False)
 class Rule(_Logic):
     """Conditions combined with ``"and"``, ``"or"`` or ``"not"``.
 
@@ -159,6 +175,16 @@ class Rule(_Logic):
     @property
     def layers(self) -> list[int]:
         return sorted({l for p in self.parts for l in p.layers})
+
+    def _describe(self) -> str:
+        def one(p):
+            if isinstance(p, Rule):
+                return f"({p._describe()})"
+            return f"{p.kind}@L{p.layer} {'>' if p.side == 'above' else '<'} {p.threshold:.3g}"
+        return f"not {one(self.parts[0])}" if self.op == "not" else f" {self.op} ".join(one(p) for p in self.parts)
+
+    def _fields(self):
+        return [("rule", self._describe()), ("layers", self.layers)]
 
     def evaluate(self, hs: dict[int, Tensor]) -> Bool[Tensor, "batch"]:
         vals = [p.evaluate(hs) for p in self.parts]

@@ -41,6 +41,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .capture import _atomic, capture, prompts_hash
+from .display import Rich
+from .progress import bar
 from .interventions import unit
 
 __all__ = ["Direction", "METHODS", "extract", "from_activations", "actadd_vector", "sweep_layers",
@@ -58,8 +60,8 @@ def _version() -> str:
         return "unknown"
 
 
-@dataclass
-class Direction:
+@dataclass(repr=False)
+class Direction(Rich):
     """A direction per layer, with the layer chosen for use and where it came from.
 
     Attributes:
@@ -91,6 +93,28 @@ class Direction:
         if self.layer is not None and not 0 <= self.layer < self.n_layers:
             raise ValueError(f"layer={self.layer} out of range for {self.n_layers} layers.")
         self.meta.setdefault("d_model", self.d_model)
+
+    # -- display ---------------------------------------------------------------------------
+    def _fields(self):
+        m = self.meta
+        f = [("method", self.method), ("layer", self.layer), ("vectors", [self.n_layers, self.d_model])]
+        f += [(k, m[k]) for k in ("model", "site", "positions", "n_pos", "n_neg", "n_pairs", "date", "data_hash")
+              if k in m]
+        if self.layer is not None:
+            f.append(("norm at layer", float(self.vectors[self.layer].norm())))
+        return f
+
+    def _figure(self):
+        if self.n_layers < 2:
+            return None
+        from .plotting import layer_curve
+
+        fig = layer_curve({"norm": self.norms().tolist()}, list(range(self.n_layers)), ylabel="‖v‖",
+                          title=f"{self.method} direction: norm per layer")
+        if self.layer is not None:
+            fig.axes[0].axvline(self.layer, color="grey", ls="--", lw=1, label=f"chosen: layer {self.layer}")
+            fig.axes[0].legend(fontsize=8)
+        return fig
 
     # -- basics ----------------------------------------------------------------------------
     @property
@@ -521,8 +545,8 @@ def actadd_vector(model, positive: str, negative: str, layer: int, site: str = "
 
 
 # -- layer selection -------------------------------------------------------------------------
-@dataclass
-class LayerSweep:
+@dataclass(repr=False)
+class LayerSweep(Rich):
     """Per-layer scores of a direction (rows of dicts) and the best layer, from
     :func:`sweep_layers` (held-out accuracy/AUROC) or :func:`steering_sweep`.
 
@@ -539,6 +563,29 @@ class LayerSweep:
     rows: list[dict]
     best_layer: int
     key: str
+
+    @property
+    def layers(self) -> list[int]:
+        return [r["layer"] for r in self.rows]
+
+    def column(self, key: str) -> list:
+        """One score per layer.
+
+        >>> LayerSweep([{"layer": 0, "auroc": 0.5}, {"layer": 1, "auroc": 0.9}], 1, "auroc").column("auroc")
+        [0.5, 0.9]
+        """
+        return [r[key] for r in self.rows]
+
+    def _fields(self):
+        best = next(r for r in self.rows if r["layer"] == self.best_layer)
+        return [("best layer", self.best_layer), (f"best {self.key}", best[self.key]), ("layers", len(self.rows))]
+
+    def _table(self):
+        cols = list(self.rows[0])
+        return cols, [[r[c] for c in cols] for r in self.rows]
+
+    def _figure(self):
+        return self.plot()
 
     def table(self) -> str:
         """The rows as a fixed-width text table.
@@ -664,6 +711,7 @@ def steering_sweep(
     layers: Sequence[int],
     strengths: Sequence[float],
     positions="all",
+    progress: Optional[bool] = None,
 ) -> LayerSweep:
     """For each (layer, strength): behaviour change ``mean score_fn(steered next-token logits)
     − unsteered`` on ``prompts`` and the side effect, mean next-token KL on ``neutral_prompts``.
@@ -687,12 +735,12 @@ def steering_sweep(
         base = score_fn(s.next_token_logits(prompts)).float()
         neutral = s.next_token_logits(neutral_prompts)
     rows = []
-    for l in layers:
-        for a in strengths:
-            with steer(model, direction, layer=l, strength=a, positions=positions) as s:
-                sc = score_fn(s.next_token_logits(prompts)).float()
-                kl = next_token_kl(neutral, s.next_token_logits(neutral_prompts))
-            rows.append({"layer": int(l), "strength": float(a), "change": float((sc - base).mean()),
-                         "kl": float(kl.mean())})
+    grid = [(l, a) for l in layers for a in strengths]
+    for l, a in bar(grid, desc="steering sweep", enabled=progress):
+        with steer(model, direction, layer=l, strength=a, positions=positions) as s:
+            sc = score_fn(s.next_token_logits(prompts)).float()
+            kl = next_token_kl(neutral, s.next_token_logits(neutral_prompts))
+        rows.append({"layer": int(l), "strength": float(a), "change": float((sc - base).mean()),
+                     "kl": float(kl.mean())})
     best = max(rows, key=lambda r: r["change"] - 10 * r["kl"])
     return LayerSweep(rows, best["layer"], "change")

@@ -34,6 +34,7 @@ import torch
 
 from . import arch
 from ._hf import execution_device, softcap_safe_attention, unwrap_adapters
+from .display import Rich
 
 __all__ = ["Model", "load", "EMBEDDED_MODELS", "TINY_MODELS", "cache_dir"]
 
@@ -83,7 +84,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STEER_CACHE", Path.home() / ".cache" / "steer"))
 
 
-class Model:
+class Model(Rich):
     """A loaded language model: HF module tree, TransformerBridge view, tokenizer, dims.
 
     Attributes
@@ -237,6 +238,18 @@ class Model:
             f"Model({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
             f"n_heads={self.n_heads}, device={self.device}, dtype={self.dtype})"
         )
+
+    def _title(self) -> str:
+        return f"Model {self.name!r}"
+
+    def _fields(self):
+        heads = f"{self.n_heads}" + (f" ({self.n_kv_heads} KV)" if self.n_kv_heads != self.n_heads else "")
+        n = sum(p.numel() for p in self.hf.parameters())
+        return [("family", f"{self.arch.family} ({self.config.model_type})"), ("layers", self.n_layers),
+                ("d_model", self.d_model), ("heads x d_head", f"{heads} x {self.d_head}"), ("d_mlp", self.d_mlp),
+                ("vocabulary", self.d_vocab), ("parameters", f"{n / 1e6:.1f} M"),
+                ("device, dtype", f"{self.device}, {str(self.dtype)[6:]}"),
+                ("patching", "yes" if self.arch.runner else "no")]
 
 
 # ---------------------------------------------------------------------------------------

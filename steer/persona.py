@@ -476,15 +476,16 @@ def monitor(model, trait: Union[str, Trait], direction, layer: Optional[int] = N
             "projection_neg": proj[len(pos):].tolist(), "n": len(proj)}
 
 
-def layer_curve(model, trait: Union[str, Trait], direction, questions: Optional[Sequence[str]] = None) -> dict:
+def layer_curve(model, trait: Union[str, Trait], direction, questions: Optional[Sequence[str]] = None):
     """Per-layer AUROC of the last-prompt-token projection (held-out questions, eliciting vs
-    suppressing system prompts): where the persona is encoded.
+    suppressing system prompts): where the persona is encoded. A :class:`~steer.directions.LayerSweep`.
 
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")
-    >>> len(layer_curve(m, "formal", torch.randn(2, 64))["auroc"])
+    >>> len(layer_curve(m, "formal", torch.randn(2, 64)).column("auroc"))
     2
     """
+    from .directions import LayerSweep
     from .evaluate import auroc
 
     trait = load_trait(trait)
@@ -499,7 +500,7 @@ def layer_curve(model, trait: Union[str, Trait], direction, questions: Optional[
         n = V[l].norm()
         aucs.append(auroc(acts[:, l] @ (V[l] / n), labels) if n > 0 else 0.5)
     best = max(range(len(aucs)), key=aucs.__getitem__)
-    return {"layers": list(range(model.n_layers)), "auroc": aucs, "best_layer": best}
+    return LayerSweep([{"layer": l, "auroc": float(a)} for l, a in enumerate(aucs)], best, "auroc")
 
 
 @torch.no_grad()

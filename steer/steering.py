@@ -37,10 +37,11 @@ from torch import Tensor
 from . import interventions as I
 from . import positions as P
 from .data import Batch, position_ids, tokenize
+from .display import Rich
 from .hooks import CallPositions, StopForward, add_hooks, call_positions
 from .sites import Site, resolve_layers
 
-__all__ = ["Steering", "steer", "prompt_means"]
+__all__ = ["Steering", "steer", "prompt_means", "Generations", "compare"]
 
 _EDITABLE = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 _REGIONS = ("all", "prompt", "generated")
@@ -472,3 +473,56 @@ def prompt_means(model, prompts, layers="all", batch_size: int = 32):
 
     return capture(model, prompts, layers=layers, site="resid_post", positions="all", reduce="mean",
                    include_sink=False, batch_size=batch_size, progress=False).tensor
+
+
+class Generations(Rich):
+    """Generations of the same prompts under several settings, side by side.
+
+    ``columns`` maps a setting's name to one answer per prompt; ``gates`` (optional) the gate each
+    conditional setting applied per prompt. ``Generations[name]`` is that column.
+    """
+
+    def __init__(self, prompts: Sequence, columns: dict[str, list[str]], gates: Optional[dict[str, list]] = None):
+        self.prompts = [str(p) if not isinstance(p, (list, tuple)) else str(p[-1]) for p in prompts]
+        self.columns = dict(columns)
+        self.gates = dict(gates or {})
+        for k, v in self.columns.items():
+            if len(v) != len(self.prompts):
+                raise ValueError(f"Column {k!r} has {len(v)} answers for {len(self.prompts)} prompts.")
+
+    def __getitem__(self, name: str) -> list[str]:
+        return self.columns[name]
+
+    def _fields(self):
+        return [("prompts", len(self.prompts)), ("settings", list(self.columns))]
+
+    def _table(self):
+        def cell(k, i):
+            t = " ".join(self.columns[k][i].split())
+            t = t if len(t) <= 90 else t[:87] + "..."
+            g = self.gates.get(k)
+            return t if g is None else f"[{'on' if g[i] else 'off'}] {t}"
+
+        return ["prompt", *self.columns], [[p, *(cell(k, i) for k in self.columns)] for i, p in enumerate(self.prompts)]
+
+
+def compare(model, prompts: Sequence, settings: dict[str, Optional[Steering]], max_new_tokens: int = 32,
+            **kwargs) -> Generations:
+    """Generate the same prompts under each setting (a :class:`Steering` built but not entered,
+    or ``None`` for the unsteered model), batched per setting; greedy unless ``kwargs`` say otherwise.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> s = steer.steering.steer(m, torch.randn(64), layer=1, strength=8.0)
+    >>> g = compare(m, ["Hi", "Yo"], {"plain": None, "steered": s},
+    ...             max_new_tokens=3)
+    >>> list(g.columns), len(g["steered"])
+    (['plain', 'steered'], 2)
+    """
+    cols, gates = {}, {}
+    for name, s in settings.items():
+        with (s if s is not None else Steering(model)) as active:
+            cols[name] = active.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
+            if s is not None and s.condition is not None and active.last_gate is not None:
+                gates[name] = [bool(g) for g in active.last_gate.tolist()]
+    return Generations(prompts, cols, gates)

@@ -99,7 +99,7 @@ def test_monitor_trace_flag_shapes(tiny):
     r = persona.monitor(tiny, t, v, layer=1)
     assert r["n"] == 2 * len(t.heldout_questions) * len(t.positive) and 0 <= r["auroc"] <= 1
     c = persona.layer_curve(tiny, t, v)
-    assert len(c["auroc"]) == tiny.n_layers
+    assert c.layers == list(range(tiny.n_layers)) and 0 <= min(c.column("auroc")) <= max(c.column("auroc")) <= 1
     tr = persona.trace(tiny, v, 1, ["Hi", "Hello there"], max_new_tokens=4)
     assert tr["projections"].shape == (2, 5) and torch.isfinite(tr["projections"][:, 0]).all()
     f = persona.flag(tiny, v, 1, [("Hi", "Hello!"), ("Yo", "What?")], max_new_tokens=3)

@@ -57,8 +57,8 @@ def run(args) -> int:
            "monitor_auroc": mon["auroc"], "monitor_layer": layer,
            "trait_score_by_strength": scores,
            "steering_monotonic": all(b > a for a, b in zip(vals, vals[1:])),
-           "layer_curve": {"layers": curve["layers"], "auroc": curve["auroc"], "best_layer": curve["best_layer"]},
-           "monitor_auroc_best_layer": max(curve["auroc"])}
+           "layer_curve": {"layers": curve.layers, "auroc": curve.column("auroc"), "best_layer": curve.best_layer},
+           "monitor_auroc_best_layer": max(curve.column("auroc"))}
     if args.answers:
         q = trait.heldout_questions[0]
         out["answers"] = {"question": q, **{str(a): persona.steered_answers(model, vec, layer, [q], a)[0]

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..progress import bar
 from ..sites import Site
 from ._runner import Runner
 from .nodes import NodeSet, node_set
@@ -104,6 +105,7 @@ def activation_patch(
     direction: str = "denoising",
     batch_size: Optional[int] = None,
     layers: Optional[Sequence[int]] = None,
+    progress: Optional[bool] = None,
 ) -> PatchingResult:
     """Patch every node of a kind (one at a time) and return the normalised metric per node.
 
@@ -117,6 +119,7 @@ def activation_patch(
         direction: ``"denoising"`` (clean value into the corrupt run) or ``"noising"``.
         batch_size: rows (variants x prompts) per forward; ``None`` picks one from memory.
         layers: only these layers (others are NaN); default all.
+        progress: a progress bar over the patched runs (default: in a terminal or notebook).
 
     Returns a :class:`PatchingResult` with ``scores: Float[Tensor, "layer *units"]``.
 
@@ -161,7 +164,8 @@ def activation_patch(
     for l in layer_list:
         scores[l] = torch.full((ns.per_layer,), m_base).view(ns.unit_shape)
     with torch.no_grad():
-        for run in _pack(layer_list, active, per_chunk, P, merge=ns.site != "resid_pre"):
+        runs = list(_pack(layer_list, active, per_chunk, P, merge=ns.site != "resid_pre"))
+        for run in bar(runs, desc=f"activation patching {ns.kind}", enabled=progress):
             start = run[0][0]
             ends = torch.tensor([len(idx) for _, idx in run]).cumsum(0).tolist()
             blocks = [slice(e - len(idx), e) for (_, idx), e in zip(run, ends)]  # each layer's rows

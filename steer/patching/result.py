@@ -12,6 +12,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..display import Rich
 from .nodes import NodeSet
 
 __all__ = ["PatchingResult", "pearson", "spearman"]
@@ -52,8 +53,8 @@ def spearman(a, b) -> float:
     return pearson(_rank(a[ok]), _rank(b[ok]))
 
 
-@dataclass
-class PatchingResult:
+@dataclass(repr=False)
+class PatchingResult(Rich):
     """Scores of one method on one node set.
 
     ``scores: Float[Tensor, "layer *units"]`` is the (estimated) normalised metric after
@@ -90,6 +91,31 @@ class PatchingResult:
     seconds: float = 0.0
     forward_equivalents: float = float("nan")
     meta: dict = field(default_factory=dict)
+
+    # -- display ---------------------------------------------------------------------------
+    def _title(self) -> str:
+        return f"PatchingResult: {self.method} ({self.direction}) on {self.nodes.kind}"
+
+    def _fields(self):
+        f = [("nodes", f"{self.nodes.kind} at {self.nodes.site}, {' x '.join(map(str, self.nodes.shape))} "
+                       f"({' x '.join(self.nodes.axes)})"),
+             ("score", "(patched − corrupt) / (clean − corrupt)")]
+        for k in ("task", "metric_clean", "metric_corrupt", "n_prompts"):
+            if k in self.meta:
+                f.append((k, self.meta[k]))
+        f += [("seconds", round(self.seconds, 2)), ("forward equivalents", self.forward_equivalents)]
+        return f
+
+    def _table(self):
+        return ["top nodes (|effect|)", "score", "effect"], [
+            [name, float(self.scores.flatten()[i]), float(self.effects.flatten()[i])]
+            for name, i in zip((self.labels()[j]["name"] for j in self.top_indices(10)), self.top_indices(10))]
+
+    def _figure(self):
+        try:
+            return self.plot()
+        except ValueError:  # (no 2-D view of this node kind)
+            return None
 
     # -- views -----------------------------------------------------------------------------
     @property
@@ -206,9 +232,9 @@ class PatchingResult:
         >>> path = os.path.join(tempfile.mkdtemp(), "resid.png")
         >>> fig = r.plot(path)
         >>> os.path.exists(path), [t.get_text() for t in fig.axes[0].get_xticklabels()]
-        (True, ['When', ' Mary', ' to'])
+        (True, ["'When'_0", "'␣Mary'_1", "'␣to'_2"])
         """
-        import matplotlib.pyplot as plt  # the backend is the user's (headless: Agg)
+        from ..plotting import heatmap, token_labels
 
         eff = self.effects.float()
         axes = list(self.nodes.axes)
@@ -216,21 +242,10 @@ class PatchingResult:
             eff, axes = eff.sum(-1), ["layer", "pos"]
         if eff.ndim != 2:
             raise ValueError(f"Cannot draw a heatmap of {self.nodes.kind} scores with shape {tuple(eff.shape)}.")
-        if ax is None:
-            w = 1.5 + 0.45 * eff.shape[1] if axes[1] == "pos" else 2 + 0.35 * min(eff.shape[1], 40)
-            fig, ax = plt.subplots(figsize=(max(5, w), max(4, 0.22 * eff.shape[0] + 1.5)))
-        else:
-            fig = ax.figure
-        lim = float(torch.nan_to_num(eff.abs(), nan=0).max()) or 1.0
-        im = ax.imshow(eff.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-        ax.set_ylabel("layer")
-        ax.set_xlabel(axes[1])
-        if axes[1] == "pos":
-            ax.set_xticks(range(len(self.tokens)))
-            ax.set_xticklabels([f"{t!r}"[1:-1] for t in self.tokens], rotation=90, fontsize=8)
-        fig.colorbar(im, ax=ax, label="effect (normalised)")
-        ax.set_title(title or f"{self.method} ({self.direction}) - {self.nodes.kind}")
-        fig.tight_layout()
+        fig = heatmap(eff.numpy(), xlabel=axes[1], ax=ax,
+                      xticklabels=token_labels(self.tokens) if axes[1] == "pos" else None,
+                      cbar_label="effect (fraction of clean − corrupt)",
+                      title=title or f"{self.method} ({self.direction}) - {self.nodes.kind}")
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(path, dpi=110)
