@@ -32,7 +32,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/steer demo --out out/demo
 
-test: $(STAMP)
+# the report's browser check drives Debian's chromium (a browser download at test time is impossible here)
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium) || \
+		echo "could not install chromium: tests/test_report.py will fail (set STEER_NO_BROWSER=1 to leave it out)"
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q --doctest-modules steer tests
 
 # without the tests marked slow (the embedded-model checks): for iterating

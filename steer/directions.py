@@ -611,7 +611,7 @@ class LayerSweep(Rich):
         ...                 {"layer": 1, "accuracy": 1.0, "auroc": 1.0}], best_layer=1, key="accuracy")
         >>> fig = s.plot(os.path.join(tempfile.mkdtemp(), "sweep.png"), keys=["auroc"])
         >>> [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-        ['auroc']
+        ['auroc', 'best: layer 1']
         """
         return plot_layer_sweep(self, path, ax, keys)
 
@@ -677,7 +677,7 @@ def plot_layer_sweep(sweep: LayerSweep, path=None, ax=None, keys: Optional[Seque
     >>> path = os.path.join(tempfile.mkdtemp(), "sweep.png")
     >>> fig = plot_layer_sweep(s, path)
     >>> os.path.exists(path), [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    (True, ['accuracy', 'auroc'])
+    (True, ['accuracy', 'auroc', 'best: layer 1'])
     """
     import matplotlib.pyplot as plt  # the backend is the user's (headless: Agg)
 
@@ -688,9 +688,11 @@ def plot_layer_sweep(sweep: LayerSweep, path=None, ax=None, keys: Optional[Seque
     xs = [r["layer"] for r in sweep.rows]
     keys = keys or [k for k in sweep.rows[0] if k not in ("layer", "threshold", "norm")
                     and isinstance(sweep.rows[0][k], (int, float))]
-    for k in keys:
-        ax.plot(xs, [r[k] for r in sweep.rows], marker="o", ms=3, label=k)
-    ax.axvline(sweep.best_layer, color="grey", ls="--", lw=1)
+    from .plotting import PALETTE
+
+    for i, k in enumerate(keys):
+        ax.plot(xs, [r[k] for r in sweep.rows], marker="o", ms=3, label=k, color=PALETTE[i % len(PALETTE)])
+    ax.axvline(sweep.best_layer, color="grey", ls="--", lw=1, label=f"best: layer {sweep.best_layer}")
     ax.set_xlabel("layer")
     ax.set_ylabel("score")
     ax.legend()

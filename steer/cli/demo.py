@@ -10,9 +10,9 @@ from .. import plotting
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="end-to-end tour on the embedded model; figures + summary.json")
+    p = sub.add_parser("demo", help="end-to-end tour on the embedded model; index.html report, figures, summary.json")
     p.add_argument("--model", default=None, help="model name (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", default="out/demo", help="folder for figures and summary.json")
+    p.add_argument("--out", default="out/demo", help="folder for index.html, figures and summary.json")
     p.add_argument("--n", type=int, default=48, help="prompts per group for the separability curve")
     p.set_defaults(func=run)
 
@@ -24,11 +24,14 @@ def _section(title: str) -> None:
 def run(args) -> int:
     import steer
     from steer.directions import sweep_layers
+    from steer.report import Report
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {}
     t_all = time.time()
+    report = Report("steer demo", "What steer does, end to end, on one model. Every figure below was made by this run; "
+                    "every number it quotes is in a table.")
 
     _section("1. load")
     t0 = time.time()
@@ -36,6 +39,9 @@ def run(args) -> int:
     summary["model"] = {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
                         "n_heads": model.n_heads, "load_s": round(time.time() - t0, 1)}
     print(model, f"loaded in {time.time() - t0:.1f} s")
+    sec = report.section("1. The model", "The model every later section runs on, as steer sees it.")
+    sec.parts.append(model._html())
+    sec.table(["step", "seconds"], [["load", summary["model"]["load_s"]]])
 
     _section("2. capture: where do harmful and harmless instructions separate?")
     data = Path(steer.__file__).parent / "datasets"
@@ -54,8 +60,12 @@ def run(args) -> int:
     dt = time.time() - t0
     acc = {label: [r["accuracy"] for r in sep.rows] for label, sep in seps.items()}
     fig = plotting.layer_curve({f"{k} (acc)": v for k, v in acc.items()}, a.layers,
-                               ylabel="held-out accuracy", mark_best="mean over instruction tokens (acc)",
-                               title=f"{model.name}: harmful vs harmless, resid_post")
+                               ylabel="held-out accuracy", title=f"{model.name}: harmful vs harmless, resid_post")
+    ax = fig.axes[0]
+    for i, (label, sep) in enumerate(seps.items()):  # the layer sweep_layers picks, as printed below
+        ax.scatter([sep.best_layer], [acc[label][sep.best_layer]], s=80, zorder=3, color=plotting.PALETTE[i],
+                   edgecolor="k", label=f"best ({label}): layer {sep.best_layer}")
+    ax.legend(fontsize=7)
     png = plotting.save(fig, out / "separability.png")
     print(f"captured resid_post at {len(a.layers)} layers, {len(harmful)} + {len(harmless)} prompts, "
           f"two position choices in {dt:.1f} s -> tensors {tuple(a.tensor.shape)}")
@@ -65,7 +75,20 @@ def run(args) -> int:
         print(f"  {label:30s} held-out accuracy by layer: " + " ".join(f"{x:.2f}" for x in acc[label]))
         print(f"  {'':30s} best layer {sep.best_layer}: accuracy {best['accuracy']:.2f}, AUROC {best['auroc']:.3f}")
         summary["separability"][label] = {"rows": sep.rows, "best_layer": sep.best_layer}
+    print("  (best layer: highest held-out accuracy, ties broken by AUROC)")
     print(f"  figure: {png}")
+    sec = report.section("2. Capture: where harmful and harmless instructions separate",
+                         f"Residual-stream activations of {len(harmful)} harmful and {len(harmless)} harmless "
+                         "instructions, read two ways; a mean-difference direction fitted per layer, scored on "
+                         "held-out prompts. The best layer has the highest held-out accuracy, ties broken by AUROC.")
+    sec.image(png, "held-out accuracy per layer; dots: each read's best layer")
+    labels = list(seps)
+    sec.table(["layer"] + [f"{k}: {c}" for k in labels for c in ("accuracy", "AUROC")],
+              [[l] + [seps[k].rows[j][c] for k in labels for c in ("accuracy", "auroc")] for j, l in enumerate(a.layers)],
+              caption="held-out accuracy and AUROC of the mean-difference direction at each layer")
+    sec.table(["read", "best layer", "accuracy", "AUROC"],
+              [[k, seps[k].best_layer, seps[k].rows[seps[k].best_layer]["accuracy"],
+                seps[k].rows[seps[k].best_layer]["auroc"]] for k in labels])
 
     _section("3. refusal: unsteered vs steered vs conditionally steered (CAST)")
     t0 = time.time()
@@ -77,13 +100,38 @@ def run(args) -> int:
     print(f"  behaviour layer {r['behaviour_layer']}, strength {r['strength']}, condition layer "
           f"{r['condition_layer']}  [{r['layer_sweep_plot']}]  ({time.time() - t0:.0f} s)")
     summary["refusal"] = r
+    sec = report.section("3. Refusal: unsteered, steered, conditionally steered (CAST)",
+                         "Greedy answers of the model alone, with the refusal direction added at every prompt, and "
+                         "with it added only where the CAST condition (read from the prompt) fires.")
+    sec.side_by_side(["prompt", "condition fired", "unsteered", "steered", "conditional"],
+                     [[a["prompt"], "yes" if a["condition_fired"] else "no", a["unsteered"].strip(),
+                       a["steered"].strip(), a["conditional"].strip()] for a in r["answers"].values()])
+    sec.table(["behaviour layer", "strength", "condition layer"],
+              [[r["behaviour_layer"], r["strength"], r["condition_layer"]]])
+    sec.image(r["layer_sweep_plot"], "refusal direction: held-out separation per layer")
+    sec.table(["layer", "accuracy", "AUROC"], [[x["layer"], x["accuracy"], x["auroc"]] for x in r["layer_sweep"]],
+              caption="refusal direction per layer (the figure above)")
 
     _section("4. patching: which heads carry IOI?")
     t0 = time.time()
-    steer.patching.demo_figure(model, out / "ioi_heads.png")
+    task = steer.patching.ioi_task(model, n=2)
+    pr = steer.patching.activation_patch(model, task, "heads")
+    plotting.save(pr.plot(title=f"IOI: patching each head's z (clean→corrupt, n=2, {pr.seconds:.0f}s)"),
+                  out / "ioi_heads.png")
+    top = pr.top_k(10)
     print(f"  activation patching of every head's z, clean->corrupt  [{out / 'ioi_heads.png'}]  "
           f"({time.time() - t0:.0f} s)")
-    summary["patching"] = {"figure": str(out / "ioi_heads.png"), "seconds": round(time.time() - t0, 1)}
+    print("  top heads: " + ", ".join(f"{n.split(':')[1]} {v:+.3f}" for n, v in top[:5]))
+    summary["patching"] = {"figure": str(out / "ioi_heads.png"), "seconds": round(time.time() - t0, 1),
+                           "top_heads": top, "metric_clean": pr.meta["metric_clean"],
+                           "metric_corrupt": pr.meta["metric_corrupt"]}
+    sec = report.section("4. Patching: which heads carry indirect-object identification",
+                         "Each head's output patched from the clean prompt into the corrupted one, all heads of all "
+                         "layers batched; the score is the recovered fraction of the clean − corrupt logit difference.")
+    sec.image(out / "ioi_heads.png", "activation patching score per head (red: restores the clean answer)")
+    sec.table(["head", "score"], [[n.split(":")[1], v] for n, v in top], caption="the 10 heads with the largest |score|")
+    sec.table(["clean logit diff", "corrupt logit diff", "seconds"],
+              [[pr.meta["metric_clean"], pr.meta["metric_corrupt"], pr.seconds]])
 
     _section("5. bias: occupational gender gap before/after debiasing (held-out occupations)")
     t0 = time.time()
@@ -92,6 +140,11 @@ def run(args) -> int:
                            for k, v in b.items() if not isinstance(v, (dict, list))))
     print(f"  ({time.time() - t0:.0f} s)")
     summary["bias"] = b
+    sec = report.section("5. Bias: occupational gender gap before and after debiasing",
+                         "log P(he) − log P(she) after occupation templates, centred on a neutral subject, on held-out "
+                         f"occupations, before and after the {b['method']} edit fitted on the training occupations.")
+    sec.image(b["figure"], "centred gap per occupation, sorted by the share of women in it")
+    sec.table(["measure", "value"], [[k, v] for k, v in b.items() if isinstance(v, float)])
 
     _section("6. persona: one answer steered along a trait vector")
     t0 = time.time()
@@ -101,8 +154,16 @@ def run(args) -> int:
         print(f"  {float(strength):+5.1f}: {text.strip()[:110]!r}")
     print(f"  ({time.time() - t0:.0f} s)")
     summary["persona"] = pz
+    sec = report.section("6. Persona: one answer steered along a trait vector",
+                         f"The {pz['trait']!r} persona vector (layer {pz['layer']}) added with a negative, zero and "
+                         "positive strength to the answer of one question.")
+    sec.side_by_side(["strength", "answer"], [[float(k), v.strip()] for k, v in pz["answers"].items()],
+                     caption=pz["question"])
 
     summary["total_s"] = round(time.time() - t_all, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    report.subtitle += f" Total run time {summary['total_s']} s."
+    page = report.write(out / "index.html")
     _section(f"done in {summary['total_s']} s — figures and summary.json in {out}/")
+    print(f"report: {page.resolve()}")
     return 0
