@@ -114,12 +114,12 @@ class Rich:
             f'<tr><td style="padding: 1px 10px 1px 0; color: #555">{html.escape(k)}</td>'
             f'<td style="padding: 1px 0">{html.escape(fmt(v))}</td></tr>' for k, v in self._fields())
         t = self._table()
-        parts = [f'<div style="{_FONT}; border-left: 3px solid #4c72b0; padding: 4px 10px">',
-                 f'<div style="font-weight: 600; margin-bottom: 2px">{html.escape(self._title())}</div>',
-                 f'<table style="border-collapse: collapse">{fields}</table>' if fields else "",
-                 html_table(*t) if t is not None else "",
-                 png_img(png, self._title()) if png else "", "</div>"]
-        return "".join(parts)
+        text = "".join([f'<div style="font-weight: 600; margin-bottom: 2px">{html.escape(self._title())}</div>',
+                        f'<table style="border-collapse: collapse">{fields}</table>' if fields else "",
+                        html_table(*t) if t is not None else ""])
+        picture = f'<div style="flex: 1 1 360px; max-width: 560px">{png_img(png, self._title())}</div>' if png else ""
+        return (f'<div style="{_FONT}; border-left: 3px solid #0072B2; padding: 4px 10px; display: flex; '
+                f'flex-wrap: wrap; gap: 12px; align-items: flex-start"><div>{text}</div>{picture}</div>')
 
     def _repr_html_(self) -> str:
         return self._html(self._png())

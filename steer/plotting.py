@@ -51,7 +51,7 @@ def heatmap(values, *, ylabel: str = "layer", xlabel: str = "", xticklabels: Opt
     'effect (normalised)'
     """
     v = np.asarray(values, dtype=float)
-    fig, ax = _fig_ax(ax, (max(4.5, 1.5 + 0.4 * min(v.shape[1], 40)), max(3.0, 0.22 * v.shape[0] + 1.5)))
+    fig, ax = _fig_ax(ax, (max(4.5, 1.5 + 0.4 * min(v.shape[1], 40)), max(3.0, 0.16 * v.shape[0] + 1.5)))
     if signed:
         lim = float(np.nanmax(np.abs(v))) if np.isfinite(v).any() else 1.0
         im = ax.imshow(v, cmap=DIVERGING, norm=CenteredNorm(0.0, lim or 1.0), aspect="auto", interpolation="nearest")
