@@ -105,8 +105,8 @@ def main(argv=None) -> dict:
             "steering_monotonic": all(b > a for a, b in zip(vals, vals[1:])),
             "question": q, "answers": answers,
         }
-        print(f"[{time.time() - t0:.0f}s] {name}: monitor AUROC {mon['auroc']:.3f} (best layer {curve['best_layer']} "
-              f"{max(curve['auroc']):.3f}), proj~score r {r_proj:+.2f}, trait score "
+        print(f"[{time.time() - t0:.0f}s] {name}: monitor AUROC {mon['auroc']:.3f} (best layer {curve.best_layer} "
+              f"{max(curve.column('auroc')):.3f}), proj~score r {r_proj:+.2f}, trait score "
               + " ".join(f"{a:+g}:{ts[a]:+.3f}" for a in sorted(strengths)), flush=True)
     res["seconds"] = round(time.time() - t0, 1)
     (out / "results.json").write_text(json.dumps(res, indent=1))

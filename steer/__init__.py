@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 from . import arch, bias, conditions, directions, erasure, evaluate, interventions, patching, persona
 from .arch import UnsupportedModel
-from . import refusal, steering
+from . import display, refusal, report, steering
 from .capture import Activations, capture
 from .conditions import Condition, fit_condition
 from .data import Batch, Raw, load_prompts, tokenize
@@ -30,13 +30,14 @@ from .patching import PatchingResult, PatchTask, activation_patch, atp, atp_star
 from .persona import Trait, load_trait
 from .positions import Last
 from .sites import SITES, Site
-from .steering import Steering, steer
+from .steering import Generations, Steering, compare, steer
 
 __all__ = [
-    "Activations", "Batch", "Condition", "Direction", "Intervention", "Last", "LeaceEraser", "Model",
+    "Activations", "Batch", "Condition", "Direction", "Generations", "Intervention", "Last", "LeaceEraser", "Model",
     "PatchTask", "PatchingResult", "Raw", "SITES", "Site", "Steering", "Trait", "UnsupportedModel", "__version__",
-    "activation_patch", "add_hooks", "arch", "atp", "atp_star", "bias", "capture", "conditions", "directions",
+    "activation_patch", "add_hooks", "arch", "atp", "atp_star", "bias", "capture", "compare", "conditions",
+    "directions", "display",
     "erasing", "erasure", "evaluate", "extract", "fit_condition", "interventions", "ioi_task", "load",
     "load_prompts", "load_trait", "orthogonalize_weights", "orthogonalized", "patching", "persona",
-    "refusal", "relp", "steer", "steering", "sweep_layers", "tokenize",
+    "refusal", "report", "relp", "steer", "steering", "sweep_layers", "tokenize",
 ]

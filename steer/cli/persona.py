@@ -69,7 +69,7 @@ def run(args) -> int:
         Path(args.json_out).write_text(text)
         print(f"written to {args.json_out}", file=sys.stderr)
     print(f"trait {trait.name}: layer {layer}, {out['n_pairs']}/{out['n_pairs_generated']} pairs kept")
-    print(f"monitor AUROC (held-out) {mon['auroc']:.3f}; best layer {curve['best_layer']} "
+    print(f"monitor AUROC (held-out) {mon['auroc']:.3f}; best layer {curve.best_layer} "
           f"AUROC {out['monitor_auroc_best_layer']:.3f}")
     print("trait score by strength: " + ", ".join(f"{a:+g}: {scores[str(a)]:+.3f}" for a in sorted(strengths))
           + ("  (monotonic)" if out["steering_monotonic"] else "  (NOT monotonic)"))
