@@ -242,19 +242,17 @@ def _pad(model, rows: Sequence[Sequence[int]]):
 def _forward(model, rows: Sequence[Sequence[int]], edit: "Optional[Edit]" = None,
              capture_layers: Sequence[int] = (), batch_size: int = 32, last_only: bool = False) -> Iterator[tuple]:
     """Yield ``(indices, log_probs [b, pos, vocab], attention_mask, {layer: resid_post})`` per batch
-    (left padded). ``edit`` is applied to every real position but the first (the attention sink).
+    (left padded). ``edit`` is applied to every real position but the first (the attention sink)
+    by :class:`~steer.steering.Steering`, which reads them from each call's attention mask.
     ``last_only``: log-probs of the last position only (``pos`` = 1; skips the unembedding elsewhere)."""
     for idx in batches(len(rows), batch_size, [len(r) for r in rows]):
         ids, att = _pad(model, [rows[i] for i in idx])
-        edit_mask = att.bool().clone()
-        first = (att.shape[1] - att.sum(-1)).long()
-        edit_mask[torch.arange(len(idx)), first] = False
         grabbed: dict[int, Tensor] = {}
         hooks: dict = {}
         for layer in capture_layers:
             hooks.setdefault(f"resid_post.{layer}", []).append(
                 lambda act, site: grabbed.__setitem__(site.layer, act.detach().float().cpu()))
-        ctx = edit.hooks(model, edit_mask) if edit is not None else nullcontext()
+        ctx = edit.hooks(model) if edit is not None else nullcontext()
         with ctx, add_hooks(model, hooks):
             pos_ids = position_ids(att)
             if last_only:
@@ -815,7 +813,8 @@ class Edit:
 
     ``method``: ``"ablate"`` (``x − s (x·v̂) v̂``), ``"clamp"`` (projection set to ``values[layer]``,
     blended by ``s``) or ``"leace"`` (``x − s · eraser.edit(x)``). ``vectors`` / ``values`` /
-    ``erasers`` are keyed by layer.
+    ``erasers`` are keyed by layer. The fitted parameters of steer's interventions: it runs as
+    :meth:`interventions` under :class:`~steer.steering.Steering`, the one engine for every edit.
 
     >>> import torch
     >>> e = Edit("ablate", [0], vectors={0: torch.tensor([1., 0.])})
@@ -852,25 +851,36 @@ class Edit:
         >>> e.apply(0, x, mask=torch.tensor([[False, True]])).tolist()
         [[[3.0, 4.0], [1.0, 1.0]]]
         """
-        from .interventions import ablate
+        from .interventions import ablate, clamp_toward
 
         if self.method == "ablate":
             return ablate(x, self.vectors[layer], mask, self.strength)
         if self.method == "clamp":
-            v = self.vectors[layer]
-            u = v / v.norm()
-            proj = x @ u.to(x.dtype)
-            target = proj + self.strength * (float(self.values[layer]) - proj)  # blend toward the value
-            out = x + (target - proj)[..., None] * u.to(x.dtype)
-            return out if mask is None else torch.where(mask[..., None], out, x)
+            return clamp_toward(x, self.vectors[layer], self.values[layer], self.strength, mask)
         return self.erasers[layer](x, self.strength, mask)
 
+    def interventions(self) -> list:
+        """The edit as :class:`~steer.interventions.Intervention` s, one per layer.
+
+        >>> [iv.kind for iv in Edit("clamp", [0], vectors={0: torch.ones(2)}, values={0: 1.0}).interventions()]
+        ['clamp']
+        """
+        from .interventions import Intervention
+
+        common = dict(sites="resid_post", strength=self.strength, include_sink=self.include_sink,
+                      meta={"edit": self.name or self.method})
+        if self.method == "ablate":
+            return [Intervention("ablate", self.vectors[l], layers=[l], **common) for l in self.layers]
+        if self.method == "clamp":
+            return [Intervention("clamp", self.vectors[l], layers=[l], target=float(self.values[l]), **common)
+                    for l in self.layers]
+        return [Intervention("map", fn=self.erasers[l], layers=[l], **common) for l in self.layers]
+
     @contextmanager
-    def hooks(self, model, mask: Optional[Tensor] = None) -> Iterator[None]:
-        """Install on ``model`` for a ``with`` block (plain forwards and ``generate``). ``mask``
-        ``[batch, pos]``: where to edit when its shape matches the forward pass; otherwise every
-        real token but each row's first (the attention sink) is edited, read from the attention
-        mask of each call (:func:`steer.erasure.track_sink`).
+    def hooks(self, model) -> Iterator[None]:
+        """Apply on ``model`` for a ``with`` block (plain forwards and ``generate``): every real
+        token but each row's first (the attention sink) is edited, read from each call's
+        attention mask by :class:`~steer.steering.Steering`.
 
         >>> import steer, torch
         >>> m = steer.load("tiny-llama")
@@ -879,18 +889,10 @@ class Edit:
         ...     len(m.generate(["Hi"], max_new_tokens=2))
         1
         """
+        from .steering import Steering
 
-        from .erasure import track_sink
-
-        with track_sink(model, self.include_sink) as st:
-            def fn(act, site):
-                m = mask if mask is not None and mask.shape == act.shape[:2] else st["mask"]
-                if m is not None and m.shape != act.shape[:2]:
-                    m = None
-                return self.apply(site.layer, act, m)
-
-            with add_hooks(model, {f"resid_post.{l}": fn for l in self.layers}):
-                yield
+        with Steering(model, self.interventions()):
+            yield
 
     def describe(self) -> dict:
         """A JSON-ready summary of the edit (the fitted vectors and erasers are left out).
@@ -934,10 +936,14 @@ class Edits:
     def strength(self) -> list[float]:
         return [e.strength for e in self.edits]
 
+    def interventions(self) -> list:
+        """Every edit's interventions, in order."""
+        return [iv for e in self.edits for iv in e.interventions()]
+
     @contextmanager
-    def hooks(self, model, mask: Optional[Tensor] = None) -> Iterator[None]:
-        """Install every edit on ``model`` for a ``with`` block (see :meth:`Edit.hooks`); any
-        function here that takes ``edit=`` accepts an :class:`Edits` too.
+    def hooks(self, model) -> Iterator[None]:
+        """Apply every edit on ``model`` for a ``with`` block, in order (see :meth:`Edit.hooks`);
+        any function here that takes ``edit=`` accepts an :class:`Edits` too.
 
         >>> import steer
         >>> m = steer.load("tiny-llama")
@@ -949,11 +955,9 @@ class Edits:
         >>> bool(edited != base), torch.equal(sequence_logprobs(m, ["The cook said that"], [" he"]), base)
         (True, True)
         """
-        from contextlib import ExitStack
+        from .steering import Steering
 
-        with ExitStack() as stack:
-            for e in self.edits:
-                stack.enter_context(e.hooks(model, mask))
+        with Steering(model, self.interventions()):
             yield
 
     def describe(self) -> dict:

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-__all__ = ["LeaceEraser", "erasing", "track_sink"]
+__all__ = ["LeaceEraser", "erasing"]
 
 
 @dataclass
@@ -185,45 +185,13 @@ class LeaceEraser:
 
 
 @contextmanager
-def track_sink(model, include_sink: bool = False) -> Iterator[dict]:
-    """Record, for every forward call of ``model`` (prefill and each ``generate`` step), which of
-    the current tokens may be edited: real tokens, minus each row's first real token (the
-    attention sink) unless ``include_sink``. Yields a dict whose ``"mask"`` (``[batch, pos]``) is
-    updated before each call's layers run.
-
-    >>> import steer, torch
-    >>> m = steer.load("tiny-llama")
-    >>> with track_sink(m) as st:
-    ...     _ = m.hf(input_ids=torch.tensor([[0, 5, 6]]), attention_mask=torch.tensor([[0, 1, 1]]))
-    >>> st["mask"].tolist()
-    [[False, False, True]]
-    """
-    from .hooks import call_positions
-
-    state: dict = {"mask": None}
-    base = model.base
-
-    def pre(module, args, kwargs):
-        cp = call_positions(args, kwargs)
-        if not cp.padding_known:
-            raise ValueError(f"steer cannot read which tokens are padding from this call's attention mask "
-                             f"({type(kwargs.get('attention_mask')).__name__}): pass a 2-D attention_mask.")
-        state["mask"] = cp.editable(include_sink)
-        return None
-
-    h = base.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        yield state
-    finally:
-        h.remove()
-
-
-@contextmanager
 def erasing(model, erasers: Mapping[int, "LeaceEraser"], strength: float = 1.0, site: str = "resid_post",
             include_sink: bool = False) -> Iterator[None]:
     """Apply fitted erasers ``{layer: eraser}`` at ``site`` for every forward pass in the block —
-    plain forwards, ``model.generate`` and inside a :class:`steer.steering.Steering` (they nest) —
-    leaving each prompt's first real token (the attention sink) alone unless ``include_sink``.
+    plain forwards, ``model.generate`` and inside another :class:`steer.steering.Steering` (they
+    nest) — leaving each prompt's first real token (the attention sink) alone unless
+    ``include_sink``. Each eraser is a ``"map"`` :class:`~steer.interventions.Intervention`; put
+    those in your own ``Steering`` to combine erasure with other edits in one engine.
 
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")
@@ -233,12 +201,10 @@ def erasing(model, erasers: Mapping[int, "LeaceEraser"], strength: float = 1.0, 
     >>> len(out)
     1
     """
-    from .hooks import add_hooks
+    from .interventions import Intervention
+    from .steering import Steering
 
-    with track_sink(model, include_sink) as st:
-        def fn(act, s):
-            m = st["mask"]
-            return erasers[s.layer](act, strength, m if m is not None and m.shape == act.shape[:2] else None)
-
-        with add_hooks(model, {f"{site}.{l}": fn for l in erasers}):
-            yield
+    ivs = [Intervention("map", fn=e, layers=[l], sites=site, strength=strength, include_sink=include_sink)
+           for l, e in erasers.items()]
+    with Steering(model, ivs):
+        yield

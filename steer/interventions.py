@@ -10,6 +10,9 @@ mask are returned bit-for-bit unchanged. :mod:`steer.steering` installs them on 
                        position-aligned injection (see :mod:`steer.steering`)
 :func:`ablate`         ``x ← x − (x·v̂) v̂`` (directional ablation, Arditi et al.)
 :func:`clamp`          ``x ← x + (c − x·v̂) v̂`` (set the projection on ``v̂`` to ``c``)
+:func:`clamp_toward`   ``x·v̂ ← x·v̂ + s (c − x·v̂)`` (move the projection a fraction ``s`` toward ``c``)
+``"map"`` kind         ``x ← f(x, s)`` for a fitted map ``f``: a LEACE eraser (:mod:`steer.erasure`),
+                       a transport map; ``f`` takes the activations and ``[batch, 1, 1]`` strengths
 :func:`orthogonalize_weights`  ``W ← W − v̂ v̂ᵀ W`` for every matrix writing to the residual stream
 =====================  =====================================================================
 
@@ -22,7 +25,7 @@ mask are returned bit-for-bit unchanged. :mod:`steer.steering` installs them on 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from jaxtyping import Bool, Float
@@ -31,10 +34,10 @@ from torch import Tensor
 from ._hf import dense_weight
 
 __all__ = [
-    "Intervention", "add", "ablate", "clamp", "orthogonalize_weights", "orthogonalized", "unit",
+    "Intervention", "add", "ablate", "clamp", "clamp_toward", "orthogonalize_weights", "orthogonalized", "unit",
 ]
 
-KINDS = ("add", "ablate", "clamp")
+KINDS = ("add", "ablate", "clamp", "map")
 
 
 def unit(v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
@@ -120,12 +123,31 @@ def clamp(
     return torch.where(_mask(mask, x) > 0, x + (_strength(value, x) - proj) * u, x)
 
 
+def clamp_toward(
+    x: Float[Tensor, "batch pos d_model"],
+    v: Float[Tensor, "d_model"],
+    value: float,
+    fraction: Union[float, Float[Tensor, "batch"]] = 1.0,
+    mask: Optional[Bool[Tensor, "batch pos"]] = None,
+) -> Float[Tensor, "batch pos d_model"]:
+    """Move the projection ``x·v̂`` a ``fraction`` of the way to ``value`` (1: :func:`clamp`).
+
+    >>> x = torch.tensor([[[3., 4.], [1., 1.]]])
+    >>> clamp_toward(x, torch.tensor([1., 0.]), 1.0, 0.5).tolist()     # 3 → 2, 1 stays 1
+    [[[2.0, 4.0], [1.0, 1.0]]]
+    """
+    u = unit(v.to(device=x.device, dtype=x.dtype))
+    proj = x @ u
+    target = proj + _strength(fraction, x)[..., 0] * (float(value) - proj)
+    return torch.where(_mask(mask, x) > 0, x + (target - proj)[..., None] * u, x)
+
+
 @dataclass
 class Intervention:
     """One edit of the model's activations, installed by :class:`steer.steering.Steering`.
 
     Attributes:
-        kind: ``"add"``, ``"ablate"`` or ``"clamp"``.
+        kind: ``"add"``, ``"ablate"``, ``"clamp"`` or ``"map"``.
         vector: ``[d_model]``, ``[n_layers, d_model]`` (one row per layer, e.g. a
             :class:`~steer.directions.Direction`'s vectors) or, for ``"add"`` only, ``[k, d_model]``
             with ``aligned=True``: row ``j`` is added at the ``j``-th selected prompt token (ActAdd).
@@ -133,9 +155,13 @@ class Intervention:
         sites: site names (``"resid_post"``, ``"resid_pre"``, ``"attn_out"``, ...).
         positions: ``"all"`` (prompt and generated tokens), ``"prompt"``, ``"generated"``, or a
             :mod:`steer.positions` selector applied to the prompt (needs the tokenized batch).
-        strength: scalar or ``[batch]`` (``add``: α; ``ablate``: fraction removed; ``clamp``: value).
+        strength: scalar or ``[batch]`` (``add``: α; ``ablate``: fraction removed; ``clamp``: the
+            value, or with ``target`` the fraction of the way to it; ``map``: passed to ``fn``).
         include_sink: also edit the first real token of each prompt (default: leave it alone).
         aligned: ``add`` only — row ``j`` of ``vector`` goes to the ``j``-th selected token.
+        target: ``clamp`` only — the value to move the projection toward (see :func:`clamp_toward`).
+        fn: ``map`` only — ``fn(x [batch, pos, d], strength [batch, 1, 1]) -> x'`` (a fitted
+            :class:`~steer.erasure.LeaceEraser`, a transport map); ``vector`` stays ``None``.
 
     >>> iv = Intervention("add", torch.ones(64), layers=[1], strength=4.0)
     >>> iv.kind, iv.layers
@@ -143,7 +169,7 @@ class Intervention:
     """
 
     kind: str
-    vector: Tensor
+    vector: Optional[Tensor] = None
     layers: Any = "all"
     sites: Any = ("resid_post",)
     positions: Any = "all"
@@ -151,6 +177,8 @@ class Intervention:
     include_sink: bool = False
     aligned: bool = False
     meta: dict = field(default_factory=dict)
+    target: Optional[float] = None
+    fn: Optional[Callable] = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -159,6 +187,16 @@ class Intervention:
             self.sites = (self.sites,)
         if isinstance(self.layers, int):
             self.layers = [self.layers]
+        if self.target is not None and self.kind != "clamp":
+            raise ValueError("target= is for kind='clamp' (the value the projection moves toward).")
+        if self.kind == "map":
+            if not callable(self.fn) or self.vector is not None:
+                raise ValueError("kind='map' takes fn= (a callable fn(x, strength)) and no vector.")
+            return
+        if self.fn is not None:
+            raise ValueError(f"fn= is for kind='map'; kind={self.kind!r} takes a vector.")
+        if self.vector is None:
+            raise ValueError(f"kind={self.kind!r} needs a vector.")
         self.vector = torch.as_tensor(self.vector).detach()
         if not torch.isfinite(self.vector).all():
             raise ValueError("Intervention vector contains NaN/inf.")

@@ -96,7 +96,7 @@ class Steering:
         for i, iv in enumerate(self.interventions):
             if not isinstance(iv, I.Intervention):
                 raise TypeError(f"Expected an Intervention, got {type(iv).__name__}.")
-            if iv.vector.shape[-1] != m.d_model:
+            if iv.vector is not None and iv.vector.shape[-1] != m.d_model:
                 raise ValueError(
                     f"Intervention {i} has d_model {iv.vector.shape[-1]} but {m.name} has d_model "
                     f"{m.d_model}: the vector was extracted from another model."
@@ -330,9 +330,16 @@ class Steering:
                     f"Steering saw activations {tuple(act.shape[:2])} but the forward call had "
                     f"{tuple(m.shape)} tokens: the model was called in an unsupported way."
                 )
-            v = self._vector(i, iv, site.layer, act)
             m, strength = m.to(act.device), strength.to(act.device)  # layers may sit on other devices
             g = None if gate is None else gate.to(act.device)
+            if iv.kind == "map":  # a fitted map (LEACE, transport): f(x, strength) where the mask allows
+                s = (strength if g is None else strength * g).to(act.dtype)
+                out = torch.where(m[..., None], iv.fn(out, s.view(-1, 1, 1)), out)
+                continue
+            v = self._vector(i, iv, site.layer, act)
+            if iv.kind == "clamp" and iv.target is not None:  # strength: the fraction of the way to target
+                out = I.clamp_toward(out, v, iv.target, strength if g is None else strength * g, m)
+                continue
             if iv.kind == "clamp":
                 # gate decides which rows are clamped; the strength is the target value
                 mm = m if g is None else m & (g != 0)[:, None]

@@ -112,10 +112,10 @@ def test_decision_bias_reference_gap_is_zero(tiny):
 # -- debiasing hooks ----------------------------------------------------------------------------
 def _capture_after_edit(model, edit, rows):
     ids, att = bias._pad(model, rows)
-    mask = att.bool().clone()
+    mask = att.bool().clone()  # what the edit must touch: every real token but each row's first
     mask[torch.arange(len(rows)), att.shape[1] - att.sum(-1)] = False
     seen = {}
-    with edit.hooks(model, mask), add_hooks(model, {f"resid_post.{l}": (lambda a, s: seen.__setitem__(s.layer, a.clone()))
+    with edit.hooks(model), add_hooks(model, {f"resid_post.{l}": (lambda a, s: seen.__setitem__(s.layer, a.clone()))
                                                     for l in range(model.n_layers)}):
         model.hf(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0))
     return seen, mask

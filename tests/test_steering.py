@@ -189,3 +189,57 @@ def test_resid_mid_edit_flows_through_the_residual_stream(tiny):
     real = b.attention_mask.bool()
     torch.testing.assert_close(logits["resid_mid"][real], logits["attn_out"][real], atol=1e-5, rtol=0)
     assert not torch.allclose(logits["resid_mid"][real], base[real], atol=1e-3)
+
+
+# -- one engine for every edit: bias edits and LEACE erasers are Intervention kinds ------------
+def test_bias_edit_is_steering_with_its_interventions(tiny):
+    """An Edit (ablate / clamp toward a value / LEACE) runs as Steering over its interventions:
+    the same logits as applying its math by hand at resid_post, and it composes with a
+    steering vector in one Steering."""
+    from steer import bias
+    from steer.erasure import LeaceEraser
+    from steer.interventions import Intervention
+
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(tiny.d_model, generator=g)
+    er = LeaceEraser.fit(torch.randn(100, tiny.d_model, generator=g), torch.arange(100) % 2)
+    edits = [bias.Edit("ablate", [0], vectors={0: v}, strength=0.5),
+             bias.Edit("clamp", [1], vectors={1: v}, values={1: 1.5}, strength=0.5),
+             bias.Edit("leace", [1], erasers={1: er})]
+    prompts = ["The nurse said that", "Hi"]
+    b = steer.tokenize(tiny, prompts)
+    keep = b.attention_mask.bool().clone()
+    keep[torch.arange(2), b.attention_mask.shape[1] - b.attention_mask.sum(-1)] = False  # not the sink
+    for e in edits:
+        def by_hand(act, site, e=e):
+            return e.apply(site.layer, act, keep)
+        with steer.add_hooks(tiny, {f"resid_post.{l}": by_hand for l in e.layers}):
+            ref = tiny.hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+        with e.hooks(tiny):
+            got = tiny.hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+        assert torch.equal(got, ref), e.method
+    add = Intervention("add", v, layers=[0], strength=3.0)
+    with Steering(tiny, [add] + edits[2].interventions()) as s:
+        both = s.logits(prompts)
+    with Steering(tiny, [add]) as s, edits[2].hooks(tiny):
+        nested = s.logits(prompts)
+    torch.testing.assert_close(both, nested)
+
+
+def test_map_intervention_is_per_example(tiny):
+    """A map's strength (or a CAST gate) is per row: strength 0 leaves that row bit-for-bit alone."""
+    from steer.erasure import LeaceEraser
+    from steer.interventions import Intervention
+
+    er = LeaceEraser.fit(torch.randn(100, tiny.d_model), torch.arange(100) % 2)
+    prompts = ["The nurse said that", "The pilot said that"]
+    with Steering(tiny) as s:
+        plain = s.logits(prompts)
+    iv = Intervention("map", fn=er, layers=[0], strength=torch.tensor([1.0, 0.0]))
+    with Steering(tiny, [iv]) as s:
+        got = s.logits(prompts)
+    assert torch.equal(got[1], plain[1]) and not torch.allclose(got[0], plain[0])
+    with pytest.raises(ValueError, match="fn="):
+        Intervention("map", torch.ones(64))
+    with pytest.raises(ValueError, match="target="):
+        Intervention("add", torch.ones(64), target=1.0)
