@@ -1,0 +1,123 @@
+"""Linear-AcT against mean-difference steering on the embedded SmolLM2-135M-Instruct: inducing
+refusal on harmless prompts, as a Pareto curve of behaviour effect against side effect.
+
+Both are fitted on the same prompts (steer's training prompts, ``--n-fit`` harmful and harmless,
+at the chat template's post-instruction tokens, layer ``--layer``) and applied at every position
+but the attention sink:
+
+* **Linear-AcT** (Rodriguez et al., 2024; :mod:`steer.transport`): per-unit affine maps carrying
+  the harmless activations' quantiles onto the harmful ones', at strength ``λ ∈ [0, 1]``;
+* **mean difference**: ``+α (μ_harmful − μ_harmless)``.
+
+Behaviour effect: the rise of the refusal log-odds of the first answer token (Arditi et al.'s
+refusal score, a likelihood, not sampled text) on held-out harmless prompts. Side effect: mean
+next-token KL on other held-out harmless prompts. At each AcT point the mean-difference effect at
+the same KL is read off its curve (linear interpolation). Writes ``pareto.png`` and
+``results.json`` to ``--out`` (default ``out/transport/``).
+
+    python experiments/transport.py [--out DIR] [--n-fit 64] [--n-eval 24] [--layer 10]
+
+Measured (n-fit 64, n-eval 24, layer 10, CPU fp32): the two curves nearly coincide in effect per
+unit of strength (λ = 1: +0.376; α = 1: +0.376), but AcT pays more KL for it (0.0148 vs 0.0101),
+so at equal KL its effect is below mean difference's (0.86-0.88x at λ = 0.25..1): AcT's claim of a better
+trade-off does not reproduce in this setting. ω averages 0.99 here, so the maps are mostly the
+mean shift; what they add (per-unit rescaling) costs side effect without adding refusal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def run(out="out/transport", n_fit=64, n_eval=24, layer=10, lambdas=(0.25, 0.5, 0.75, 1.0),
+        alphas=(0.25, 0.5, 1.0, 1.5, 2.0), model=None) -> dict:
+    import numpy as np
+    import torch
+
+    import steer
+    from steer import evaluate as E
+    from steer import plotting, refusal
+    from steer.steering import Steering, steer as steer_ctx
+    from steer.transport import fit_linear_act, transport
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    m = model or steer.load()
+    data = refusal.training_data()
+    H, S = data["harmful"], data["harmless"]
+    if len(S) < n_fit + 2 * n_eval:
+        raise ValueError(f"{len(S)} harmless prompts: too few for n_fit={n_fit} + 2 x n_eval={n_eval}.")
+    fit_h, fit_s = H[:n_fit], S[:n_fit]
+    eval_s, neutral = S[-n_eval:], S[-2 * n_eval:-n_eval]  # held out from the fit
+
+    maps = fit_linear_act(m, fit_s, fit_h, layers=[layer], positions="post_instruction", progress=False)
+    a = steer.capture(m, fit_h, layers=[layer], positions="post_instruction", reduce="mean", progress=False)
+    b = steer.capture(m, fit_s, layers=[layer], positions="post_instruction", reduce="mean", progress=False)
+    v = a.tensor[:, 0].mean(0) - b.tensor[:, 0].mean(0)
+
+    base = refusal.refusal_scores(m, eval_s)
+    with Steering(m) as s:
+        neutral_logits = s.next_token_logits(neutral)
+
+    def measure(st):
+        effect = float((refusal.refusal_scores(m, eval_s, st) - base).mean())
+        with st as s:
+            kl = float(E.next_token_kl(neutral_logits, s.next_token_logits(neutral)).mean())
+        return {"effect": effect, "kl": kl}
+
+    act = [{"lambda": lam, **measure(Steering(m, transport(maps, lam)))} for lam in lambdas]
+    md = [{"alpha": al, **measure(steer_ctx(m, v, layer=layer, strength=al))} for al in alphas]
+    kls, effs = np.array([r["kl"] for r in md]), np.array([r["effect"] for r in md])
+    order = np.argsort(kls)
+    for r in act:  # the mean-difference effect at AcT's KL (None outside the measured KL range)
+        inside = kls.min() <= r["kl"] <= kls.max()
+        r["mean_diff_effect_at_same_kl"] = float(np.interp(r["kl"], kls[order], effs[order])) if inside else None
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot([r["kl"] for r in md], [r["effect"] for r in md], marker="o", color=plotting.PALETTE[0], label="mean difference (α)")
+    ax.plot([r["kl"] for r in act], [r["effect"] for r in act], marker="s", color=plotting.PALETTE[1], label="Linear-AcT (λ)")
+    for r in md:
+        ax.annotate(f"{r['alpha']:g}", (r["kl"], r["effect"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    for r in act:
+        ax.annotate(f"{r['lambda']:g}", (r["kl"], r["effect"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("side effect: next-token KL on held-out harmless prompts")
+    ax.set_ylabel("refusal log-odds rise (held-out harmless)")
+    ax.set_title(f"{m.name}: inducing refusal at layer {layer}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    plotting.save(fig, out / "pareto.png")
+    res = {"model": m.name, "layer": layer, "n_fit": n_fit, "n_eval": n_eval, "base_refusal_score": float(base.mean()),
+           "omega_mean": float(maps[0].omega.mean()), "beta_abs_mean": float(maps[0].beta.abs().mean()),
+           "linear_act": act, "mean_difference": md, "figure": str(out / "pareto.png")}
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="out/transport")
+    p.add_argument("--n-fit", type=int, default=64)
+    p.add_argument("--n-eval", type=int, default=24)
+    p.add_argument("--layer", type=int, default=10)
+    a = p.parse_args(argv)
+    res = run(a.out, a.n_fit, a.n_eval, a.layer)
+    for r in res["linear_act"]:
+        same = r["mean_diff_effect_at_same_kl"]
+        print(f"AcT λ={r['lambda']:<4g} effect {r['effect']:+.3f}  KL {r['kl']:.4f}  mean-diff at same KL: "
+              + ("outside its range" if same is None else f"{same:+.3f}"))
+    for r in res["mean_difference"]:
+        print(f"mean-diff α={r['alpha']:<4g} effect {r['effect']:+.3f}  KL {r['kl']:.4f}")
+    print(f"figure: {res['figure']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
