@@ -16,6 +16,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .display import Rich
+
 __all__ = [
     "REFUSAL_SUBSTRINGS", "REFUSAL_TOKENS", "APOLOGY_NOT_REFUSAL", "refusal_substring", "refusal_rate", "refusal_token_ids",
     "refusal_logodds", "next_token_kl", "auroc", "accuracy", "f1", "perplexity", "is_readable",
@@ -225,3 +227,165 @@ def is_readable(text: str, min_words: int = 3) -> bool:
     if letters < 0.5 * len(text.replace(" ", "")):
         return False
     return len(set(w.lower() for w in words)) >= max(2, len(words) // 4)
+
+
+@torch.no_grad()
+def completion_logprob(model, prompts: Sequence, completions: Sequence[str], steering=None,
+                        batch_size: int = 16) -> Float[Tensor, "n"]:
+    """Mean per-token ``log P(completion | chat prompt)`` (optionally under an active Steering).
+
+    >>> import steer
+    >>> completion_logprob(steer.load("tiny-llama"), ["Hi"], ["Hello there!"]).shape
+    torch.Size([1])
+    """
+    from .data import tokenize
+
+    out = torch.zeros(len(prompts))
+    for s in range(0, len(prompts), batch_size):
+        pairs = [(p, c) for p, c in zip(prompts[s:s + batch_size], completions[s:s + batch_size])]
+        if steering is not None:
+            logits = steering.logits(pairs)
+            batch = steering.batch
+        else:
+            batch = tokenize(model, pairs)
+            logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids, use_cache=False).logits
+        lp = logits.float().log_softmax(-1)
+        means = []
+        for j, sp in enumerate(batch.spans):
+            a, b = sp["completion"]
+            if b <= a:
+                raise ValueError(f"Completion {completions[s + j]!r} has no tokens.")
+            tgt = batch.input_ids[j, a:b]
+            means.append(lp[j, a - 1:b - 1].gather(-1, tgt[:, None]).mean())
+        out[s: s + len(means)] = torch.stack(means).cpu()  # one transfer per batch
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# reliable steering evaluation
+# ---------------------------------------------------------------------------------------------
+DEFAULT_HISTORY = (
+    {"role": "user", "content": "Hi! I have a few questions for you today."},
+    {"role": "assistant", "content": "Of course. Ask me anything and I will do my best to help."},
+)
+
+
+def _item_prompts(items: Sequence[dict], history: Sequence[dict], system: Optional[str]) -> list[list[dict]]:
+    out = []
+    for it in items:
+        msgs = [{"role": "system", "content": system}] if system else []
+        out.append(msgs + list(it.get("history", history)) + [{"role": "user", "content": it["question"]}])
+    return out
+
+
+def behaviour_gaps(model, items: Sequence[dict], steering=None, system: Optional[str] = None,
+                   history: Sequence[dict] = DEFAULT_HISTORY) -> Float[Tensor, "item"]:
+    """Per item, mean per-token ``log P(matching) − log P(non-matching)`` answer, after a
+    multi-turn ``history`` (each item's own ``"history"`` if it has one) and optionally a system
+    prompt, under ``steering`` (a :class:`~steer.steering.Steering`, not yet active) if given.
+
+    Items: ``{"question", "trait", "opposite"}`` (a persona trait's ``ab`` items) or
+    ``{"question", "matching", "non_matching"}``.
+
+    >>> import steer
+    >>> it = [{"question": "Hi?", "matching": "Hello!", "non_matching": "Go away."}]
+    >>> behaviour_gaps(steer.load("tiny-llama"), it).shape
+    torch.Size([1])
+    """
+    from .steering import Steering
+
+    if not items:
+        raise ValueError("behaviour_gaps needs at least one item.")
+    match = [it.get("matching", it.get("trait")) for it in items]
+    other = [it.get("non_matching", it.get("opposite")) for it in items]
+    if any(x is None for x in match + other):
+        raise ValueError("Each item needs 'matching' and 'non_matching' answers (or a trait's 'trait'/'opposite').")
+    prompts = _item_prompts(items, history, system)
+    with (steering if steering is not None else Steering(model)) as s:
+        lp = completion_logprob(model, prompts + prompts, match + other, steering=s)
+    n = len(items)
+    return lp[:n] - lp[n:]
+
+
+def _effect(d: Tensor) -> tuple[float, float]:
+    """Mean and standardised (paired Cohen's d_z = mean / sd) effect of per-item differences."""
+    sd = float(d.std()) if len(d) > 1 else float("nan")
+    return float(d.mean()), float(d.mean()) / sd if sd and sd == sd else float("nan")
+
+
+def evaluate_steering(model, items: Sequence[dict], make_steering, strengths: Sequence[float], *,
+                      system_prompt: Optional[str], neutral_prompts: Sequence, unrelated_texts: Sequence[str],
+                      history: Sequence[dict] = DEFAULT_HISTORY, name: str = "") -> "SteeringEvaluation":
+    """Evaluate a steering method as "Towards Reliable Evaluation of Behavior Steering
+    Interventions in LLMs" asks: likelihoods of behaviour-matching vs non-matching answers in a
+    multi-turn context (not only sampled text), a prompting baseline (the same behaviour asked
+    for in ``system_prompt``), effects standardised across items (paired Cohen's d_z), side effects
+    (next-token KL on ``neutral_prompts``, perplexity ratio of ``unrelated_texts``: coherence), over
+    a strength curve. ``make_steering(strength)`` returns a :class:`~steer.steering.Steering`.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> it = [{"question": "Hi?", "matching": "Hello!", "non_matching": "Go away."},
+    ...       {"question": "How are you?", "matching": "Great!", "non_matching": "Bad."}]
+    >>> v = torch.randn(64)
+    >>> ev = evaluate_steering(m, it, lambda a: steer.steer(m, v, layer=1, strength=a), [0.0, 2.0],
+    ...                        system_prompt="Be friendly.", neutral_prompts=["Yo"], unrelated_texts=["The sea is blue."])
+    >>> [r["setting"] for r in ev.rows], ev.rows[0]["effect"]
+    (['steer 0', 'steer 2', 'prompt'], 0.0)
+    """
+    from .steering import Steering
+
+    base = behaviour_gaps(model, items, history=history)
+    with Steering(model) as s:
+        neutral = s.next_token_logits(neutral_prompts)
+    ppl0 = perplexity(model, unrelated_texts)
+
+    def row(setting, gaps, st):
+        eff, d = _effect(gaps - base)
+        with (st if st is not None else Steering(model)) as s:
+            kl = float(next_token_kl(neutral, s.next_token_logits(neutral_prompts)).mean())
+            ppl = perplexity(model, unrelated_texts)
+        return {"setting": setting, "effect": eff, "effect_d": d, "matching_rate": float((gaps > 0).float().mean()),
+                "neutral_kl": kl, "ppl_ratio": ppl / ppl0}
+
+    rows = [row(f"steer {a:g}", behaviour_gaps(model, items, make_steering(a), history=history), make_steering(a))
+            for a in strengths]
+    if system_prompt:  # the prompting baseline: asked for, not steered (no side effect on other prompts)
+        r = row("prompt", behaviour_gaps(model, items, system=system_prompt, history=history), None)
+        rows.append(r)
+    return SteeringEvaluation(name, rows, float(base.mean()), float((base > 0).float().mean()), len(items),
+                              system_prompt)
+
+
+class SteeringEvaluation(Rich):
+    """Rows of :func:`evaluate_steering`: one per strength, then the prompting baseline."""
+
+    def __init__(self, name, rows, base_gap, base_matching_rate, n_items, system_prompt):
+        self.name, self.rows, self.base_gap = name, rows, base_gap
+        self.base_matching_rate, self.n_items, self.system_prompt = base_matching_rate, n_items, system_prompt
+
+    @property
+    def prompt(self) -> Optional[dict]:
+        return next((r for r in self.rows if r["setting"] == "prompt"), None)
+
+    def best(self, max_kl: float = 0.1) -> Optional[dict]:
+        """The steered row with the largest effect whose neutral KL stays within ``max_kl``."""
+        ok = [r for r in self.rows if r["setting"] != "prompt" and r["neutral_kl"] <= max_kl]
+        return max(ok, key=lambda r: r["effect"]) if ok else None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "n_items": self.n_items, "base_gap": self.base_gap,
+                "base_matching_rate": self.base_matching_rate, "system_prompt": self.system_prompt, "rows": self.rows}
+
+    def _title(self) -> str:
+        return f"SteeringEvaluation {self.name}".strip()
+
+    def _fields(self):
+        return [("items", self.n_items), ("unsteered gap (matching − non-matching)", self.base_gap),
+                ("unsteered matching rate", self.base_matching_rate),
+                ("prompting baseline", self.system_prompt or "none (no system prompt given)")]
+
+    def _table(self):
+        cols = ["setting", "effect", "effect_d", "matching_rate", "neutral_kl", "ppl_ratio"]
+        return cols, [[r[c] for c in cols] for r in self.rows]

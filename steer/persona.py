@@ -38,6 +38,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .evaluate import completion_logprob as _completion_logprob
+
 __all__ = [
     "Trait", "load_trait", "list_traits", "generate_pairs", "contrast_scorer", "filter_pairs", "extract",
     "trait_score", "monitor", "layer_curve", "trace", "flag", "steered_answers", "demo",
@@ -245,34 +247,6 @@ def generate_pairs(model, trait: Union[str, Trait], questions: Optional[Sequence
     n = len(items)
     return [{"question": q, "pair": k, "system_pos": trait.positive[k], "system_neg": trait.negative[k],
              "pos": outs[i].strip() or "...", "neg": outs[n + i].strip() or "..."} for i, (q, k) in enumerate(items)]
-
-
-@torch.no_grad()
-def _completion_logprob(model, prompts: Sequence, completions: Sequence[str], steering=None,
-                        batch_size: int = 16) -> Float[Tensor, "n"]:
-    """Mean per-token ``log P(completion | chat prompt)`` (optionally inside a Steering)."""
-    from .data import tokenize
-
-    out = torch.zeros(len(prompts))
-    for s in range(0, len(prompts), batch_size):
-        pairs = [(p, c) for p, c in zip(prompts[s:s + batch_size], completions[s:s + batch_size])]
-        if steering is not None:
-            logits = steering.logits(pairs)
-            batch = steering.batch
-        else:
-            batch = tokenize(model, pairs)
-            logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              position_ids=batch.position_ids, use_cache=False).logits
-        lp = logits.float().log_softmax(-1)
-        means = []
-        for j, sp in enumerate(batch.spans):
-            a, b = sp["completion"]
-            if b <= a:
-                raise ValueError(f"Completion {completions[s + j]!r} has no tokens.")
-            tgt = batch.input_ids[j, a:b]
-            means.append(lp[j, a - 1:b - 1].gather(-1, tgt[:, None]).mean())
-        out[s: s + len(means)] = torch.stack(means).cpu()  # one transfer per batch
-    return out
 
 
 def contrast_scorer(model, trait: Union[str, Trait]) -> Callable[[str, str, int], float]:
