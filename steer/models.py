@@ -125,9 +125,9 @@ class Model(Rich):
         be spread over devices or offloaded by accelerate's ``device_map``, or be quantized.
         Capture, steering, CAST, generation and the patching engine call the model's own modules,
         so they see exactly what its forward computes (the patching runner checks that it
-        reproduces the model's logits). What reads weights instead — weight orthogonalization,
-        the QK fix — refuses adapters, offloaded and quantized weights with an error that says
-        what to do instead.
+        reproduces the model's logits). What reads weights instead — weight orthogonalization —
+        refuses adapters, offloaded and quantized weights with an error that says what to do
+        instead.
 
         steer puts it in eval mode, freezes its parameters and sets the tokenizer to left padding
         (with the EOS token as pad token if it has none). Its family must be one that
