@@ -189,8 +189,9 @@ def f1(pred: Sequence[bool] | Tensor, labels: Sequence[int] | Tensor) -> float:
 
 
 @torch.no_grad()
-def perplexity(model, texts: Sequence[str], batch_size: int = 16) -> float:
-    """Token-level perplexity of raw texts under ``model`` (inside a Steering block: steered).
+def perplexity(model, texts: Sequence[str], batch_size: int = 16, steering=None) -> float:
+    """Token-level perplexity of raw texts under ``model`` (steered inside a Steering block; pass
+    the active ``steering`` when its positions need the tokenized prompts).
 
     >>> import steer
     >>> perplexity(steer.load("tiny-llama"), ["hello world"]) > 1
@@ -202,9 +203,14 @@ def perplexity(model, texts: Sequence[str], batch_size: int = 16) -> float:
         raise ValueError("perplexity got no texts.")
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
-        b = tokenize(model, [Raw(t) for t in texts[i: i + batch_size]])
-        logits = model.hf(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                          position_ids=b.position_ids, use_cache=False).logits.float()
+        chunk = [Raw(t) for t in texts[i: i + batch_size]]
+        if steering is not None:
+            logits = steering.logits(chunk).float()
+            b = steering.batch
+        else:
+            b = tokenize(model, chunk)
+            logits = model.hf(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                              position_ids=b.position_ids, use_cache=False).logits.float()
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b.input_ids[:, 1:, None])[..., 0]
         m = b.attention_mask[:, 1:].bool() & b.attention_mask[:, :-1].bool()
         total += float(-(lp * m).sum())
@@ -345,7 +351,7 @@ def evaluate_steering(model, items: Sequence[dict], make_steering, strengths: Se
         eff, d = _effect(gaps - base)
         with (st if st is not None else Steering(model)) as s:
             kl = float(next_token_kl(neutral, s.next_token_logits(neutral_prompts)).mean())
-            ppl = perplexity(model, unrelated_texts)
+            ppl = perplexity(model, unrelated_texts, steering=s)
         return {"setting": setting, "effect": eff, "effect_d": d, "matching_rate": float((gaps > 0).float().mean()),
                 "neutral_kl": kl, "ppl_ratio": ppl / ppl0}
 

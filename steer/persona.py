@@ -358,10 +358,11 @@ def _vec(direction, layer: Optional[int]) -> tuple[Tensor, int]:
 
 
 def _from_response(batch):
-    """Selector: the last prompt token and every completion token (the response positions)."""
+    """Selector: the last prompt token and every completion token (the response positions); a
+    prompt without a completion has only its last token (where its response would start)."""
     m = torch.zeros_like(batch.input_ids, dtype=torch.bool)
     for i, sp in enumerate(batch.spans):
-        a, b = sp["completion"]
+        a, b = sp.get("completion", (batch.input_ids.shape[1], batch.input_ids.shape[1]))
         m[i, a - 1:b] = True
     return m
 
@@ -540,12 +541,14 @@ def flag(model, direction, layer: Optional[int], dataset: Sequence[tuple], max_n
 # ---------------------------------------------------------------------------------------------
 def demo(model, out_dir: Union[str, Path], trait: str = "optimistic", strength: float = 4.0) -> dict:
     """One steered persona answer for ``steer demo``: extract ``trait`` from a few generated pairs,
-    answer a held-out question unsteered and steered by ``±strength · v``; saves ``persona.json``.
+    answer a held-out question unsteered and steered by ``±strength · v``, and evaluate the
+    steering against asking for the trait in the system prompt
+    (:func:`steer.evaluate.evaluate_steering` on the trait's items); saves ``persona.json``.
 
     >>> import steer, tempfile
     >>> d = demo(steer.load("tiny-llama"), tempfile.mkdtemp())
-    >>> sorted(d)[:2]
-    ['answers', 'layer']
+    >>> sorted(d)[:3], [r["setting"] for r in d["evaluation"]["rows"]]
+    (['answers', 'evaluation', 'layer'], ['steer 2', 'steer 4', 'prompt'])
     """
     t = load_trait(trait)
     pairs = generate_pairs(model, t, t.train_questions[:4], prompt_pairs=[0, 1], max_new_tokens=24)
@@ -553,7 +556,16 @@ def demo(model, out_dir: Union[str, Path], trait: str = "optimistic", strength: 
     layer = vec.layer
     q = t.heldout_questions[0]
     answers = {str(a): steered_answers(model, vec, layer, [q], a, max_new_tokens=32)[0] for a in (-strength, 0.0, strength)}
-    out = {"trait": t.name, "question": q, "layer": layer, "answers": answers}
+    from .bias import load_neutral_text
+    from .evaluate import evaluate_steering
+    from .refusal import training_data
+    from .steering import steer
+
+    ev = evaluate_steering(  # the trait's ab items: steering vs asking for the trait in the system prompt
+        model, t.ab, lambda a: steer(model, vec, layer=layer, strength=a, positions=_from_response),
+        [strength / 2, strength], system_prompt=t.positive[0], neutral_prompts=training_data()["harmless"][-8:],
+        unrelated_texts=load_neutral_text()[:8], name=t.name)
+    out = {"trait": t.name, "question": q, "layer": layer, "answers": answers, "evaluation": ev.to_dict()}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "persona.json").write_text(json.dumps(out, indent=1))
     return out

@@ -152,6 +152,9 @@ def run(args) -> int:
     print(f"  trait {pz['trait']!r}, layer {pz['layer']}: {pz['question']}")
     for strength, text in pz["answers"].items():
         print(f"  {float(strength):+5.1f}: {text.strip()[:110]!r}")
+    for r in pz["evaluation"]["rows"]:
+        print(f"  {r['setting']:>9}: trait-answer effect {r['effect']:+.3f} (d {r['effect_d']:+.2f}), "
+              f"neutral KL {r['neutral_kl']:.4f}")
     print(f"  ({time.time() - t0:.0f} s)")
     summary["persona"] = pz
     sec = report.section("6. Persona: one answer steered along a trait vector",
@@ -159,6 +162,12 @@ def run(args) -> int:
                          "positive strength to the answer of one question.")
     sec.side_by_side(["strength", "answer"], [[float(k), v.strip()] for k, v in pz["answers"].items()],
                      caption=pz["question"])
+    ev = pz["evaluation"]
+    cols = ["setting", "effect", "effect_d", "matching_rate", "neutral_kl", "ppl_ratio"]
+    sec.table(cols, [[r[c] for c in cols] for r in ev["rows"]],
+              caption=f"likelihood of the trait's answers over the opposite ones on {ev['n_items']} items after a "
+                      "two-turn history (effect: change from unsteered; 'prompt': the trait asked for in the system "
+                      "prompt instead of steering; neutral_kl: next-token KL on other prompts)")
 
     summary["total_s"] = round(time.time() - t_all, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
