@@ -172,7 +172,13 @@ def softcap_safe_attention(hf: torch.nn.Module) -> bool:
 
 def unwrap_adapters(hf: torch.nn.Module) -> torch.nn.Module:
     """The ``*ForCausalLM`` under a PEFT ``PeftModel`` (its adapter layers stay injected in that
-    model's modules, so its forward is the adapted one); any other model unchanged."""
+    model's modules, so its forward is the adapted one); any other model unchanged.
+
+    >>> import steer
+    >>> hf = steer.load("tiny-llama").hf
+    >>> unwrap_adapters(hf) is hf
+    True
+    """
     get = getattr(hf, "get_base_model", None)
     return get() if callable(get) and type(hf).__module__.startswith("peft.") else hf
 
@@ -180,7 +186,12 @@ def unwrap_adapters(hf: torch.nn.Module) -> torch.nn.Module:
 def execution_device(hf: torch.nn.Module) -> torch.device:
     """Where a model's forward takes its inputs: its input embedding's device, or the device
     accelerate's hook computes it on when ``device_map`` offloaded it (its weight is then on
-    ``meta``)."""
+    ``meta``).
+
+    >>> import steer
+    >>> execution_device(steer.load("tiny-llama").hf)
+    device(type='cpu')
+    """
     emb = hf.get_input_embeddings()
     hook = getattr(emb, "_hf_hook", None)
     dev = getattr(hook, "execution_device", None)
@@ -212,7 +223,11 @@ def _not_dense(module: torch.nn.Module) -> Optional[str]:
 
 
 def is_dense(module: torch.nn.Module) -> bool:
-    """Whether ``module.weight`` is the whole, materialised floating-point weight of its function."""
+    """Whether ``module.weight`` is the whole, materialised floating-point weight of its function.
+
+    >>> is_dense(torch.nn.Linear(2, 2)), is_dense(torch.nn.ReLU())
+    (True, False)
+    """
     return _not_dense(module) is None
 
 

@@ -679,24 +679,14 @@ def plot_layer_sweep(sweep: LayerSweep, path=None, ax=None, keys: Optional[Seque
     >>> os.path.exists(path), [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     (True, ['accuracy', 'auroc', 'best: layer 1'])
     """
-    import matplotlib.pyplot as plt  # the backend is the user's (headless: Agg)
+    from .plotting import layer_curve
 
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-    else:
-        fig = ax.figure
     xs = [r["layer"] for r in sweep.rows]
     keys = keys or [k for k in sweep.rows[0] if k not in ("layer", "threshold", "norm")
                     and isinstance(sweep.rows[0][k], (int, float))]
-    from .plotting import PALETTE
-
-    for i, k in enumerate(keys):
-        ax.plot(xs, [r[k] for r in sweep.rows], marker="o", ms=3, label=k, color=PALETTE[i % len(PALETTE)])
-    ax.axvline(sweep.best_layer, color="grey", ls="--", lw=1, label=f"best: layer {sweep.best_layer}")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("score")
-    ax.legend()
-    fig.tight_layout()
+    fig = layer_curve({k: [r[k] for r in sweep.rows] for k in keys}, xs, ylabel="score", ax=ax)
+    fig.axes[0].axvline(sweep.best_layer, color="grey", ls="--", lw=1, label=f"best: layer {sweep.best_layer}")
+    fig.axes[0].legend(fontsize=8)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)

@@ -37,7 +37,12 @@ _HEAD = "padding: 2px 8px; text-align: right; border-bottom: 1px solid #888; fon
 
 
 def fmt(v: Any) -> str:
-    """A value as a short string: floats to 4 significant places, long lists elided."""
+    """A value as a short string: floats to 4 decimals (or 4 significant digits when tiny or huge),
+    long lists elided.
+
+    >>> fmt(0.123456), fmt(12345.6), fmt(list(range(10)))
+    ('0.1235', '1.235e+04', '[0, 1, 2, …, 8, 9] (10)')
+    """
     if isinstance(v, float):
         return "nan" if v != v else f"{v:.4g}" if abs(v) >= 1e4 or (v and abs(v) < 1e-3) else f"{v:.4f}"
     if isinstance(v, (list, tuple)) and len(v) > 8:
@@ -48,7 +53,11 @@ def fmt(v: Any) -> str:
 
 
 def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
-    """A plain HTML table (inline styles; first column left-aligned)."""
+    """A plain HTML table (inline styles; first column and text left-aligned).
+
+    >>> html_table(["layer", "score"], [[0, 0.5]]).count("<tr>")
+    2
+    """
     def cell(v, tag, style, i):
         align = "; text-align: left" if i == 0 or not isinstance(v, (int, float)) else ""
         return f'<{tag} style="{style}{align}">{html.escape(fmt(v))}</{tag}>'
@@ -60,7 +69,12 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: st
 
 
 def figure_png(fig, dpi: int = 100) -> bytes:
-    """PNG bytes of a matplotlib figure, which is then closed (so a notebook does not show it twice)."""
+    """PNG bytes of a matplotlib figure, which is then closed (so a notebook does not show it twice).
+
+    >>> import matplotlib.pyplot as plt
+    >>> figure_png(plt.figure())[:4], plt.get_fignums()
+    (b'\\x89PNG', [])
+    """
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()

@@ -347,19 +347,21 @@ def evaluate_steering(model, items: Sequence[dict], make_steering, strengths: Se
         neutral = s.next_token_logits(neutral_prompts)
     ppl0 = perplexity(model, unrelated_texts)
 
-    def row(setting, gaps, st):
+    def row(setting, gaps, kl, ppl_ratio):
         eff, d = _effect(gaps - base)
-        with (st if st is not None else Steering(model)) as s:
+        return {"setting": setting, "effect": eff, "effect_d": d, "matching_rate": float((gaps > 0).float().mean()),
+                "neutral_kl": kl, "ppl_ratio": ppl_ratio}
+
+    rows = []
+    for a in strengths:
+        st = make_steering(a)  # one Steering, entered for the items and again for the side effects
+        gaps = behaviour_gaps(model, items, st, history=history)
+        with st as s:
             kl = float(next_token_kl(neutral, s.next_token_logits(neutral_prompts)).mean())
             ppl = perplexity(model, unrelated_texts, steering=s)
-        return {"setting": setting, "effect": eff, "effect_d": d, "matching_rate": float((gaps > 0).float().mean()),
-                "neutral_kl": kl, "ppl_ratio": ppl / ppl0}
-
-    rows = [row(f"steer {a:g}", behaviour_gaps(model, items, make_steering(a), history=history), make_steering(a))
-            for a in strengths]
-    if system_prompt:  # the prompting baseline: asked for, not steered (no side effect on other prompts)
-        r = row("prompt", behaviour_gaps(model, items, system=system_prompt, history=history), None)
-        rows.append(r)
+        rows.append(row(f"steer {a:g}", gaps, kl, ppl / ppl0))
+    if system_prompt:  # the prompting baseline: the model unsteered, so other prompts are untouched
+        rows.append(row("prompt", behaviour_gaps(model, items, system=system_prompt, history=history), 0.0, 1.0))
     return SteeringEvaluation(name, rows, float(base.mean()), float((base > 0).float().mean()), len(items),
                               system_prompt)
 

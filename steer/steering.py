@@ -482,15 +482,29 @@ def prompt_means(model, prompts, layers="all", batch_size: int = 32):
                    include_sink=False, batch_size=batch_size, progress=False).tensor
 
 
+def _prompt_text(p) -> str:
+    """What a prompt says: the text, a message list's last user turn, a (prompt, completion) pair's prompt."""
+    if isinstance(p, tuple):
+        return _prompt_text(p[0])
+    if isinstance(p, list):
+        users = [m["content"] for m in p if isinstance(m, dict) and m.get("role") == "user"]
+        return users[-1] if users else str(p)
+    return str(p)
+
+
 class Generations(Rich):
     """Generations of the same prompts under several settings, side by side.
 
     ``columns`` maps a setting's name to one answer per prompt; ``gates`` (optional) the gate each
     conditional setting applied per prompt. ``Generations[name]`` is that column.
+
+    >>> g = Generations([[{"role": "user", "content": "Hi"}]], {"plain": ["Hello!"]})
+    >>> g.prompts, g["plain"]
+    (['Hi'], ['Hello!'])
     """
 
     def __init__(self, prompts: Sequence, columns: dict[str, list[str]], gates: Optional[dict[str, list]] = None):
-        self.prompts = [str(p) if not isinstance(p, (list, tuple)) else str(p[-1]) for p in prompts]
+        self.prompts = [_prompt_text(p) for p in prompts]
         self.columns = dict(columns)
         self.gates = dict(gates or {})
         for k, v in self.columns.items():

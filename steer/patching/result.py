@@ -107,9 +107,9 @@ class PatchingResult(Rich):
         return f
 
     def _table(self):
+        labels, scores, effects = self.labels(), self.scores.flatten(), self.effects.flatten()
         return ["top nodes (|effect|)", "score", "effect"], [
-            [name, float(self.scores.flatten()[i]), float(self.effects.flatten()[i])]
-            for name, i in zip((self.labels()[j]["name"] for j in self.top_indices(10)), self.top_indices(10))]
+            [labels[i]["name"], float(scores[i]), float(effects[i])] for i in self.top_indices(10)]
 
     def _figure(self):
         try:
