@@ -72,8 +72,9 @@ def figure_png(fig, dpi: int = 100) -> bytes:
     """PNG bytes of a matplotlib figure, which is then closed (so a notebook does not show it twice).
 
     >>> import matplotlib.pyplot as plt
-    >>> figure_png(plt.figure())[:4], plt.get_fignums()
-    (b'\\x89PNG', [])
+    >>> fig = plt.figure()
+    >>> figure_png(fig)[:4], plt.fignum_exists(fig.number)
+    (b'\\x89PNG', False)
     """
     import matplotlib.pyplot as plt
 
