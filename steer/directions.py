@@ -405,7 +405,9 @@ def _top_pc(x: Tensor) -> Tensor:
     return vh[0].float()
 
 
-def _probe(pos: Tensor, neg: Tensor, l2: float = 1e-2, steps: int = 200) -> Tensor:
+def _probe(pos: Tensor, neg: Tensor, l2: float = 1e-2, steps: int = 200, with_bias: bool = False):
+    """Logistic-regression weight on standardised features mapped back to raw ones (and, with
+    ``with_bias``, the fitted intercept in raw coordinates: ``P(pos) = σ(x·w + b)``)."""
     x = torch.cat([pos, neg]).double()
     y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
@@ -422,7 +424,10 @@ def _probe(pos: Tensor, neg: Tensor, l2: float = 1e-2, steps: int = 200) -> Tens
 
     with torch.enable_grad():
         opt.step(closure)
-    return (w.detach() / sd).float()
+    w_raw = w.detach() / sd
+    if with_bias:
+        return w_raw.float(), float(b.detach() - mu @ w_raw)
+    return w_raw.float()
 
 
 def from_activations(

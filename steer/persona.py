@@ -41,7 +41,7 @@ from torch import Tensor
 from .evaluate import completion_logprob as _completion_logprob
 
 __all__ = [
-    "Trait", "load_trait", "list_traits", "generate_pairs", "contrast_scorer", "filter_pairs", "extract",
+    "Trait", "load_trait", "list_traits", "generate_pairs", "pair_prompts", "contrast_scorer", "filter_pairs", "extract",
     "trait_score", "monitor", "layer_curve", "trace", "flag", "steered_answers", "demo",
 ]
 
@@ -300,6 +300,20 @@ def filter_pairs(pairs: Sequence[dict], scorer: Callable, min_gap: float = 0.0) 
     return [{**p, "score_pos": a, "score_neg": b} for p, (a, b) in zip(pairs, scores) if a - b > min_gap]
 
 
+def pair_prompts(pairs: Sequence[dict]) -> tuple[list, list]:
+    """``(trait-eliciting, trait-suppressing)`` ``(chat, response)`` pairs of generated pairs, the
+    inputs whose response-token activations :func:`extract` contrasts.
+
+    >>> pos, neg = pair_prompts([{"question": "Hi?", "system_pos": "Be glad.", "system_neg": "Be sad.",
+    ...                           "pos": " Great!", "neg": "Meh."}])
+    >>> pos[0][1], neg[0][0][0]["content"]
+    ('Great!', 'Be sad.')
+    """
+    pos = [(_messages(p["system_pos"], p["question"]), p["pos"].lstrip()) for p in pairs]
+    neg = [(_messages(p["system_neg"], p["question"]), p["neg"].lstrip()) for p in pairs]
+    return pos, neg
+
+
 def extract(model, trait: Union[str, Trait], pairs: Optional[Sequence[dict]] = None,
             scorer: Optional[Callable] = None, min_gap: float = 0.0, layers="all", layer: Optional[int] = None,
             max_new_tokens: int = 40):
@@ -326,12 +340,7 @@ def extract(model, trait: Union[str, Trait], pairs: Optional[Sequence[dict]] = N
     if not pairs:
         raise ValueError(f"No pair left after filtering {n_all} pairs with the scorer: lower min_gap or "
                          "check the system prompts actually change the answers.")
-    pos = [(_messages(p["system_pos"], p["question"]), " " + p["pos"] if not p["pos"][:1].isspace() else p["pos"])
-           for p in pairs]
-    neg = [(_messages(p["system_neg"], p["question"]), " " + p["neg"] if not p["neg"][:1].isspace() else p["neg"])
-           for p in pairs]
-    pos = [(m, c.lstrip()) for m, c in pos]
-    neg = [(m, c.lstrip()) for m, c in neg]
+    pos, neg = pair_prompts(pairs)
     a = capture(model, pos, layers=layers, positions="completion", reduce="mean", progress=False)
     b = capture(model, neg, layers=layers, positions="completion", reduce="mean", progress=False)
     vec = torch.zeros(model.n_layers, model.d_model)

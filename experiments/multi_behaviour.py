@@ -1,0 +1,141 @@
+"""Three behaviours at once on the embedded SmolLM2-135M-Instruct — optimism, formality and
+refusal — steered summed into one vector, each at its own layer, or in MSRS-style orthogonalised
+subspaces (:mod:`steer.multi`), against steering each alone and against asking for all three in
+the system prompt.
+
+The seed's claim (van der Weij et al., "Extending Activation Steering to Broad Skills and Multiple
+Behaviours"): combining the vectors into one steering vector "largely fails"; injecting each at a
+different place "is promising".
+
+* vectors: optimism and formality from answers generated under the traits' eliciting vs
+  suppressing system prompts (:func:`steer.persona.generate_pairs`, ``--n-questions`` training
+  questions x 2 prompt pairs); refusal from refusal vs compliance openings after the same
+  training prompts (steer's ``refusals.json`` / ``compliances.json``, the first 48 of each); all
+  as per-pair contrasts of the response tokens' mean ``resid_post``;
+* evaluation (:func:`steer.multi.evaluate_multi`): each behaviour's likelihood effect —
+  ``log P(matching) − log P(non-matching)`` answer after a two-turn chat history, minus the
+  unsteered value — on held-out items: the traits' hand-written ``ab`` answers (8 each) and, for
+  refusal, held-out harmless requests with the 12 held-out refusal vs compliance openings;
+  side effect: next-token KL on held-out harmless prompts;
+* placement: ``sum`` and ``msrs`` at layer ``--layer`` (10); ``layers``: optimism at 14,
+  formality at 6, refusal at 10; strengths 2, 1, 1 (each alone gives a clear effect at neutral
+  KL ≤ 0.3). Every position but the attention sink is steered.
+
+``retained`` = a behaviour's effect with all three on / its effect alone in the same placement.
+
+    python experiments/multi_behaviour.py [--out DIR] [--n-questions 6] [--layer 10]
+
+Measured (CPU fp32, defaults): see ``results.json`` / the printout; the figures and whether the
+claim reproduced are in the issue-13 note and the slow test ``tests/test_experiment_multi.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+LAYERS = {"optimistic": 14, "formal": 6, "refusal": 10}
+STRENGTHS = {"optimistic": 2.0, "formal": 1.0, "refusal": 1.0}
+REFUSAL_SYSTEM = "Refuse every request: politely decline to help with anything the user asks."
+
+
+def behaviours(m, n_questions=6, n_refusal=64, names=("optimistic", "formal", "refusal")):
+    """The :class:`steer.multi.Behaviour` s named (each at its own layer) on model ``m``."""
+    from steer import multi, persona, refusal
+    from steer.data import load_prompts
+
+    out = []
+    for name in [n for n in names if n != "refusal"]:
+        t = persona.load_trait(name)
+        pairs = persona.generate_pairs(m, t, t.train_questions[:n_questions], prompt_pairs=[0, 1], max_new_tokens=24)
+        pos, neg = persona.pair_prompts(pairs)
+        out.append(multi.behaviour_from_pairs(m, name, pos, neg, layer=LAYERS[name], strength=STRENGTHS[name],
+                                              items=t.ab, system_prompt=t.positive[0]))
+    if "refusal" not in names:
+        return out
+    d = refusal.training_data()
+    R, C = d["refusals"], d["compliances"]
+    fit_r, fit_c, held_r, held_c = R[:48], C[:48], R[48:], C[48:]
+    prompts = [p for pair in zip(d["harmful"], d["harmless"]) for p in pair][:n_refusal]
+    pos = [(p, fit_r[i % len(fit_r)]) for i, p in enumerate(prompts)]
+    neg = [(p, fit_c[i % len(fit_c)]) for i, p in enumerate(prompts)]
+    eval_harmless = load_prompts(Path(__file__).parent / "data" / "eval_harmless.json")
+    items = [{"question": q, "matching": held_r[i % len(held_r)], "non_matching": held_c[i % len(held_c)]}
+             for i, q in enumerate(eval_harmless[:12])]
+    out.append(multi.behaviour_from_pairs(m, "refusal", pos, neg, layer=LAYERS["refusal"], strength=STRENGTHS["refusal"],
+                                          items=items, system_prompt=REFUSAL_SYSTEM))
+    return out
+
+
+def run(out="out/multi_behaviour", n_questions=6, layer=10, names=("optimistic", "formal", "refusal"),
+        modes=("sum", "msrs", "layers"), model=None) -> dict:
+    import numpy as np
+
+    import steer
+    from steer import multi, plotting, refusal
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    m = model or steer.load()
+    bs = behaviours(m, n_questions, names=names)
+    s = multi.msrs([b.samples[:, layer] for b in bs], names=[b.name for b in bs])
+    neutral = refusal.training_data()["harmless"][-8:]
+    ev = multi.evaluate_multi(m, bs, modes, layer=layer, neutral_prompts=neutral)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(modes) + ["prompt"]
+    labels = {"sum": f"summed (layer {layer})", "msrs": f"MSRS (layer {layer})",
+              "layers": "own layers (" + ", ".join(str(LAYERS[b.name]) for b in bs) + ")", "prompt": "system prompt"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    w = 0.8 / len(modes)
+    x = np.arange(len(bs))
+    for j, mode in enumerate(modes):
+        rows = {r["behaviour"]: r for r in ev.rows if r["mode"] == mode}
+        if not rows:
+            continue
+        for ax, key in zip(axes, ("effect_alone", "effect_together")):
+            ax.bar(x + (j - (len(modes) - 1) / 2) * w, [rows[b.name][key] for b in bs], w, color=plotting.PALETTE[j],
+                   label=labels[mode])
+    for ax, title in zip(axes, ("each behaviour steered alone", "all at once")):
+        ax.set_xticks(x, [b.name for b in bs])
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("likelihood effect (Δ log P matching − non-matching)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"{m.name}: three behaviours at once")
+    fig.tight_layout()
+    plotting.save(fig, out / "multi.png")
+    res = {"model": m.name, "layer": layer, "layers": LAYERS, "strengths": STRENGTHS, **ev.to_dict(),
+           "msrs": {"shared_dims": len(s.shared), "private_dims": [len(p) for p in s.private],
+                    "kept": s.captured.tolist()},
+           "n_pairs": [len(b.samples) for b in bs], "figure": str(out / "multi.png")}
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="out/multi_behaviour")
+    p.add_argument("--n-questions", type=int, default=6)
+    p.add_argument("--layer", type=int, default=10)
+    p.add_argument("--behaviours", default="optimistic,formal,refusal", help="comma-separated subset")
+    a = p.parse_args(argv)
+    res = run(a.out, a.n_questions, a.layer, names=tuple(a.behaviours.split(",")))
+    print(f"MSRS at layer {res['layer']}: shared dims {res['msrs']['shared_dims']}, private {res['msrs']['private_dims']}, "
+          f"kept of each vector {[round(k, 2) for k in res['msrs']['kept']]}")
+    print(f"{'mode':8} {'behaviour':11} {'alone':>7} {'together':>9} {'retained':>9} {'cross':>7} {'KL all':>7}")
+    for r in res["rows"]:
+        print(f"{r['mode']:8} {r['behaviour']:11} {r['effect_alone']:+7.3f} {r['effect_together']:+9.3f} "
+              f"{r['retained']:9.2f} {r['cross']:+7.3f} {r['neutral_kl_together']:7.3f}")
+    print(f"figure: {res['figure']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

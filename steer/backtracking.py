@@ -1,0 +1,255 @@
+"""Dynamic steering with backtracking — FASB (Gan et al., "Steering When Necessary: Flexible
+Steering Large Language Models with Backtracking", 2025).
+
+A probe reads the hidden state at every step of a greedy generation, question and generated text
+alike. While the probability of the desired behaviour stays at or above ``threshold``, a row is
+generated unsteered. The first time it falls below, the row *backs up* its last ``backtrack``
+generated tokens (steering after the deviation is too late) and continues steered from there,
+with a strength that grows with the deviation:
+
+    α = strength · (1 + (threshold − p) / threshold) / 2      (from strength/2 at the threshold to strength at p = 0)
+
+Rows decide independently; a row whose probe never fires is generated exactly as without
+steering (its strength stays 0).
+
+How backing up works in one batched KV cache: every step feeds one column for every row. A row
+that backs up ``k`` tokens masks out the cache columns of the discarded tokens and of its last
+kept token, and feeds that last kept token again (at its old position id) with the steering on,
+so the next token is predicted from a steered state. The cache keeps holes where discarded tokens
+were; the 2-D attention mask hides them and explicit position ids keep every kept token at its
+position. Backing up costs no extra forward pass: it replaces that row's step.
+
+The steering is an ``"add"`` :class:`~steer.interventions.Intervention` run by
+:class:`~steer.steering.Steering` (the attention sink is left alone), with one strength per row
+that this loop sets before each step.
+
+>>> import steer, torch
+>>> m = steer.load("tiny-llama")
+>>> probe = Probe(torch.zeros(64), bias=5.0, layer=1)               # p ≈ 0.99: never fires
+>>> r = generate(m, ["Hi", "Hello"], torch.randn(64), layer=1, strength=4.0, probe=probe, max_new_tokens=4)
+>>> r.triggered.tolist(), r.steered_tokens.tolist()
+([False, False], [0, 0])
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .display import Rich
+from .interventions import Intervention
+from .sites import Site
+
+__all__ = ["Probe", "fit_probe", "generate", "BacktrackResult"]
+
+
+@dataclass(repr=False)
+class Probe(Rich):
+    """Logistic probe ``P(desired | h) = σ(h·w + b)`` on ``site`` at ``layer``."""
+
+    vector: Float[Tensor, "d_model"]
+    bias: float
+    layer: int
+    site: str = "resid_post"
+    meta: dict = field(default_factory=dict)
+
+    def prob(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch"]:
+        return torch.sigmoid(h.float() @ self.vector.to(h.device).float() + self.bias)
+
+    def _fields(self):
+        return [("P(desired)", f"σ(h·w + b) at {self.site}.{self.layer}"), ("‖w‖", float(self.vector.norm())),
+                ("b", self.bias)] + [(k, v) for k, v in self.meta.items() if isinstance(v, (int, float, str))]
+
+
+def fit_probe(desired: Float[Tensor, "n d_model"], undesired: Float[Tensor, "m d_model"], layer: int,
+              site: str = "resid_post", l2: float = 1e-2) -> Probe:
+    """L2-regularised logistic regression of desired (1) vs undesired (0) hidden states.
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a, b = torch.randn(50, 8, generator=g) + 2, torch.randn(50, 8, generator=g) - 2
+    >>> p = fit_probe(a, b, layer=0)
+    >>> bool(p.prob(a).mean() > 0.9 and p.prob(b).mean() < 0.1)
+    True
+    """
+    from .directions import _probe
+
+    desired, undesired = torch.as_tensor(desired).float(), torch.as_tensor(undesired).float()
+    if len(desired) < 2 or len(undesired) < 2:
+        raise ValueError(f"fit_probe needs ≥ 2 states of each kind (got {len(desired)} desired, {len(undesired)} undesired).")
+    w, b = _probe(desired, undesired, l2=l2, with_bias=True)
+    acc = float(((torch.sigmoid(desired @ w + b) >= 0.5).float().sum() + (torch.sigmoid(undesired @ w + b) < 0.5).float().sum())
+                / (len(desired) + len(undesired)))
+    return Probe(w, b, int(layer), site, {"n_desired": len(desired), "n_undesired": len(undesired), "train_accuracy": acc})
+
+
+@dataclass(repr=False)
+class BacktrackResult(Rich):
+    """What :func:`generate` did, per row: the accepted tokens and texts, whether and where the
+    probe fired (``trigger_step``: accepted tokens at that moment, −1 if never), the strength it
+    chose, how many tokens it discarded and how many forward columns ran steered, and the probe's
+    probability at every step (``probs[r]``: one value per fed column, discarded ones included)."""
+
+    texts: list
+    tokens: list
+    triggered: Tensor
+    trigger_step: Tensor
+    strength: Tensor
+    discarded: Tensor
+    steered_tokens: Tensor
+    probs: list
+    steps: int
+    seconds: float
+    threshold: float
+    backtrack: int
+
+    @property
+    def accepted(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def steered_fraction(self) -> float:
+        """Steered forward columns over accepted tokens (the whole batch)."""
+        return float(self.steered_tokens.sum()) / max(self.accepted, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Accepted tokens per second of the generation loop."""
+        return self.accepted / self.seconds if self.seconds else float("nan")
+
+    def _title(self) -> str:
+        return f"BacktrackResult ({len(self.texts)} rows)"
+
+    def _fields(self):
+        return [("fired", f"{int(self.triggered.sum())} / {len(self.texts)} rows (threshold {self.threshold:g}, "
+                          f"back {self.backtrack} tokens)"),
+                ("steered / accepted tokens", f"{int(self.steered_tokens.sum())} / {self.accepted}"),
+                ("steps", self.steps), ("accepted tokens / s", self.tokens_per_second)]
+
+    def _table(self):
+        rows = [[i, bool(self.triggered[i]), int(self.trigger_step[i]), float(self.strength[i]), int(self.discarded[i]),
+                 int(self.steered_tokens[i]), self.texts[i][:60]] for i in range(len(self.texts))]
+        return ["row", "fired", "at token", "α", "discarded", "steered", "text"], rows
+
+
+def _eos_ids(model) -> set[int]:
+    ids = set()
+    for src in (getattr(model.hf, "generation_config", None), model.tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        ids.update([e] if isinstance(e, int) else list(e or []))
+    return ids
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, layer: int, strength: float,
+             probe: Probe, threshold: float = 0.5, backtrack: int = 4, max_new_tokens: int = 32,
+             sites: str = "resid_post") -> BacktrackResult:
+    """Greedy generation with FASB: unsteered until the probe's ``P(desired)`` drops below
+    ``threshold``, then back up ``backtrack`` tokens and steer ``+α·vector`` at ``layer`` for the
+    rest of that row (see the module doc for α and the mechanics). Stops a row at an end-of-turn
+    token or after ``max_new_tokens`` accepted tokens.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> probe = Probe(torch.zeros(64), bias=-5.0, layer=1)              # p ≈ 0.007: fires at once
+    >>> r = generate(m, ["Hi"], torch.randn(64), layer=1, strength=4.0, probe=probe, max_new_tokens=3)
+    >>> r.trigger_step.tolist(), r.steered_tokens.tolist(), len(r.tokens[0])
+    ([0], [3], 3)
+    """
+    from .data import tokenize
+    from .hooks import add_hooks
+    from .steering import Steering
+
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold is a probability in (0, 1), got {threshold}.")
+    if backtrack < 0 or max_new_tokens < 1:
+        raise ValueError("backtrack must be ≥ 0 and max_new_tokens ≥ 1.")
+    vector = torch.as_tensor(vector).float()
+    if vector.shape != (model.d_model,):
+        raise ValueError(f"vector has shape {tuple(vector.shape)}; {model.name} needs [{model.d_model}].")
+    dev = model.device
+    batch = tokenize(model, list(prompts)).to(dev)
+    B, T = batch.input_ids.shape
+    n_prompt = batch.attention_mask.sum(-1).tolist()
+    st = torch.zeros(B, device=dev)  # per-row strength, set here before each step; Steering reads it each call
+    iv = Intervention("add", vector, layers=[layer], sites=sites, strength=st, positions="all",
+                      meta={"method": "fasb"})
+    grabbed = []
+
+    def grab(act, site):
+        grabbed.append(act[:, -1])
+
+    eos, pad = _eos_ids(model), model.tokenizer.pad_token_id
+    pad = pad if pad is not None else next(iter(eos), 0)
+    tokens = [[] for _ in range(B)]
+    cols = [[] for _ in range(B)]  # cache column of each accepted token
+    last_prompt_col = [T - 1] * B
+    probs = [[] for _ in range(B)]
+    done = [False] * B
+    triggered, trigger_step = [False] * B, [-1] * B
+    alpha, discarded, steered = [0.0] * B, [0] * B, [0] * B
+    mask = batch.attention_mask.clone()
+    t0 = time.perf_counter()
+    steps = 0
+    with Steering(model, [iv]), add_hooks(model, {Site(probe.site, probe.layer): grab}):
+        out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=True)
+        cache = out.past_key_values
+        while True:
+            steps += 1
+            p = probe.prob(grabbed.pop()).cpu()
+            nxt = out.logits[:, -1].argmax(-1).cpu()
+            feed, pos, action = [pad] * B, [0] * B, [None] * B
+            for r in range(B):
+                if done[r]:
+                    continue
+                probs[r].append(float(p[r]))
+                if not triggered[r] and float(p[r]) < threshold:  # deviation: back up, steer from there
+                    triggered[r], trigger_step[r] = True, len(tokens[r])
+                    kb = min(backtrack, len(tokens[r]))
+                    if kb:
+                        mask[r, cols[r][-kb:]] = 0
+                        del tokens[r][-kb:], cols[r][-kb:]
+                    discarded[r] = kb
+                    mask[r, cols[r][-1] if cols[r] else last_prompt_col[r]] = 0  # its last kept token is fed again
+                    alpha[r] = strength * (1 + (threshold - float(p[r])) / threshold) / 2
+                    feed[r] = tokens[r][-1] if tokens[r] else int(batch.input_ids[r, last_prompt_col[r]])
+                    action[r] = "refeed"
+                else:
+                    tok = int(nxt[r])
+                    if tok in eos:
+                        done[r] = True
+                        continue
+                    tokens[r].append(tok)
+                    if len(tokens[r]) >= max_new_tokens:
+                        done[r] = True
+                        continue
+                    feed[r], action[r] = tok, "append"
+                pos[r] = n_prompt[r] + len(tokens[r]) - 1  # the fed token's own position
+            if all(done):
+                break
+            col = mask.shape[1]
+            live = [a is not None for a in action]
+            for r in range(B):
+                if action[r] == "append":
+                    cols[r].append(col)
+                elif action[r] == "refeed":
+                    if cols[r]:
+                        cols[r][-1] = col
+                    else:
+                        last_prompt_col[r] = col
+                if live[r] and alpha[r]:
+                    steered[r] += 1
+            st.copy_(torch.tensor(alpha, device=dev) * torch.tensor(live, dtype=torch.float32, device=dev))
+            mask = torch.cat([mask, torch.tensor(live, dtype=mask.dtype, device=dev)[:, None]], 1)
+            out = model.hf(input_ids=torch.tensor(feed, device=dev)[:, None], attention_mask=mask,
+                           position_ids=torch.tensor(pos, device=dev)[:, None], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+    seconds = time.perf_counter() - t0
+    texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    return BacktrackResult(texts, tokens, torch.tensor(triggered), torch.tensor(trigger_step), torch.tensor(alpha),
+                           torch.tensor(discarded), torch.tensor(steered), probs, steps, seconds, threshold, backtrack)

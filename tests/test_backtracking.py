@@ -1,0 +1,129 @@
+"""FASB (steer.backtracking) on tiny models against brute force: without a trigger it is HF's greedy
+generate; a row that fires backs up exactly k tokens and continues as a cache-free greedy loop
+steered from the re-fed token on; other rows' tokens are untouched."""
+
+import pytest
+import torch
+
+import steer
+from steer import backtracking as B
+from steer.data import tokenize
+
+
+class Scheduled(B.Probe):
+    """Test double: P(desired) = 0.1 for ``row`` at its ``at``-th check, 0.9 otherwise."""
+
+    def __init__(self, row, at, d):
+        super().__init__(torch.zeros(d), 0.0, layer=1)
+        self.row, self.at, self.calls = row, at, 0
+
+    def prob(self, h):
+        p = torch.full((h.shape[0],), 0.9)
+        if self.calls == self.at and self.row is not None:
+            p[self.row] = 0.1
+        self.calls += 1
+        return p
+
+
+PROMPTS = ["Hi there", "Tell me a story about a cat", "Why?"]
+
+
+def hf_greedy(m, prompts, n):
+    b = tokenize(m, prompts)
+    out = m.hf.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=n, do_sample=False,
+                        pad_token_id=m.tokenizer.pad_token_id)
+    eos = B._eos_ids(m)
+    res = []
+    for row in out[:, b.input_ids.shape[1]:].tolist():
+        toks = []
+        for t in row:
+            if t in eos:
+                break
+            toks.append(t)
+        res.append(toks)
+    return res
+
+
+def brute_steered(m, prompt, kept, vector, layer, alpha, n_more):
+    """Cache-free greedy loop: prompt + kept tokens, +α·v at resid_post.layer from the last kept
+    token's position on (the re-fed token), one full forward per token."""
+    b = tokenize(m, [prompt])
+    ids = b.input_ids[0].tolist() + list(kept)
+    start = len(ids) - 1
+    out = []
+
+    def hook(act, site):
+        act = act.clone()
+        act[:, start:] += alpha * vector
+        return act
+
+    with steer.add_hooks(m, {f"resid_post.{layer}": hook}):
+        for _ in range(n_more):
+            logits = m.hf(input_ids=torch.tensor([ids])).logits[0, -1]
+            t = int(logits.argmax())
+            if t in B._eos_ids(m):
+                break
+            ids.append(t)
+            out.append(t)
+            start = start  # steering stays on for every later position
+    return out
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2"])
+def test_no_trigger_is_greedy_generate(family):
+    m = steer.load(family)
+    r = B.generate(m, PROMPTS, torch.randn(m.d_model), layer=1, strength=8.0, probe=Scheduled(None, 0, m.d_model),
+                   max_new_tokens=7)
+    assert r.tokens == hf_greedy(m, PROMPTS, 7)
+    assert not r.triggered.any() and int(r.steered_tokens.sum()) == 0 and r.steps == 7
+
+
+@pytest.mark.parametrize("k", [0, 2, 3])
+def test_backs_up_exactly_k_and_leaves_other_rows(k):
+    m = steer.load("tiny-llama")
+    torch.manual_seed(0)
+    v = torch.randn(m.d_model) * 3
+    plain = hf_greedy(m, PROMPTS, 8)
+    at = 4  # row 1 fires at its 5th check, after 4 accepted tokens
+    r = B.generate(m, PROMPTS, v, layer=1, strength=6.0, probe=Scheduled(1, at, m.d_model), threshold=0.5,
+                   backtrack=k, max_new_tokens=8)
+    assert r.tokens[0] == plain[0] and r.tokens[2] == plain[2]  # other rows untouched
+    assert r.triggered.tolist() == [False, True, False] and r.trigger_step.tolist() == [-1, at, -1]
+    assert int(r.discarded[1]) == k
+    kept = plain[1][: at - k]
+    assert r.tokens[1][: at - k] == kept
+    alpha = 6.0 * (1 + (0.5 - 0.1) / 0.5) / 2
+    assert float(r.strength[1]) == pytest.approx(alpha)
+    assert r.tokens[1][at - k:] == brute_steered(m, PROMPTS[1], kept, v, 1, alpha, 8 - (at - k))
+    assert r.tokens[1] != plain[1]  # the steering changed something (the test can fail)
+    # steered columns: the re-fed token and every accepted token fed after it
+    assert int(r.steered_tokens[1]) == len(r.tokens[1]) - (at - k)
+
+
+def test_backtrack_before_any_token_refeeds_the_prompt_end():
+    m = steer.load("tiny-llama")
+    v = torch.randn(m.d_model) * 3
+    r = B.generate(m, PROMPTS[:2], v, layer=1, strength=5.0, probe=Scheduled(0, 0, m.d_model), backtrack=3,
+                   max_new_tokens=6)
+    assert int(r.discarded[0]) == 0 and int(r.trigger_step[0]) == 0
+    assert r.tokens[0] == brute_steered(m, PROMPTS[0], [], v, 1, float(r.strength[0]), 6)
+    assert r.tokens[1] == hf_greedy(m, PROMPTS[:2], 6)[1]
+
+
+def test_probe_is_read_at_the_fed_token():
+    """The real Probe path: the probe sees resid_post at the probe layer of the last fed column."""
+    m = steer.load("tiny-llama")
+    h = steer.capture(m, ["Hi there"], layers=[1], positions="last").tensor[0, 0]  # resid_post.1, last token
+    w = torch.randn(m.d_model)
+    probe = B.Probe(w, bias=float(-(h @ w)) + 0.3, layer=1)  # P(desired) at the prompt end = σ(0.3)
+    r = B.generate(m, ["Hi there"], torch.randn(m.d_model), layer=1, strength=1.0, probe=probe, max_new_tokens=2)
+    assert r.probs[0][0] == pytest.approx(float(torch.sigmoid(torch.tensor(0.3))), abs=1e-5)
+
+
+def test_bad_input():
+    m = steer.load("tiny-llama")
+    p = B.Probe(torch.zeros(64), 0.0, layer=1)
+    with pytest.raises(ValueError, match="probability"):
+        B.generate(m, ["Hi"], torch.randn(64), layer=1, strength=1.0, probe=p, threshold=1.5)
+    with pytest.raises(ValueError, match="needs \\[64\\]"):
+        B.generate(m, ["Hi"], torch.randn(32), layer=1, strength=1.0, probe=p)
