@@ -7,7 +7,7 @@ generated unsteered. The first time it falls below, the row *backs up* its last 
 generated tokens (steering after the deviation is too late) and continues steered from there,
 with a strength that grows with the deviation:
 
-    α = strength · (1 + (threshold − p) / threshold) / 2      (from strength/2 at the threshold to strength at p = 0)
+    α = strength · (1 + (threshold − p) / threshold)      (strength at the threshold, 2·strength at p = 0)
 
 Rows decide independently; a row whose probe never fires is generated exactly as without
 steering (its strength stays 0).
@@ -148,11 +148,14 @@ def _eos_ids(model) -> set[int]:
 @torch.no_grad()
 def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, layer: int, strength: float,
              probe: Probe, threshold: float = 0.5, backtrack: int = 4, max_new_tokens: int = 32,
-             sites: str = "resid_post") -> BacktrackResult:
+             sites: str = "resid_post", watch_prompt: bool = True, window: int = 1) -> BacktrackResult:
     """Greedy generation with FASB: unsteered until the probe's ``P(desired)`` drops below
     ``threshold``, then back up ``backtrack`` tokens and steer ``+α·vector`` at ``layer`` for the
     rest of that row (see the module doc for α and the mechanics). Stops a row at an end-of-turn
-    token or after ``max_new_tokens`` accepted tokens.
+    token or after ``max_new_tokens`` accepted tokens. ``watch_prompt=False`` starts watching at
+    the first generated token (for a probe trained on response tokens only: the prompt's last
+    state is not one it has seen). ``window > 1`` decides on the mean of the row's last ``window``
+    watched readings (a per-token probe is noisy), rather than on the current one alone.
 
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")
@@ -167,8 +170,8 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
 
     if not 0 < threshold < 1:
         raise ValueError(f"threshold is a probability in (0, 1), got {threshold}.")
-    if backtrack < 0 or max_new_tokens < 1:
-        raise ValueError("backtrack must be ≥ 0 and max_new_tokens ≥ 1.")
+    if backtrack < 0 or max_new_tokens < 1 or window < 1:
+        raise ValueError("backtrack must be ≥ 0, max_new_tokens ≥ 1 and window ≥ 1.")
     vector = torch.as_tensor(vector).float()
     if vector.shape != (model.d_model,):
         raise ValueError(f"vector has shape {tuple(vector.shape)}; {model.name} needs [{model.d_model}].")
@@ -190,6 +193,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     cols = [[] for _ in range(B)]  # cache column of each accepted token
     last_prompt_col = [T - 1] * B
     probs = [[] for _ in range(B)]
+    seen = [[] for _ in range(B)]  # the readings the decision looks at
     done = [False] * B
     triggered, trigger_step = [False] * B, [-1] * B
     alpha, discarded, steered = [0.0] * B, [0] * B, [0] * B
@@ -208,7 +212,10 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
                 if done[r]:
                     continue
                 probs[r].append(float(p[r]))
-                if not triggered[r] and float(p[r]) < threshold:  # deviation: back up, steer from there
+                if watch_prompt or tokens[r]:
+                    seen[r].append(float(p[r]))
+                score = sum(seen[r][-window:]) / len(seen[r][-window:]) if seen[r] else 1.0
+                if seen[r] and not triggered[r] and score < threshold:  # deviation: back up, steer from there
                     triggered[r], trigger_step[r] = True, len(tokens[r])
                     kb = min(backtrack, len(tokens[r]))
                     if kb:
@@ -216,7 +223,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
                         del tokens[r][-kb:], cols[r][-kb:]
                     discarded[r] = kb
                     mask[r, cols[r][-1] if cols[r] else last_prompt_col[r]] = 0  # its last kept token is fed again
-                    alpha[r] = strength * (1 + (threshold - float(p[r])) / threshold) / 2
+                    alpha[r] = strength * (1 + (threshold - score) / threshold)
                     feed[r] = tokens[r][-1] if tokens[r] else int(batch.input_ids[r, last_prompt_col[r]])
                     action[r] = "refeed"
                 else:

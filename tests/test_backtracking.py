@@ -92,7 +92,7 @@ def test_backs_up_exactly_k_and_leaves_other_rows(k):
     assert int(r.discarded[1]) == k
     kept = plain[1][: at - k]
     assert r.tokens[1][: at - k] == kept
-    alpha = 6.0 * (1 + (0.5 - 0.1) / 0.5) / 2
+    alpha = 6.0 * (1 + (0.5 - 0.1) / 0.5)
     assert float(r.strength[1]) == pytest.approx(alpha)
     assert r.tokens[1][at - k:] == brute_steered(m, PROMPTS[1], kept, v, 1, alpha, 8 - (at - k))
     assert r.tokens[1] != plain[1]  # the steering changed something (the test can fail)
@@ -108,6 +108,14 @@ def test_backtrack_before_any_token_refeeds_the_prompt_end():
     assert int(r.discarded[0]) == 0 and int(r.trigger_step[0]) == 0
     assert r.tokens[0] == brute_steered(m, PROMPTS[0], [], v, 1, float(r.strength[0]), 6)
     assert r.tokens[1] == hf_greedy(m, PROMPTS[:2], 6)[1]
+
+
+def test_watch_prompt_false_waits_for_the_first_token():
+    m = steer.load("tiny-llama")
+    low = B.Probe(torch.zeros(m.d_model), bias=-5.0, layer=1)  # fires whenever it is watched
+    r = B.generate(m, ["Hi there"], torch.randn(m.d_model), layer=1, strength=1.0, probe=low, backtrack=4,
+                   max_new_tokens=4, watch_prompt=False)
+    assert r.trigger_step.tolist() == [1] and r.discarded.tolist() == [1]
 
 
 def test_probe_is_read_at_the_fed_token():

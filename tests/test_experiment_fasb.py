@@ -1,0 +1,22 @@
+"""experiments/fasb.py on the embedded model (a reduced run): rows whose probe never fired are
+generated exactly as without steering, FASB steers fewer tokens than constant steering, and it
+raises refusal on harmful requests above the unsteered model's."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SPEC = importlib.util.spec_from_file_location("fasb_exp", Path(__file__).resolve().parents[1] / "experiments" / "fasb.py")
+exp = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(exp)
+
+
+@pytest.mark.slow
+def test_fasb_against_constant_steering(smol, tmp_path):
+    res = exp.run(tmp_path, n=8, max_new_tokens=24, model=smol)
+    assert res["refusal_harmful"]["fasb"] > res["refusal_harmful"]["unsteered"]
+    assert res["steered_tokens"]["fasb"] < res["steered_tokens"]["constant"]
+    # rows that never needed steering are the unsteered answer, token for token
+    assert res["unfired_identical_to_unsteered"] == res["unfired_rows"]
+    assert (tmp_path / "fasb.png").exists()
