@@ -27,6 +27,16 @@ held-out harmless ones.
     python experiments/fasb.py [--out DIR] [--n 16] [--max-new-tokens 32]
 
 Writes ``results.json`` and ``fasb.png`` (per-row probe traces) to ``--out`` (default ``out/fasb``).
+
+Measured (CPU fp32, defaults, 16 + 16 prompts x 32 tokens): refusal on harmful requests 0.31
+unsteered, 1.00 constant, **0.75 FASB**; on harmless ones 0.00 / 1.00 / 0.44; harmless answers
+identical to the unsteered ones 0 % constant, 25 % FASB; FASB steered 684 of 1024 accepted
+tokens (0.67x constant's); throughput 103 accepted tok/s vs 119 for constant steered HF
+``generate`` (0.87x). The targets (refusal within 0.05 of constant with at most half the tokens
+steered) are not met, and the cause is the probe, not the backtracking: it fired on 13 of 16
+harmful rows but also on 12 of 16 harmless ones (its per-token training accuracy is 0.98, but
+it does not transfer from steer's training prompts to the held-out set), and where it fires late
+(token 18–28) the steered continuation often does not turn into a refusal.
 """
 
 from __future__ import annotations
