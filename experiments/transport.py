@@ -17,11 +17,19 @@ the same KL is read off its curve (linear interpolation). Writes ``pareto.png`` 
 
     python experiments/transport.py [--out DIR] [--n-fit 64] [--n-eval 24] [--layer 10]
 
+* **LinEAS** (:func:`steer.transport.fit_lineas`): the same affine family at layers 6, 8 and 10,
+  fitted jointly (60 Adam steps from the Linear-AcT maps) on the summed per-layer Wasserstein
+  loss, at strength ``λ``.
+
 Measured (n-fit 64, n-eval 24, layer 10, CPU fp32): the two curves nearly coincide in effect per
 unit of strength (λ = 1: +0.376; α = 1: +0.376), but AcT pays more KL for it (0.0148 vs 0.0101),
 so at equal KL its effect is below mean difference's (0.86-0.88x at λ = 0.25..1): AcT's claim of a better
 trade-off does not reproduce in this setting. ω averages 0.99 here, so the maps are mostly the
 mean shift; what they add (per-unit rescaling) costs side effect without adding refusal.
+LinEAS does worse still: its joint loss moves little from the Linear-AcT start (0.00924 →
+0.00908 in 60 steps), its effect at λ = 1 is +0.288 at KL 0.0205, and at equal KL it reaches
+0.56–0.65x mean difference's (λ = 0.25..1). The target (at equal KL, at least mean
+difference's effect) is not met by either transport method here.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from pathlib import Path
 
 
 def run(out="out/transport", n_fit=64, n_eval=24, layer=10, lambdas=(0.25, 0.5, 0.75, 1.0),
-        alphas=(0.25, 0.5, 1.0, 1.5, 2.0), model=None) -> dict:
+        alphas=(0.25, 0.5, 1.0, 1.5, 2.0), lineas_layers=(6, 8, 10), lineas_steps=60, model=None) -> dict:
     import numpy as np
     import torch
 
@@ -40,7 +48,7 @@ def run(out="out/transport", n_fit=64, n_eval=24, layer=10, lambdas=(0.25, 0.5, 
     from steer import evaluate as E
     from steer import plotting, refusal
     from steer.steering import Steering, steer as steer_ctx
-    from steer.transport import fit_linear_act, transport
+    from steer.transport import fit_lineas, fit_linear_act, transport
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,6 +61,8 @@ def run(out="out/transport", n_fit=64, n_eval=24, layer=10, lambdas=(0.25, 0.5, 
     eval_s, neutral = S[-n_eval:], S[-2 * n_eval:-n_eval]  # held out from the fit
 
     maps = fit_linear_act(m, fit_s, fit_h, layers=[layer], positions="post_instruction", progress=False)
+    lin = fit_lineas(m, fit_s, fit_h, layers=lineas_layers, positions="post_instruction", steps=lineas_steps,
+                     progress=False) if lineas_steps else []
     a = steer.capture(m, fit_h, layers=[layer], positions="post_instruction", reduce="mean", progress=False)
     b = steer.capture(m, fit_s, layers=[layer], positions="post_instruction", reduce="mean", progress=False)
     v = a.tensor[:, 0].mean(0) - b.tensor[:, 0].mean(0)
@@ -69,9 +79,10 @@ def run(out="out/transport", n_fit=64, n_eval=24, layer=10, lambdas=(0.25, 0.5, 
 
     act = [{"lambda": lam, **measure(Steering(m, transport(maps, lam)))} for lam in lambdas]
     md = [{"alpha": al, **measure(steer_ctx(m, v, layer=layer, strength=al))} for al in alphas]
+    lineas = [{"lambda": lam, **measure(Steering(m, transport(lin, lam)))} for lam in lambdas] if lin else []
     kls, effs = np.array([r["kl"] for r in md]), np.array([r["effect"] for r in md])
     order = np.argsort(kls)
-    for r in act:  # the mean-difference effect at AcT's KL (None outside the measured KL range)
+    for r in act + lineas:  # the mean-difference effect at the same KL (None outside the measured KL range)
         inside = kls.min() <= r["kl"] <= kls.max()
         r["mean_diff_effect_at_same_kl"] = float(np.interp(r["kl"], kls[order], effs[order])) if inside else None
 
@@ -83,20 +94,25 @@ def run(out="out/transport", n_fit=64, n_eval=24, layer=10, lambdas=(0.25, 0.5, 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot([r["kl"] for r in md], [r["effect"] for r in md], marker="o", color=plotting.PALETTE[0], label="mean difference (α)")
     ax.plot([r["kl"] for r in act], [r["effect"] for r in act], marker="s", color=plotting.PALETTE[1], label="Linear-AcT (λ)")
+    if lineas:
+        ax.plot([r["kl"] for r in lineas], [r["effect"] for r in lineas], marker="^", color=plotting.PALETTE[2],
+                label="LinEAS, layers " + ", ".join(map(str, lineas_layers)) + " (λ)")
     for r in md:
         ax.annotate(f"{r['alpha']:g}", (r["kl"], r["effect"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
     for r in act:
         ax.annotate(f"{r['lambda']:g}", (r["kl"], r["effect"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("side effect: next-token KL on held-out harmless prompts")
     ax.set_ylabel("refusal log-odds rise (held-out harmless)")
-    ax.set_title(f"{m.name}: inducing refusal at layer {layer}")
+    ax.set_title(f"{m.name}: inducing refusal (AcT, mean difference at layer {layer})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     plotting.save(fig, out / "pareto.png")
     res = {"model": m.name, "layer": layer, "n_fit": n_fit, "n_eval": n_eval, "base_refusal_score": float(base.mean()),
            "omega_mean": float(maps[0].omega.mean()), "beta_abs_mean": float(maps[0].beta.abs().mean()),
-           "linear_act": act, "mean_difference": md, "figure": str(out / "pareto.png")}
+           "linear_act": act, "mean_difference": md, "lineas": lineas, "lineas_layers": list(lineas_layers),
+           "lineas_loss": [lin[0].meta["loss_first"], lin[0].meta["loss_last"]] if lin else None,
+           "figure": str(out / "pareto.png")}
     (out / "results.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -112,6 +128,10 @@ def main(argv=None) -> int:
     for r in res["linear_act"]:
         same = r["mean_diff_effect_at_same_kl"]
         print(f"AcT λ={r['lambda']:<4g} effect {r['effect']:+.3f}  KL {r['kl']:.4f}  mean-diff at same KL: "
+              + ("outside its range" if same is None else f"{same:+.3f}"))
+    for r in res["lineas"]:
+        same = r["mean_diff_effect_at_same_kl"]
+        print(f"LinEAS λ={r['lambda']:<4g} effect {r['effect']:+.3f}  KL {r['kl']:.4f}  mean-diff at same KL: "
               + ("outside its range" if same is None else f"{same:+.3f}"))
     for r in res["mean_difference"]:
         print(f"mean-diff α={r['alpha']:<4g} effect {r['effect']:+.3f}  KL {r['kl']:.4f}")
