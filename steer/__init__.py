@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 from . import arch, bias, conditions, directions, erasure, evaluate, interventions, patching, persona
 from .arch import UnsupportedModel
-from . import backtracking, display, multi, refusal, report, steering, transport
+from . import agents, backtracking, display, multi, refusal, report, steering, transport
 from .capture import Activations, capture
 from .conditions import Condition, fit_condition
 from .data import Batch, Raw, load_prompts, tokenize
@@ -35,7 +35,7 @@ from .steering import Generations, Steering, compare, steer
 __all__ = [
     "Activations", "Batch", "Condition", "Direction", "Generations", "Intervention", "Last", "LeaceEraser", "Model",
     "PatchTask", "PatchingResult", "Raw", "SITES", "Site", "Steering", "Trait", "UnsupportedModel", "__version__",
-    "activation_patch", "add_hooks", "arch", "atp", "atp_star", "backtracking", "bias", "capture", "compare", "conditions",
+    "activation_patch", "add_hooks", "agents", "arch", "atp", "atp_star", "backtracking", "bias", "capture", "compare", "conditions",
     "directions", "display",
     "erasing", "erasure", "evaluate", "extract", "fit_condition", "interventions", "ioi_task", "load",
     "load_prompts", "load_trait", "multi", "orthogonalize_weights", "orthogonalized", "patching", "persona",
