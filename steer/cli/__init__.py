@@ -5,6 +5,7 @@
     steer patch --task ioi --nodes heads --method activation,atp,atp*
     steer bias [--templates FILE] [--json OUT]
     steer persona --trait NAME|FILE [--json OUT]
+    steer evaluate --direction FILE --items TRAIT|FILE [--json OUT]
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-_SUBCOMMANDS = ("demo", "refusal", "patch", "bias", "persona")
+_SUBCOMMANDS = ("demo", "refusal", "patch", "bias", "persona", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:

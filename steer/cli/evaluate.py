@@ -1,0 +1,89 @@
+"""``steer evaluate``: a steering direction judged as "Towards Reliable Evaluation of Behavior
+Steering Interventions in LLMs" asks (:func:`steer.evaluate.evaluate_steering`); writes JSON.
+
+    steer evaluate --direction FILE --items TRAIT|FILE [--layer L] [--strengths 1,2,4]
+                   [--system TEXT] [--positions response|all] [--model M] [--json OUT]
+
+FILE for ``--direction``: a saved :class:`steer.Direction` (``.safetensors``/``.pt``, or a GGUF
+control vector). ``--items``: a built-in trait name (its hand-written ``ab`` items) or a JSON list
+of ``{"question", "matching", "non_matching"}``. For every strength: the likelihood effect
+(matching − non-matching answer log-probability after a two-turn history, minus unsteered),
+its paired d_z, the matching rate, neutral next-token KL on held-out harmless requests and the
+perplexity ratio of unrelated text; then the prompting baseline (``--system``, default: the
+trait's first eliciting system prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="judge a steering direction: likelihood effect, prompting baseline, side effects",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--direction", required=True, help="a saved steer.Direction file (or GGUF control vector)")
+    p.add_argument("--items", required=True, help="built-in trait name or a JSON file of evaluation items")
+    p.add_argument("--layer", type=int, default=None, help="steering layer (default: the direction's chosen layer)")
+    p.add_argument("--strengths", default="1,2,4", help="comma-separated steering strengths")
+    p.add_argument("--system", default=None, help="the prompting baseline's system prompt")
+    p.add_argument("--positions", choices=["response", "all"], default="response",
+                   help="steer the response tokens (and the last prompt token) or every token but the sink")
+    p.add_argument("--neutral", type=int, default=8, help="held-out harmless requests for the neutral KL")
+    p.add_argument("--model", default=None, help="model name (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--json", dest="json_out", default=None, help="write the results here (also printed)")
+    p.set_defaults(func=run)
+
+
+def _items(spec: str):
+    from steer import persona
+
+    path = Path(spec)
+    if path.suffix == ".json" and path.exists():
+        items = json.loads(path.read_text())
+        if not isinstance(items, list) or not items or not all(
+                isinstance(i, dict) and "question" in i and "matching" in i and "non_matching" in i for i in items):
+            raise ValueError(f"{spec}: expected a non-empty JSON list of {{question, matching, non_matching}} objects.")
+        return items, None, path.stem
+    t = persona.load_trait(spec)
+    return t.ab, t.positive[0], t.name
+
+
+def run(args) -> int:
+    import steer
+    from steer.bias import load_neutral_text
+    from steer.directions import Direction
+    from steer.evaluate import evaluate_steering
+    from steer.persona import _from_response
+    from steer.refusal import training_data
+
+    try:
+        strengths = [float(x) for x in args.strengths.split(",") if x.strip()]
+        items, system, name = _items(args.items)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"steer evaluate: {e}")
+    if not strengths:
+        raise SystemExit("steer evaluate: --strengths is empty.")
+    model = steer.load(args.model)
+    path = Path(args.direction)
+    if not path.exists():
+        raise SystemExit(f"steer evaluate: no direction file {path}.")
+    d = Direction.from_gguf(path, model.n_layers) if path.suffix == ".gguf" else Direction.load(path, model=model)
+    layer = d.layer if args.layer is None else args.layer
+    if layer is None or not 0 <= layer < model.n_layers:
+        raise SystemExit(f"steer evaluate: pass --layer in 0..{model.n_layers - 1} (the direction has no chosen layer).")
+    pos = _from_response if args.positions == "response" else "all"
+    system = args.system or system
+    ev = evaluate_steering(model, items, lambda a: steer.steer(model, d, layer=layer, strength=a, positions=pos),
+                           strengths, system_prompt=system, neutral_prompts=training_data()["harmless"][-args.neutral:],
+                           unrelated_texts=load_neutral_text()[:8], name=name)
+    out = {"model": model.name, "direction": str(path), "layer": layer, "positions": args.positions, **ev.to_dict()}
+    text = json.dumps(out, indent=1)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(text)
+        print(f"written to {args.json_out}", file=sys.stderr)
+    print(text)
+    return 0

@@ -1,0 +1,45 @@
+"""`steer evaluate` through the real entry point, on a tiny model: its rows are
+evaluate_steering's, and bad input is refused with a message naming the fix."""
+
+import json
+
+import pytest
+import torch
+
+import steer
+import steer.cli
+from steer.evaluate import evaluate_steering
+
+ITEMS = [{"question": "Hi?", "matching": "Hello, lovely to see you!", "non_matching": "Go away."},
+         {"question": "How are you?", "matching": "Wonderful, thanks!", "non_matching": "Terrible."}]
+
+
+def test_cli_evaluate_matches_the_library(tmp_path, capsys):
+    m = steer.load("tiny-llama")
+    d = steer.extract(m, ["I love it", "Great day"], ["I hate it", "Awful day"], layer=1)
+    d.save(tmp_path / "d.safetensors")
+    (tmp_path / "items.json").write_text(json.dumps(ITEMS))
+    rc = steer.cli.main(["evaluate", "--direction", str(tmp_path / "d.safetensors"), "--items", str(tmp_path / "items.json"),
+                         "--strengths", "2,4", "--system", "Be warm.", "--positions", "all", "--model", "tiny-llama",
+                         "--json", str(tmp_path / "o.json")])
+    assert rc == 0
+    doc = json.loads((tmp_path / "o.json").read_text())
+    assert json.loads(capsys.readouterr().out) == doc
+    from steer.bias import load_neutral_text
+    from steer.refusal import training_data
+    ev = evaluate_steering(m, ITEMS, lambda a: steer.steer(m, d, layer=1, strength=a), [2.0, 4.0], system_prompt="Be warm.",
+                           neutral_prompts=training_data()["harmless"][-8:], unrelated_texts=load_neutral_text()[:8])
+    assert [r["setting"] for r in doc["rows"]] == ["steer 2", "steer 4", "prompt"]
+    for got, want in zip(doc["rows"], ev.rows):
+        assert got["effect"] == pytest.approx(want["effect"], abs=1e-5)
+        assert got["neutral_kl"] == pytest.approx(want["neutral_kl"], abs=1e-5)
+
+
+def test_cli_evaluate_bad_input(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps([{"question": "Hi?"}]))
+    with pytest.raises(SystemExit, match="non_matching"):
+        steer.cli.main(["evaluate", "--direction", "x.safetensors", "--items", str(tmp_path / "bad.json"),
+                        "--model", "tiny-llama"])
+    with pytest.raises(SystemExit, match="no direction file"):
+        steer.cli.main(["evaluate", "--direction", str(tmp_path / "none.safetensors"), "--items", "optimistic",
+                        "--model", "tiny-llama"])
