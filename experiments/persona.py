@@ -8,11 +8,14 @@ questions), filter the pairs with the built-in contrast scorer, extract the pers
 * monitoring: held-out questions under every system prompt; x = projection of the last prompt
   token on v̂, y = the trait score of the answer the model then gives (built-in contrast scorer);
   AUROC of x between eliciting and suppressing prompts;
+* graded monitoring (the paper's measure): the held-out questions under system prompts of five
+  intensities (:func:`steer.persona.graded_prompts`: suppressing, mildly suppressing, none,
+  mildly eliciting, eliciting), Pearson r between the projection and the answer's trait score;
 * layer curve: that AUROC per layer;
 * steering: built-in trait score (A/B answers) at several strengths; one steered answer each.
 
-Writes ``results.json`` and per trait ``<trait>_monitor.png``, ``<trait>_steering.png``,
-``<trait>_layers.png`` into ``--out``.
+Writes ``results.json`` and per trait ``<trait>_monitor.png``, ``<trait>_graded.png``,
+``<trait>_steering.png``, ``<trait>_layers.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def main(argv=None) -> dict:
     import torch
 
     import steer
-    from steer import persona
+    from steer import persona, plotting
     from steer.plotting import layer_curve, plt, save
 
     torch.set_num_threads(2)
@@ -79,6 +82,21 @@ def main(argv=None) -> dict:
         fig.tight_layout()
         save(fig, out / f"{name}_monitor.png")
 
+        # the paper's measure: graded system prompts (−2 suppressing … +2 eliciting), Pearson r
+        graded = persona.monitor_graded(model, t, vec, L, hq, pairs=ks or [0, 1], max_new_tokens=n_tok, scorer=scorer)
+        fig, ax = plt.subplots(figsize=(5, 4))
+        lv = torch.tensor(graded["level"])
+        for j, lev in enumerate(persona.GRADED_LEVELS):
+            sel = lv == lev
+            ax.scatter(torch.tensor(graded["projection"])[sel], torch.tensor(graded["score"])[sel], s=14,
+                       color=plotting.PALETTE[j], label=f"system prompt level {lev:+d}")
+        ax.set_xlabel(f"projection of last prompt token on v̂ (layer {L})")
+        ax.set_ylabel("trait score of the answer (contrast scorer)")
+        ax.set_title(f"{name}: graded system prompts, Pearson r {graded['pearson_r']:+.2f}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        save(fig, out / f"{name}_graded.png")
+
         curve = persona.layer_curve(model, t, vec, hq)
         save(layer_curve({"held-out AUROC": curve.column("auroc")}, curve.layers, ylabel="AUROC",
                          title=f"{name}: where the persona is encoded", mark_best="held-out AUROC"),
@@ -100,13 +118,14 @@ def main(argv=None) -> dict:
         res["traits"][name] = {
             "layer": L, "n_pairs": vec.meta["n_pairs"], "n_pairs_generated": len(pairs),
             "monitor_auroc": mon["auroc"], "projection_vs_score_r": r_proj,
+            "graded_pearson_r": graded["pearson_r"], "graded_level_means": graded["level_means"],
             "layer_curve": curve.column("auroc"), "best_layer": curve.best_layer,
             "trait_score_by_strength": {str(a): ts[a] for a in sorted(strengths)},
             "steering_monotonic": all(b > a for a, b in zip(vals, vals[1:])),
             "question": q, "answers": answers,
         }
         print(f"[{time.time() - t0:.0f}s] {name}: monitor AUROC {mon['auroc']:.3f} (best layer {curve.best_layer} "
-              f"{max(curve.column('auroc')):.3f}), proj~score r {r_proj:+.2f}, trait score "
+              f"{max(curve.column('auroc')):.3f}), proj~score r {r_proj:+.2f}, graded r {graded['pearson_r']:+.2f}, trait score "
               + " ".join(f"{a:+g}:{ts[a]:+.3f}" for a in sorted(strengths)), flush=True)
     res["seconds"] = round(time.time() - t0, 1)
     (out / "results.json").write_text(json.dumps(res, indent=1))

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 from . import arch, bias, conditions, directions, erasure, evaluate, interventions, patching, persona
 from .arch import UnsupportedModel
-from . import agents, backtracking, display, multi, refusal, report, steering, transport
+from . import agents, backtracking, display, multi, refusal, repit, report, steering, transport
 from .capture import Activations, capture
 from .conditions import Condition, fit_condition
 from .data import Batch, Raw, load_prompts, tokenize
@@ -39,5 +39,5 @@ __all__ = [
     "directions", "display",
     "erasing", "erasure", "evaluate", "extract", "fit_condition", "interventions", "ioi_task", "load",
     "load_prompts", "load_trait", "multi", "orthogonalize_weights", "orthogonalized", "patching", "persona",
-    "refusal", "report", "transport", "relp", "steer", "steering", "sweep_layers", "tokenize",
+    "refusal", "repit", "report", "transport", "relp", "steer", "steering", "sweep_layers", "tokenize",
 ]

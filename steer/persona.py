@@ -42,7 +42,7 @@ from .evaluate import completion_logprob as _completion_logprob
 
 __all__ = [
     "Trait", "load_trait", "list_traits", "generate_pairs", "pair_prompts", "contrast_scorer", "filter_pairs", "extract",
-    "trait_score", "monitor", "layer_curve", "trace", "flag", "steered_answers", "demo",
+    "trait_score", "monitor", "monitor_graded", "graded_prompts", "layer_curve", "trace", "flag", "steered_answers", "demo",
 ]
 
 TRAITS_DIR = Path(__file__).parent / "datasets" / "traits"
@@ -458,6 +458,61 @@ def monitor(model, trait: Union[str, Trait], direction, layer: Optional[int] = N
     labels = torch.tensor([1] * len(pos) + [0] * len(neg))
     return {"layer": lay, "auroc": auroc(proj, labels), "projection_pos": proj[: len(pos)].tolist(),
             "projection_neg": proj[len(pos):].tolist(), "n": len(proj)}
+
+
+GRADED_LEVELS = (-2, -1, 0, 1, 2)
+
+
+def graded_prompts(trait: Union[str, Trait], pair: int = 0) -> dict[int, Optional[str]]:
+    """System prompts of graded intensity, from trait-suppressing (−2) to trait-eliciting (+2):
+    the trait's own suppressing / eliciting prompt ``pair`` at ±2, a mild request built from its
+    description at ±1, and no system prompt at 0 (steer's construction; the persona-vectors paper
+    grades its prompts the same way, with its own texts).
+
+    >>> graded_prompts("formal")[0] is None, sorted(graded_prompts("formal"))
+    (True, [-2, -1, 0, 1, 2])
+    """
+    t = load_trait(trait)
+    if not 0 <= pair < min(len(t.positive), len(t.negative)):
+        raise ValueError(f"pair={pair}: trait {t.name!r} has {len(t.positive)} prompt pairs.")
+    d = t.description.rstrip(".")
+    return {-2: t.negative[pair],
+            -1: f"You are a helpful assistant. Where you can, keep this out of your answers: {d}.",
+            0: None,
+            1: f"You are a helpful assistant. Where it fits, let this show a little in your answers: {d}.",
+            2: t.positive[pair]}
+
+
+def monitor_graded(model, trait: Union[str, Trait], direction, layer: Optional[int] = None,
+                   questions: Optional[Sequence[str]] = None, pairs: Sequence[int] = (0,), max_new_tokens: int = 32,
+                   scorer: Optional[Callable] = None) -> dict:
+    """Persona monitoring as the persona-vectors paper measures it: each held-out question under
+    each graded system prompt (:func:`graded_prompts`); x = the projection of the last prompt
+    token on ``v̂``, y = the trait score of the answer the model then gives (greedy; the built-in
+    :func:`contrast_scorer` unless ``scorer`` is given); Pearson ``r`` over all (question, level)
+    samples, and the per-level means.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> r = monitor_graded(m, "formal", torch.randn(2, 64), layer=1, questions=["Hi?", "Why?"], max_new_tokens=3)
+    >>> sorted(r)[:3], len(r["projection"])
+    (['level', 'level_means', 'n'], 10)
+    """
+    t = load_trait(trait)
+    qs = list(t.heldout_questions if questions is None else questions)
+    scorer = scorer or contrast_scorer(model, t)
+    idx = [(k, lev, q) for k in pairs for lev, _ in graded_prompts(t, k).items() for q in qs]
+    prompts = [_messages(graded_prompts(t, k)[lev], q) for k, lev, q in idx]
+    tr = trace(model, direction, layer, prompts, max_new_tokens=max_new_tokens)
+    x = tr["projections"][:, 0]
+    items = [(q, tx.strip() or "...", k) for (k, _, q), tx in zip(idx, tr["texts"])]
+    y = scorer.batch(items) if hasattr(scorer, "batch") else torch.tensor([float(scorer(*i)) for i in items])
+    r = float(torch.corrcoef(torch.stack([x.float(), y.float()]))[0, 1])
+    levels = torch.tensor([lev for _, lev, _ in idx])
+    means = {int(l): {"projection": float(x[levels == l].mean()), "score": float(y[levels == l].mean())}
+             for l in GRADED_LEVELS}
+    return {"pearson_r": r, "level": levels.tolist(), "projection": x.tolist(), "score": y.tolist(),
+            "level_means": means, "texts": tr["texts"], "n": len(idx)}
 
 
 def layer_curve(model, trait: Union[str, Trait], direction, questions: Optional[Sequence[str]] = None):
