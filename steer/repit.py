@@ -19,8 +19,10 @@ statistic CAST conditions read, the prompt-mean ``resid_post`` at the condition'
    on prompts that express the isolated target, so it can only fire *less* — harmless prompts
    stay as they were.
 
-So with conditional refusal steering on (CAST), refusal is suppressed on the target concept and
-kept on the others.
+With conditional refusal steering on (CAST), this is meant to suppress refusal on the target
+concept and keep it on the others; how far it does on SmolLM2 is in ``experiments/repit.py``.
+(Folding ``−β (h·û − μ₀)`` into a linear probe, tried first, raised firing on harmless prompts
+from 3 % to about 20 %: held-out prompts below ``μ₀`` got pushed up.)
 
 >>> import torch
 >>> e = torch.eye(4)
