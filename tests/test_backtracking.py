@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import steer
+from conftest import RUNNER_FAMILIES
 from steer import backtracking as B
 from steer.data import tokenize
 
@@ -69,13 +70,30 @@ def brute_steered(m, prompt, kept, vector, layer, alpha, n_more):
     return out
 
 
-@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2"])
-def test_no_trigger_is_greedy_generate(family):
-    m = steer.load(family)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", RUNNER_FAMILIES)
+def test_no_trigger_is_greedy_generate(family, dtype):
+    """FASB's own decode loop (explicit positions, a mask it grows itself) against HF's generate,
+    on every family of the matrix, in fp32 and bf16."""
+    m = steer.load(family, dtype=dtype)
     r = B.generate(m, PROMPTS, torch.randn(m.d_model), layer=1, strength=8.0, probe=Scheduled(None, 0, m.d_model),
                    max_new_tokens=7)
     assert r.tokens == hf_greedy(m, PROMPTS, 7)
-    assert not r.triggered.any() and int(r.steered_tokens.sum()) == 0 and r.steps == 7
+    assert not r.triggered.any() and int(r.steered_tokens.sum()) == 0 and r.steps <= 7
+
+
+@pytest.mark.parametrize("family", RUNNER_FAMILIES)
+def test_backtrack_matches_brute_force_on_every_family(family):
+    """The cache with holes (masked discarded columns, a re-fed token at its old position) gives
+    what a cache-free loop over the kept tokens gives, on every family."""
+    m = steer.load(family)
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(0)) * 3
+    plain = hf_greedy(m, PROMPTS, 6)
+    r = B.generate(m, PROMPTS, v, layer=1, strength=4.0, probe=Scheduled(1, 3, m.d_model), backtrack=2,
+                   max_new_tokens=6)
+    kept = plain[1][:1]
+    assert r.tokens[0] == plain[0] and r.tokens[2] == plain[2] and r.tokens[1][:1] == kept
+    assert r.tokens[1][1:] == brute_steered(m, PROMPTS[1], kept, v, 1, float(r.strength[1]), 5)
 
 
 @pytest.mark.parametrize("k", [0, 2, 3])
