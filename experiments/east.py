@@ -68,10 +68,7 @@ def run(out="out/east", episodes=8, rounds=10, layer=10, strengths=(-20.0, 20.0,
                                                        temperature=temperature)
     runs["prompt: explore"] = agents.play(m, game, rounds, episodes, system=agent + " " + EXPLORE, seed=1)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from steer.plotting import plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i, (name, ep) in enumerate(runs.items()):

@@ -141,10 +141,7 @@ def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_l
     res["steered_fraction_vs_constant"] = res["steered_tokens"]["fasb"] / max(const_tokens, 1)
     res["throughput_vs_constant"] = res["tokens_per_second"]["fasb"] / res["tokens_per_second"]["constant_hf"]
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from steer.plotting import plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i, pr in enumerate(fasb.probs):

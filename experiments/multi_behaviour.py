@@ -101,10 +101,7 @@ def run(out="out/multi_behaviour", n_questions=6, layer=10, names=("optimistic",
     neutral = refusal.training_data()["harmless"][-8:]
     ev = multi.evaluate_multi(m, bs, modes, layer=layer, neutral_prompts=neutral)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from steer.plotting import plt
 
     modes = list(modes) + ["prompt"]
     labels = {"sum": f"summed (layer {layer})", "msrs": f"MSRS (layer {layer})",

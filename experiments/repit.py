@@ -122,10 +122,7 @@ def run(out="out/repit", targets=("weapons", "cybercrime", "drugs"), ns=NS, neur
                            "example_target": texts[0]}
         generated[t] = {**res_t, "n_target": nt, "n_others": len(others)}
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from steer.plotting import plt
 
     fig, axes = plt.subplots(1, len(targets), figsize=(4 * len(targets), 3.4), squeeze=False)
     for ax, t in zip(axes[0], targets):

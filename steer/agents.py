@@ -139,7 +139,7 @@ def play(model, bandit: Bandit, rounds: int = 12, episodes: int = 8, steering=No
     appended to the game's system prompt (the prompting baseline); ``layer`` keeps the
     ``resid_post`` decision states there (for :func:`east_vector`).
     """
-    from .capture import capture
+    from .hooks import add_hooks
     from .steering import Steering
 
     if rounds < 1 or episodes < 1:
@@ -153,10 +153,12 @@ def play(model, bandit: Bandit, rounds: int = 12, episodes: int = 8, steering=No
     S = torch.zeros(episodes, rounds, model.d_model) if layer is not None else None
     for t in range(rounds):
         prompts = [bandit.prompt(h, system, prefix) for h in hist]
-        with (steering if steering is not None else Steering(model)) as s:
+        grabbed = []  # the decision token's state, read in the same forward (left padding: the last column)
+        hooks = {f"resid_post.{layer}": lambda act, site: grabbed.append(act[:, -1].float().cpu())} if layer is not None else {}
+        with (steering if steering is not None else Steering(model)) as s, add_hooks(model, hooks):
             logits = s.next_token_logits(prompts)
-            if layer is not None:
-                S[:, t] = capture(model, prompts, layers=[layer], positions="last", progress=False).tensor[:, 0]
+        if layer is not None:
+            S[:, t] = grabbed[-1]  # the main forward comes last (after a CAST condition's pre-pass, if any)
         d, valid = action_distribution(logits, ids, temperature)
         H[:, t], V[:, t] = _entropy(d).cpu(), valid.cpu()
         for e in range(episodes):

@@ -501,8 +501,9 @@ def monitor_graded(model, trait: Union[str, Trait], direction, layer: Optional[i
     t = load_trait(trait)
     qs = list(t.heldout_questions if questions is None else questions)
     scorer = scorer or contrast_scorer(model, t)
-    idx = [(k, lev, q) for k in pairs for lev, _ in graded_prompts(t, k).items() for q in qs]
-    prompts = [_messages(graded_prompts(t, k)[lev], q) for k, lev, q in idx]
+    levels_of = {k: graded_prompts(t, k) for k in pairs}
+    idx = [(k, lev, q) for k in pairs for lev in levels_of[k] for q in qs]
+    prompts = [_messages(levels_of[k][lev], q) for k, lev, q in idx]
     tr = trace(model, direction, layer, prompts, max_new_tokens=max_new_tokens)
     x = tr["projections"][:, 0]
     items = [(q, tx.strip() or "...", k) for (k, _, q), tx in zip(idx, tr["texts"])]
