@@ -148,13 +148,15 @@ def _eos_ids(model) -> set[int]:
 @torch.no_grad()
 def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, layer: int, strength: float,
              probe: Probe, threshold: float = 0.5, backtrack: int = 4, max_new_tokens: int = 32,
-             sites: str = "resid_post", watch_prompt: bool = True, window: int = 1) -> BacktrackResult:
+             sites: str = "resid_post", watch_prompt: bool = True, window: int = 1,
+             min_new_tokens: int = 0) -> BacktrackResult:
     """Greedy generation with FASB: unsteered until the probe's ``P(desired)`` drops below
     ``threshold``, then back up ``backtrack`` tokens and steer ``+α·vector`` at ``layer`` for the
     rest of that row (see the module doc for α and the mechanics). Stops a row at an end-of-turn
     token or after ``max_new_tokens`` accepted tokens. ``watch_prompt=False`` starts watching at
     the first generated token (for a probe trained on response tokens only: the prompt's last
-    state is not one it has seen). ``window > 1`` decides on the mean of the row's last ``window``
+    state is not one it has seen). ``min_new_tokens`` forbids end-of-turn tokens before a row has
+    that many accepted tokens, as in HF ``generate``. ``window > 1`` decides on the mean of the row's last ``window``
     watched readings (a per-token probe is noisy), rather than on the current one alone.
 
     >>> import steer, torch
@@ -170,8 +172,8 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
 
     if not 0 < threshold < 1:
         raise ValueError(f"threshold is a probability in (0, 1), got {threshold}.")
-    if backtrack < 0 or max_new_tokens < 1 or window < 1:
-        raise ValueError("backtrack must be ≥ 0, max_new_tokens ≥ 1 and window ≥ 1.")
+    if backtrack < 0 or max_new_tokens < 1 or window < 1 or not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError("backtrack must be ≥ 0, max_new_tokens ≥ 1, window ≥ 1 and 0 ≤ min_new_tokens ≤ max_new_tokens.")
     vector = torch.as_tensor(vector).float()
     if vector.shape != (model.d_model,):
         raise ValueError(f"vector has shape {tuple(vector.shape)}; {model.name} needs [{model.d_model}].")
@@ -206,7 +208,13 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
         while True:
             steps += 1
             p = probe.prob(grabbed.pop()).cpu()
-            nxt = out.logits[:, -1].argmax(-1).cpu()
+            last = out.logits[:, -1]
+            nxt = last.argmax(-1).cpu()
+            if min_new_tokens and any(not done[r] and len(tokens[r]) < min_new_tokens for r in range(B)):
+                no_eos = last.clone()
+                no_eos[:, sorted(i for i in eos if i < no_eos.shape[-1])] = float("-inf")
+                early = torch.tensor([len(t) < min_new_tokens for t in tokens])
+                nxt = torch.where(early, no_eos.argmax(-1).cpu(), nxt)
             feed, pos, action = [pad] * B, [0] * B, [None] * B
             for r in range(B):
                 if done[r]:

@@ -146,6 +146,28 @@ def test_probe_is_read_at_the_fed_token():
     assert r.probs[0][0] == pytest.approx(float(torch.sigmoid(torch.tensor(0.3))), abs=1e-5)
 
 
+def test_min_new_tokens_is_hf_min_new_tokens(monkeypatch):
+    """End of turn is forbidden before ``min_new_tokens`` accepted tokens, as HF does it: with a
+    token the model emits early declared end of turn, FASB stops there without it and equals HF's
+    ``generate(min_new_tokens=...)`` with it."""
+    m = steer.load("tiny-llama")
+    first = hf_greedy(m, PROMPTS, 6)
+    stop = first[0][1]  # row 0's second token becomes end of turn
+    monkeypatch.setattr(m.hf.generation_config, "eos_token_id", stop)
+    probe = Scheduled(None, 0, m.d_model)
+    short = B.generate(m, PROMPTS, torch.zeros(m.d_model), layer=1, strength=1.0, probe=probe, max_new_tokens=6)
+    assert len(short.tokens[0]) == 1
+    b = tokenize(m, PROMPTS)
+    ref = m.hf.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=6, min_new_tokens=4,
+                        do_sample=False, pad_token_id=m.tokenizer.pad_token_id)[:, b.input_ids.shape[1]:].tolist()
+    r = B.generate(m, PROMPTS, torch.zeros(m.d_model), layer=1, strength=1.0, probe=Scheduled(None, 0, m.d_model),
+                   max_new_tokens=6, min_new_tokens=4)
+    eos = B._eos_ids(m)
+    for got, row in zip(r.tokens, ref):
+        k = next((i for i, t in enumerate(row) if t in eos), len(row))
+        assert got == row[:k] and len(got) >= 4
+
+
 def test_bad_input():
     m = steer.load("tiny-llama")
     p = B.Probe(torch.zeros(64), 0.0, layer=1)
@@ -153,3 +175,5 @@ def test_bad_input():
         B.generate(m, ["Hi"], torch.randn(64), layer=1, strength=1.0, probe=p, threshold=1.5)
     with pytest.raises(ValueError, match="needs \\[64\\]"):
         B.generate(m, ["Hi"], torch.randn(32), layer=1, strength=1.0, probe=p)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        B.generate(m, ["Hi"], torch.randn(64), layer=1, strength=1.0, probe=p, max_new_tokens=3, min_new_tokens=4)
