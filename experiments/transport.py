@@ -41,9 +41,6 @@ from pathlib import Path
 
 def run(out="out/transport", n_fit=64, n_eval=24, layer=10, lambdas=(0.25, 0.5, 0.75, 1.0),
         alphas=(0.25, 0.5, 1.0, 1.5, 2.0), lineas_layers=(6, 8, 10), lineas_steps=60, model=None) -> dict:
-    import numpy as np
-    import torch
-
     import steer
     from steer import evaluate as E
     from steer import plotting, refusal
@@ -68,46 +65,21 @@ def run(out="out/transport", n_fit=64, n_eval=24, layer=10, lambdas=(0.25, 0.5, 
     v = a.tensor[:, 0].mean(0) - b.tensor[:, 0].mean(0)
 
     base = refusal.refusal_scores(m, eval_s)
-    with Steering(m) as s:
-        neutral_logits = s.next_token_logits(neutral)
-
-    def measure(st):
-        effect = float((refusal.refusal_scores(m, eval_s, st) - base).mean())
-        with st as s:
-            kl = float(E.next_token_kl(neutral_logits, s.next_token_logits(neutral)).mean())
-        return {"effect": effect, "kl": kl}
-
-    act = [{"lambda": lam, **measure(Steering(m, transport(maps, lam)))} for lam in lambdas]
-    md = [{"alpha": al, **measure(steer_ctx(m, v, layer=layer, strength=al))} for al in alphas]
-    lineas = [{"lambda": lam, **measure(Steering(m, transport(lin, lam)))} for lam in lambdas] if lin else []
-    kls, effs = np.array([r["kl"] for r in md]), np.array([r["effect"] for r in md])
-    order = np.argsort(kls)
-    for r in act + lineas:  # the mean-difference effect at the same KL (None outside the measured KL range)
-        inside = kls.min() <= r["kl"] <= kls.max()
-        r["mean_diff_effect_at_same_kl"] = float(np.interp(r["kl"], kls[order], effs[order])) if inside else None
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot([r["kl"] for r in md], [r["effect"] for r in md], marker="o", color=plotting.PALETTE[0], label="mean difference (α)")
-    ax.plot([r["kl"] for r in act], [r["effect"] for r in act], marker="s", color=plotting.PALETTE[1], label="Linear-AcT (λ)")
-    if lineas:
-        ax.plot([r["kl"] for r in lineas], [r["effect"] for r in lineas], marker="^", color=plotting.PALETTE[2],
-                label="LinEAS, layers " + ", ".join(map(str, lineas_layers)) + " (λ)")
-    for r in md:
-        ax.annotate(f"{r['alpha']:g}", (r["kl"], r["effect"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
-    for r in act:
-        ax.annotate(f"{r['lambda']:g}", (r["kl"], r["effect"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("side effect: next-token KL on held-out harmless prompts")
-    ax.set_ylabel("refusal log-odds rise (held-out harmless)")
-    ax.set_title(f"{m.name}: inducing refusal (AcT, mean difference at layer {layer})", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    plotting.save(fig, out / "pareto.png")
+    curves = {"mean difference (α)": {al: steer_ctx(m, v, layer=layer, strength=al) for al in alphas},
+              "Linear-AcT (λ)": {lam: Steering(m, transport(maps, lam)) for lam in lambdas}}
+    if lin:
+        curves["LinEAS, layers " + ", ".join(map(str, lineas_layers)) + " (λ)"] = {
+            lam: Steering(m, transport(lin, lam)) for lam in lambdas}
+    p = E.pareto(m, curves, lambda st: float((refusal.refusal_scores(m, eval_s, st) - base).mean()), neutral,
+                 name=f"{m.name}: inducing refusal (layer {layer})")
+    md, act, *rest = [[{("alpha" if i == 0 else "lambda"): r["strength"], **r} for r in rows]
+                      for i, rows in enumerate(p.curves.values())]
+    lineas = rest[0] if rest else []
+    for rows in (act, lineas):
+        for r in rows:
+            r["mean_diff_effect_at_same_kl"] = r.pop("reference_effect_at_same_kl")
+    plotting.save(p.plot(xlabel="side effect: next-token KL on held-out harmless prompts",
+                         ylabel="refusal log-odds rise (held-out harmless)"), out / "pareto.png")
     res = {"model": m.name, "layer": layer, "n_fit": n_fit, "n_eval": n_eval, "base_refusal_score": float(base.mean()),
            "omega_mean": float(maps[0].omega.mean()), "beta_abs_mean": float(maps[0].beta.abs().mean()),
            "linear_act": act, "mean_difference": md, "lineas": lineas, "lineas_layers": list(lineas_layers),

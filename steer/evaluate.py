@@ -20,7 +20,7 @@ from .display import Rich
 
 __all__ = [
     "REFUSAL_SUBSTRINGS", "REFUSAL_TOKENS", "APOLOGY_NOT_REFUSAL", "refusal_substring", "refusal_rate", "refusal_token_ids",
-    "refusal_logodds", "next_token_kl", "auroc", "accuracy", "f1", "perplexity", "is_readable",
+    "refusal_logodds", "next_token_kl", "auroc", "accuracy", "f1", "perplexity", "is_readable", "pareto", "Pareto",
 ]
 
 # Arditi et al.'s substring list, plus a few spellings small models produce.
@@ -397,3 +397,107 @@ class SteeringEvaluation(Rich):
     def _table(self):
         cols = ["setting", "effect", "effect_d", "matching_rate", "neutral_kl", "ppl_ratio"]
         return cols, [[r[c] for c in cols] for r in self.rows]
+
+
+def pareto(model, curves: dict, effect, neutral_prompts: Sequence, *, reference: Optional[str] = None,
+           name: str = "") -> "Pareto":
+    """Behaviour effect against side effect for several steering methods, each over its own
+    strengths: the comparison Linear-AcT and LinEAS draw against mean difference ("at equal
+    neutral KL, which method moves the behaviour more?").
+
+    ``curves`` maps a method's name to ``{strength: Steering}``; ``effect(steering)`` returns the
+    behaviour effect of one :class:`~steer.steering.Steering` (a float, e.g. the rise of a refusal
+    score on held-out prompts); the side effect is the mean next-token KL on ``neutral_prompts``.
+    Every other curve's points are compared with the ``reference`` curve (default: the first) at
+    the same KL, by linear interpolation along it (``None`` past its largest measured KL). The
+    unsteered model (effect 0, KL 0) is the reference curve's first point: any method reaches it at
+    strength 0.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> v = torch.randn(64)
+    >>> curves = {"add": {a: steer.steer(m, v, layer=1, strength=a) for a in (1.0, 2.0)},
+    ...           "add twice": {a: steer.steer(m, 2 * v, layer=1, strength=a) for a in (0.5, 1.0)}}
+    >>> p = pareto(m, curves, lambda st: float(st.model.d_model), ["Hi", "Yo"])
+    >>> [round(r["kl"], 6) == round(q["kl"], 6) for r, q in zip(p.curves["add"], p.curves["add twice"])]
+    [True, True]
+    """
+    import numpy as np
+
+    from .steering import Steering
+
+    if not curves:
+        raise ValueError("pareto needs at least one curve: {name: {strength: Steering}}.")
+    reference = reference or next(iter(curves))
+    if reference not in curves:
+        raise ValueError(f"reference {reference!r} is not one of the curves {list(curves)}.")
+    with Steering(model) as s:
+        neutral = s.next_token_logits(neutral_prompts)
+    measured = {}
+    for method, points in curves.items():
+        rows = []
+        for strength, st in points.items():
+            e = float(effect(st))
+            with st as s:
+                kl = float(next_token_kl(neutral, s.next_token_logits(neutral_prompts)).mean())
+            rows.append({"strength": float(strength), "effect": e, "kl": kl})
+        measured[method] = rows
+    ref = measured[reference]
+    kls, effs = np.array([0.0] + [r["kl"] for r in ref]), np.array([0.0] + [r["effect"] for r in ref])
+    order = np.argsort(kls)
+    for method, rows in measured.items():
+        if method == reference:
+            continue
+        for r in rows:
+            inside = kls.min() <= r["kl"] <= kls.max()
+            r["reference_effect_at_same_kl"] = float(np.interp(r["kl"], kls[order], effs[order])) if inside else None
+    return Pareto(name, measured, reference, len(neutral_prompts))
+
+
+class Pareto(Rich):
+    """What :func:`pareto` measured: per method, ``[{"strength", "effect", "kl"}, ...]``, and for
+    every method but the reference the reference's effect at the same KL."""
+
+    def __init__(self, name: str, curves: dict, reference: str, n_neutral: int):
+        self.name, self.curves, self.reference, self.n_neutral = name, curves, reference, n_neutral
+
+    def ratio_at_same_kl(self, method: str) -> list[Optional[float]]:
+        """``effect / reference effect at the same KL`` for each point of ``method``."""
+        return [r["effect"] / r["reference_effect_at_same_kl"] if r.get("reference_effect_at_same_kl") else None
+                for r in self.curves[method]]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "reference": self.reference, "n_neutral": self.n_neutral, "curves": self.curves}
+
+    def plot(self, xlabel: str = "side effect: next-token KL on neutral prompts", ylabel: str = "behaviour effect",
+             title: Optional[str] = None):
+        from .plotting import PALETTE, plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for i, (method, rows) in enumerate(self.curves.items()):
+            ax.plot([r["kl"] for r in rows], [r["effect"] for r in rows], marker="osv^D"[i % 5],
+                    color=PALETTE[i % len(PALETTE)], label=method)
+            for r in rows:
+                ax.annotate(f"{r['strength']:g}", (r["kl"], r["effect"]), fontsize=7, xytext=(3, 3 - 12 * (i % 2)),
+                            textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title or self.name, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    def _figure(self):
+        return self.plot()
+
+    def _title(self) -> str:
+        return f"Pareto {self.name}".strip()
+
+    def _fields(self):
+        return [("reference", self.reference), ("neutral prompts", self.n_neutral)]
+
+    def _table(self):
+        rows = [[m, r["strength"], r["effect"], r["kl"], r.get("reference_effect_at_same_kl")]
+                for m, rs in self.curves.items() for r in rs]
+        return ["method", "strength", "effect", "neutral KL", f"{self.reference} at same KL"], rows

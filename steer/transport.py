@@ -45,7 +45,7 @@ from torch import Tensor
 from .display import Rich
 from .interventions import Intervention
 
-__all__ = ["LinearTransport", "fit_linear_act", "fit_lineas", "transport", "wasserstein_1d"]
+__all__ = ["LinearTransport", "fit_linear_act", "fit_lineas", "transport", "wasserstein_1d", "demo"]
 
 
 def _quantiles(x: Float[Tensor, "n d"], q: int) -> Float[Tensor, "q d"]:
@@ -294,3 +294,48 @@ def fit_lineas(model, source_prompts: Sequence, target_prompts: Sequence, layers
                 "loss_last": history[-1] if history else None}
         out.append(LinearTransport(o, bb, t.layer, site, meta))
     return out
+
+
+def demo(model, out_dir, layer: int = 10, n_fit: int = 32, n_eval: int = 8) -> dict:
+    """Linear-AcT against mean-difference steering for ``steer demo``: both fitted at ``layer`` on
+    ``n_fit`` harmful and harmless training prompts (post-instruction tokens), both inducing refusal
+    on ``n_eval`` held-out harmless prompts (rise of the refusal log-odds of the first answer token)
+    at the side effect of their next-token KL on ``n_eval`` others (:func:`steer.evaluate.pareto`);
+    saves ``transport_pareto.png`` and ``transport.json``. ``experiments/transport.py`` is the full run.
+
+    >>> import steer, tempfile
+    >>> d = demo(steer.load("tiny-llama"), tempfile.mkdtemp(), layer=1, n_fit=4, n_eval=2)
+    >>> list(d["curves"]), len(d["curves"]["Linear-AcT (λ)"])
+    (['mean difference (α)', 'Linear-AcT (λ)'], 3)
+    """
+    import json
+    from pathlib import Path
+
+    from . import refusal
+    from .capture import capture
+    from .evaluate import pareto
+    from .plotting import save
+    from .steering import Steering, steer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = refusal.training_data()
+    H, S = data["harmful"][:n_fit], data["harmless"]
+    fit_s, eval_s, neutral = S[:n_fit], S[-n_eval:], S[-2 * n_eval:-n_eval]
+    maps = fit_linear_act(model, fit_s, H, layers=[layer], positions="post_instruction", progress=False)
+    mean = [capture(model, p, layers=[layer], positions="post_instruction", reduce="mean", progress=False).tensor[:, 0].mean(0)
+            for p in (H, fit_s)]
+    v = mean[0] - mean[1]
+    base = refusal.refusal_scores(model, eval_s)
+    curves = {"mean difference (α)": {a: steer(model, v, layer=layer, strength=a) for a in (0.5, 1.0, 2.0)},
+              "Linear-AcT (λ)": {lam: Steering(model, transport(maps, lam)) for lam in (0.25, 0.5, 1.0)}}
+    p = pareto(model, curves, lambda st: float((refusal.refusal_scores(model, eval_s, st) - base).mean()), neutral,
+               name=f"{model.name}: inducing refusal at layer {layer}")
+    fig = p.plot(xlabel="side effect: next-token KL on held-out harmless prompts",
+                 ylabel="refusal log-odds rise (held-out harmless)")
+    save(fig, out / "transport_pareto.png")
+    res = {**p.to_dict(), "layer": layer, "n_fit": n_fit, "n_eval": n_eval, "figure": str(out / "transport_pareto.png"),
+           "omega_mean": float(maps[0].omega.mean()),
+           "act_vs_mean_difference_at_same_kl": p.ratio_at_same_kl("Linear-AcT (λ)")}
+    (out / "transport.json").write_text(json.dumps(res, indent=1))
+    return res

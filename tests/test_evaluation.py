@@ -40,6 +40,44 @@ def test_gaps_and_rows_are_the_hand_computed_ones(tiny):
     assert "prompt" in repr(ev) and "text/html" in ev._repr_mimebundle_()
 
 
+def test_pareto_against_a_hand_computation(tiny):
+    """Each point's KL is the next-token KL of that Steering; the reference's effect at the same
+    KL is the linear interpolation along the reference curve from the unsteered origin (0, 0)."""
+    v = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(1)) * 2
+    neutral = ["Hi", "What is 2+2?", "Tell me a joke"]
+    effects = {}
+
+    def effect(st):  # a behaviour score we can compute again by hand: the mean logit of token 5
+        with st as s:
+            e = float(s.next_token_logits(["Hello"])[:, 5].mean())
+        effects[id(st)] = e
+        return e
+
+    ref = {a: steer.steer(tiny, v, layer=1, strength=a) for a in (1.0, 2.0)}
+    other = {a: steer.steer(tiny, -v, layer=0, strength=a) for a in (0.5, 1.0, 50.0)}
+    p = E.pareto(tiny, {"ref": ref, "other": other}, effect, neutral)
+    with steer.Steering(tiny) as s:
+        plain = s.next_token_logits(neutral)
+    for name, curve in (("ref", ref), ("other", other)):
+        for r, (a, st) in zip(p.curves[name], curve.items()):
+            with st as s:
+                kl = float(E.next_token_kl(plain, s.next_token_logits(neutral)).mean())
+            assert r["strength"] == a and abs(r["kl"] - kl) < 1e-6 and r["effect"] == effects[id(st)]
+    (k1, e1), (k2, e2) = [(r["kl"], r["effect"]) for r in p.curves["ref"]]
+    assert 0 < k1 < k2
+    for r, ratio in zip(p.curves["other"], p.ratio_at_same_kl("other")):
+        if r["kl"] > k2:
+            assert r["reference_effect_at_same_kl"] is None and ratio is None
+            continue
+        by_hand = e1 * r["kl"] / k1 if r["kl"] <= k1 else e1 + (e2 - e1) * (r["kl"] - k1) / (k2 - k1)
+        assert abs(r["reference_effect_at_same_kl"] - by_hand) < 1e-6
+        assert ratio == pytest.approx(r["effect"] / by_hand)
+    assert p.curves["other"][-1]["reference_effect_at_same_kl"] is None  # strength 50: past the reference's KL
+    assert "ref at same KL" in repr(p)
+    with pytest.raises(ValueError, match="reference"):
+        E.pareto(tiny, {"ref": ref}, effect, neutral, reference="nope")
+
+
 @pytest.mark.slow
 def test_persona_steering_next_to_its_prompting_baseline(smol):
     """The 'optimistic' persona vector raises the likelihood of optimistic answers over

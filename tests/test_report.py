@@ -64,5 +64,6 @@ def test_report_renders_in_a_real_browser(demo):
                 fmt(pt["top_heads"][0][1]), pt["top_heads"][0][0].split(":")[1], str(r["condition_layer"])]
     expected += [a["steered"].strip()[:40] for a in r["answers"].values()]
     expected += [fmt(row["effect"]) for row in summary["persona"]["evaluation"]["rows"]]
+    expected += [fmt(row["kl"]) for rows in summary["transport"]["curves"].values() for row in rows]
     missing = [e for e in expected if e not in text]
     assert not missing, f"not on the page: {missing}"

@@ -169,6 +169,25 @@ def run(args) -> int:
                       "two-turn history (effect: change from unsteered; 'prompt': the trait asked for in the system "
                       "prompt instead of steering; neutral_kl: next-token KL on other prompts)")
 
+    _section("7. beyond one vector: Linear-AcT against mean difference (refusal, held-out harmless prompts)")
+    t0 = time.time()
+    tr = steer.transport.demo(model, out)
+    for method, rows in tr["curves"].items():
+        print(f"  {method:<20} " + "  ".join(f"{r['strength']:g}: effect {r['effect']:+.3f} KL {r['kl']:.4f}"
+                                             for r in rows))
+    print(f"  [{tr['figure']}]  ({time.time() - t0:.0f} s)")
+    summary["transport"] = tr
+    sec = report.section("7. Beyond one vector: Linear-AcT against mean difference",
+                         f"Both fitted at layer {tr['layer']} on {tr['n_fit']} harmful and harmless prompts and used "
+                         f"to induce refusal on {tr['n_eval']} held-out harmless ones: the rise of the refusal "
+                         "log-odds of the first answer token against the next-token KL on other harmless prompts. "
+                         "experiments/ holds the full runs of every method of this kind (transport, LinEAS, "
+                         "several behaviours at once, RepIt, FASB, EAST) with their measured results.")
+    sec.image(tr["figure"], "behaviour effect against side effect, one point per strength")
+    sec.table(["method", "strength", "effect", "neutral KL", "mean difference at same KL"],
+              [[m_, r["strength"], r["effect"], r["kl"], r.get("reference_effect_at_same_kl")]
+               for m_, rows in tr["curves"].items() for r in rows])
+
     summary["total_s"] = round(time.time() - t_all, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     report.subtitle += f" Total run time {summary['total_s']} s."
