@@ -17,10 +17,11 @@ __version__ = "0.1.0"
 
 from . import arch, bias, conditions, directions, erasure, evaluate, interventions, patching, persona
 from .arch import UnsupportedModel
-from . import agents, backtracking, display, multi, refusal, repit, report, steering, transport
+from . import agents, backtracking, diagnostics, display, multi, refusal, repit, report, steering, transport
 from .capture import Activations, capture
 from .conditions import Condition, fit_condition
 from .data import Batch, Raw, load_prompts, tokenize
+from .diagnostics import logit_lens, massive_activations, probe_trace
 from .directions import Direction, extract, sweep_layers
 from .erasure import LeaceEraser, erasing
 from .hooks import add_hooks
@@ -36,7 +37,7 @@ __all__ = [
     "Activations", "Batch", "Condition", "Direction", "Generations", "Intervention", "Last", "LeaceEraser", "Model",
     "PatchTask", "PatchingResult", "Raw", "SITES", "Site", "Steering", "Trait", "UnsupportedModel", "__version__",
     "activation_patch", "add_hooks", "agents", "arch", "atp", "atp_star", "backtracking", "bias", "capture", "compare", "conditions",
-    "directions", "display",
+    "diagnostics", "directions", "display", "logit_lens", "massive_activations", "probe_trace",
     "erasing", "erasure", "evaluate", "extract", "fit_condition", "interventions", "ioi_task", "load",
     "load_prompts", "load_trait", "multi", "orthogonalize_weights", "orthogonalized", "patching", "persona",
     "refusal", "repit", "report", "transport", "relp", "steer", "steering", "sweep_layers", "tokenize",

@@ -28,6 +28,7 @@ Known changes (the oldest release ``pyproject.toml`` allows is 5.9):
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -166,6 +167,45 @@ def softcap_safe_attention(hf: torch.nn.Module) -> bool:
         hf.set_attn_implementation("eager")
         return True
     return False
+
+
+def eos_ids(model) -> set[int]:
+    """Every end-of-turn token id: the generation config's (a list in many chat models) and the
+    tokenizer's.
+
+    >>> import steer
+    >>> sorted(eos_ids(steer.load("tiny-llama"))) == [steer.load("tiny-llama").tokenizer.eos_token_id]
+    True
+    """
+    ids = set()
+    for src in (getattr(model.hf, "generation_config", None), model.tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        ids.update([e] if isinstance(e, int) else list(e or []))
+    return ids
+
+
+@contextmanager
+def eager_attention(hf: torch.nn.Module):
+    """Run the block with eager attention, so that ``output_attentions=True`` returns the
+    attention weights (``sdpa`` and flash attention compute them without returning them); the
+    model's own implementation is restored on exit. Eager attention computes the same function.
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> with eager_attention(m.hf):
+    ...     out = m.hf(input_ids=m.tokenizer(["Hi there"], return_tensors="pt").input_ids, output_attentions=True)
+    >>> len(out.attentions) == m.n_layers, m.hf.config._attn_implementation
+    (True, 'sdpa')
+    """
+    impl = getattr(hf.config, "_attn_implementation", None)
+    switch = impl != "eager"
+    if switch:
+        hf.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            hf.set_attn_implementation(impl)
 
 
 # -- models a user loaded: PEFT adapters, accelerate's device maps, quantized layers ----------

@@ -137,14 +137,6 @@ class BacktrackResult(Rich):
         return ["row", "fired", "at token", "α", "discarded", "steered", "text"], rows
 
 
-def _eos_ids(model) -> set[int]:
-    ids = set()
-    for src in (getattr(model.hf, "generation_config", None), model.tokenizer):
-        e = getattr(src, "eos_token_id", None)
-        ids.update([e] if isinstance(e, int) else list(e or []))
-    return ids
-
-
 @torch.no_grad()
 def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, layer: int, strength: float,
              probe: Probe, threshold: float = 0.5, backtrack: int = 4, max_new_tokens: int = 32,
@@ -166,6 +158,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     >>> r.trigger_step.tolist(), r.steered_tokens.tolist(), len(r.tokens[0])
     ([0], [3], 3)
     """
+    from ._hf import eos_ids
     from .data import tokenize
     from .hooks import add_hooks
     from .steering import Steering
@@ -189,7 +182,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     def grab(act, site):
         grabbed.append(act[:, -1])
 
-    eos, pad = _eos_ids(model), model.tokenizer.pad_token_id
+    eos, pad = eos_ids(model), model.tokenizer.pad_token_id
     pad = pad if pad is not None else next(iter(eos), 0)
     tokens = [[] for _ in range(B)]
     cols = [[] for _ in range(B)]  # cache column of each accepted token

@@ -8,6 +8,7 @@ import torch
 import steer
 from conftest import RUNNER_FAMILIES
 from steer import backtracking as B
+from steer._hf import eos_ids
 from steer.data import tokenize
 
 
@@ -33,7 +34,7 @@ def hf_greedy(m, prompts, n):
     b = tokenize(m, prompts)
     out = m.hf.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=n, do_sample=False,
                         pad_token_id=m.tokenizer.pad_token_id)
-    eos = B._eos_ids(m)
+    eos = eos_ids(m)
     res = []
     for row in out[:, b.input_ids.shape[1]:].tolist():
         toks = []
@@ -62,7 +63,7 @@ def brute_steered(m, prompt, kept, vector, layer, alpha, n_more):
         for _ in range(n_more):
             logits = m.hf(input_ids=torch.tensor([ids])).logits[0, -1]
             t = int(logits.argmax())
-            if t in B._eos_ids(m):
+            if t in eos_ids(m):
                 break
             ids.append(t)
             out.append(t)
@@ -162,7 +163,7 @@ def test_min_new_tokens_is_hf_min_new_tokens(monkeypatch):
                         do_sample=False, pad_token_id=m.tokenizer.pad_token_id)[:, b.input_ids.shape[1]:].tolist()
     r = B.generate(m, PROMPTS, torch.zeros(m.d_model), layer=1, strength=1.0, probe=Scheduled(None, 0, m.d_model),
                    max_new_tokens=6, min_new_tokens=4)
-    eos = B._eos_ids(m)
+    eos = eos_ids(m)
     for got, row in zip(r.tokens, ref):
         k = next((i for i, t in enumerate(row) if t in eos), len(row))
         assert got == row[:k] and len(got) >= 4

@@ -6,6 +6,7 @@
     steer bias [--templates FILE] [--json OUT]
     steer persona --trait NAME|FILE [--json OUT]
     steer evaluate --direction FILE --items TRAIT|FILE [--json OUT]
+    steer diagnose massive|lens|trace [--text T] [--json OUT] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-_SUBCOMMANDS = ("demo", "refusal", "patch", "bias", "persona", "evaluate")
+_SUBCOMMANDS = ("demo", "refusal", "patch", "bias", "persona", "evaluate", "diagnose")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,105 @@
+"""``steer diagnose``: look before steering or patching (:mod:`steer.diagnostics`); writes JSON.
+
+    steer diagnose massive [--text T ...|--prompts FILE] [--raw] [--json OUT] [--plot PNG]
+    steer diagnose lens    --text T [--targets " Mary"," John"] [--positions last|all] [--raw]
+    steer diagnose trace   --direction FILE --layer L [--text T ...|--prompts FILE]
+                           [--steer-layer L --strength A] [--max-new-tokens N]
+
+``massive``: the largest activations per layer, their tokens and dimensions, the ratio to the
+median, their spread across prompts and the attention each head puts on them. ``lens``: each
+layer's residual decoded through the final norm and unembedding (top tokens, targets'
+probabilities). ``trace``: a saved direction read at every token of prompt and generation, with
+and (``--strength``) without steering along it. Prompts are chat-templated unless ``--raw``;
+without ``--text`` or ``--prompts``, a few built-in harmless requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("diagnose", help="massive activations, logit lens, per-token probe traces",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("view", choices=["massive", "lens", "trace"])
+    p.add_argument("--text", action="append", default=None, help="a prompt (repeat for several)")
+    p.add_argument("--prompts", default=None, help="a JSON/JSONL file of prompts")
+    p.add_argument("--raw", action="store_true", help="use the text as it is, without the chat template")
+    p.add_argument("--model", default=None, help="model name (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--targets", default="", help="lens: comma-separated target tokens to follow per layer")
+    p.add_argument("--positions", choices=["last", "all"], default="last", help="lens: which tokens to decode")
+    p.add_argument("--direction", default=None, help="trace: a saved steer.Direction file")
+    p.add_argument("--layer", type=int, default=None, help="trace: the layer to read (default: the direction's)")
+    p.add_argument("--steer-layer", type=int, default=None, help="trace: steer along the direction at this layer")
+    p.add_argument("--strength", type=float, default=None, help="trace: steering strength (then both traces)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--json", dest="json_out", default=None, help="write the results here (also printed)")
+    p.add_argument("--plot", default=None, help="save the figure here (PNG)")
+    p.set_defaults(func=run)
+
+
+def _prompts(args) -> list:
+    import steer
+    from steer.refusal import training_data
+
+    if args.text and args.prompts:
+        raise SystemExit("steer diagnose: give --text or --prompts, not both.")
+    if args.prompts:
+        texts = steer.load_prompts(args.prompts)
+    elif args.text:
+        texts = list(args.text)
+    else:
+        texts = training_data()["harmless"][-4:]
+    return [steer.Raw(t) if args.raw and isinstance(t, str) else t for t in texts]
+
+
+def run(args) -> int:
+    import steer
+    from steer import diagnostics as D
+    from steer.plotting import save
+
+    prompts = _prompts(args)
+    model = steer.load(args.model)
+    fig = None
+    if args.view == "massive":
+        r = D.massive_activations(model, prompts)
+        out = r.to_dict()
+        print(repr(r), file=sys.stderr)
+        fig = r.plot() if args.plot else None
+    elif args.view == "lens":
+        targets = [t for t in args.targets.split(",") if t] if args.targets else []
+        r = D.logit_lens(model, prompts, positions=args.positions, targets=targets)
+        out = r.to_dict()
+        print(repr(r), file=sys.stderr)
+        fig = r.plot(path=None) if args.plot else None
+    else:
+        if not args.direction or not Path(args.direction).exists():
+            raise SystemExit("steer diagnose trace: pass --direction FILE (a saved steer.Direction).")
+        d = steer.Direction.load(args.direction, model=model)
+        layer = d.layer if args.layer is None else args.layer
+        if layer is None:
+            raise SystemExit("steer diagnose trace: the direction has no chosen layer; pass --layer.")
+        plain = D.probe_trace(model, prompts, d, layer=layer, max_new_tokens=args.max_new_tokens)
+        out = {"unsteered": plain.to_dict()}
+        other = None
+        if args.strength is not None:
+            sl = layer if args.steer_layer is None else args.steer_layer
+            other = D.probe_trace(model, prompts, d, layer=layer, max_new_tokens=args.max_new_tokens,
+                                  steering=steer.steer(model, d, layer=sl, strength=args.strength))
+            out["steered"] = {**other.to_dict(), "steer_layer": sl, "strength": args.strength}
+        print(repr(plain), file=sys.stderr)
+        fig = plain.plot(other=other) if args.plot else None
+    if fig is not None:
+        save(fig, args.plot)
+        out["figure"] = args.plot
+        print(f"figure: {args.plot}", file=sys.stderr)
+    text = json.dumps(out, indent=1, default=str)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(text)
+        print(f"written to {args.json_out}", file=sys.stderr)
+    print(text)
+    return 0

@@ -1,0 +1,12 @@
+"""Diagnostics a researcher reaches for before steering or patching (``METHODS.md`` §5).
+
+* :mod:`~steer.diagnostics.massive`: massive activations and the attention they draw;
+* :mod:`~steer.diagnostics.lens`: logit lens (early decoding), plain or steered;
+* :mod:`~steer.diagnostics.traces`: a probe read at every token of prompt and generation.
+"""
+
+from .lens import LogitLens, logit_lens
+from .massive import MassiveActivations, massive_activations
+from .traces import ProbeTrace, probe_trace
+
+__all__ = ["massive_activations", "MassiveActivations", "logit_lens", "LogitLens", "probe_trace", "ProbeTrace"]
