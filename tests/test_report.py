@@ -65,5 +65,6 @@ def test_report_renders_in_a_real_browser(demo):
     expected += [a["steered"].strip()[:40] for a in r["answers"].values()]
     expected += [fmt(row["effect"]) for row in summary["persona"]["evaluation"]["rows"]]
     expected += [fmt(row["kl"]) for rows in summary["transport"]["curves"].values() for row in rows]
+    expected += [fmt(e["max_abs"]) for e in summary["diagnostics"]["massive"]["entries"] if e["layer"] % 5 == 0]
     missing = [e for e in expected if e not in text]
     assert not missing, f"not on the page: {missing}"

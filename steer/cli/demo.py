@@ -188,6 +188,39 @@ def run(args) -> int:
               [[m_, r["strength"], r["effect"], r["kl"], r.get("reference_effect_at_same_kl")]
                for m_, rows in tr["curves"].items() for r in rows])
 
+    _section("8. diagnostics: massive activations and a logit lens of an IOI prompt")
+    t0 = time.time()
+    from steer import diagnostics as D
+
+    ioi = steer.patching.ioi_task(model, n=4)
+    texts = [steer.Raw(t) for t in ioi.clean.texts]
+    ma = D.massive_activations(model, texts)
+    ma.plot(out / "massive.png")
+    pk = ma.peak()
+    io, s_ = int(ioi.metric.answer_ids[0]), int(ioi.metric.wrong_ids[0])
+    lens = D.logit_lens(model, texts[:1], targets=[io, s_], k=3)
+    lens.plot(path=out / "logit_lens.png", target_names=[f"IO {model.tokenizer.decode([io])!r}",
+                                                         f"S {model.tokenizer.decode([s_])!r}"])
+    diff = (lens.target_logprobs[0, :, 0, 0] - lens.target_logprobs[0, :, 0, 1]).tolist()
+    print(f"  peak activation {pk['value']:,.0f} at layer {pk['layer']}, dim {pk['dim']}, token {pk['token']!r} "
+          f"(median {pk['median']:.2f}); attention on it {float(ma.attention_mass.mean()):.2f} "
+          f"(uniform {float(ma.uniform_mass.mean()):.2f})  [{out / 'massive.png'}]")
+    print(f"  logit lens of {ioi.clean.texts[0]!r}: IO - S log-prob by layer "
+          + " ".join(f"{x:+.1f}" for x in diff[::3]) + f"  [{out / 'logit_lens.png'}]  ({time.time() - t0:.0f} s)")
+    summary["diagnostics"] = {"massive": ma.to_dict(), "lens": lens.to_dict(), "io_minus_s_by_layer": diff}
+    sec = report.section("8. Diagnostics: massive activations and a logit lens",
+                         "The largest residual-stream activations of four IOI prompts per layer (against the "
+                         "median) and the attention each head puts on their positions; then each layer of the "
+                         "first prompt decoded through the final norm and unembedding.")
+    sec.image(out / "massive.png", "largest and median |activation| per layer; mean attention on the massive positions")
+    sec.table(["layer", "dim", "positions", "tokens", "max |a|", "ratio to median", "spread across prompts (cv)"],
+              [[e["layer"], e["dim"], e["positions"], e["tokens"], e["max_abs"], e["ratio_to_median"],
+                e["cv_across_prompts"]] for e in ma.entries if e["layer"] % 5 == 0],
+              caption="massive entries (|a| ≥ 100 and ≥ 1000x the median), every fifth layer")
+    sec.image(out / "logit_lens.png", "top-1 token per layer at the last position, and log P(IO), log P(S) per layer")
+    sec.table(["layer", "top-1", "p", "top-3", "entropy", "P(IO)", "P(S)"], lens.table(0, -1)[::3],
+              caption=ioi.clean.texts[0])
+
     summary["total_s"] = round(time.time() - t_all, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     report.subtitle += f" Total run time {summary['total_s']} s."

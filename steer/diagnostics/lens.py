@@ -109,7 +109,7 @@ class LogitLens(Rich):
 
     def plot(self, prompt: int = 0, path=None, target_names: Optional[Sequence[str]] = None):
         """Top-1 token and its probability per layer (rows) and selected position (columns), and
-        the targets' probabilities per layer at the last selected position."""
+        the targets' log-probabilities per layer at the last selected position."""
         from ..plotting import PALETTE, plt, save, token_labels
 
         n_pos = int(self.mask[prompt].sum())
@@ -122,7 +122,7 @@ class LogitLens(Rich):
         im = ax.imshow(probs, cmap="viridis", vmin=0, vmax=1, aspect="auto", origin="lower", interpolation="nearest")
         for j in range(len(self.layers)):
             for p in range(n_pos):
-                ax.text(p, j, repr(self.top_tokens[prompt][j][p])[1:-1][:10], ha="center", va="center", fontsize=6,
+                ax.text(p, j, repr(self.top_tokens[prompt][j][p][0])[1:-1][:10], ha="center", va="center", fontsize=6,
                         color="white" if probs[j, p] < 0.6 else "black")
         ax.set_yticks(range(len(self.layers)))
         ax.set_yticklabels(self.layers, fontsize=6)
@@ -137,10 +137,9 @@ class LogitLens(Rich):
             ax2 = axes[0, 1]
             names = list(target_names or [repr(t) for t in self.target_strings])
             for t in range(len(self.targets)):
-                ax2.plot(self.target_probs[prompt, :, n_pos - 1, t].numpy(), self.layers, marker=".",
+                ax2.plot(self.target_logprobs[prompt, :, n_pos - 1, t].numpy(), self.layers, marker=".",
                          color=PALETTE[t % len(PALETTE)], label=names[t])
-            ax2.set_xlabel("probability at the last selected position")
-            ax2.set_xlim(0, 1)
+            ax2.set_xlabel("log-probability at the last selected position")
             ax2.set_ylabel("layer")
             ax2.grid(alpha=0.3)
             ax2.legend(fontsize=7)
