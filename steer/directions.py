@@ -480,12 +480,16 @@ def extract(
     include_sink: bool = False,
     batch_size: int = 32,
     layer: Optional[int] = None,
+    exclude=None,
 ) -> Direction:
     """Capture both groups and compute a :class:`Direction` (one row per model layer).
 
     ``positions`` is any :mod:`steer.positions` selector; multi-token selectors are averaged per
     prompt (e.g. ``"completion"`` with ``(prompt, completion)`` pairs, CAST's behaviour vectors,
     or ``"all"`` for the prompt-mean hidden state). Layers not in ``layers`` are zero rows.
+    ``exclude="massive"`` leaves the massive activations out (Sun et al., 2024; found on these
+    prompts by :func:`steer.massive_activations`, or pass its result): the tokens that carry them
+    are not read and their dimensions are zero in the direction.
 
     >>> import steer
     >>> m = steer.load("tiny-llama")
@@ -499,17 +503,32 @@ def extract(
             f"extract() needs prompts on both sides; got {len(positive)} positive and {len(negative)} "
             "negative. Pass at least one prompt in each group."
         )
-    kw = dict(layers=layers, site=site, positions=positions, include_sink=include_sink, batch_size=batch_size,
-              reduce=None if _single(positions) else "mean")
+    sel, dims, skip = positions, [], frozenset()
+    if exclude is not None:
+        from . import positions as P
+        from .diagnostics.massive import exclusion
+
+        dims, skip, sink = exclusion(model, exclude, positive + negative)
+        include_sink = include_sink and not sink
+        if skip:  # the selected tokens, less those that carry massive activations
+            ids = torch.tensor(sorted(skip))
+
+            def sel(batch, keep=include_sink):
+                return P.mask(positions, batch, include_sink=keep) & ~torch.isin(batch.input_ids, ids)
+    kw = dict(layers=layers, site=site, positions=sel, include_sink=include_sink, batch_size=batch_size,
+              reduce=None if _single(sel) else "mean")
     a = capture(model, positive, **kw)
     b = capture(model, negative, **kw)
     vec = from_activations(a.tensor, b.tensor, method)
+    if dims:
+        vec[..., dims] = 0
     full = torch.zeros(model.n_layers, model.d_model)
     full[a.layers] = vec
     meta = {
         "model": model.name, "d_model": model.d_model, "site": site, "positions": repr(positions),
         "layers": a.layers, "data_hash": prompts_hash(positive + negative), "n_pos": len(positive),
         "n_neg": len(negative), "include_sink": include_sink, "steer_version": _version(),
+        "exclude": None if exclude is None else {"dims": list(dims), "tokens": sorted(skip)},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model_type": getattr(model.config, "model_type", None),
     }

@@ -162,6 +162,8 @@ class Intervention:
         target: ``clamp`` only — the value to move the projection toward (see :func:`clamp_toward`).
         fn: ``map`` only — ``fn(x [batch, pos, d], strength [batch, 1, 1]) -> x'`` (a fitted
             :class:`~steer.erasure.LeaceEraser`, a transport map); ``vector`` stays ``None``.
+        skip_tokens: token ids never edited, wherever they occur in prompt or generation (e.g. the
+            tokens that carry massive activations: ``steer.steer(..., exclude="massive")``).
 
     >>> iv = Intervention("add", torch.ones(64), layers=[1], strength=4.0)
     >>> iv.kind, iv.layers
@@ -179,8 +181,10 @@ class Intervention:
     meta: dict = field(default_factory=dict)
     target: Optional[float] = None
     fn: Optional[Callable] = None
+    skip_tokens: frozenset = frozenset()
 
     def __post_init__(self):
+        self.skip_tokens = frozenset(int(t) for t in self.skip_tokens)
         if self.kind not in KINDS:
             raise ValueError(f"Unknown intervention kind {self.kind!r}: use one of {KINDS}.")
         if isinstance(self.sites, str):

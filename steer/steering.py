@@ -186,6 +186,11 @@ class Steering:
                     idx = (self._region_rank(am, cp.first, iv.include_sink))[:, past:]
                 m = m & (idx < iv.vector.shape[0])
                 idx = idx.clamp(0, iv.vector.shape[0] - 1)
+            if iv.skip_tokens:
+                if ids is None:
+                    raise ValueError("skip_tokens needs input_ids: this forward call passed inputs_embeds.")
+                skip = torch.tensor(sorted(iv.skip_tokens), device=dev)
+                m = m & ~torch.isin(ids.to(dev), skip)
             step.append((m, idx, self._row_strength(i, iv, rows, k, dev)))
         self._step = {"interventions": step, "gate": gate}
         return None
@@ -435,6 +440,7 @@ def steer(
     condition=None,
     gate: Optional[Tensor] = None,
     interventions: Sequence[I.Intervention] = (),
+    exclude=None,
 ) -> Steering:
     """Build a :class:`Steering` for one direction (plus any extra ``interventions``).
 
@@ -442,7 +448,10 @@ def steer(
     ``"ablate"`` removes ``v̂`` (use ``layer="all"`` and ``sites=("resid_pre","attn_out","mlp_out")``
     for Arditi's ablation everywhere); ``"clamp"`` sets ``x·v̂ = strength``. ``layer`` defaults to a
     :class:`~steer.directions.Direction`'s chosen layer; a ``[n_layers, d]`` tensor uses its row at
-    each layer.
+    each layer. ``exclude="massive"`` leaves the model's massive activations alone (Sun et al.,
+    2024): their dimensions are zeroed in the vector and their tokens are not edited (found by
+    :func:`steer.massive_activations` on a few built-in prompts: they barely depend on the
+    input), or pass the :class:`~steer.diagnostics.MassiveActivations` to use.
 
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")
@@ -462,8 +471,16 @@ def steer(
             v = direction.vectors  # one row per layer
         elif hasattr(direction, "vectors") and (isinstance(layer, (list, tuple)) or layer == "all"):
             v = direction.vectors[direction.layer] if direction.layer is not None else direction.vectors
+        skip = frozenset()
+        if exclude is not None:
+            from .diagnostics.massive import exclusion
+
+            dims, skip, sink = exclusion(model, exclude)
+            v = torch.as_tensor(v).clone()
+            v[..., dims] = 0
+            include_sink = include_sink and not sink
         ivs.insert(0, I.Intervention(kind, v, layers=layers, sites=sites, positions=positions,
-                                     strength=strength, include_sink=include_sink))
+                                     strength=strength, include_sink=include_sink, skip_tokens=skip))
     return Steering(model, ivs, condition=condition, gate=gate)
 
 

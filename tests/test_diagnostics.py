@@ -214,3 +214,101 @@ def test_refusal_probe_trace_rises_under_refusal_steering(smol):
     gen = lambda tr: torch.cat([tr.generation_scores(i)[:-1] for i in range(len(held))])  # noqa: E731
     assert float(gen(steered).nanmean()) > float(gen(plain).nanmean()) + 1.0
     assert steer.evaluate.refusal_rate(steered.texts) > steer.evaluate.refusal_rate(plain.texts)
+
+
+# -- leaving massive activations out ---------------------------------------------------------
+
+def test_skip_tokens_are_never_edited(tiny):
+    """An intervention with skip_tokens leaves those tokens' activations exactly as unsteered, in a
+    full forward and in a decode step fed one of them; other tokens are edited."""
+    from steer.interventions import Intervention
+
+    skip = tiny.to_tokens("e")[0]
+    v = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(2)) * 5
+    iv = Intervention("add", v, layers=[0], strength=1.0, skip_tokens={skip})
+    prompts = [Raw("see the tree"), Raw("a cat")]
+    b = tokenize(tiny, prompts)
+    got = {}
+
+    def grab(act, site):
+        got.setdefault("h", []).append(act.clone())
+
+    def run(steering, feed):
+        got.clear()
+        ctx = steering if steering is not None else steer.Steering(tiny)
+        with ctx as s, steer.add_hooks(tiny, {"resid_post.0": grab}), torch.no_grad():  # read after the edit
+            s.batch = b
+            out = tiny.hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                          use_cache=True)
+            am = torch.cat([b.attention_mask, torch.ones(2, 1, dtype=b.attention_mask.dtype)], 1)
+            tiny.hf(input_ids=torch.tensor([[feed], [feed]]), attention_mask=am,
+                    position_ids=b.position_ids[:, -1:] + 1, past_key_values=out.past_key_values, use_cache=True)
+        return got["h"]
+
+    other = tiny.to_tokens("x")[0]
+    for feed in (skip, other):
+        plain, steered = run(None, feed), run(steer.Steering(tiny, [iv]), feed)
+        is_skip = b.input_ids == skip
+        real = b.attention_mask.bool()
+        first = torch.zeros_like(real)
+        first[torch.arange(2), (b.input_ids.shape[1] - b.lengths)] = True  # the sink, left alone too
+        same = (plain[0] - steered[0]).abs().amax(-1) < 1e-6
+        assert same[is_skip & real].all() and not same[real & ~is_skip & ~first].any()
+        assert bool(((plain[1] - steered[1]).abs().amax() < 1e-6)) == (feed == skip)
+
+
+def test_extract_and_steer_leave_planted_massive_activations_out(tiny):
+    """A planted outlier (+5000 on dimension 7 of the embedding of 'e', so every 'e' token carries
+    it at every layer): exclude= finds it, the direction is the one read without those tokens,
+    with dimension 7 zeroed; steer(exclude=) zeroes it and skips those tokens."""
+    e = tiny.to_tokens("e")[0]
+    emb = tiny.hf.get_input_embeddings().weight
+    pos, neg = [Raw("the tree is green"), Raw("see here")], [Raw("a cat sat"), Raw("dogs run")]
+    with torch.no_grad():
+        emb[e, 7] += 5000.0
+    try:
+        r = D.massive_activations(tiny, pos + neg, attention=False)
+        dims, skip, sink = D.massive.exclusion(tiny, r)
+        assert dims == [7] and skip == {e} and not sink
+        d = steer.extract(tiny, pos, neg, positions="all", layer=1, exclude=r)
+        ids = torch.tensor([e])
+        ref = steer.extract(tiny, pos, neg, positions=lambda b: steer.positions.mask("all", b, include_sink=False)
+                            & ~torch.isin(b.input_ids, ids), layer=1)
+        plain = steer.extract(tiny, pos, neg, positions="all", layer=1)
+    finally:
+        with torch.no_grad():
+            emb[e, 7] -= 5000.0
+    want = ref.vectors.clone()
+    want[:, 7] = 0
+    torch.testing.assert_close(d.vectors, want)
+    assert d.meta["exclude"] == {"dims": [7], "tokens": [e]}
+    assert plain.vectors[1, 7].abs() > 100  # without exclude, the outlier's share of the mean leaks in
+    st = steer.steer(tiny, torch.ones(tiny.d_model), layer=1, exclude=r)
+    iv = st.interventions[0]
+    assert float(iv.vector[7]) == 0.0 and iv.skip_tokens == {e}
+    with pytest.raises(ValueError, match="'massive'"):
+        steer.steer(tiny, torch.ones(tiny.d_model), layer=1, exclude="huge")
+
+
+@pytest.mark.slow
+def test_massive_dimension_takes_over_a_sink_inclusive_direction(smol):
+    """The prompt-mean refusal direction with the sink's ~25,000 in the mean: dimension 507 (the
+    massive one) carries nearly all of its norm, because harmful and harmless prompts differ in
+    length and so in the sink's share of the mean. exclude="massive" removes it, recovers the
+    direction extracted without the sink, and separates held-out prompts better (measured: cosine
+    with the sink-free direction 0.14 → 0.999; held-out AUROC 0.86 → 0.91)."""
+    from steer import evaluate as E
+
+    d = steer.refusal.training_data()
+    H, S = d["harmful"][:32], d["harmless"][:32]
+    kw = dict(positions="all", layers=[15], layer=15)
+    with_sink = steer.extract(smol, H, S, include_sink=True, **kw).vector(15)
+    excluded = steer.extract(smol, H, S, include_sink=True, exclude="massive", **kw).vector(15)
+    default = steer.extract(smol, H, S, **kw).vector(15)  # the sink left out, steer's default
+    assert abs(float(with_sink[507])) / float(with_sink.norm()) > 0.9 and float(excluded[507]) == 0.0
+    cos = lambda a, b: float(a @ b / a.norm() / b.norm())  # noqa: E731
+    assert cos(excluded, default) > 0.99 and cos(with_sink, default) < 0.3
+    held = d["harmful"][-16:] + d["harmless"][-16:]
+    h = steer.capture(smol, held, layers=[15], positions="all", reduce="mean", include_sink=False).tensor[:, 0]
+    labels = [1] * 16 + [0] * 16
+    assert E.auroc(h @ excluded, labels) > E.auroc(h @ with_sink, labels) + 0.03

@@ -33,7 +33,7 @@ from ..hooks import add_hooks
 from ..progress import bar
 from ..sites import Site, resolve_layers
 
-__all__ = ["massive_activations", "MassiveActivations"]
+__all__ = ["massive_activations", "MassiveActivations", "exclusion"]
 
 
 class MassiveActivations(Rich):
@@ -260,3 +260,27 @@ def _attention_on(model, prompts, positions: list[list[int]], groups, progress) 
         z = torch.zeros(model.n_layers, model.n_heads)
         return z, torch.zeros(())
     return total / count, (uniform / count).expand(model.n_layers, model.n_heads).clone()
+
+
+def exclusion(model, exclude, prompts: Optional[Sequence] = None) -> tuple[list[int], frozenset, bool]:
+    """What ``exclude="massive"`` leaves alone: ``(dims, token_ids, sink)``: the massive
+    dimensions, the tokens that carry massive activations past the first position, and whether
+    the first position carries one. ``exclude`` is ``"massive"`` (found on ``prompts``, default a
+    few built-in harmless requests) or a :class:`MassiveActivations`.
+
+    >>> import steer
+    >>> exclusion(steer.load("tiny-llama"), "massive")            # a random tiny model has none
+    ([], frozenset(), False)
+    """
+    if isinstance(exclude, str):
+        if exclude != "massive":
+            raise ValueError(f"exclude={exclude!r}: use 'massive' or a MassiveActivations.")
+        if prompts is None:
+            from ..refusal import training_data
+
+            prompts = training_data()["harmless"][:4]
+        exclude = massive_activations(model, prompts, attention=False, progress=False)
+    if not isinstance(exclude, MassiveActivations):
+        raise TypeError(f"exclude must be 'massive' or a MassiveActivations, got {type(exclude).__name__}.")
+    sink = any(0 in exclude.positions(i) for i in range(len(exclude.tokens)))
+    return exclude.dims, frozenset(exclude.massive_token_ids), sink
