@@ -461,6 +461,9 @@ def steer(
     2
     """
     ivs = list(interventions)
+    if exclude is not None and direction is None:
+        raise ValueError("exclude= applies to the direction given to steer(); for your own interventions, zero "
+                         "the dimensions and set Intervention(skip_tokens=...) from steer.diagnostics.massive.exclusion.")
     if direction is not None:
         lay = layer if not (isinstance(layer, (list, tuple)) or layer == "all") else None
         v, default = _vector_of(model, direction, lay)

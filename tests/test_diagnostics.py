@@ -84,9 +84,14 @@ def test_planted_outlier_is_found_with_its_attention(tiny):
     with steer.add_hooks(tiny, {"resid_post.0": plant}):
         r = D.massive_activations(tiny, prompts, batch_size=2)
         from steer._hf import eager_attention
-        with eager_attention(tiny.hf), torch.no_grad():
-            att = tiny.hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                          output_attentions=True).attentions
+        att = []  # the model's own weights, as each eager attention module returns them
+        hs = [tiny.arch.attention(blk).register_forward_hook(lambda mod, a, o: att.append(o[1])) for blk in tiny.layers]
+        try:
+            with eager_attention(tiny.hf), torch.no_grad():
+                tiny.hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
+        finally:
+            for h in hs:
+                h.remove()
         a = steer.capture(tiny, prompts, layers=[1], positions="all")  # every token, for a brute-force top-k
     assert [(e["layer"], e["dim"], e["positions"], e["prompts"]) for e in r.entries] == [(0, 7, [1], 2), (1, 7, [1], 2)]
     assert r.dims == [7] and r.positions(0) == [1] and r.peak()["dim"] == 7
@@ -288,6 +293,8 @@ def test_extract_and_steer_leave_planted_massive_activations_out(tiny):
     assert float(iv.vector[7]) == 0.0 and iv.skip_tokens == {e}
     with pytest.raises(ValueError, match="'massive'"):
         steer.steer(tiny, torch.ones(tiny.d_model), layer=1, exclude="huge")
+    with pytest.raises(ValueError, match="skip_tokens"):
+        steer.steer(tiny, exclude=r)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ attention would put there.
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import torch
@@ -230,6 +231,40 @@ def massive_activations(model, prompts: Sequence, layers="all", *, k: int = 5, m
     return res
 
 
+@contextmanager
+def attention_weights(model):
+    """``{layer: [batch, head, q, k]}`` filled by every forward in the block: the weights each
+    layer's attention module returns next to its output under eager attention (see
+    :func:`steer._hf.eager_attention`). A forward hook of steer's, removed on exit; HF's
+    ``output_attentions=True`` is not used, as it leaves recording hooks installed on the model.
+
+    >>> import steer, torch
+    >>> from steer._hf import eager_attention
+    >>> m = steer.load("tiny-llama")
+    >>> with eager_attention(m.hf), attention_weights(m) as w:
+    ...     _ = m.hf(input_ids=torch.tensor([[5, 6, 7]]))
+    >>> w[1].shape, round(float(w[1][0, 0, 2].sum()), 4)
+    (torch.Size([1, 4, 3, 3]), 1.0)
+    """
+    got: dict[int, Tensor] = {}
+
+    def hook(layer):
+        def grab(module, args, out):
+            w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if not isinstance(w, Tensor) or w.ndim != 4:
+                raise RuntimeError(f"The attention of layer {layer} returned no weights: run it under "
+                                   "steer._hf.eager_attention (sdpa and flash attention do not return them).")
+            got[layer] = w.detach()
+        return grab
+
+    handles = [model.arch.attention(block).register_forward_hook(hook(l)) for l, block in enumerate(model.layers)]
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _attention_on(model, prompts, positions: list[list[int]], groups, progress) -> tuple[Tensor, Tensor]:
     """Mean attention (over prompts and their queries) each head puts on its prompt's ``positions``,
     and what uniform causal attention would put there; prompts without any such position are left out."""
@@ -237,15 +272,16 @@ def _attention_on(model, prompts, positions: list[list[int]], groups, progress) 
 
     keep = [i for i, p in enumerate(positions) if p]
     total, uniform, count = None, None, 0
-    with eager_attention(model.hf):
+    with eager_attention(model.hf), attention_weights(model) as weights:
         for rows in bar(groups, desc="attention on massive positions", enabled=progress):
             rows = [i for i in rows if i in keep]
             if not rows:
                 continue
             b = tokenize(model, [prompts[i] for i in rows]).to(model.device)
-            out = model.hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                           use_cache=False, output_attentions=True)
-            att = torch.stack([a.float() for a in out.attentions], 1)  # [b, layer, head, q, k]
+            weights.clear()
+            model.base(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                       use_cache=False)
+            att = torch.stack([weights[l].float() for l in range(model.n_layers)], 1)  # [b, layer, head, q, k]
             T = b.input_ids.shape[1]
             for r, i in enumerate(rows):
                 s = T - int(b.lengths[r])
