@@ -15,13 +15,16 @@ from steer.data import Raw, tokenize
 RAW = [Raw("When Mary and John went out"), Raw("The sky")]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("family", RUNNER_FAMILIES)
-def test_lens_at_the_last_layer_is_the_models_output(family):
-    m = steer.load(family)
+def test_lens_at_the_last_layer_is_the_models_output(family, dtype):
+    """decode() (final norm, unembedding, final soft-cap) against HF's own forward, fp32 and bf16."""
+    m = steer.load(family, dtype=dtype)
     lens = D.logit_lens(m, RAW, positions="all", targets=[3, 7], k=4)
     b = tokenize(m, RAW)
     with torch.no_grad():
-        probs = m.hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits.softmax(-1)
+        probs = m.hf(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                     position_ids=b.position_ids).logits.float().softmax(-1)
     for i in range(len(RAW)):
         n = int(b.lengths[i])
         p = probs[i, -n:]  # the prompt's own tokens (left padding)

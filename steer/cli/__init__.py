@@ -18,6 +18,19 @@ import sys
 _SUBCOMMANDS = ("demo", "refusal", "patch", "bias", "persona", "evaluate", "diagnose")
 
 
+def emit(doc, path=None, indent: int = 1) -> None:
+    """Print ``doc`` as JSON and, if ``path`` is given, also write it there (what every subcommand does)."""
+    import json
+    from pathlib import Path
+
+    text = json.dumps(doc, indent=indent, default=str)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+        print(f"written to {path}", file=sys.stderr)
+    print(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -16,7 +16,6 @@ without ``--text`` or ``--prompts``, a few built-in harmless requests.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -96,10 +95,7 @@ def run(args) -> int:
         save(fig, args.plot)
         out["figure"] = args.plot
         print(f"figure: {args.plot}", file=sys.stderr)
-    text = json.dumps(out, indent=1, default=str)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(text)
-        print(f"written to {args.json_out}", file=sys.stderr)
-    print(text)
+    from steer.cli import emit
+
+    emit(out, args.json_out)
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -80,10 +79,7 @@ def run(args) -> int:
                            strengths, system_prompt=system, neutral_prompts=training_data()["harmless"][-args.neutral:],
                            unrelated_texts=load_neutral_text()[:8], name=name)
     out = {"model": model.name, "direction": str(path), "layer": layer, "positions": args.positions, **ev.to_dict()}
-    text = json.dumps(out, indent=1)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(text)
-        print(f"written to {args.json_out}", file=sys.stderr)
-    print(text)
+    from steer.cli import emit
+
+    emit(out, args.json_out)
     return 0

@@ -20,10 +20,13 @@ torch.Size([1, 2, 1, 3])
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import contextlib
+import functools
+
+from typing import Optional, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from ..display import Rich
@@ -192,18 +195,12 @@ def logit_lens(model, prompts: Sequence, *, layers="all", positions="last", targ
     target_ids = [_token_id(model, t) for t in targets]
 
     def residuals():
-        a = capture(model, prompts, layers=layers, site="resid_post", positions=positions, include_sink=include_sink,
-                    batch_size=batch_size, progress=False, device=None, dtype=None)
-        return a
+        return capture(model, prompts, layers=layers, site="resid_post", positions=positions, include_sink=include_sink,
+                       batch_size=batch_size, progress=False, device=None, dtype=None)
 
-    if steering is not None:
-        with steering:
-            a = residuals()
-    else:
+    with steering if steering is not None else contextlib.nullcontext():
         a = residuals()
-    ref = None
-    if compare:
-        ref = residuals()
+    ref = residuals() if compare else None
     t = a.tensor if a.has_pos else a.tensor[:, :, None]  # [n, layer, pos, d]
     mask = a.mask if a.has_pos else torch.ones(t.shape[0], 1, dtype=torch.bool)
     n, L, P, d = t.shape
@@ -234,14 +231,12 @@ def logit_lens(model, prompts: Sequence, *, layers="all", positions="last", targ
             kl[r] = (p * (lp - lq)).sum(-1).clamp(min=0).cpu()
     shape = (n, L, P)
     top_ids, top_p = top_ids.view(*shape, kk), top_p.view(*shape, kk)
-    from ..data import tokenize
 
     tokens, pos_lists = _positions(model, prompts, positions, include_sink, batch_size)
-    vocab = {}
+    @functools.lru_cache(maxsize=None)
     def s(tid):
-        if tid not in vocab:
-            vocab[tid] = model.tokenizer.decode([tid])
-        return vocab[tid]
+        return model.tokenizer.decode([tid])
+
     top_tokens = [[[[s(int(x)) for x in top_ids[i, j, q]] for q in range(P)] for j in range(L)] for i in range(n)]
     lens = LogitLens(model.name, a.layers, tokens, pos_lists, mask.cpu(), top_ids, top_p, top_tokens, ent.view(shape),
                      target_ids, tp.view(*shape, len(target_ids)), tr.view(*shape, len(target_ids)),

@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..data import tokenize

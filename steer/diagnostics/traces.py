@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from ..display import Rich
@@ -142,7 +141,16 @@ def probe_trace(model, prompts: Sequence, probe, layer: Optional[int] = None, *,
                 steering=None) -> ProbeTrace:
     """Generate greedily from ``prompts`` and read ``probe`` at ``resid_post.layer`` at every token
     of prompt and generation, in the generation pass itself (see the module doc). ``steering``: a
-    :class:`~steer.steering.Steering` (not yet entered) to generate under."""
+    :class:`~steer.steering.Steering` (not yet entered) to generate under.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> v = torch.randn(64)
+    >>> st = steer.steer(m, v, layer=0, strength=4.0)
+    >>> tr = probe_trace(m, [steer.Raw("Hi")], v, layer=1, max_new_tokens=4, steering=st)
+    >>> tr.steered, tuple(tr.scores.shape), int(tr.prompt_len[0]) + int(tr.gen_len[0])   # [prompt, pos]
+    (True, (1, 6), 6)
+    """
     from .._hf import eos_ids
     from ..data import tokenize
     from ..hooks import add_hooks
