@@ -2,11 +2,15 @@
 
 * :mod:`~steer.diagnostics.massive`: massive activations and the attention they draw;
 * :mod:`~steer.diagnostics.lens`: logit lens (early decoding), plain or steered;
-* :mod:`~steer.diagnostics.traces`: a probe read at every token of prompt and generation.
+* :mod:`~steer.diagnostics.traces`: a probe read at every token of prompt and generation;
+* :mod:`~steer.diagnostics.heads`: the heads that move a trace, ranked by attribution and
+  verified by ablation.
 """
 
+from .heads import TraceHeads, trace_heads
 from .lens import LogitLens, logit_lens
 from .massive import MassiveActivations, massive_activations
 from .traces import ProbeTrace, probe_trace
 
-__all__ = ["massive_activations", "MassiveActivations", "logit_lens", "LogitLens", "probe_trace", "ProbeTrace"]
+__all__ = ["massive_activations", "MassiveActivations", "logit_lens", "LogitLens", "probe_trace", "ProbeTrace",
+           "trace_heads", "TraceHeads"]
