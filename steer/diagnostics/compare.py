@@ -26,13 +26,13 @@ the same way::
 >>> cp = cross_patch(a, b, [steer.Raw("a cat"), steer.Raw("the dog ran")], metric)
 >>> cp.values.shape                                           # [site, layer]
 torch.Size([3, 2])
->>> bool(torch.isclose(cp.values[0, -1], torch.tensor(cp.a), atol=1e-4))  # resid_post at the last layer: a's output
-True
+>>> cp.sites, cp.restored.shape                               # (values - b) / (a - b)
+(['resid_post', 'attn_out', 'mlp_out'], torch.Size([3, 2]))
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 from jaxtyping import Float
