@@ -99,6 +99,15 @@ class Arch:
         """The MLP's output projection (its input is the ``neuron`` site); None for MoE blocks."""
         return None if self.mlp_out is None else _get(self.mlp_module(block), self.mlp_out)
 
+    def read_matrix(self, block, which: str) -> Tensor:
+        """The matrix that reads a site into the residual stream, as ``[d_model, d_in]``:
+        ``"o"`` (``W_O``, reading the heads' ``z``, head-major) or ``"mlp"`` (``W_out``, reading
+        the ``neuron`` site). GPT-2's ``Conv1D`` stores it transposed."""
+        mod = self.proj(block, "o") if which == "o" else self.mlp_out_proj(block)
+        if mod is None:
+            raise UnsupportedModel(f"{self.family} blocks have no single {which!r} output matrix (MoE MLPs route tokens).")
+        return mod.weight.detach().T if self.conv1d else mod.weight.detach()
+
     def writers(self, block) -> list[Optional[torch.nn.Module]]:
         """The modules of a block whose outputs are added to the residual stream."""
         return [self.proj(block, "o"), self.mlp_out_proj(block)]

@@ -16,12 +16,13 @@ from .diagnostic import missed_effect_bound, topk_recovery_cost
 from .nodes import NODE_KINDS, NodeSet, node_set
 from .relevance import relevance_rules, relp
 from .result import PatchingResult, pearson, spearman
+from .subspace import SubspacePatch, subspace_patch
 from .tasks import IOI_NAMES, IOI_TEMPLATES, LogitDiff, PatchTask, ioi_task, load_task
 from .demo import demo_figure, patch
 
 __all__ = [
     "IOI_NAMES", "IOI_TEMPLATES", "LogitDiff", "NODE_KINDS", "NodeSet", "PatchTask", "PatchingResult",
     "activation_patch", "atp", "atp_star", "auto_batch_size", "demo_figure", "ioi_task", "load_task",
-    "missed_effect_bound", "node_set", "patch", "pearson", "relevance_rules", "relp", "spearman",
+    "missed_effect_bound", "node_set", "patch", "pearson", "relevance_rules", "relp", "spearman", "subspace_patch", "SubspacePatch",
     "topk_recovery_cost",
 ]
