@@ -46,6 +46,30 @@ def test_trace_with_and_without_steering(tmp_path, capsys):
     got = [x for x in doc["steered"]["rows"][0]["scores"] if x is not None]
     assert got == pytest.approx([x for x in steered.scores[0].tolist() if x == x])
     assert doc["steered"]["strength"] == 3.0 and (tmp_path / "t.png").exists()
+    doc = _run(capsys, "trace", "--direction", str(tmp_path / "d.safetensors"), "--text", "Hi there", "--raw",
+               "--max-new-tokens", "4", "--heads", "3")
+    ref = D.trace_heads(m, D.probe_trace(m, [Raw("Hi there")], d, layer=1, max_new_tokens=4), d, top=3)
+    assert doc["heads"]["heads"] == [list(h) for h in ref.heads]
+    assert doc["heads"]["measured"] == pytest.approx(ref.measured.tolist(), abs=1e-5)
+
+
+def test_trajectory(tmp_path, capsys):
+    m = steer.load("tiny-llama")
+    rows = [{"instruction": "translate: cat", "task": "tr", "refused": True},
+            {"instruction": "translate: dog", "task": "tr", "refused": False},
+            {"instruction": "sentiment: ok", "task": "se", "refused": False}]
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    doc = _run(capsys, "trajectory", "--prompts", str(f), "--raw", "--plot", str(tmp_path / "tr.png"))
+    ref = D.trajectories(m, [Raw(r["instruction"]) for r in rows], tasks=["tr", "tr", "se"], refused=[True, False, False])
+    assert doc["to_comply"] == pytest.approx(ref.distances()["to_comply"].tolist(), nan_ok=True)
+    assert (tmp_path / "tr.png").stat().st_size > 1000
+    # without labels: generated and labelled by refusal phrases (a random model never refuses)
+    f.write_text(json.dumps([{k: v for k, v in r.items() if k != "refused"} for r in rows]))
+    f2 = tmp_path / "p.json"
+    f2.write_text(f.read_text())
+    doc = _run(capsys, "trajectory", "--prompts", str(f2), "--raw", "--max-new-tokens", "3")
+    assert doc["refused"] == [False, False, False]
 
 
 def test_bad_input(capsys):
@@ -53,3 +77,5 @@ def test_bad_input(capsys):
         steer.cli.main(["diagnose", "trace", "--model", "tiny-llama", "--text", "Hi"])
     with pytest.raises(SystemExit, match="not both"):
         steer.cli.main(["diagnose", "lens", "--model", "tiny-llama", "--text", "Hi", "--prompts", "x.json"])
+    with pytest.raises(SystemExit, match="--prompts FILE"):
+        steer.cli.main(["diagnose", "trajectory", "--model", "tiny-llama"])
