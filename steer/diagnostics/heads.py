@@ -29,6 +29,7 @@ token (the attention sink) is left as it is unless ``include_sink``.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -170,7 +171,7 @@ def trace_heads(model, trace: ProbeTrace, probe, *, steering=None, readings: str
             raise StopForward
 
         rows = lambda x: x.repeat_interleave(k, 0).to(dev)  # noqa: E731
-        ctx = steering if steering is not None else _Null()
+        ctx = steering if steering is not None else nullcontext()
         with ctx as s, add_hooks(model, [*hooks, (f"resid_post.{layer}", read)]):
             if steering is not None:
                 s.batch = b.to(dev)
@@ -234,13 +235,6 @@ def trace_heads(model, trace: ProbeTrace, probe, *, steering=None, readings: str
     return TraceHeads(model.name, layer, attribution, heads, attribution.flatten()[order], changes[:top],
                       changes[top:], base, readings, ablation, model.n_layers * H)
 
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _check_reproduces(s: Tensor, trace: ProbeTrace, sel: Tensor, dtype) -> None:

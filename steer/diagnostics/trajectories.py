@@ -24,6 +24,7 @@ torch.Size([4])
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional, Sequence
 
 import torch
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from ..display import Rich
 
-__all__ = ["trajectories", "Trajectories"]
+__all__ = ["trajectories", "Trajectories", "read_points"]
 
 
 class Trajectories(Rich):
@@ -119,12 +120,12 @@ class Trajectories(Rich):
                 "projection": self.projection.tolist(), "to_refuse": d["to_refuse"].tolist(),
                 "to_comply": d["to_comply"].tolist()}
 
-    def plot(self, path=None):
+    def plot(self, path=None, ax=None):
         """Each task's mean trajectory per outcome in the shared projection (solid: complied,
         dashed: refused), individual prompts faint; the first layer marked."""
         from ..plotting import PALETTE, plt, save
 
-        fig, ax = plt.subplots(figsize=(6, 4.6))
+        fig, ax = plt.subplots(figsize=(6, 4.6)) if ax is None else (ax.figure, ax)
         for k, t in enumerate(sorted(set(self.tasks))):
             c = PALETTE[k % len(PALETTE)]
             for i in [i for i, tt in enumerate(self.tasks) if tt == t]:
@@ -142,8 +143,8 @@ class Trajectories(Rich):
         ax.grid(alpha=0.3)
         ax.set_title(f"{self.model_name}: last-token trajectories through layers {self.layers[0]}–{self.layers[-1]}",
                      fontsize=9)
-        fig.tight_layout()
         if path is not None:
+            fig.tight_layout()
             save(fig, path)
         return fig
 
@@ -172,7 +173,6 @@ def trajectories(model, prompts: Sequence, *, tasks: Sequence[str], refused: Seq
     ``steer.evaluate.refusal_substring`` on its generation). ``steering``: a (not yet entered)
     :class:`~steer.steering.Steering` the prompts are read under, e.g. the one their refusals
     were generated with, whose edits apply to every prompt alike. See the module doc."""
-    from ..capture import capture
     from ..sites import resolve_layers
 
     prompts = list(prompts)
@@ -180,10 +180,33 @@ def trajectories(model, prompts: Sequence, *, tasks: Sequence[str], refused: Seq
         raise ValueError(f"{len(prompts)} prompts, {len(tasks)} task labels, {len(refused)} refusal labels: "
                          "give one task and one refusal label per prompt.")
     layers = resolve_layers(model, layers)
-    if steering is not None:
-        with steering:
-            acts = capture(model, prompts, layers=layers, positions="last", batch_size=batch_size, progress=False)
-    else:
-        acts = capture(model, prompts, layers=layers, positions="last", batch_size=batch_size, progress=False)
-    return Trajectories(model.name, layers, acts.tensor.float(), tasks, [bool(r) for r in refused],
-                        [str(p) for p in prompts])
+    points = read_points(model, prompts, layers, steering=steering, batch_size=batch_size)
+    return Trajectories(model.name, layers, points, tasks, [bool(r) for r in refused], [str(p) for p in prompts])
+
+
+@torch.no_grad()
+def read_points(model, prompts: Sequence, layers: Sequence[int], *, steering=None,
+                batch_size: int = 32) -> Float[Tensor, "prompt layer d_model"]:
+    """Last-token ``resid_post`` of each prompt at ``layers``, in the prompts' order. Under a
+    ``steering`` (not yet entered; it may carry per-example strengths) all prompts form one batch."""
+    from ..data import tokenize
+    from ..hooks import add_hooks
+
+    prompts = list(prompts)
+    layers = list(layers)
+    step = len(prompts) if steering is not None else batch_size
+    out = []
+    for c in range(0, len(prompts), step):
+        b = tokenize(model, prompts[c: c + step]).to(model.device)
+        got = {}
+        hooks = [(f"resid_post.{l}", lambda act, site: got.__setitem__(site.layer, act[:, -1].float().cpu()))
+                 for l in layers]
+        ctx = steering if steering is not None else nullcontext()
+        with ctx as s, add_hooks(model, hooks):
+            if steering is not None:
+                s.batch = b
+            model.hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                     use_cache=False)
+        out.append(torch.stack([got[l] for l in layers], 1))
+    return torch.cat(out)
+
