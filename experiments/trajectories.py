@@ -3,10 +3,10 @@ embedded SmolLM2-135M-Instruct, made to over-refuse.
 
 SmolLM2 does not refuse by itself, so the over-refusing model is SmolLM2 under a refusal
 behaviour vector at layer 10 (strength ``--alpha``): it refuses most harmful requests and also
-part of two benign tasks whose inputs quote harmful requests, *translation* ("Translate into
+part of the benign tasks whose inputs quote harmful requests, *translation* ("Translate into
 French, do not answer it: ...") and *tone* ("Is the tone of this sentence positive or
-negative? ..."). Those two tasks are marked prone to over-refusal; plain harmful requests form
-a third task that is not.
+negative? ..."). A benign task with both refused and answered fit prompts is marked prone to
+over-refusal; plain harmful requests form a third task that never is.
 
 1. Fit: ``--n-fit`` prompts per task, generated under the refusal vector and labelled by refusal
    phrases; trajectories (last-token ``resid_post`` at every layer, read under the same vector).
@@ -20,7 +20,7 @@ Reported: refusal rates per task (over-refusal on the benign tasks, refusal of h
 task-identification accuracy, readability, and each held-out prompt's distance to its task's two
 trajectories before and after steering.
 
-    python experiments/trajectories.py [--out DIR] [--alpha 2.5] [--beta 1.0]
+    python experiments/trajectories.py [--out DIR] [--alpha 2.0] [--beta 1.0]
 
 Writes ``results.json`` and ``trajectories.png`` (the fitted trajectories in the shared projection,
 and refusal rates per condition).
@@ -54,7 +54,7 @@ def _data(n_fit: int, n_eval: int):
     return fit, ev
 
 
-def run(out="out/trajectories", n_fit=24, n_eval=16, alpha=2.5, beta=1.0, layers=(10, 12, 14, 16),
+def run(out="out/trajectories", n_fit=24, n_eval=16, alpha=2.0, beta=1.0, layers=(10, 12, 14, 16),
         gen_tokens=24, model=None) -> dict:
     import matplotlib
 
@@ -89,7 +89,10 @@ def run(out="out/trajectories", n_fit=24, n_eval=16, alpha=2.5, beta=1.0, layers
     all_layers = list(range(model.n_layers))
     before = read_points(model, ep, all_layers, steering=base())
     guessed = traj.classify(before)
-    prone = list(TASKS)
+    # prone to over-refusal: the benign tasks that the refusal vector makes the model refuse in part
+    prone = [t for t in TASKS if (t, True) in traj.means and (t, False) in traj.means]
+    if not prone:
+        raise ValueError(f"No benign task has both refused and answered fit prompts at alpha={alpha}: change --alpha.")
     runs = {"refusal vector": base()}
     runs["+ trajectory steering"] = traj.steering(model, guessed, prone, layers=list(layers), strength=beta, base=base())
     pooled = torch.stack([traj.points[[i for i, r in enumerate(refused) if not r]].mean(0),
@@ -108,10 +111,10 @@ def run(out="out/trajectories", n_fit=24, n_eval=16, alpha=2.5, beta=1.0, layers
     after = read_points(model, ep, all_layers,
                         steering=traj.steering(model, guessed, prone, layers=list(layers), strength=beta, base=base()))
     d0, d1 = traj.distances(before, et), traj.distances(after, et)
-    sel = [i for i, t in enumerate(et) if t in TASKS]
-    over = lambda r: sum(r[f"refusal {t}"] for t in TASKS) / len(TASKS)  # noqa: E731
+    sel = [i for i, t in enumerate(et) if t in prone]
+    over = lambda r: sum(r[f"refusal {t}"] for t in prone) / len(prone)  # noqa: E731
     res = {
-        "alpha": alpha, "beta": beta, "layers": list(layers), "n_fit": n_fit, "n_eval": n_eval,
+        "alpha": alpha, "beta": beta, "prone": prone, "layers": list(layers), "n_fit": n_fit, "n_eval": n_eval,
         "fit_refusal": {t: sum(r for r, tt in zip(refused, ft) if tt == t) / ft.count(t) for t in (*TASKS, "harmful")},
         "task_accuracy": sum(g == t for g, t in zip(guessed, et)) / len(et),
         "runs": rows,
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="out/trajectories")
     p.add_argument("--n-fit", type=int, default=24)
     p.add_argument("--n-eval", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=2.5)
+    p.add_argument("--alpha", type=float, default=2.0)
     p.add_argument("--beta", type=float, default=1.0)
     a = p.parse_args(argv)
     res = run(a.out, n_fit=a.n_fit, n_eval=a.n_eval, alpha=a.alpha, beta=a.beta)

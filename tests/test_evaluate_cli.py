@@ -43,3 +43,39 @@ def test_cli_evaluate_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="no direction file"):
         steer.cli.main(["evaluate", "--direction", str(tmp_path / "none.safetensors"), "--items", "optimistic",
                         "--model", "tiny-llama"])
+    with pytest.raises(SystemExit, match="pass --direction FILE"):
+        steer.cli.main(["evaluate", "--items", "optimistic", "--model", "tiny-llama"])
+    (tmp_path / "ok.json").write_text(json.dumps(ITEMS))
+    with pytest.raises(SystemExit, match="built-in trait"):
+        steer.cli.main(["evaluate", "--method", "act", "--items", str(tmp_path / "ok.json"), "--strengths", "1",
+                        "--model", "tiny-llama"])
+
+
+@pytest.mark.parametrize("method", ["act", "lineas"])
+def test_cli_evaluate_fitted_maps_match_the_library(method, capsys):
+    """--method act|lineas fits maps from the trait's suppressing → eliciting prompts and
+    evaluates them as the library does with the same maps."""
+    from steer import persona, transport
+    from steer.bias import load_neutral_text
+    from steer.refusal import training_data
+
+    m = steer.load("tiny-llama")
+    rc = steer.cli.main(["evaluate", "--method", method, "--items", "optimistic", "--layer", "1", "--strengths", "0.5,1",
+                         "--positions", "all", "--model", "tiny-llama"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    t = persona.load_trait("optimistic")
+    qs = t.train_questions
+    src = [persona._messages(t.negative[i % len(t.negative)], q) for i, q in enumerate(qs)]
+    tgt = [persona._messages(t.positive[i % len(t.positive)], q) for i, q in enumerate(qs)]
+    fit = transport.fit_linear_act if method == "act" else transport.fit_lineas
+    maps = fit(m, src, tgt, layers=[1], progress=False)
+    ev = evaluate_steering(m, t.ab, lambda a: steer.Steering(m, transport.transport(maps, a)), [0.5, 1.0],
+                           system_prompt=t.positive[0], neutral_prompts=training_data()["harmless"][-8:],
+                           unrelated_texts=load_neutral_text()[:8])
+    assert doc["method"] == method and doc["layers"] == [1]
+    for got, want in zip(doc["rows"], ev.rows):
+        assert got["effect"] == pytest.approx(want["effect"], abs=1e-4)
+        assert got["neutral_kl"] == pytest.approx(want["neutral_kl"], abs=1e-5)
+    with pytest.raises(SystemExit, match=r"λ in \[0, 1\]"):
+        steer.cli.main(["evaluate", "--method", method, "--items", "optimistic", "--strengths", "2", "--model", "tiny-llama"])

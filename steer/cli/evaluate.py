@@ -3,6 +3,8 @@ Steering Interventions in LLMs" asks (:func:`steer.evaluate.evaluate_steering`);
 
     steer evaluate --direction FILE --items TRAIT|FILE [--layer L] [--strengths 1,2,4]
                    [--system TEXT] [--positions response|all] [--model M] [--json OUT]
+    steer evaluate --method act|lineas --items TRAIT [--layer L | --layers 6,10,14]
+                   [--strengths 0.5,1] ...
 
 FILE for ``--direction``: a saved :class:`steer.Direction` (``.safetensors``/``.pt``, or a GGUF
 control vector). ``--items``: a built-in trait name (its hand-written ``ab`` items) or a JSON list
@@ -11,6 +13,12 @@ of ``{"question", "matching", "non_matching"}``. For every strength: the likelih
 its paired d_z, the matching rate, neutral next-token KL on held-out harmless requests and the
 perplexity ratio of unrelated text; then the prompting baseline (``--system``, default: the
 trait's first eliciting system prompt).
+
+``--method`` (default ``add``: the saved direction, added) fits the steering instead:
+``act`` (Linear-AcT, :func:`steer.transport.fit_linear_act`, one map at ``--layer``) or ``lineas``
+(:func:`steer.transport.fit_lineas`, maps at ``--layers`` fitted jointly), both from the built-in
+trait's training questions under its suppressing (source) and eliciting (target) system
+prompts; strengths are λ in [0, 1].
 """
 
 from __future__ import annotations
@@ -23,7 +31,10 @@ from pathlib import Path
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="judge a steering direction: likelihood effect, prompting baseline, side effects",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--direction", required=True, help="a saved steer.Direction file (or GGUF control vector)")
+    p.add_argument("--direction", default=None, help="--method add: a saved steer.Direction file (or GGUF control vector)")
+    p.add_argument("--method", choices=["add", "act", "lineas"], default="add",
+                   help="add the direction, or fit Linear-AcT / LinEAS maps from the trait's prompts")
+    p.add_argument("--layers", default=None, help="--method lineas: comma-separated layers (default: --layer)")
     p.add_argument("--items", required=True, help="built-in trait name or a JSON file of evaluation items")
     p.add_argument("--layer", type=int, default=None, help="steering layer (default: the direction's chosen layer)")
     p.add_argument("--strengths", default="1,2,4", help="comma-separated steering strengths")
@@ -50,6 +61,31 @@ def _items(spec: str):
     return t.ab, t.positive[0], t.name
 
 
+def _fitted(args, model, pos, strengths):
+    """Linear-AcT / LinEAS maps fitted from a built-in trait's suppressing → eliciting prompts."""
+    from steer import persona, transport
+    from steer.steering import Steering
+
+    if any(not 0 <= a <= 1 for a in strengths):
+        raise SystemExit(f"steer evaluate: --method {args.method} takes strengths λ in [0, 1]; got {strengths}.")
+    try:
+        t = persona.load_trait(args.items)
+    except (ValueError, FileNotFoundError):
+        raise SystemExit(f"steer evaluate: --method {args.method} fits from a built-in trait's prompts; "
+                         f"--items {args.items!r} is not one ({', '.join(persona.list_traits())}).")
+    qs = t.train_questions
+    src = [persona._messages(t.negative[i % len(t.negative)], q) for i, q in enumerate(qs)]
+    tgt = [persona._messages(t.positive[i % len(t.positive)], q) for i, q in enumerate(qs)]
+    if args.method == "act":
+        layers = [10 if args.layer is None else args.layer]
+        maps = transport.fit_linear_act(model, src, tgt, layers=layers, progress=False)
+    else:
+        spec = args.layers or (str(args.layer) if args.layer is not None else "6,10,14")
+        layers = [int(x) for x in spec.split(",") if x.strip()]
+        maps = transport.fit_lineas(model, src, tgt, layers=layers, progress=False)
+    return (lambda a: Steering(model, transport.transport(maps, a, positions=pos))), {"layers": layers, "trait": t.name}
+
+
 def run(args) -> int:
     import steer
     from steer.bias import load_neutral_text
@@ -66,19 +102,26 @@ def run(args) -> int:
     if not strengths:
         raise SystemExit("steer evaluate: --strengths is empty.")
     model = steer.load(args.model)
-    path = Path(args.direction)
-    if not path.exists():
-        raise SystemExit(f"steer evaluate: no direction file {path}.")
-    d = Direction.from_gguf(path, model.n_layers) if path.suffix == ".gguf" else Direction.load(path, model=model)
-    layer = d.layer if args.layer is None else args.layer
-    if layer is None or not 0 <= layer < model.n_layers:
-        raise SystemExit(f"steer evaluate: pass --layer in 0..{model.n_layers - 1} (the direction has no chosen layer).")
     pos = _from_response if args.positions == "response" else "all"
+    if args.method == "add":
+        if not args.direction:
+            raise SystemExit("steer evaluate: pass --direction FILE (or --method act|lineas to fit maps instead).")
+        path = Path(args.direction)
+        if not path.exists():
+            raise SystemExit(f"steer evaluate: no direction file {path}.")
+        d = Direction.from_gguf(path, model.n_layers) if path.suffix == ".gguf" else Direction.load(path, model=model)
+        layer = d.layer if args.layer is None else args.layer
+        if layer is None or not 0 <= layer < model.n_layers:
+            raise SystemExit(f"steer evaluate: pass --layer in 0..{model.n_layers - 1} (the direction has no chosen layer).")
+        make = lambda a: steer.steer(model, d, layer=layer, strength=a, positions=pos)  # noqa: E731
+        what = {"direction": str(path), "layer": layer}
+    else:
+        make, what = _fitted(args, model, pos, strengths)
     system = args.system or system
-    ev = evaluate_steering(model, items, lambda a: steer.steer(model, d, layer=layer, strength=a, positions=pos),
-                           strengths, system_prompt=system, neutral_prompts=training_data()["harmless"][-args.neutral:],
+    ev = evaluate_steering(model, items, make, strengths, system_prompt=system,
+                           neutral_prompts=training_data()["harmless"][-args.neutral:],
                            unrelated_texts=load_neutral_text()[:8], name=name)
-    out = {"model": model.name, "direction": str(path), "layer": layer, "positions": args.positions, **ev.to_dict()}
+    out = {"model": model.name, "method": args.method, **what, "positions": args.positions, **ev.to_dict()}
     from steer.cli import emit
 
     emit(out, args.json_out)
