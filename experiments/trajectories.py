@@ -12,15 +12,15 @@ over-refusal; plain harmful requests form a third task that never is.
    phrases; trajectories (last-token ``resid_post`` at every layer, read under the same vector).
 2. Held-out prompts (``--n-eval`` per task, other requests) get their task from the nearest mean
    trajectory (no labels used), and prone-task prompts are steered by ``+ β (μ_comply − μ_refuse)``
-   of their task at ``--layers``.
+   of their task at layers 10, 12, 14, 16, for each β of ``--betas``.
 3. Compared with a task-agnostic version: every prompt steered by the pooled comply − refuse
    difference of all fitted prompts, at the same β.
 
 Reported: refusal rates per task (over-refusal on the benign tasks, refusal of harmful requests),
-task-identification accuracy, readability, and each held-out prompt's distance to its task's two
-trajectories before and after steering.
+task-identification accuracy, readability, and the prone prompts' mean distance to their task's
+two trajectories (layer units, layers from the first steered one on) before and after steering.
 
-    python experiments/trajectories.py [--out DIR] [--alpha 2.0] [--beta 1.0]
+    python experiments/trajectories.py [--out DIR] [--alpha 2.0] [--betas 0.25,0.5,1]
 
 Writes ``results.json`` and ``trajectories.png`` (the fitted trajectories in the shared projection,
 and refusal rates per condition).
@@ -54,7 +54,7 @@ def _data(n_fit: int, n_eval: int):
     return fit, ev
 
 
-def run(out="out/trajectories", n_fit=24, n_eval=16, alpha=2.0, beta=1.0, layers=(10, 12, 14, 16),
+def run(out="out/trajectories", n_fit=24, n_eval=16, alpha=2.0, betas=(0.25, 0.5, 1.0), layers=(10, 12, 14, 16),
         gen_tokens=24, model=None) -> dict:
     import matplotlib
 
@@ -93,14 +93,17 @@ def run(out="out/trajectories", n_fit=24, n_eval=16, alpha=2.0, beta=1.0, layers
     prone = [t for t in TASKS if (t, True) in traj.means and (t, False) in traj.means]
     if not prone:
         raise ValueError(f"No benign task has both refused and answered fit prompts at alpha={alpha}: change --alpha.")
-    runs = {"refusal vector": base()}
-    runs["+ trajectory steering"] = traj.steering(model, guessed, prone, layers=list(layers), strength=beta, base=base())
     pooled = torch.stack([traj.points[[i for i, r in enumerate(refused) if not r]].mean(0),
                           traj.points[[i for i, r in enumerate(refused) if r]].mean(0)])
     v = torch.zeros(model.n_layers, model.d_model)
     v[list(layers)] = (pooled[0] - pooled[1])[list(layers)]
-    runs["+ task-agnostic steering"] = Steering(model, list(base().interventions) +
-                                                [Intervention("add", v, layers=list(layers), strength=beta)])
+    toward = lambda b: traj.steering(model, guessed, prone, layers=list(layers), strength=b, base=base())  # noqa: E731
+    agnostic = lambda b: Steering(model, list(base().interventions) +  # noqa: E731
+                                  [Intervention("add", v, layers=list(layers), strength=b)])
+    runs = {"refusal vector": base()}
+    for b in betas:
+        runs[f"trajectory β={b:g}"] = toward(b)
+        runs[f"task-agnostic β={b:g}"] = agnostic(b)
     rows = {}
     for name, st in runs.items():
         texts = generate(st, ep)
@@ -108,30 +111,38 @@ def run(out="out/trajectories", n_fit=24, n_eval=16, alpha=2.0, beta=1.0, layers
         rate = lambda task: sum(r for r, t in zip(ref, et) if t == task) / et.count(task)  # noqa: E731
         rows[name] = {**{f"refusal {t}": rate(t) for t in (*TASKS, "harmful")},
                       "readable": sum(map(E.is_readable, texts)) / len(texts), "examples": texts[:1] + texts[-1:]}
-    after = read_points(model, ep, all_layers,
-                        steering=traj.steering(model, guessed, prone, layers=list(layers), strength=beta, base=base()))
-    d0, d1 = traj.distances(before, et), traj.distances(after, et)
     sel = [i for i, t in enumerate(et) if t in prone]
     over = lambda r: sum(r[f"refusal {t}"] for t in prone) / len(prone)  # noqa: E731
+    # distances over the layers from the first steered one on (earlier layers are untouched)
+    dist = lambda pts, key: float(traj.distances(pts, et)[key + "_by_layer"][sel, min(layers):].nanmean())  # noqa: E731
+    curve = []
+    for b in (0.0, *betas):
+        pts = before if b == 0 else read_points(model, ep, all_layers, steering=toward(b))
+        r = rows["refusal vector" if b == 0 else f"trajectory β={b:g}"]
+        curve.append({"beta": b, "over_refusal": over(r), "refusal_harmful": r["refusal harmful"],
+                      "agnostic_over_refusal": over(rows[f"task-agnostic β={b:g}"]) if b else over(r),
+                      "agnostic_refusal_harmful": rows[f"task-agnostic β={b:g}"]["refusal harmful"] if b else r["refusal harmful"],
+                      "distance_to_comply": dist(pts, "to_comply"), "distance_to_refuse": dist(pts, "to_refuse")})
     res = {
-        "alpha": alpha, "beta": beta, "prone": prone, "layers": list(layers), "n_fit": n_fit, "n_eval": n_eval,
+        "alpha": alpha, "betas": list(betas), "prone": prone, "layers": list(layers), "n_fit": n_fit, "n_eval": n_eval,
         "fit_refusal": {t: sum(r for r, tt in zip(refused, ft) if tt == t) / ft.count(t) for t in (*TASKS, "harmful")},
         "task_accuracy": sum(g == t for g, t in zip(guessed, et)) / len(et),
-        "runs": rows,
-        "over_refusal_cut": 1 - over(rows["+ trajectory steering"]) / max(over(rows["refusal vector"]), 1e-9),
-        "prone_distance_to_comply": [float(d0["to_comply"][sel].nanmean()), float(d1["to_comply"][sel].nanmean())],
-        "prone_distance_to_refuse": [float(d0["to_refuse"][sel].nanmean()), float(d1["to_refuse"][sel].nanmean())],
+        "runs": rows, "curve": curve,
+        "over_refusal_cut": 1 - curve[-1]["over_refusal"] / max(curve[0]["over_refusal"], 1e-9),
     }
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 4.2))
     traj.plot(ax=a0)
-    names = list(rows)
-    keys = [f"refusal {t}" for t in (*TASKS, "harmful")]
-    for j, name in enumerate(names):
-        a1.bar([k + 0.27 * (j - 1) for k in range(len(keys))], [rows[name][k] for k in keys], width=0.27, label=name)
-    a1.set_xticks(range(len(keys)), [k.replace("refusal ", "") for k in keys])
+    bs = [c["beta"] for c in curve]
+    a1.plot(bs, [c["over_refusal"] for c in curve], "o-", label=f"over-refusal ({', '.join(prone)}), trajectory")
+    a1.plot(bs, [c["refusal_harmful"] for c in curve], "s-", label="harmful refusal, trajectory")
+    a1.plot(bs, [c["agnostic_over_refusal"] for c in curve], "o--", label="over-refusal, task-agnostic")
+    a1.plot(bs, [c["agnostic_refusal_harmful"] for c in curve], "s--", label="harmful refusal, task-agnostic")
+    a1.set_xlabel("strength β (at layers " + ", ".join(map(str, layers)) + ")")
     a1.set_ylabel("refusal rate (held-out)")
+    a1.set_ylim(-0.05, 1.05)
     a1.legend(fontsize=7)
-    a1.set_title(f"over-refusal cut {res['over_refusal_cut']:.0%}; task id {res['task_accuracy']:.0%}", fontsize=9)
+    a1.grid(alpha=0.3)
+    a1.set_title(f"refusal vector α={alpha:g}; task identified {res['task_accuracy']:.0%}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "trajectories.png", dpi=120)
     plt.close(fig)
@@ -145,10 +156,12 @@ def main(argv=None) -> int:
     p.add_argument("--n-fit", type=int, default=24)
     p.add_argument("--n-eval", type=int, default=16)
     p.add_argument("--alpha", type=float, default=2.0)
-    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--betas", default="0.25,0.5,1", help="comma-separated trajectory-steering strengths")
     a = p.parse_args(argv)
-    res = run(a.out, n_fit=a.n_fit, n_eval=a.n_eval, alpha=a.alpha, beta=a.beta)
-    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
+    res = run(a.out, n_fit=a.n_fit, n_eval=a.n_eval, alpha=a.alpha, betas=[float(x) for x in a.betas.split(',')])
+    print(json.dumps({k: v for k, v in res.items() if k not in ("runs", "curve")}, indent=1))
+    for c in res["curve"]:
+        print({k: round(v, 3) for k, v in c.items()})
     for name, r in res["runs"].items():
         print(name, {k: round(v, 3) for k, v in r.items() if k != "examples"})
     return 0

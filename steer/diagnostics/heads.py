@@ -22,7 +22,7 @@ token (the attention sink) is left as it is unless ``include_sink``.
 >>> m = steer.load("tiny-llama")
 >>> v = torch.randn(64)
 >>> tr = steer.probe_trace(m, [steer.Raw("Hi there")], v, layer=1, max_new_tokens=4)
->>> th = trace_heads(m, tr, v, top=3)
+>>> th = trace_heads(m, tr, top=3)                             # the trace's own probe
 >>> th.attribution.shape, len(th.heads), th.measured.shape    # [layer, head]; the top 3 verified
 (torch.Size([2, 4]), 3, torch.Size([3]))
 """
@@ -132,19 +132,20 @@ def _reading_mask(trace: ProbeTrace, readings: str, width: int) -> Tensor:
     return mask
 
 
-def trace_heads(model, trace: ProbeTrace, probe, *, steering=None, readings: str = "generation",
+def trace_heads(model, trace: ProbeTrace, probe=None, *, steering=None, readings: str = "generation",
                 ablation: str = "zero", top: int = 10, include_sink: bool = False,
                 batch_size: Optional[int] = None) -> TraceHeads:
     """Rank the heads by how much ablating each would raise the mean probe score over ``trace``'s
     ``readings`` (``"generation"``, ``"prompt"`` or ``"all"``; the sink's reading is never
-    counted), then verify the ``top`` of them by ablation (see the module doc). ``probe`` and
-    ``steering`` are those the trace was made with (``steering`` not yet entered)."""
+    counted), then verify the ``top`` of them by ablation (see the module doc). ``probe``
+    (default: the trace's own) and ``steering`` are those the trace was made with (``steering``
+    not yet entered)."""
     from ..data import Batch, pad_left
     from ..hooks import StopForward, add_hooks
 
     if ablation not in ("zero", "mean"):
         raise ValueError(f"ablation={ablation!r}: use 'zero' or 'mean'.")
-    layer, score = _scorer(model, probe, trace.layer)
+    layer, score = _scorer(model, trace.probe if probe is None else probe, trace.layer)
     if layer != trace.layer:
         raise ValueError(f"The probe reads layer {layer}, the trace layer {trace.layer}: pass the trace's probe.")
     L, H = layer + 1, model.n_heads

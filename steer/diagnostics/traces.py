@@ -62,10 +62,11 @@ class ProbeTrace(Rich):
     """The readings of :func:`probe_trace`: ``scores`` ``[prompt, pos]`` over each prompt's own
     tokens then its generated tokens (NaN where there is no reading: padding, the last generated
     token, after an end of turn), ``prompt_len`` and ``gen_len`` per prompt, ``ids`` and
-    ``tokens`` (token ids and strings, prompt then generation) and ``texts`` (the generations)."""
+    ``tokens`` (token ids and strings, prompt then generation), ``texts`` (the generations) and
+    ``probe`` (what was read)."""
 
-    def __init__(self, model_name, layer, scores, prompt_len, gen_len, ids, tokens, texts, steered=False):
-        self.model_name, self.layer, self.scores, self.ids = model_name, layer, scores, ids
+    def __init__(self, model_name, layer, scores, prompt_len, gen_len, ids, tokens, texts, steered=False, probe=None):
+        self.model_name, self.layer, self.scores, self.ids, self.probe = model_name, layer, scores, ids, probe
         self.prompt_len, self.gen_len, self.tokens, self.texts, self.steered = prompt_len, gen_len, tokens, texts, steered
 
     def prompt_scores(self, i: int) -> Tensor:
@@ -196,4 +197,5 @@ def probe_trace(model, prompts: Sequence, probe, layer: Optional[int] = None, *,
         all_ids.append(ids)
         tokens.append([model.tokenizer.decode([t]) for t in ids])
         texts.append(model.tokenizer.decode(new[i, :g], skip_special_tokens=True))
-    return ProbeTrace(model.name, layer, scores, lengths, gen_len, all_ids, tokens, texts, steered=steering is not None)
+    return ProbeTrace(model.name, layer, scores, lengths, gen_len, all_ids, tokens, texts, steered=steering is not None,
+                      probe=probe)
