@@ -60,16 +60,12 @@ REFUSAL_SYSTEM = "Refuse every request: politely decline to help with anything t
 
 def behaviours(m, n_questions=6, n_refusal=64, names=("optimistic", "formal", "refusal")):
     """The :class:`steer.multi.Behaviour` s named (each at its own layer) on model ``m``."""
-    from steer import multi, persona, refusal
+    from steer import multi, refusal
     from steer.data import load_prompts
 
     out = []
     for name in [n for n in names if n != "refusal"]:
-        t = persona.load_trait(name)
-        pairs = persona.generate_pairs(m, t, t.train_questions[:n_questions], prompt_pairs=[0, 1], max_new_tokens=24)
-        pos, neg = persona.pair_prompts(pairs)
-        out.append(multi.behaviour_from_pairs(m, name, pos, neg, layer=LAYERS[name], strength=STRENGTHS[name],
-                                              items=t.ab, system_prompt=t.positive[0]))
+        out.append(multi.trait_behaviour(m, name, layer=LAYERS[name], strength=STRENGTHS[name], n_questions=n_questions))
     if "refusal" not in names:
         return out
     d = refusal.training_data()

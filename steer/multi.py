@@ -48,7 +48,7 @@ from torch import Tensor
 from .display import Rich
 from .interventions import Intervention
 
-__all__ = ["Behaviour", "MSRS", "msrs", "interventions", "MODES", "evaluate_multi", "MultiEvaluation",
+__all__ = ["trait_behaviour", "Behaviour", "MSRS", "msrs", "interventions", "MODES", "evaluate_multi", "MultiEvaluation",
            "behaviour_from_pairs"]
 
 MODES = ("sum", "layers", "msrs")
@@ -104,6 +104,28 @@ def behaviour_from_pairs(model, name: str, with_: Sequence, without: Sequence, *
     kw = dict(layers="all", positions="completion", reduce="mean", batch_size=batch_size, progress=False)
     a, b = capture(model, list(with_), **kw), capture(model, list(without), **kw)
     return Behaviour(name, a.tensor - b.tensor, layer, strength, items, system_prompt)
+
+
+def trait_behaviour(model, trait, *, layer: int, strength: float, n_questions: int = 6,
+                    max_new_tokens: int = 24) -> Behaviour:
+    """A persona trait (:func:`steer.persona.load_trait`) as a :class:`Behaviour`: answers
+    generated under its eliciting and suppressing system prompts (pairs 0 and 1) for its first
+    ``n_questions`` training questions, evaluated on its ``ab`` items, prompted by its first
+    eliciting system prompt.
+
+    >>> import steer
+    >>> b = trait_behaviour(steer.load("tiny-llama"), "formal", layer=1, strength=1.0, n_questions=1, max_new_tokens=2)
+    >>> b.name, b.samples.shape[1:]
+    ('formal', torch.Size([2, 64]))
+    """
+    from . import persona
+
+    t = persona.load_trait(trait)
+    pairs = persona.generate_pairs(model, t, t.train_questions[:n_questions], prompt_pairs=[0, 1],
+                                   max_new_tokens=max_new_tokens)
+    pos, neg = persona.pair_prompts(pairs)
+    return behaviour_from_pairs(model, t.name, pos, neg, layer=layer, strength=strength, items=t.ab,
+                                system_prompt=t.positive[0])
 
 
 @dataclass(repr=False)

@@ -15,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-_SUBCOMMANDS = ("demo", "refusal", "patch", "bias", "persona", "evaluate", "diagnose")
+_SUBCOMMANDS = ("demo", "refusal", "patch", "bias", "persona", "evaluate", "multi", "diagnose")
 
 
 def emit(doc, path=None, indent: int = 1) -> None:
