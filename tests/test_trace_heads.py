@@ -9,6 +9,7 @@ import torch
 
 import steer
 from steer import diagnostics as D
+from conftest import RUNNER_FAMILIES
 from steer.data import Raw
 
 PROMPTS = [Raw("Hi there"), Raw("the cat sat on the")]
@@ -17,6 +18,18 @@ PROMPTS = [Raw("Hi there"), Raw("the cat sat on the")]
 def _o_cols(model, layer, head):
     o = model.arch.proj(model.layers[layer], "o")
     return o.weight, slice(head * model.d_head, (head + 1) * model.d_head)
+
+
+def _zero_head(model, layer, head):
+    """A copy of ``model`` with head ``layer.head``'s slice of W_O zeroed (GPT-2's Conv1D: rows)."""
+    m = copy.deepcopy(model)
+    w, cols = _o_cols(m, layer, head)
+    with torch.no_grad():
+        if m.arch.conv1d:
+            w[cols, :] = 0
+        else:
+            w[:, cols] = 0
+    return m
 
 
 def _mean_score(model, trace, u, readings="generation", hooks=None):
@@ -144,3 +157,18 @@ def test_heads_holding_the_refusal_probe_down_on_smollm2(smol):
         assert th.rank_agreement > 0.3
         found.append(set(th.heads[:4]))
     assert len(found[0] & found[1]) >= 2, found
+
+
+@pytest.mark.parametrize("family", RUNNER_FAMILIES)
+def test_every_family_replays_its_trace_and_measures_true_ablations(family):
+    """The teacher-forced replay reproduces the generation-pass readings (left padding, sliding
+    windows, GQA, MoE, GPT-2's learned positions) and the top head's measured change equals
+    zeroing its W_O slice in the weights."""
+    m = steer.load(family)
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(0))
+    tr = D.probe_trace(m, PROMPTS, v, layer=1, max_new_tokens=4)
+    th = D.trace_heads(m, tr, top=2, include_sink=True)
+    u = v / v.norm()
+    base = _mean_score(m, tr, u)
+    l, h = th.heads[0]
+    assert float(th.measured[0]) == pytest.approx(_mean_score(_zero_head(m, l, h), tr, u) - base, abs=1e-4)
