@@ -23,7 +23,32 @@ two trajectories (layer units, layers from the first steered one on) before and 
     python experiments/trajectories.py [--out DIR] [--alpha 2.0] [--betas 0.25,0.5,1]
 
 Writes ``results.json`` and ``trajectories.png`` (the fitted trajectories in the shared projection,
-and refusal rates per condition).
+and refusal rates against β).
+
+Measured (CPU fp32, defaults: α = 2, 24 fit and 16 held-out prompts per task). At fit time the
+refusal vector makes the model refuse 46% of translations, 0% of tone questions and 79% of
+harmful requests, so only *translate* is marked prone; every held-out prompt's task is
+identified from its trajectory (16/16 per task). Held-out refusal rates:
+
+======  ==========================  ================  ================================
+β       translate (over-refusal)    harmful           task-agnostic: translate / harmful
+======  ==========================  ================  ================================
+0       0.44                        0.81              0.44 / 0.81
+0.25    0.31                        0.81              0.56 / 0.88
+0.5     0.12                        0.81              1.00 / 0.81
+1       0.00                        0.81              1.00 / 0.38
+======  ==========================  ================  ================================
+
+Over-refusal on the prone task falls by 29%, 71% and 100% (the paper: up to 73%) while harmful
+requests keep their refusal rate, since they are identified as another task and never steered.
+The task-agnostic comply − refuse vector (pooled over tasks, so it mostly separates harmful
+requests from the rest) does the opposite: it raises over-refusal and, at β = 1, halves the
+harmful refusals. The prone prompts' distance to their task's non-refusal trajectory falls at
+β = 0.25 (0.467 → 0.442 layer units, while the distance to the refusal trajectory rises 0.443 →
+0.459); at larger β the additions at four layers accumulate and overshoot both trajectories
+(0.568 / 0.666 at β = 1) although the refusals are gone. Tone questions (19% refused held-out, but
+none at fit time) are not steered. Answers stay readable (every run 100% by
+``steer.evaluate.is_readable``); whether the translations are correct French is not measured.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ SPEC.loader.exec_module(exp)
 
 @pytest.mark.slow
 def test_trajectory_steering_cuts_over_refusal_only_where_marked(smol, tmp_path):
-    res = exp.run(tmp_path, n_fit=24, n_eval=12, model=smol)
+    res = exp.run(tmp_path, n_fit=24, n_eval=12, betas=(0.25, 1.0), model=smol)
     c = res["curve"]  # β = 0 (the refusal vector alone), then each β
     assert res["prone"] == ["translate"] and res["task_accuracy"] >= 0.9
     assert c[0]["over_refusal"] >= 0.25  # the over-refusal to cut
