@@ -204,7 +204,7 @@ def test_qk_fix_refuses_attention_it_does_not_reproduce(monkeypatch):
     t = PatchTask.from_pairs(m, [("M and Y; Y to", "M and Y; N to")], ["M"], ["Y"])
     atp(m, t, ["k"], qk_fix=True)  # fine as it is
     real = _runner.Runner.attention_logits
-    monkeypatch.setattr(_runner.Runner, "attention_logits", lambda self, l, q, k: real(self, l, q, k) * 1.1)
+    monkeypatch.setattr(_runner.Runner, "attention_logits", lambda self, l, q, k, rows=None: real(self, l, q, k, rows) * 1.1)
     with pytest.raises(UnsupportedModel, match="attention logits for layer 0"):
         atp(m, t, ["k"], qk_fix=True)
 

@@ -132,6 +132,23 @@ def test_query_fix_matches_bruteforce():
     torch.testing.assert_close(query_fix(x, x_new, g).double(), ref, atol=1e-5, rtol=0)
 
 
+QK_KINDS = ["q", "k", "q_by_pos", "k_by_pos"]
+
+
+def test_qk_fix_in_row_blocks_equals_the_whole_pattern(model, task):
+    """The QK fix computed one block of query rows at a time (1 row, 2 rows: blocks that cut
+    through windows, padding and GQA groups) equals the one-block computation, on every family."""
+    if model.arch.qk_norm_scope == "full":
+        return  # refused (tested below)
+    whole = atp(model, task, QK_KINDS, qk_fix=True, qk_block=task.n_pos)
+    for b in (1, 2):
+        blocks = atp(model, task, QK_KINDS, qk_fix=True, qk_block=b)
+        for kind in QK_KINDS:
+            torch.testing.assert_close(blocks[kind].scores, whole[kind].scores, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="qk_block"):
+        atp(model, task, "k", qk_fix=True, qk_block=0)
+
+
 @pytest.mark.parametrize("layer", [0, 1])  # tiny-gemma3: a sliding-window layer and a global one
 def test_qk_fix_end_to_end_against_pattern_recompute(model, task, layer):
     """AtP+QK for q/k equals (A' - A)·∂M/∂A with A' from a real forward with patched q/k."""

@@ -179,32 +179,47 @@ class Runner:
         """``(cos, sin)`` ``[P, T, d_rotary]`` used by layer ``l`` (None without rotary embeddings)."""
         return self.pe.get(self.layer_types[l])
 
-    def attention_logits(self, l: int, q: Tensor, k: Tensor) -> Tensor:
+    def attention_logits(self, l: int, q: Tensor, k: Tensor, rows: Optional[slice] = None) -> Tensor:
         """Layer ``l``'s attention logits ``[P, H, T, T]`` from pre-norm, pre-rotary ``q``
         ``[P, T, H, d]`` and ``k`` ``[P, T, Hkv, d]`` (the ``q``/``k`` sites): q/k norms if the
-        model has them, rotary, scaling, soft-capping; masked entries are ``qk_fix.NEG``."""
+        model has them, rotary, scaling, soft-capping; masked entries are ``qk_fix.NEG``.
+        ``rows``: only those query rows (``[P, H, len(rows), T]``), for block-by-block work."""
         attn = self.arch.attention(self.model.layers[l])
+        rows = slice(0, q.shape[1]) if rows is None else rows
+        q = q[:, rows]
         if hasattr(attn, "q_norm") and self.arch.qk_norm_scope == "full":  # OLMo-2: over all heads at once
             q, k = attn.q_norm(q.flatten(-2)).view_as(q), attn.k_norm(k.flatten(-2)).view_as(k)
         elif hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         pe = self.layer_pe(l)
         if pe is not None:
-            q, k = rotary(q, *pe), rotary(k, *pe)
-        return attn_logits(q, k, attn.scaling,
-                           self.batch.attention_mask.bool(), window=self.windows[l], softcap=self.attn_softcap)
+            q, k = rotary(q, pe[0][:, rows], pe[1][:, rows]), rotary(k, *pe)
+        return attn_logits(q, k, attn.scaling, self.batch.attention_mask.bool(), window=self.windows[l],
+                           softcap=self.attn_softcap, q_offset=rows.start)
 
     @torch.no_grad()
+    def attention_error(self, logits: Tensor, v: Tensor, z: Tensor, rows: Optional[slice] = None) -> tuple[float, float]:
+        """``(max |softmax(logits)·v − z|, max |z|)`` over real query tokens (``rows``: the query
+        rows ``logits`` and ``z`` hold); see :meth:`verify_attention`."""
+        H, Hkv = z.shape[2], v.shape[2]
+        pattern = torch.softmax(logits.float(), -1)  # [P, H, T, S]
+        z_hat = torch.einsum("phts,pshd->pthd", pattern, v.float().repeat_interleave(H // Hkv, 2))
+        real = self.batch.attention_mask.bool()[:, slice(None) if rows is None else rows]
+        if not bool(real.any()):
+            return 0.0, 0.0
+        return float((z_hat - z.float())[real].abs().max()), float(z.float()[real].abs().max())
+
     def verify_attention(self, l: int, logits: Tensor, v: Tensor, z: Tensor) -> float:
         """Check :meth:`attention_logits` against the model: ``softmax(logits) · v`` must be the
         ``z`` the real forward produced at layer ``l`` (on real query tokens). Raises
         :class:`~steer.arch.UnsupportedModel` past :attr:`TOLERANCE` (attention with parts steer
         does not model, e.g. learned sink logits or ALiBi, would make the QK fix wrong)."""
-        H, Hkv = z.shape[2], v.shape[2]
-        pattern = torch.softmax(logits.float(), -1)  # [P, H, T, S]
-        z_hat = torch.einsum("phts,pshd->pthd", pattern, v.float().repeat_interleave(H // Hkv, 2))
-        real = self.batch.attention_mask.bool()
-        err = float((z_hat - z.float())[real].abs().max() / z.float()[real].abs().max().clamp(min=1e-6))
+        return self.refuse_attention(l, *self.attention_error(logits, v, z))
+
+    def refuse_attention(self, l: int, diff: float, scale: float) -> float:
+        """Raise unless ``diff / scale`` (from :meth:`attention_error`, maxima over blocks of
+        rows) is within tolerance."""
+        err = diff / max(scale, 1e-6)
         return self._refuse_unless_close(
             err, f"steer's attention logits for layer {l} do not reproduce the model's attention: "
             "softmax(logits)·v and its z", "the QK fix would be wrong; use atp() without the QK fix.")

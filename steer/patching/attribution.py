@@ -21,7 +21,7 @@ GradDrop passes cost about ``L/2`` backwards.
 from __future__ import annotations
 
 import time
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -38,11 +38,17 @@ from .tasks import PatchTask
 __all__ = ["atp", "atp_star", "grad_drop_scores"]
 
 
+QK_BLOCK_ELEMENTS = 2**22  # entries of one [P, H, rows, T] temporary of the QK fix (16 MiB in fp32)
+
 class _Attribution:
     """Shared state of one AtP run: base/other activations and base-run gradients."""
 
-    def __init__(self, model, task: PatchTask, kinds: Sequence[NodeSet], direction: str, qk: bool):
+    def __init__(self, model, task: PatchTask, kinds: Sequence[NodeSet], direction: str, qk: bool,
+                 qk_block: Optional[int] = None):
         self.model, self.task, self.kinds, self.direction, self.qk = model, task, kinds, direction, qk
+        if qk_block is not None and qk_block < 1:
+            raise ValueError(f"qk_block={qk_block}: the QK fix's query rows per block must be >= 1 (None: automatic).")
+        self.qk_block = qk_block
         base_b, other_b = (task.corrupt, task.clean) if direction == "denoising" else (task.clean, task.corrupt)
         sites = {ns.site for ns in kinds}
         if qk and sites & {"q", "k"}:
@@ -97,25 +103,45 @@ class _Attribution:
 
     @torch.no_grad()
     def _qk_scores(self, ns: NodeSet, l: int, grads: dict) -> Tensor:
+        """The QK fix for layer ``l``, one block of query rows at a time: every ``[P, H, rows, T]``
+        temporary is bounded by :data:`QK_BLOCK_ELEMENTS` (or ``qk_block`` rows), so extra memory
+        grows as O(T) per row block, not O(T²). Query effects are per row; key effects are sums
+        over rows, accumulated block by block."""
         r = self.base_runner
         q, k = self.base[("q", l)].detach(), self.base[("k", l)].detach()
-        v = self.base[("v", l)].detach()
-        x = r.attention_logits(l, q, k)
-        if l not in self.attention_checked:  # the QK fix re-implements attention: check it first
-            r.verify_attention(l, x, v, self.base[("z", l)].detach())
+        v, z, g_z = self.base[("v", l)].detach(), self.base[("z", l)].detach(), grads[("z", l)]
+        P, T, H = q.shape[:3]
+        Hkv = k.shape[2]
+        step = self.qk_block or max(1, QK_BLOCK_ELEMENTS // max(1, P * H * T))
+        check = l not in self.attention_checked  # the QK fix re-implements attention: check it first
+        diff = scale = 0.0
+        parts = []
+        for t0 in range(0, T, step):
+            rows = slice(t0, min(T, t0 + step))
+            x = r.attention_logits(l, q, k, rows)
+            if check:
+                d_, s_ = r.attention_error(x, v, z[:, rows], rows)
+                diff, scale = max(diff, d_), max(scale, s_)
+            g = pattern_grad(g_z[:, rows], v)
+            if ns.site == "q":
+                parts.append(query_fix(x, r.attention_logits(l, self.other[("q", l)], k, rows), g).sum(0))  # [H, rows]
+                continue
+            x_new = r.attention_logits(l, q, self.other[("k", l)], rows)
+            if ns.units == ("head",):  # all keys of a kv head patched at once: exact softmax
+                parts.append(query_fix(x, x_new, g).sum((0, 2)))  # [H]
+            else:
+                parts.append(key_fix(x, x_new - x, g).sum((0, 2)))  # [H, S]
+            del x, x_new, g
+        if check:
+            r.refuse_attention(l, diff, scale)
             self.attention_checked.add(l)
-        g = pattern_grad(grads[("z", l)], v)
-        H, Hkv = q.shape[2], k.shape[2]
         if ns.site == "q":
-            x_new = r.attention_logits(l, self.other[("q", l)], k)
-            per_row = query_fix(x, x_new, g).sum(0)  # [H, T]
+            per_row = torch.cat(parts, -1)  # [H, T]
             return per_row.sum(-1) if ns.units == ("head",) else per_row.T  # [H] or [T, H]
-        x_new = r.attention_logits(l, q, self.other[("k", l)])
-        if ns.units == ("head",):  # all keys of a kv head patched at once: exact softmax
-            per_head = query_fix(x, x_new, g).sum((0, 2))  # [H]
-            return per_head.view(Hkv, H // Hkv).sum(-1)
-        per_key = key_fix(x, x_new - x, g).sum((0, 2))  # [H, S]
-        return per_key.view(Hkv, H // Hkv, -1).sum(1).T  # [S, Hkv]
+        total = torch.stack(parts).sum(0)
+        if ns.units == ("head",):
+            return total.view(Hkv, H // Hkv).sum(-1)
+        return total.view(Hkv, H // Hkv, -1).sum(1).T  # [S, Hkv]
 
     def result(self, ns: NodeSet, raw: Tensor, method: str, seconds: float, fe: float, meta=None) -> PatchingResult:
         d = self.m_clean - self.m_corrupt
@@ -139,13 +165,14 @@ def _kinds(model, task, nodes) -> tuple[list[NodeSet], bool]:
 
 def atp(
     model, task: PatchTask, nodes: Union[str, Sequence[str]] = "heads", direction: str = "denoising",
-    qk_fix: bool = False,
+    qk_fix: bool = False, qk_block: Optional[int] = None,
 ) -> Union[PatchingResult, dict[str, PatchingResult]]:
     """Attribution patching: first-order estimate of every node's patching effect.
 
     One node kind gives a :class:`PatchingResult`; a list of kinds gives ``{kind: result}``
     from the same 2 forwards + 1 backward. ``qk_fix=True`` uses AtP*'s exact softmax for
-    ``q``/``k`` nodes (no GradDrop).
+    ``q``/``k`` nodes (no GradDrop), computed in blocks of ``qk_block`` query rows (default: as
+    many as keep each temporary under :data:`QK_BLOCK_ELEMENTS`).
 
     >>> import steer
     >>> from steer.patching import ioi_task, atp
@@ -157,7 +184,7 @@ def atp(
     direction = _check_direction(direction)
     kinds, single = _kinds(model, task, nodes)
     t0 = time.perf_counter()
-    st = _Attribution(model, task, kinds, direction, qk_fix)
+    st = _Attribution(model, task, kinds, direction, qk_fix, qk_block)
     grads = st.grads(retain=False)
     out = {}
     for ns in kinds:
@@ -201,12 +228,13 @@ def grad_drop_scores(st: _Attribution, ns_list: Sequence[NodeSet], grads: dict) 
 
 def atp_star(
     model, task: PatchTask, nodes: Union[str, Sequence[str]] = "heads", direction: str = "denoising",
-    grad_drop: bool = True,
+    grad_drop: bool = True, qk_block: Optional[int] = None,
 ) -> Union[PatchingResult, dict[str, PatchingResult]]:
     """AtP*: AtP with the QK fix for ``q``/``k`` nodes and GradDrop.
 
     Scores are ``sign(Î_AtP+QK) · Σ_ℓ |Î_ℓ| / (L-1)``; ``meta["plain"]`` keeps the signed
     QK-fixed estimate without GradDrop. One kind → :class:`PatchingResult`; a list → dict.
+    ``qk_block``: query rows per block of the QK fix (see :func:`atp`).
 
     >>> import steer
     >>> from steer.patching import ioi_task, atp_star
@@ -217,7 +245,7 @@ def atp_star(
     direction = _check_direction(direction)
     kinds, single = _kinds(model, task, nodes)
     t0 = time.perf_counter()
-    st = _Attribution(model, task, kinds, direction, qk=True)
+    st = _Attribution(model, task, kinds, direction, qk=True, qk_block=qk_block)
     grads = st.grads(retain=grad_drop)
     L = model.n_layers
     plain = {ns.kind: torch.stack([st.layer_scores(ns, l, grads) for l in range(L)]) for ns in kinds}

@@ -47,14 +47,20 @@ def rotary(x: Float[Tensor, "P T H d"], cos: Float[Tensor, "P T r"], sin: Float[
 def attn_logits(
     q_rot: Float[Tensor, "P T H d"], k_rot: Float[Tensor, "P S Hkv d"], scaling: float,
     key_valid: Bool[Tensor, "P S"] | None = None, window: int | None = None, softcap: float | None = None,
+    q_offset: int | None = None,
 ) -> Float[Tensor, "P H T S"]:
     """Causal attention logits with masked entries set to :data:`NEG` (GQA: head h uses kv head
     ``h // (H // Hkv)``). ``window``: sliding-window attention (row ``t`` sees keys
-    ``t - window < s <= t``); ``softcap``: ``tanh(x / c) * c`` (Gemma-2 style).
+    ``t - window < s <= t``); ``softcap``: ``tanh(x / c) * c`` (Gemma-2 style). ``q_offset``: the
+    key position of the first query row (default ``S - T``: the queries are the last ``T``
+    positions), so a block of query rows gets its own causal mask.
 
     >>> import torch
     >>> attn_logits(torch.randn(1, 3, 2, 4), torch.randn(1, 3, 1, 4), 0.5).shape
     torch.Size([1, 2, 3, 3])
+    >>> q, k = torch.randn(1, 4, 2, 4), torch.randn(1, 4, 1, 4)   # rows 1..2 of a 4-token sequence
+    >>> torch.equal(attn_logits(q[:, 1:3], k, 0.5, q_offset=1), attn_logits(q, k, 0.5)[:, :, 1:3])
+    True
     """
     H, Hkv = q_rot.shape[2], k_rot.shape[2]
     k = k_rot.repeat_interleave(H // Hkv, dim=2)
@@ -62,9 +68,10 @@ def attn_logits(
     if softcap:
         x = torch.tanh(x / softcap) * softcap
     T, S = x.shape[-2:]
-    valid = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+    off = S - T if q_offset is None else q_offset
+    valid = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(off)
     if window:
-        valid = valid & ~torch.ones_like(valid).tril(S - T - window)
+        valid = valid & ~torch.ones_like(valid).tril(off - window)
     valid = valid[None, None]
     if key_valid is not None:
         valid = valid & key_valid[:, None, None, :]

@@ -1,0 +1,126 @@
+"""Peak memory and time of AtP* (QK fix + GradDrop) against plain AtP on the embedded model at long
+contexts, before and after the block-by-block QK fix, in one run.
+
+    python experiments/bench/bench_qk_memory.py [--lengths 256,512,1024] [--prompts 2]
+
+The task is IOI with a shared neutral-text preamble in front of each prompt, padded to T tokens
+(clean and corrupt differ only in the IOI part). Nodes: heads, q and k (per head). Each
+measurement runs in its own process; peak memory is the largest resident set sampled every 2 ms
+during the call minus the resident set just before it (CPU: no allocator statistics to read).
+
+* ``atp``: plain AtP (2 forwards + 1 backward);
+* ``atp* whole``: AtP* with the QK fix in one block of all T query rows (what it was before:
+  ``[P, H, T, T]`` logits, shifts and pattern gradients, a dozen such temporaries in the key fix);
+* ``atp* blocks``: AtP* in blocks of query rows bounded by ``QK_BLOCK_ELEMENTS`` (the default).
+
+Target (issue 15): at T = 1024, AtP*'s peak ≤ 1.5x AtP's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+NODES = ["heads", "q", "k"]
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def long_task(model, T: int, n: int):
+    """IOI prompts behind a shared neutral-text preamble, each exactly ``T`` tokens."""
+    import torch
+
+    from steer.bias import load_neutral_text
+    from steer.data import Batch
+    from steer.patching import PatchTask, ioi_task
+
+    t = ioi_task(model, n=n)
+    n_ioi = t.n_pos
+    filler = model.to_tokens(" ".join(load_neutral_text()))
+    while len(filler) < T:
+        filler = filler + filler
+    pre = torch.tensor(filler[: T - n_ioi])[None].expand(n, -1)
+
+    def grow(b):
+        ids = torch.cat([pre, b.input_ids], 1)
+        mask = torch.cat([torch.ones_like(pre), b.attention_mask], 1)
+        return Batch(ids, mask, [{} for _ in range(n)], list(b.texts))
+
+    return PatchTask(grow(t.clean), grow(t.corrupt), t.metric, name=f"ioi-{T}")
+
+
+def worker(method: str, T: int, n: int) -> dict:
+    import torch
+
+    import steer
+    from steer.patching import atp, atp_star
+
+    torch.manual_seed(0)
+    model = steer.load()
+    task = long_task(model, T, n)
+    run = {"atp": lambda: atp(model, task, NODES),
+           "atp* whole": lambda: atp_star(model, task, NODES, qk_block=T),
+           "atp* blocks": lambda: atp_star(model, task, NODES)}[method]
+    base = _rss()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.002)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    res = run()
+    sec = time.perf_counter() - t0
+    done.set()
+    th.join()
+    peak[0] = max(peak[0], _rss())
+    k = res["k"].scores
+    return {"method": method, "T": T, "prompts": n, "peak_mib": (peak[0] - base) / 2**20, "seconds": sec,
+            "k_sum": float(k.abs().sum())}
+
+
+def main(device: str = "cpu", lengths=(256, 512, 1024), prompts: int = 2) -> dict:
+    if device != "cpu":
+        print("    (CPU only: peak memory is read from the resident set)")
+    rows = []
+    for T in lengths:
+        for method in ("atp", "atp* whole", "atp* blocks"):
+            out = subprocess.run([sys.executable, __file__, "--worker", method, str(T), str(prompts)],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-2000:])
+                raise RuntimeError(f"{method} at T={T} failed")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = {x["method"]: x for x in rows if x["T"] == T}
+        same = abs(r["atp* whole"]["k_sum"] - r["atp* blocks"]["k_sum"]) <= 1e-4 * max(1.0, r["atp* whole"]["k_sum"])
+        print(f"T={T:5d}: peak MiB  atp {r['atp']['peak_mib']:7.0f}   atp* whole {r['atp* whole']['peak_mib']:7.0f} "
+              f"({r['atp* whole']['peak_mib'] / r['atp']['peak_mib']:.2f}x)   atp* blocks {r['atp* blocks']['peak_mib']:7.0f} "
+              f"({r['atp* blocks']['peak_mib'] / r['atp']['peak_mib']:.2f}x, target <= 1.5x)", flush=True)
+        print(f"         seconds   atp {r['atp']['seconds']:7.1f}   atp* whole {r['atp* whole']['seconds']:7.1f}   "
+              f"atp* blocks {r['atp* blocks']['seconds']:7.1f}   same k scores: {same}", flush=True)
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--worker", nargs=3, default=None)
+    ap.add_argument("--lengths", default="256,512,1024")
+    ap.add_argument("--prompts", type=int, default=2)
+    a = ap.parse_args()
+    if a.worker:
+        m, T, n = a.worker
+        print(json.dumps(worker(m, int(T), int(n))))
+    else:
+        main(lengths=[int(x) for x in a.lengths.split(",")], prompts=a.prompts)
