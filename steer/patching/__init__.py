@@ -12,6 +12,7 @@
 
 from .activation import activation_patch, auto_batch_size
 from .attribution import atp, atp_star
+from .integrated import integrated_gradients
 from .diagnostic import missed_effect_bound, topk_recovery_cost
 from .nodes import NODE_KINDS, NodeSet, node_set
 from .relevance import relevance_rules, relp
@@ -22,7 +23,7 @@ from .demo import demo_figure, patch
 
 __all__ = [
     "IOI_NAMES", "IOI_TEMPLATES", "LogitDiff", "NODE_KINDS", "NodeSet", "PatchTask", "PatchingResult",
-    "activation_patch", "atp", "atp_star", "auto_batch_size", "demo_figure", "ioi_task", "load_task",
+    "activation_patch", "atp", "atp_star", "integrated_gradients", "auto_batch_size", "demo_figure", "ioi_task", "load_task",
     "missed_effect_bound", "node_set", "patch", "pearson", "relevance_rules", "relp", "spearman", "subspace_patch", "SubspacePatch",
     "topk_recovery_cost",
 ]
