@@ -1,4 +1,4 @@
-"""The fused Triton key-fix kernel (on the CPU through Triton's interpreter, which the root
+"""The fused Triton kernels, key fix and attribution reduction (on the CPU through Triton's interpreter, which the root
 conftest.py switches on where there is no CUDA): equal to the PyTorch key fix and to the
 O(T·S²) definition, saturated rows and masked entries included."""
 
@@ -44,3 +44,22 @@ def test_kernel_errors(monkeypatch):
         key_fix_triton(x, x[:, :2], x)
     with pytest.raises(ValueError, match="impl"):
         key_fix(x, x, x, impl="cuda")
+
+
+def test_attribution_reduce_triton_matches_torch_bf16():
+    """The Triton reduction against PyTorch and a float64 sum, fp32 and bf16 inputs (fp32 sums)."""
+    from steer.patching.kernels import attribution_reduce
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 7, 5), (2, 130, 200), (1, 4, 1)]:
+        d, gr = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+        torch.testing.assert_close(attribution_reduce(d, gr, impl="triton"), attribution_reduce(d, gr, impl="torch"),
+                                   atol=1e-4, rtol=1e-5)
+        db, gb = d.bfloat16(), gr.bfloat16()
+        ref = (db.double() * gb.double()).sum((0, 2)).float()
+        torch.testing.assert_close(attribution_reduce(db, gb, impl="triton"), ref, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(attribution_reduce(db, gb, impl="torch"), ref, atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="impl="):
+        attribution_reduce(d, gr, impl="cuda")
+    with pytest.raises(ValueError, match=r"\[P, N, D\]"):
+        attribution_reduce(d[0], gr[0])

@@ -354,3 +354,17 @@ def test_embedded_gemma3_ioi_heads_match_bridge_and_qk_fix_helps():
     exact = activation_patch(g, t, "k")
     plain, fixed = atp(g, t, "k"), atp(g, t, "k", qk_fix=True)
     assert fixed.correlation(exact)["pearson"] > max(0.95, plain.correlation(exact)["pearson"])
+
+
+FUSED_KINDS = ["heads", "heads_by_pos", "attn_out", "mlp_out", "resid", "neurons", "v_by_pos"]
+
+
+def test_fused_attribution_equals_stored_gradients(model, task):
+    """AtP with each gradient reduced inside the backward pass (tensor hooks) equals AtP from
+    stored gradients, on every family and node kind."""
+    kinds = [k for k in FUSED_KINDS if not (k == "neurons" and model.arch.mlp_out_proj(model.layers[0]) is None)]  # MoE
+    fused = atp(model, task, kinds)
+    stored = atp(model, task, kinds, fused=False)
+    for kind in kinds:
+        torch.testing.assert_close(fused[kind].scores, stored[kind].scores, atol=1e-5, rtol=1e-4)  # (fp32 summation order)
+

@@ -40,6 +40,18 @@ __all__ = ["atp", "atp_star", "grad_drop_scores"]
 
 QK_BLOCK_ELEMENTS = 2**22  # entries of one [P, H, rows, T] temporary of the QK fix (16 MiB in fp32)
 
+def site_reduce(ns: NodeSet, delta: Tensor, g: Tensor, impl: str = "auto") -> Tensor:
+    """``ns.reduce((delta * g).sum(0))`` with the batch and innermost feature axis reduced by
+    :func:`~steer.patching.kernels.attribution_reduce` (fp32 accumulation, no fp32 copies on
+    the Triton path); the remaining non-unit axes (positions) are summed afterwards."""
+    from .kernels import attribution_reduce
+
+    P, shape = delta.shape[0], delta.shape[1:]
+    D = 1 if ns.act_axes[-1] in ns.units else shape[-1]
+    x = attribution_reduce(delta.reshape(P, -1, D), g.reshape(P, -1, D), impl)
+    return ns.reduce(x.view(*shape[:-1], shape[-1] // D))
+
+
 class _Attribution:
     """Shared state of one AtP run: base/other activations and base-run gradients."""
 
@@ -73,7 +85,7 @@ class _Attribution:
 
         hooks = [(Site(s, l), keep) for s in sites if s != "resid_pre" for l in range(model.n_layers)]
         with torch.enable_grad():
-            h0 = r.embeds.detach().requires_grad_(True)
+            self.h0 = h0 = r.embeds.detach().requires_grad_(True)
             logits, self.resid = r.run(h0, 0, hooks, keep_resid=True)
             for l, h in enumerate(self.resid[:-1]):
                 self.base[("resid_pre", l)] = h
@@ -91,6 +103,36 @@ class _Attribution:
         out = {k: (g if g is not None else torch.zeros_like(self.base[k])) for k, g in zip(self.keys, gs)}
         self.g_resid = [None] + [g if g is not None else torch.zeros_like(t) for g, t in zip(gs[len(self.keys):], self.resid[1:])]
         return out
+
+    def fused_scores(self, impl: str = "auto") -> dict[str, Tensor]:
+        """AtP estimates of every (non-QK-fixed) node kind from one backward pass in which each
+        site's gradient is reduced into its nodes' estimates as soon as autograd computes it
+        (a tensor hook), so no site's full gradient is kept: ``Σ (a_other − a_base) · g`` over
+        the batch and the feature axis (:func:`~steer.patching.kernels.attribution_reduce`),
+        then over positions where they are not units."""
+        from .kernels import attribution_reduce
+
+        L = self.model.n_layers
+        got: dict = {}
+        handles = []
+        for (site, l), y in self.base.items():
+            users = [ns for ns in self.kinds if ns.site == site]
+            if not users or not y.requires_grad:
+                continue
+            delta = self.other[(site, l)] - y.detach()
+
+            def hook(g, users=users, delta=delta, l=l):
+                for ns in users:
+                    got[(ns.kind, l)] = site_reduce(ns, delta, g, impl)
+
+            handles.append(y.register_hook(hook))
+        try:
+            torch.autograd.grad(self.M, [self.h0], allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        return {ns.kind: torch.stack([got.get((ns.kind, l), torch.zeros(ns.unit_shape, device=self.M.device))
+                                      for l in range(L)]) for ns in self.kinds}
 
     # -- per-layer estimates -------------------------------------------------------------
     def layer_scores(self, ns: NodeSet, l: int, grads: dict) -> Tensor:
@@ -165,14 +207,17 @@ def _kinds(model, task, nodes) -> tuple[list[NodeSet], bool]:
 
 def atp(
     model, task: PatchTask, nodes: Union[str, Sequence[str]] = "heads", direction: str = "denoising",
-    qk_fix: bool = False, qk_block: Optional[int] = None,
+    qk_fix: bool = False, qk_block: Optional[int] = None, fused: bool = True, impl: str = "auto",
 ) -> Union[PatchingResult, dict[str, PatchingResult]]:
     """Attribution patching: first-order estimate of every node's patching effect.
 
     One node kind gives a :class:`PatchingResult`; a list of kinds gives ``{kind: result}``
     from the same 2 forwards + 1 backward. ``qk_fix=True`` uses AtP*'s exact softmax for
     ``q``/``k`` nodes (no GradDrop), computed in blocks of ``qk_block`` query rows (default: as
-    many as keep each temporary under :data:`QK_BLOCK_ELEMENTS`).
+    many as keep each temporary under :data:`QK_BLOCK_ELEMENTS`). ``fused`` (default): each
+    site's gradient is reduced to node estimates inside the backward pass and never stored
+    (``False``: all gradients first, then the products; the QK fix always keeps them);
+    ``impl``: the reduction's kernel (``"auto"``: Triton on CUDA, else PyTorch).
 
     >>> import steer
     >>> from steer.patching import ioi_task, atp
@@ -185,11 +230,11 @@ def atp(
     kinds, single = _kinds(model, task, nodes)
     t0 = time.perf_counter()
     st = _Attribution(model, task, kinds, direction, qk_fix, qk_block)
-    grads = st.grads(retain=False)
-    out = {}
-    for ns in kinds:
-        raw = torch.stack([st.layer_scores(ns, l, grads) for l in range(model.n_layers)])
-        out[ns.kind] = raw
+    if fused and not (qk_fix and any(ns.site in ("q", "k") for ns in kinds)):
+        out = st.fused_scores(impl)
+    else:
+        grads = st.grads(retain=False)
+        out = {ns.kind: torch.stack([st.layer_scores(ns, l, grads) for l in range(model.n_layers)]) for ns in kinds}
     sec = time.perf_counter() - t0
     res = {k: st.result(ns, out[ns.kind], "atp*-qk" if qk_fix else "atp", sec, 3.0) for k, ns in zip(out, kinds)}
     return res[kinds[0].kind] if single else res

@@ -1,4 +1,5 @@
-"""Fused Triton kernel for AtP*'s key fix (:func:`steer.patching.qk_fix.key_fix`).
+"""Fused Triton kernels: AtP*'s key fix (:func:`steer.patching.qk_fix.key_fix`) and the
+attribution reduction (:func:`attribution_reduce`).
 
 The key fix is memory-bound: for every head it reads the logits ``x``, the logit shifts
 ``δ`` and the pattern gradient ``g`` (each ``[P, H, T, S]``) and writes one tensor of the same
@@ -28,7 +29,7 @@ try:  # optional: CUDA builds of torch ship it
 except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = tl = None
 
-__all__ = ["key_fix_triton", "triton_available"]
+__all__ = ["key_fix_triton", "triton_available", "attribution_reduce"]
 
 
 def triton_available() -> bool:
@@ -68,6 +69,66 @@ if tl is not None:
         logZ = hi + tl.log(tl.exp(a - hi) + tl.exp(x_new - hi))
         out = tl.exp(m - logZ) * H_ts + tl.exp(x_new - logZ) * g - G
         tl.store(out_ptr + base + offs, tl.where(valid, out, 0.0), mask=inside)
+
+
+if tl is not None:
+
+    def _reduce_body(d_ptr, g_ptr, out_ptr, N, P: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):  # P, D constexpr: loop bounds (few distinct values)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_D)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for p in range(0, P):
+            for d0 in range(0, D, BLOCK_D):
+                inside = (rows[:, None] < N) & (d0 + cols[None, :] < D)
+                off = (p * N + rows[:, None]).to(tl.int64) * D + d0 + cols[None, :]
+                a = tl.load(d_ptr + off, mask=inside, other=0.0).to(tl.float32)
+                b = tl.load(g_ptr + off, mask=inside, other=0.0).to(tl.float32)
+                acc += tl.sum(a * b, 1)
+        tl.store(out_ptr + rows, acc, mask=rows < N)
+
+
+@functools.lru_cache(maxsize=None)
+def _reduce_kernel(interpret: bool):
+    return triton.jit(_reduce_body)
+
+
+def attribution_reduce(delta: Tensor, g: Tensor, impl: str = "auto") -> Tensor:
+    """``Σ_p Σ_d delta[p, n, d] · g[p, n, d]`` → fp32 ``[n]``: attribution patching's per-node
+    reduction of an activation difference and a gradient (inputs may be bf16; accumulation is
+    fp32). ``impl``: ``"torch"``, ``"triton"`` (one pass over both inputs, no fp32 copies) or
+    ``"auto"`` (Triton for CUDA tensors when it is installed).
+
+    >>> import torch
+    >>> d, g = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    >>> torch.allclose(attribution_reduce(d, g, impl="torch"), (d * g).sum((0, 2)))
+    True
+    """
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl={impl!r}: use 'auto', 'torch' or 'triton'.")
+    if delta.shape != g.shape or delta.ndim != 3:
+        raise ValueError(f"delta and g must both be [P, N, D]; got {tuple(delta.shape)} and {tuple(g.shape)}.")
+    use = impl == "triton" or (impl == "auto" and delta.is_cuda and triton_available())
+    if not use:
+        if delta.dtype == torch.float32 and g.dtype == torch.float32:
+            return torch.einsum("pnd,pnd->n", delta, g)
+        out = torch.zeros(delta.shape[1], dtype=torch.float32, device=delta.device)
+        for p in range(delta.shape[0]):  # fp32 copies of one prompt at a time
+            out += torch.einsum("nd,nd->n", delta[p].float(), g[p].float())
+        return out
+    if triton is None:
+        raise RuntimeError("attribution_reduce(impl='triton') needs Triton (pip install triton), or use impl='torch'.")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (delta.is_cuda or interpret):
+        raise RuntimeError("The Triton reduction needs CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU).")
+    P, N, D = delta.shape
+    a, b = delta.contiguous(), g.contiguous()
+    out = torch.empty(N, dtype=torch.float32, device=delta.device)
+    if N:
+        block_d = min(128, triton.next_power_of_2(max(D, 1)))
+        block_n = max(1, min(64, 4096 // block_d))
+        _reduce_kernel(interpret)[(triton.cdiv(N, block_n),)](a, b, out, N, P=P, D=D, BLOCK_N=block_n, BLOCK_D=block_d)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
