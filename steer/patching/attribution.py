@@ -110,7 +110,6 @@ class _Attribution:
         (a tensor hook), so no site's full gradient is kept: ``Σ (a_other − a_base) · g`` over
         the batch and the feature axis (:func:`~steer.patching.kernels.attribution_reduce`),
         then over positions where they are not units."""
-        from .kernels import attribution_reduce
 
         L = self.model.n_layers
         got: dict = {}
