@@ -9,9 +9,11 @@ measurement runs in its own process; peak memory is the largest resident set sam
 during the call minus the resident set just before it (CPU: no allocator statistics to read).
 
 * ``atp``: plain AtP (2 forwards + 1 backward);
-* ``atp* whole``: AtP* with the QK fix in one block of all T query rows (what it was before:
+* ``qk whole``: AtP with the QK fix in one block of all T query rows (what it was before:
   ``[P, H, T, T]`` logits, shifts and pattern gradients, a dozen such temporaries in the key fix);
-* ``atp* blocks``: AtP* in blocks of query rows bounded by ``QK_BLOCK_ELEMENTS`` (the default).
+* ``qk blocks``: the same in blocks of query rows bounded by ``QK_BLOCK_ELEMENTS`` (the default);
+* ``atp*``: the whole AtP* (QK fix in blocks + GradDrop's L extra partial backward passes), up to
+  ``--star-max`` tokens (default 512: on 2 CPU cores it takes minutes per run).
 
 Target (issue 15): at T = 1024, AtP*'s peak ≤ 1.5x AtP's.
 """
@@ -66,8 +68,9 @@ def worker(method: str, T: int, n: int) -> dict:
     model = steer.load()
     task = long_task(model, T, n)
     run = {"atp": lambda: atp(model, task, NODES),
-           "atp* whole": lambda: atp_star(model, task, NODES, qk_block=T),
-           "atp* blocks": lambda: atp_star(model, task, NODES)}[method]
+           "qk whole": lambda: atp(model, task, NODES, qk_fix=True, qk_block=T),
+           "qk blocks": lambda: atp(model, task, NODES, qk_fix=True),
+           "atp*": lambda: atp_star(model, task, NODES)}[method]
     base = _rss()
     peak = [base]
     done = threading.Event()
@@ -90,12 +93,13 @@ def worker(method: str, T: int, n: int) -> dict:
             "k_sum": float(k.abs().sum())}
 
 
-def main(device: str = "cpu", lengths=(256, 512, 1024), prompts: int = 2) -> dict:
+def main(device: str = "cpu", lengths=(256, 512, 1024), prompts: int = 2, star_max: int = 512) -> dict:
     if device != "cpu":
         print("    (CPU only: peak memory is read from the resident set)")
     rows = []
     for T in lengths:
-        for method in ("atp", "atp* whole", "atp* blocks"):
+        methods = ["atp", "qk whole", "qk blocks"] + (["atp*"] if T <= star_max else [])
+        for method in methods:
             out = subprocess.run([sys.executable, __file__, "--worker", method, str(T), str(prompts)],
                                  capture_output=True, text=True)
             if out.returncode != 0:
@@ -103,12 +107,13 @@ def main(device: str = "cpu", lengths=(256, 512, 1024), prompts: int = 2) -> dic
                 raise RuntimeError(f"{method} at T={T} failed")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = {x["method"]: x for x in rows if x["T"] == T}
-        same = abs(r["atp* whole"]["k_sum"] - r["atp* blocks"]["k_sum"]) <= 1e-4 * max(1.0, r["atp* whole"]["k_sum"])
-        print(f"T={T:5d}: peak MiB  atp {r['atp']['peak_mib']:7.0f}   atp* whole {r['atp* whole']['peak_mib']:7.0f} "
-              f"({r['atp* whole']['peak_mib'] / r['atp']['peak_mib']:.2f}x)   atp* blocks {r['atp* blocks']['peak_mib']:7.0f} "
-              f"({r['atp* blocks']['peak_mib'] / r['atp']['peak_mib']:.2f}x, target <= 1.5x)", flush=True)
-        print(f"         seconds   atp {r['atp']['seconds']:7.1f}   atp* whole {r['atp* whole']['seconds']:7.1f}   "
-              f"atp* blocks {r['atp* blocks']['seconds']:7.1f}   same k scores: {same}", flush=True)
+        same = abs(r["qk whole"]["k_sum"] - r["qk blocks"]["k_sum"]) <= 1e-4 * max(1.0, r["qk whole"]["k_sum"])
+        ratio = lambda m: r[m]["peak_mib"] / max(r["atp"]["peak_mib"], 1e-9)  # noqa: E731
+        line = " ".join(f"{m} {r[m]['peak_mib']:6.0f} MiB ({ratio(m):.2f}x)" for m in methods[1:])
+        print(f"T={T:5d}, {prompts} prompts: atp {r['atp']['peak_mib']:6.0f} MiB | {line}  (target: AtP* <= 1.5x)",
+              flush=True)
+        print("         seconds: " + " ".join(f"{m} {r[m]['seconds']:.1f}" for m in methods) +
+              f"; blocks = whole: {same}", flush=True)
     return {"rows": rows}
 
 
@@ -117,9 +122,10 @@ if __name__ == "__main__":
     ap.add_argument("--worker", nargs=3, default=None)
     ap.add_argument("--lengths", default="256,512,1024")
     ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--star-max", type=int, default=512)
     a = ap.parse_args()
     if a.worker:
         m, T, n = a.worker
         print(json.dumps(worker(m, int(T), int(n))))
     else:
-        main(lengths=[int(x) for x in a.lengths.split(",")], prompts=a.prompts)
+        main(lengths=[int(x) for x in a.lengths.split(",")], prompts=a.prompts, star_max=a.star_max)
