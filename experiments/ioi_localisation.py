@@ -64,14 +64,15 @@ def run(model_name=None, n: int = 4, out="out/ioi/", kinds=KINDS) -> dict:
     import matplotlib.pyplot as plt
 
     import steer
-    from steer.patching import activation_patch, atp, atp_star, ioi_task, relp, topk_recovery_cost
+    from steer.patching import (activation_patch, atp, atp_star, integrated_gradients, ioi_task, relp,
+                                topk_recovery_cost)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = steer.load(model_name)
     task = ioi_task(model, n=n)
     fast = {"atp": atp(model, task, list(kinds)), "atp*": atp_star(model, task, list(kinds)),
-            "relp": relp(model, task, list(kinds))}
+            "relp": relp(model, task, list(kinds)), "ig-4": integrated_gradients(model, task, list(kinds), steps=4)}
     doc = {"model": model.name, "n_prompts": n, "prompts": task.clean.texts, "kinds": {}}
     for kind in kinds:
         t0 = time.perf_counter()
@@ -103,7 +104,7 @@ def run(model_name=None, n: int = 4, out="out/ioi/", kinds=KINDS) -> dict:
             print(f"  AtP misses {c['node']}: activation {c['activation']:+.3f}, "
                   + ", ".join(f"{m} {c[m]:+.3f}" for m in fast))
         fig, ax = plt.subplots(figsize=(4.5, 4))
-        for meth, c in [("atp", "tab:blue"), ("atp*", "tab:red"), ("relp", "tab:green")]:
+        for meth, c in [("atp", "tab:blue"), ("atp*", "tab:red"), ("relp", "tab:green"), ("ig-4", "tab:purple")]:
             ax.scatter(exact.effects.flatten(), fast[meth][kind].effects.flatten(), s=8, c=c, label=meth, alpha=0.6)
         ax.set_xlabel("activation patching effect")
         ax.set_ylabel("estimate")

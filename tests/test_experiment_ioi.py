@@ -36,6 +36,11 @@ def test_ioi_claims_on_embedded_model(tmp_path):
         e = doc["kinds"][kind]
         assert e["relp"]["pearson"] > e["atp"]["pearson"] + 0.1, kind
     assert doc["kinds"]["heads"]["relp"]["pearson"] > 0.95
+    # integrated gradients (4 points on the input path, 10 forward-equivalents) follow the large,
+    # saturating MLP and residual patches that every single-gradient estimate misses
+    for kind in ("mlp_out", "resid"):
+        e = doc["kinds"][kind]
+        assert e["ig-4"]["pearson"] >= 0.6 and e["ig-4"]["pearson"] > e["relp"]["pearson"], kind
     # queries and keys are where linearising through the softmax fails; the QK fix repairs it
     for kind in ("q", "k"):
         e = doc["kinds"][kind]
