@@ -368,3 +368,17 @@ def test_fused_attribution_equals_stored_gradients(model, task):
     for kind in kinds:
         torch.testing.assert_close(fused[kind].scores, stored[kind].scores, atol=1e-5, rtol=1e-4)  # (fp32 summation order)
 
+
+
+def test_fused_atp_star_equals_stored_gradients(model, task):
+    """AtP* (QK fix and GradDrop) with every backward reduced in hooks equals the stored-gradient
+    computation, q/k nodes included."""
+    if model.arch.qk_norm_scope == "full":
+        return  # the QK fix is refused there (tested above)
+    kinds = ["heads", "resid", "q", "k_by_pos"]
+    fused = atp_star(model, task, kinds)
+    stored = atp_star(model, task, kinds, fused=False)
+    for kind in kinds:
+        torch.testing.assert_close(fused[kind].scores, stored[kind].scores, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(fused[kind].meta["plain"]), torch.tensor(stored[kind].meta["plain"]),
+                                   atol=1e-5, rtol=1e-4)

@@ -56,8 +56,9 @@ class _Attribution:
     """Shared state of one AtP run: base/other activations and base-run gradients."""
 
     def __init__(self, model, task: PatchTask, kinds: Sequence[NodeSet], direction: str, qk: bool,
-                 qk_block: Optional[int] = None):
+                 qk_block: Optional[int] = None, impl: str = "auto"):
         self.model, self.task, self.kinds, self.direction, self.qk = model, task, kinds, direction, qk
+        self.impl = impl
         if qk_block is not None and qk_block < 1:
             raise ValueError(f"qk_block={qk_block}: the QK fix's query rows per block must be >= 1 (None: automatic).")
         self.qk_block = qk_block
@@ -104,34 +105,41 @@ class _Attribution:
         self.g_resid = [None] + [g if g is not None else torch.zeros_like(t) for g, t in zip(gs[len(self.keys):], self.resid[1:])]
         return out
 
-    def fused_scores(self, impl: str = "auto") -> dict[str, Tensor]:
-        """AtP estimates of every (non-QK-fixed) node kind from one backward pass in which each
-        site's gradient is reduced into its nodes' estimates as soon as autograd computes it
-        (a tensor hook), so no site's full gradient is kept: ``Σ (a_other − a_base) · g`` over
-        the batch and the feature axis (:func:`~steer.patching.kernels.attribution_reduce`),
-        then over positions where they are not units."""
-
-        L = self.model.n_layers
+    def hooked_scores(self, outputs, grad_outputs=None, layers=None, want=()) -> tuple[dict, tuple]:
+        """One backward from ``outputs`` in which each base activation's gradient is turned into
+        the estimates of the node kinds that read it as soon as autograd computes it (a tensor
+        hook), so no site's full gradient is kept (the fused reduction; a ``z`` gradient feeds the
+        QK fix of its layer's ``q``/``k`` nodes). ``layers``: hook only these; ``want``: tensors
+        whose gradients to return as well. Returns ``({(kind, layer): scores}, grads of want)``."""
+        layers = range(self.model.n_layers) if layers is None else layers
         got: dict = {}
         handles = []
         for (site, l), y in self.base.items():
-            users = [ns for ns in self.kinds if ns.site == site]
-            if not users or not y.requires_grad:
+            if l not in layers or not y.requires_grad:
                 continue
-            delta = self.other[(site, l)] - y.detach()
+            users = [ns for ns in self.kinds
+                     if (ns.site == site and not (self.qk and ns.site in ("q", "k")))
+                     or (self.qk and site == "z" and ns.site in ("q", "k"))]
+            if not users:
+                continue
 
-            def hook(g, users=users, delta=delta, l=l):
+            def hook(g, users=users, key=(site, l)):
                 for ns in users:
-                    got[(ns.kind, l)] = site_reduce(ns, delta, g, impl)
+                    got[(ns.kind, key[1])] = self.layer_scores(ns, key[1], {key: g})
 
             handles.append(y.register_hook(hook))
         try:
-            torch.autograd.grad(self.M, [self.h0], allow_unused=True)
+            gs = torch.autograd.grad(outputs, [self.h0, *want], grad_outputs=grad_outputs, retain_graph=True,
+                                     allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
-        return {ns.kind: torch.stack([got.get((ns.kind, l), torch.zeros(ns.unit_shape, device=self.M.device))
-                                      for l in range(L)]) for ns in self.kinds}
+        return got, tuple(g if g is not None else torch.zeros_like(t) for g, t in zip(gs[1:], want))
+
+    def stack(self, got: dict, ns: NodeSet) -> Tensor:
+        """Scores ``[layer, *units]`` of ``ns`` from :meth:`hooked_scores` (zero where no gradient flowed)."""
+        zero = torch.zeros(ns.unit_shape, device=self.M.device)
+        return torch.stack([got.get((ns.kind, l), zero) for l in range(self.model.n_layers)])
 
     # -- per-layer estimates -------------------------------------------------------------
     def layer_scores(self, ns: NodeSet, l: int, grads: dict) -> Tensor:
@@ -140,7 +148,7 @@ class _Attribution:
             return self._qk_scores(ns, l, grads)
         key = (ns.site, l)
         delta = self.other[key] - self.base[key].detach()
-        return ns.reduce((delta * grads[key]).sum(0))
+        return site_reduce(ns, delta, grads[key], self.impl)
 
     @torch.no_grad()
     def _qk_scores(self, ns: NodeSet, l: int, grads: dict) -> Tensor:
@@ -215,7 +223,7 @@ def atp(
     ``q``/``k`` nodes (no GradDrop), computed in blocks of ``qk_block`` query rows (default: as
     many as keep each temporary under :data:`QK_BLOCK_ELEMENTS`). ``fused`` (default): each
     site's gradient is reduced to node estimates inside the backward pass and never stored
-    (``False``: all gradients first, then the products; the QK fix always keeps them);
+    (``False``: all gradients first, then the products);
     ``impl``: the reduction's kernel (``"auto"``: Triton on CUDA, else PyTorch).
 
     >>> import steer
@@ -228,9 +236,10 @@ def atp(
     direction = _check_direction(direction)
     kinds, single = _kinds(model, task, nodes)
     t0 = time.perf_counter()
-    st = _Attribution(model, task, kinds, direction, qk_fix, qk_block)
-    if fused and not (qk_fix and any(ns.site in ("q", "k") for ns in kinds)):
-        out = st.fused_scores(impl)
+    st = _Attribution(model, task, kinds, direction, qk_fix, qk_block, impl)
+    if fused:
+        got, _ = st.hooked_scores(st.M)
+        out = {ns.kind: st.stack(got, ns) for ns in kinds}
     else:
         grads = st.grads(retain=False)
         out = {ns.kind: torch.stack([st.layer_scores(ns, l, grads) for l in range(model.n_layers)]) for ns in kinds}
@@ -270,15 +279,36 @@ def grad_drop_scores(st: _Attribution, ns_list: Sequence[NodeSet], grads: dict) 
     return out
 
 
+def grad_drop_fused(st: _Attribution, ns_list: Sequence[NodeSet], plain: dict) -> dict[str, Tensor]:
+    """:func:`grad_drop_scores` with each dropped-layer backward reduced in hooks
+    (:meth:`_Attribution.hooked_scores`): no set of gradients is ever held."""
+    L = st.model.n_layers
+    acc = {ns.kind: torch.zeros_like(plain[ns.kind]) for ns in ns_list}
+    for drop in range(L):
+        cot = st.g_resid[drop + 1]  # gradient at the output of layer `drop`; skip path only
+        got = st.hooked_scores(st.resid[drop], cot, layers=range(drop))[0] if drop else {}
+        for ns in ns_list:
+            for l in range(L):
+                if l < drop:
+                    if (ns.kind, l) in got:
+                        acc[ns.kind][l] += got[(ns.kind, l)].abs()
+                elif l == drop and ns.site == "resid_pre":
+                    acc[ns.kind][l] += st.layer_scores(ns, l, {("resid_pre", l): cot}).abs()
+                elif l > drop:
+                    acc[ns.kind][l] += plain[ns.kind][l].abs()
+    return {ns.kind: torch.sign(plain[ns.kind]) * acc[ns.kind] / max(L - 1, 1) for ns in ns_list}
+
+
 def atp_star(
     model, task: PatchTask, nodes: Union[str, Sequence[str]] = "heads", direction: str = "denoising",
-    grad_drop: bool = True, qk_block: Optional[int] = None,
+    grad_drop: bool = True, qk_block: Optional[int] = None, fused: bool = True, impl: str = "auto",
 ) -> Union[PatchingResult, dict[str, PatchingResult]]:
     """AtP*: AtP with the QK fix for ``q``/``k`` nodes and GradDrop.
 
     Scores are ``sign(Î_AtP+QK) · Σ_ℓ |Î_ℓ| / (L-1)``; ``meta["plain"]`` keeps the signed
     QK-fixed estimate without GradDrop. One kind → :class:`PatchingResult`; a list → dict.
-    ``qk_block``: query rows per block of the QK fix (see :func:`atp`).
+    ``qk_block``, ``fused``, ``impl``: as in :func:`atp` (with ``fused``, GradDrop's L extra
+    backward passes reduce their gradients in hooks too).
 
     >>> import steer
     >>> from steer.patching import ioi_task, atp_star
@@ -289,11 +319,17 @@ def atp_star(
     direction = _check_direction(direction)
     kinds, single = _kinds(model, task, nodes)
     t0 = time.perf_counter()
-    st = _Attribution(model, task, kinds, direction, qk=True, qk_block=qk_block)
-    grads = st.grads(retain=grad_drop)
+    st = _Attribution(model, task, kinds, direction, qk=True, qk_block=qk_block, impl=impl)
     L = model.n_layers
-    plain = {ns.kind: torch.stack([st.layer_scores(ns, l, grads) for l in range(L)]) for ns in kinds}
-    scores = grad_drop_scores(st, kinds, grads) if grad_drop else plain
+    if fused:
+        got, g_resid = st.hooked_scores(st.M, want=st.resid[1:])
+        st.g_resid = [None, *g_resid]
+        plain = {ns.kind: st.stack(got, ns) for ns in kinds}
+        scores = grad_drop_fused(st, kinds, plain) if grad_drop else plain
+    else:
+        grads = st.grads(retain=grad_drop)
+        plain = {ns.kind: torch.stack([st.layer_scores(ns, l, grads) for l in range(L)]) for ns in kinds}
+        scores = grad_drop_scores(st, kinds, grads) if grad_drop else plain
     sec = time.perf_counter() - t0
     fe = 3.0 + (L / 2 if grad_drop else 0)
     res = {}
