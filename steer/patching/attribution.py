@@ -16,6 +16,11 @@ for each layer ℓ, the gradient flowing through layer ℓ's residual contributi
 outputs) is zeroed; ``score = Σ_ℓ |Î_ℓ(n)| / (L - 1)``, signed with the plain (QK-fixed)
 estimate. Backward ℓ only has to run from layer ℓ down (layers above are unchanged), so all
 GradDrop passes cost about ``L/2`` backwards.
+
+Memory: every backward reduces each site's gradient to its node estimates in a tensor hook as
+autograd computes it (``fused=True``, the default; :func:`~steer.patching.kernels.attribution_reduce`),
+so no set of gradients is held, and the QK fix works on blocks of query rows, so it never holds
+``[P, H, T, T]`` tensors (``experiments/bench/bench_qk_memory.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = ["atp", "atp_star", "grad_drop_scores"]
 
 
 QK_BLOCK_ELEMENTS = 2**22  # entries of one [P, H, rows, T] temporary of the QK fix (16 MiB in fp32)
+
 
 def site_reduce(ns: NodeSet, delta: Tensor, g: Tensor, impl: str = "auto") -> Tensor:
     """``ns.reduce((delta * g).sum(0))`` with the batch and innermost feature axis reduced by
