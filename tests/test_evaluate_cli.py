@@ -46,6 +46,8 @@ def test_cli_evaluate_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="pass --direction FILE"):
         steer.cli.main(["evaluate", "--items", "optimistic", "--model", "tiny-llama"])
     (tmp_path / "ok.json").write_text(json.dumps(ITEMS))
+    with pytest.raises(SystemExit, match=r"must lie in 0..1"):
+        steer.cli.main(["evaluate", "--method", "act", "--items", "optimistic", "--strengths", "1", "--model", "tiny-llama"])
     with pytest.raises(SystemExit, match="built-in trait"):
         steer.cli.main(["evaluate", "--method", "act", "--items", str(tmp_path / "ok.json"), "--strengths", "1",
                         "--model", "tiny-llama"])

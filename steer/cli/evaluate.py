@@ -78,11 +78,13 @@ def _fitted(args, model, pos, strengths):
     tgt = [persona._messages(t.positive[i % len(t.positive)], q) for i, q in enumerate(qs)]
     if args.method == "act":
         layers = [10 if args.layer is None else args.layer]
-        maps = transport.fit_linear_act(model, src, tgt, layers=layers, progress=False)
     else:
         spec = args.layers or (str(args.layer) if args.layer is not None else "6,10,14")
         layers = [int(x) for x in spec.split(",") if x.strip()]
-        maps = transport.fit_lineas(model, src, tgt, layers=layers, progress=False)
+    if not layers or any(not 0 <= l < model.n_layers for l in layers):
+        raise SystemExit(f"steer evaluate: layers {layers} must lie in 0..{model.n_layers - 1} (--layer / --layers).")
+    fit = transport.fit_linear_act if args.method == "act" else transport.fit_lineas
+    maps = fit(model, src, tgt, layers=layers, progress=False)
     return (lambda a: Steering(model, transport.transport(maps, a, positions=pos))), {"layers": layers, "trait": t.name}
 
 
