@@ -145,7 +145,10 @@ def trace_heads(model, trace: ProbeTrace, probe=None, *, steering=None, readings
 
     if ablation not in ("zero", "mean"):
         raise ValueError(f"ablation={ablation!r}: use 'zero' or 'mean'.")
-    layer, score = _scorer(model, trace.probe if probe is None else probe, trace.layer)
+    probe = trace.probe if probe is None else probe
+    if probe is None:
+        raise ValueError("This trace does not carry its probe: pass probe= (what probe_trace read).")
+    layer, score = _scorer(model, probe, trace.layer)
     if layer != trace.layer:
         raise ValueError(f"The probe reads layer {layer}, the trace layer {trace.layer}: pass the trace's probe.")
     L, H = layer + 1, model.n_heads
