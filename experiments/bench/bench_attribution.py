@@ -18,15 +18,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _peak import peak_mib  # noqa: E402
 
 KINDS = ["heads", "mlp_out", "resid", "neurons"]
 
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 def worker(mode: str) -> dict:
@@ -38,24 +37,13 @@ def worker(mode: str) -> dict:
     call = {"fused": lambda: atp(model, task, KINDS), "stored": lambda: atp(model, task, KINDS, fused=False)}.get(mode)
     if call is None:
         call = lambda: integrated_gradients(model, task, KINDS, steps=int(mode[3:]))  # noqa: E731
-    base, peak, done = _rss(), [0], threading.Event()  # memory first, on a cold call (freed memory is reused)
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.002)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    call()
-    done.set()
-    th.join()
+    _, mib = peak_mib(call)  # memory first, on a cold call (freed memory is reused)
     best = float("inf")
     for _ in range(3):
         t = time.perf_counter()
         call()
         best = min(best, time.perf_counter() - t)
-    return {"mode": mode, "seconds": best, "peak_mib": (max(peak[0], _rss()) - base) / 2**20}
+    return {"mode": mode, "seconds": best, "peak_mib": mib}
 
 
 def main(device: str = "cpu") -> dict:

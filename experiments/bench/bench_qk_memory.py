@@ -24,15 +24,14 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _peak import peak_mib  # noqa: E402
 
 NODES = ["heads", "q", "k"]
 
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 def long_task(model, T: int, n: int):
@@ -71,25 +70,11 @@ def worker(method: str, T: int, n: int) -> dict:
            "qk whole": lambda: atp(model, task, NODES, qk_fix=True, qk_block=T),
            "qk blocks": lambda: atp(model, task, NODES, qk_fix=True),
            "atp*": lambda: atp_star(model, task, NODES)}[method]
-    base = _rss()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.002)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
     t0 = time.perf_counter()
-    res = run()
+    res, mib = peak_mib(run)
     sec = time.perf_counter() - t0
-    done.set()
-    th.join()
-    peak[0] = max(peak[0], _rss())
     k = res["k"].scores
-    return {"method": method, "T": T, "prompts": n, "peak_mib": (peak[0] - base) / 2**20, "seconds": sec,
+    return {"method": method, "T": T, "prompts": n, "peak_mib": mib, "seconds": sec,
             "k_sum": float(k.abs().sum())}
 
 
