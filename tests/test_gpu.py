@@ -116,3 +116,22 @@ def test_attribution_reduce_kernel_on_the_device():
     gr = torch.randn(8, 512 * 32, 64, device=DEVICE, generator=g).bfloat16()
     ref = (d.float() * gr.float()).sum((0, 2))
     torch.testing.assert_close(attribution_reduce(d, gr, impl="triton"), ref, atol=1e-2, rtol=1e-4)
+
+
+def test_tiled_qk_fix_on_the_device():
+    """The tiled QK-fix kernels at a Llama-3.2-1B attention layer (32 query heads, 8 kv heads of
+    64; bf16 q/k/v) against the PyTorch definitions on full fp32 logits, on the device."""
+    from steer.patching.kernels import triton_available
+    from steer.patching.qk_fix import attn_logits, key_fix, pattern_grad, query_fix
+    from steer.patching.qk_tiled import key_fix_sum, row_fix
+
+    assert triton_available(), "CUDA builds of torch ship Triton; install it to test the kernels"
+    T = 1024 if DEVICE.type == "cuda" else 40  # the CPU dry run goes through Triton's interpreter
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, qa, gz = (torch.randn(1, T, 32, 64, device=DEVICE, generator=g).bfloat16() for _ in range(3))
+    k, ka, v = (torch.randn(1, T, 8, 64, device=DEVICE, generator=g).bfloat16() for _ in range(3))
+    f = [t.float() for t in (q, qa, k, ka, v, gz)]
+    x, xq, xk = attn_logits(f[0], f[2], 0.125), attn_logits(f[1], f[2], 0.125), attn_logits(f[0], f[3], 0.125)
+    gp = pattern_grad(f[5], f[4])
+    torch.testing.assert_close(row_fix(q, k, qa, None, v, gz, 0.125), query_fix(x, xq, gp), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(key_fix_sum(q, k, ka, v, gz, 0.125), key_fix(x, xk - x, gp).sum((0, 2)), atol=1e-3, rtol=1e-4)

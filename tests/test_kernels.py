@@ -63,3 +63,57 @@ def test_attribution_reduce_triton_matches_torch_bf16():
         attribution_reduce(d, gr, impl="cuda")
     with pytest.raises(ValueError, match=r"\[P, N, D\]"):
         attribution_reduce(d[0], gr[0])
+
+
+# -- the tiled QK fix (steer.patching.qk_tiled): logits recomputed from q, k, never stored --------
+
+from steer.patching.qk_fix import attn_logits, pattern_grad, query_fix  # noqa: E402
+from steer.patching.qk_tiled import key_fix_sum, row_fix  # noqa: E402
+
+TILED_CASES = {  # P, T, S, H, Hkv, d, window, softcap, left padding of prompt 0; 16-key tiles in the interpreter
+    "mha": (2, 9, 9, 2, 2, 8, None, None, 0),
+    "gqa-padded-blocks": (2, 37, 37, 4, 2, 8, None, None, 3),
+    "queries-after-a-prefix": (1, 20, 33, 2, 1, 16, None, None, 0),
+    "window": (2, 35, 35, 2, 1, 8, 7, None, 2),
+    "softcap": (2, 24, 24, 2, 1, 8, None, 3.0, 0),
+}
+
+
+def _qk_inputs(P, T, S, H, Hkv, d, pad, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, q_alt, g_z = (torch.randn(P, T, H, d, generator=g) for _ in range(3))
+    k, k_alt, v = (torch.randn(P, S, Hkv, d, generator=g) for _ in range(3))
+    key_valid = torch.ones(P, S, dtype=torch.bool)
+    key_valid[0, :pad] = False
+    return q * scale, q_alt * scale, k, k_alt, v, g_z, key_valid
+
+
+@pytest.mark.parametrize("scale", [1.0, 12.0])  # 12: saturated rows
+@pytest.mark.parametrize("case", list(TILED_CASES))
+def test_tiled_qk_fix_matches_the_definitions(case, scale):
+    """Row fix (patched queries; a head's keys all patched) and per-key fix equal the PyTorch
+    definitions on full logits, and the O(T·S²) brute force in fp64."""
+    P, T, S, H, Hkv, d, window, softcap, pad = TILED_CASES[case]
+    q, q_alt, k, k_alt, v, g_z, kv = _qk_inputs(P, T, S, H, Hkv, d, pad, scale, seed=T + S)
+    kw = dict(key_valid=kv, window=window, softcap=softcap)
+    f64 = [t.double() for t in (q, q_alt, k, k_alt, v, g_z)]
+    x, x_q, x_k = attn_logits(f64[0], f64[2], 0.5, **kw), attn_logits(f64[1], f64[2], 0.5, **kw), attn_logits(f64[0], f64[3], 0.5, **kw)
+    g = pattern_grad(f64[5], f64[4])
+    torch.testing.assert_close(row_fix(q, k, q_alt, None, v, g_z, 0.5, **kw).double(), query_fix(x, x_q, g), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(row_fix(q, k, None, k_alt, v, g_z, 0.5, **kw).double(), query_fix(x, x_k, g), atol=2e-5, rtol=1e-5)
+    ref = key_fix_bruteforce(x, x_k - x, g).sum((0, 2))
+    torch.testing.assert_close(key_fix_sum(q, k, k_alt, v, g_z, 0.5, **kw).double(), ref, atol=5e-5, rtol=1e-5)
+    f32 = key_fix(x.float(), (x_k - x).float(), g.float()).sum((0, 2))  # the PyTorch path, same precision
+    assert float((key_fix_sum(q, k, k_alt, v, g_z, 0.5, **kw).double() - ref).abs().max()) <= 2 * float((f32.double() - ref).abs().max()) + 1e-5
+
+
+def test_tiled_qk_fix_padding_rows_and_errors():
+    q, q_alt, k, k_alt, v, g_z, kv = _qk_inputs(2, 6, 6, 2, 1, 8, 0, 1.0, seed=0)
+    kv[1, :4] = False  # prompt 1: its first 4 query rows see no key at all, row 4 only itself
+    rows = row_fix(q, k, q_alt, None, v, g_z, 0.5, key_valid=kv)
+    assert torch.isfinite(rows).all() and rows[1, :, :4].abs().max() == 0 and rows[1, :, 5:].abs().min() > 0  # row 4: one key
+    assert torch.isfinite(key_fix_sum(q, k, k_alt, v, g_z, 0.5, key_valid=kv)).all()
+    with pytest.raises(ValueError, match="exactly one"):
+        row_fix(q, k, q_alt, k_alt, v, g_z, 0.5)
+    with pytest.raises(ValueError, match="divisible"):
+        row_fix(q, k.expand(2, 6, 2, 8)[:, :, :1].repeat(1, 1, 3, 1), q_alt, None, v, g_z, 0.5)

@@ -179,11 +179,10 @@ class Runner:
         """``(cos, sin)`` ``[P, T, d_rotary]`` used by layer ``l`` (None without rotary embeddings)."""
         return self.pe.get(self.layer_types[l])
 
-    def attention_logits(self, l: int, q: Tensor, k: Tensor, rows: Optional[slice] = None) -> Tensor:
-        """Layer ``l``'s attention logits ``[P, H, T, T]`` from pre-norm, pre-rotary ``q``
-        ``[P, T, H, d]`` and ``k`` ``[P, T, Hkv, d]`` (the ``q``/``k`` sites): q/k norms if the
-        model has them, rotary, scaling, soft-capping; masked entries are ``qk_fix.NEG``.
-        ``rows``: only those query rows (``[P, H, len(rows), T]``), for block-by-block work."""
+    def attention_qk(self, l: int, q: Tensor, k: Tensor, rows: Optional[slice] = None) -> tuple[Tensor, Tensor]:
+        """Layer ``l``'s queries and keys as its attention uses them, from pre-norm, pre-rotary
+        ``q`` ``[P, T, H, d]`` and ``k`` ``[P, T, Hkv, d]`` (the ``q``/``k`` sites): q/k norms if
+        the model has them, then rotary. ``rows``: only those query rows."""
         attn = self.arch.attention(self.model.layers[l])
         rows = slice(0, q.shape[1]) if rows is None else rows
         q = q[:, rows]
@@ -194,8 +193,22 @@ class Runner:
         pe = self.layer_pe(l)
         if pe is not None:
             q, k = rotary(q, pe[0][:, rows], pe[1][:, rows]), rotary(k, *pe)
-        return attn_logits(q, k, attn.scaling, self.batch.attention_mask.bool(), window=self.windows[l],
-                           softcap=self.attn_softcap, q_offset=rows.start)
+        return q, k
+
+    def attention_shape(self, l: int) -> dict:
+        """What besides q and k decides layer ``l``'s logits: ``scaling``, ``key_valid``,
+        ``window``, ``softcap`` (keyword arguments of :func:`~steer.patching.qk_fix.attn_logits`
+        and of the kernels in :mod:`steer.patching.qk_tiled`)."""
+        return dict(scaling=self.arch.attention(self.model.layers[l]).scaling, key_valid=self.batch.attention_mask.bool(),
+                    window=self.windows[l], softcap=self.attn_softcap)
+
+    def attention_logits(self, l: int, q: Tensor, k: Tensor, rows: Optional[slice] = None) -> Tensor:
+        """Layer ``l``'s attention logits ``[P, H, T, T]`` from the ``q``/``k`` sites (see
+        :meth:`attention_qk`): scaling, soft-capping; masked entries are ``qk_fix.NEG``.
+        ``rows``: only those query rows (``[P, H, len(rows), T]``), for block-by-block work."""
+        rows = slice(0, q.shape[1]) if rows is None else rows
+        q, k = self.attention_qk(l, q, k, rows)
+        return attn_logits(q, k, **self.attention_shape(l), q_offset=rows.start)
 
     @torch.no_grad()
     def attention_error(self, logits: Tensor, v: Tensor, z: Tensor, rows: Optional[slice] = None) -> tuple[float, float]:

@@ -19,8 +19,9 @@ GradDrop passes cost about ``L/2`` backwards.
 
 Memory: every backward reduces each site's gradient to its node estimates in a tensor hook as
 autograd computes it (``fused=True``, the default; :func:`~steer.patching.kernels.attribution_reduce`),
-so no set of gradients is held, and the QK fix works on blocks of query rows, so it never holds
-``[P, H, T, T]`` tensors (``experiments/bench/bench_qk_memory.py``).
+so no set of gradients is held, and the QK fix works on blocks of query rows (PyTorch) or tiles
+(Triton, :mod:`~steer.patching.qk_tiled`), so it never holds ``[P, H, T, T]`` tensors
+(``experiments/bench/bench_qk_memory.py``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from ..sites import Site
 from ._runner import Runner
 from .activation import _check_direction, capture_sites, run_metrics
 from .nodes import NodeSet, node_set
+from .kernels import triton_available
 from .qk_fix import key_fix, pattern_grad, query_fix
+from .qk_tiled import key_fix_sum, row_fix
 from .result import PatchingResult
 from .tasks import PatchTask
 
@@ -147,6 +150,19 @@ class _Attribution:
         zero = torch.zeros(ns.unit_shape, device=self.M.device)
         return torch.stack([got.get((ns.kind, l), zero) for l in range(self.model.n_layers)])
 
+    def _qk_tiled(self, ns: NodeSet, l: int, q: Tensor, k: Tensor, q_alt: Tensor, k_alt: Tensor, v: Tensor,
+                  g_z: Tensor) -> Tensor:
+        """:meth:`_qk_scores`' per-layer block (``[H, T]``, ``[H]`` or ``[H, S]``) from the
+        Triton kernels of :mod:`~steer.patching.qk_tiled`."""
+        r = self.base_runner
+        (q_rot, k_rot), shape = r.attention_qk(l, q, k), r.attention_shape(l)
+        if ns.site == "q":
+            return row_fix(q_rot, k_rot, r.attention_qk(l, q_alt, k)[0], None, v, g_z, **shape).sum(0)
+        k_alt_rot = r.attention_qk(l, q, k_alt)[1]
+        if ns.units == ("head",):
+            return row_fix(q_rot, k_rot, None, k_alt_rot, v, g_z, **shape).sum((0, 2))
+        return key_fix_sum(q_rot, k_rot, k_alt_rot, v, g_z, **shape)
+
     # -- per-layer estimates -------------------------------------------------------------
     def layer_scores(self, ns: NodeSet, l: int, grads: dict) -> Tensor:
         """``Î`` for the nodes of ``ns`` at layer ``l`` given gradients ``grads[(site, l)]``."""
@@ -163,25 +179,33 @@ class _Attribution:
         grows as O(T) per row block, not O(T²). Query effects are per row; key effects are sums
         over rows, accumulated block by block."""
         r = self.base_runner
-        q, k = self.base[("q", l)].detach(), self.base[("k", l)].detach()
-        v, z, g_z = self.base[("v", l)].detach(), self.base[("z", l)].detach(), grads[("z", l)]
+        # fp32 throughout: in bf16 the key fix's logit shifts x' − x lose most of their digits
+        f32 = lambda t: t.detach().float()  # noqa: E731
+        q, k, v, z = (f32(self.base[(site, l)]) for site in ("q", "k", "v", "z"))
+        g_z = f32(grads[("z", l)])
+        q_alt, k_alt = f32(self.other[("q", l)]), f32(self.other[("k", l)])
         P, T, H = q.shape[:3]
         Hkv = k.shape[2]
         step = self.qk_block or max(1, QK_BLOCK_ELEMENTS // max(1, P * H * T))
         check = l not in self.attention_checked  # the QK fix re-implements attention: check it first
+        tiled = self.impl == "triton" or (self.impl == "auto" and q.is_cuda and triton_available())
         diff = scale = 0.0
         parts = []
         for t0 in range(0, T, step):
+            if tiled and not check:
+                break
             rows = slice(t0, min(T, t0 + step))
             x = r.attention_logits(l, q, k, rows)
             if check:
                 d_, s_ = r.attention_error(x, v, z[:, rows], rows)
                 diff, scale = max(diff, d_), max(scale, s_)
+            if tiled:
+                continue
             g = pattern_grad(g_z[:, rows], v)
             if ns.site == "q":
-                parts.append(query_fix(x, r.attention_logits(l, self.other[("q", l)], k, rows), g).sum(0))  # [H, rows]
+                parts.append(query_fix(x, r.attention_logits(l, q_alt, k, rows), g).sum(0))  # [H, rows]
                 continue
-            x_new = r.attention_logits(l, q, self.other[("k", l)], rows)
+            x_new = r.attention_logits(l, q, k_alt, rows)
             if ns.units == ("head",):  # all keys of a kv head patched at once: exact softmax
                 parts.append(query_fix(x, x_new, g).sum((0, 2)))  # [H]
             else:
@@ -190,6 +214,8 @@ class _Attribution:
         if check:
             r.refuse_attention(l, diff, scale)
             self.attention_checked.add(l)
+        if tiled:  # the kernels of qk_tiled: logits recomputed tile by tile, never stored
+            parts = [self._qk_tiled(ns, l, q, k, q_alt, k_alt, v, g_z)]
         if ns.site == "q":
             per_row = torch.cat(parts, -1)  # [H, T]
             return per_row.sum(-1) if ns.units == ("head",) else per_row.T  # [H] or [T, H]
@@ -230,7 +256,10 @@ def atp(
     many as keep each temporary under :data:`QK_BLOCK_ELEMENTS`). ``fused`` (default): each
     site's gradient is reduced to node estimates inside the backward pass and never stored
     (``False``: all gradients first, then the products);
-    ``impl``: the reduction's kernel (``"auto"``: Triton on CUDA, else PyTorch).
+    ``impl``: the kernels of the reduction and the QK fix (``"auto"``: Triton on CUDA when it is
+    installed, else PyTorch; ``"triton"`` / ``"torch"`` force one). The Triton QK fix
+    (:mod:`~steer.patching.qk_tiled`) recomputes logits tile by tile and ignores ``qk_block``.
+    Both compute the QK fix in fp32 whatever the model's dtype.
 
     >>> import steer
     >>> from steer.patching import ioi_task, atp
