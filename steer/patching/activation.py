@@ -14,13 +14,14 @@ length and model width (about 256 MB of activations per forward).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from ..progress import bar
 from ..sites import Site
+from ..sweep import Shards, map_units, sweep_key
 from ._runner import Runner
 from .nodes import NodeSet, node_set
 from .result import PatchingResult
@@ -106,6 +107,8 @@ def activation_patch(
     batch_size: Optional[int] = None,
     layers: Optional[Sequence[int]] = None,
     progress: Optional[bool] = None,
+    shards: Union[Shards, str, None] = None,
+    directory: Union[str, Path, None] = None,
 ) -> PatchingResult:
     """Patch every node of a kind (one at a time) and return the normalised metric per node.
 
@@ -120,6 +123,11 @@ def activation_patch(
         batch_size: rows (variants x prompts) per forward; ``None`` picks one from memory.
         layers: only these layers (others are NaN); default all.
         progress: a progress bar over the patched runs (default: in a terminal or notebook).
+        shards: split the patched runs across processes (``"auto"``: the ``torchrun``
+            environment; see :mod:`steer.sweep`); every rank returns the whole result, equal to
+            one process's.
+        directory: keep each finished run there, so an interrupted sweep resumes (a rerun
+            computes only the missing runs).
 
     Returns a :class:`PatchingResult` with ``scores: Float[Tensor, "layer *units"]``.
 
@@ -163,30 +171,37 @@ def activation_patch(
     columns, score = task.column_scorer()
     for l in layer_list:
         scores[l] = torch.full((ns.per_layer,), m_base).view(ns.unit_shape)
-    with torch.no_grad():
-        runs = list(_pack(layer_list, active, per_chunk, P, merge=ns.site != "resid_pre"))
-        for run in bar(runs, desc=f"activation patching {ns.kind}", enabled=progress):
-            start = run[0][0]
-            ends = torch.tensor([len(idx) for _, idx in run]).cumsum(0).tolist()
-            blocks = [slice(e - len(idx), e) for (_, idx), e in zip(run, ends)]  # each layer's rows
-            V = ends[-1]
-            h = base_resid[start][:, d0:]
-            if ns.site == "resid_pre":  # one layer per run: the patch is the starting residual itself
-                (l, idx), = run
-                mask = all_masks[idx].to(h.device)[:, None]  # [V, 1, *mask]
-                h = torch.where(mask, other_acts[(ns.site, l)][:, d0:][None], h[None]).flatten(0, 1)
-                hooks = None
-            else:  # variants of consecutive layers share one run; each is patched at its own layer
-                h = h.repeat(V, 1, 1)
-                hooks = {}
-                for (l, idx), rows in zip(run, blocks):
-                    mask = torch.zeros((V, 1, *all_masks.shape[1:]), dtype=torch.bool, device=h.device)
-                    mask[rows] = all_masks[idx].to(h.device)[:, None]
-                    hooks[Site(ns.site, l)] = _patcher(mask, other_acts[(ns.site, l)][:, d0:], V, P)
-            vals = score(base.run_suffix(h, start, hooks, columns).float().view(V, P, -1)).cpu()  # metric in fp32
+    runs = list(_pack(layer_list, active, per_chunk, P, merge=ns.site != "resid_pre"))
+
+    @torch.no_grad()
+    def patched(run) -> Tensor:  # one patched forward: the metric of each of its variants
+        start = run[0][0]
+        blocks = _blocks(run)
+        V = blocks[-1].stop
+        h = base_resid[start][:, d0:]
+        if ns.site == "resid_pre":  # one layer per run: the patch is the starting residual itself
+            (l, idx), = run
+            mask = all_masks[idx].to(h.device)[:, None]  # [V, 1, *mask]
+            h = torch.where(mask, other_acts[(ns.site, l)][:, d0:][None], h[None]).flatten(0, 1)
+            hooks = None
+        else:  # variants of consecutive layers share one run; each is patched at its own layer
+            h = h.repeat(V, 1, 1)
+            hooks = {}
             for (l, idx), rows in zip(run, blocks):
-                scores[l].view(-1)[idx] = vals[rows]
-            fe += V * (L - start) / L * Tq / task.n_pos
+                mask = torch.zeros((V, 1, *all_masks.shape[1:]), dtype=torch.bool, device=h.device)
+                mask[rows] = all_masks[idx].to(h.device)[:, None]
+                hooks[Site(ns.site, l)] = _patcher(mask, other_acts[(ns.site, l)][:, d0:], V, P)
+        return score(base.run_suffix(h, start, hooks, columns).float().view(V, P, -1)).cpu()  # metric in fp32
+
+    key = sweep_key("activation_patch", model.name, task.clean.input_ids.tolist(), task.corrupt.input_ids.tolist(),
+                    ns.kind, direction, per_chunk, list(layer_list), m_clean, m_corrupt)
+    results = map_units(patched, runs, shards=shards, directory=directory, key=key,
+                        desc=f"activation patching {ns.kind}", progress=progress)
+    for run, vals in zip(runs, results):
+        start, V = run[0][0], sum(len(idx) for _, idx in run)
+        for (l, idx), rows in zip(run, _blocks(run)):
+            scores[l].view(-1)[idx] = vals[rows]
+        fe += V * (L - start) / L * Tq / task.n_pos
     norm = (scores - m_corrupt) / (m_clean - m_corrupt)
     return PatchingResult(
         scores=norm,
@@ -198,6 +213,12 @@ def activation_patch(
         forward_equivalents=fe,
         meta={"metric_clean": m_clean, "metric_corrupt": m_corrupt, "n_prompts": P, "task": task.name},
     )
+
+
+def _blocks(run) -> list[slice]:
+    """The rows of each layer's variants in a patched run."""
+    ends = torch.tensor([len(idx) for _, idx in run]).cumsum(0).tolist()
+    return [slice(e - len(idx), e) for (_, idx), e in zip(run, ends)]
 
 
 MERGE_ROWS = 64  # patched runs smaller than this absorb the next layer's variants (CPU matmuls batch better)

@@ -19,8 +19,10 @@ METHODS = ("activation", "atp", "atp*", "relp")
 
 
 def patch(model, task: PatchTask, nodes: str = "heads", methods: Union[str, Sequence[str]] = METHODS,
-          direction: str = "denoising", k: int = 10, batch_size=None) -> dict:
+          direction: str = "denoising", k: int = 10, batch_size=None, shards=None, directory=None) -> dict:
     """Run several methods on one node set; compare the fast ones against ``activation``.
+    ``shards``, ``directory``: activation patching split across processes and resumable (see
+    :func:`~steer.patching.activation_patch`).
 
     Returns ``{"results": {method: PatchingResult}, "comparison": {method: {pearson, spearman,
     pearson_abs, spearman_abs, topk_recovery}}}`` (comparison only when ``activation`` ran).
@@ -40,7 +42,8 @@ def patch(model, task: PatchTask, nodes: str = "heads", methods: Union[str, Sequ
     results: dict[str, PatchingResult] = {}
     for meth in methods:
         if meth == "activation":
-            results[meth] = activation_patch(model, task, nodes, direction, batch_size=batch_size)
+            results[meth] = activation_patch(model, task, nodes, direction, batch_size=batch_size, shards=shards,
+                                             directory=directory)
         elif meth == "atp":
             results[meth] = atp(model, task, nodes, direction)
         elif meth == "relp":

@@ -1,0 +1,118 @@
+"""Sharded, resumable sweeps (steer.sweep): unit bookkeeping, a real 2-process gloo run of
+activation patching equal to one process, and a sweep killed mid-way that resumes."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import steer
+from steer.patching import activation_patch, ioi_task
+from steer.sweep import Shards, map_units
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "STEER_PROGRESS": "0"}
+
+
+def test_units_are_split_round_robin_and_validated():
+    assert [Shards(r, 3).mine(7) for r in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
+    with pytest.raises(ValueError, match="rank < world"):
+        Shards(2, 2)
+
+
+def test_map_units_resumes_and_refuses_another_sweep(tmp_path):
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        if x == 3 and len(calls) == 3:
+            raise RuntimeError("crash")  # the first run dies at its third unit
+        return x * 10
+
+    with pytest.raises(RuntimeError):
+        map_units(fn, [1, 2, 3, 4], directory=tmp_path, key="a")
+    assert sorted(p.name for p in tmp_path.glob("unit-*.pt")) == ["unit-000000.pt", "unit-000001.pt"]
+    calls.clear()
+    assert map_units(fn, [1, 2, 3, 4], directory=tmp_path, key="a") == [10, 20, 30, 40]
+    assert calls == [3, 4]  # only the unfinished units ran
+    with pytest.raises(ValueError, match="another sweep"):
+        map_units(fn, [1, 2, 3, 4], directory=tmp_path, key="b")
+
+
+def test_shards_auto_needs_the_launcher_variables(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        Shards.auto()
+    monkeypatch.delenv("WORLD_SIZE")
+    assert Shards.auto() == Shards(0, 1)
+
+
+WORKER = textwrap.dedent("""
+    import sys, time, torch, steer
+    from steer.patching import activation_patch, ioi_task
+    import steer.patching.activation as A
+    out, kind, directory, delay = sys.argv[1], sys.argv[2], sys.argv[3] or None, float(sys.argv[4])
+    if delay:  # slow every unit down, so that the test can kill the sweep half-way
+        real = A.map_units
+        def slow(fn, units, **kw):
+            return real(lambda u: (time.sleep(delay), fn(u))[1], units, **kw)
+        A.map_units = slow
+    m = steer.load("tiny-llama")
+    r = activation_patch(m, ioi_task(m, n=4), kind, batch_size=8, shards="auto", directory=directory)
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(r.scores, out)
+""")
+
+
+def _worker(tmp_path) -> Path:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    return script
+
+
+def test_two_gloo_processes_give_one_process_result(tmp_path):
+    """`torchrun` with 2 processes (gloo) running `steer patch --shard auto`: the heads-by-position
+    sweep equals the one-process result exactly, and only rank 0 writes the JSON."""
+    import json
+
+    m = steer.load("tiny-llama")
+    ref = activation_patch(m, ioi_task(m, n=4), "heads_by_pos", batch_size=8)
+    out = tmp_path / "patch.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "steer",
+           "patch", "--model", "tiny-llama", "--n-prompts", "4", "--nodes", "heads_by_pos", "--method", "activation",
+           "--batch-size", "8", "--shard", "auto", "--json", str(out)]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("activation: ") == 1  # one rank reported
+    got = torch.tensor(json.loads(out.read_text())["methods"]["activation"]["scores"])
+    assert torch.equal(got, ref.scores)
+
+
+def test_a_killed_sweep_resumes_computing_only_unfinished_units(tmp_path):
+    m = steer.load("tiny-llama")
+    ref = activation_patch(m, ioi_task(m, n=4), "heads_by_pos", batch_size=8)
+    d, out = tmp_path / "sweep", tmp_path / "scores.pt"
+    cmd = [sys.executable, str(_worker(tmp_path)), str(out), "heads_by_pos", str(d), "0.4"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(list(d.glob("unit-*.pt"))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in d.glob("unit-*.pt")}
+    n_units = int(__import__("json").loads((d / "sweep.json").read_text())["units"])
+    assert 2 <= len(done) < n_units, (len(done), n_units)
+    assert not list(d.glob(".*")), "a partial unit file was left behind"
+    r = activation_patch(m, ioi_task(m, n=4), "heads_by_pos", batch_size=8, directory=d)
+    assert torch.equal(r.scores, ref.scores)
+    after = {p.name: p.stat().st_mtime_ns for p in d.glob("unit-*.pt")}
+    assert len(after) == n_units
+    assert all(after[k] == v for k, v in done.items())  # finished units were not recomputed
