@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 from . import arch, bias, conditions, directions, erasure, evaluate, interventions, patching, persona
 from .arch import UnsupportedModel
-from . import agents, backtracking, diagnostics, display, multi, refusal, repit, report, steering, transport
+from . import agents, backtracking, diagnostics, display, multi, refusal, repit, report, steering, store, sweep, transport
 from .capture import Activations, capture
 from .conditions import Condition, fit_condition
 from .data import Batch, Raw, load_prompts, tokenize
@@ -32,13 +32,15 @@ from .persona import Trait, load_trait
 from .positions import Last
 from .sites import SITES, Site
 from .steering import Generations, Steering, compare, steer
+from .store import ActivationStore
+from .sweep import Shards
 
 __all__ = [
-    "Activations", "Batch", "Condition", "Direction", "Generations", "Intervention", "Last", "LeaceEraser", "Model",
-    "PatchTask", "PatchingResult", "Raw", "SITES", "Site", "Steering", "Trait", "UnsupportedModel", "__version__",
+    "ActivationStore", "Activations", "Batch", "Condition", "Direction", "Generations", "Intervention", "Last", "LeaceEraser", "Model",
+    "PatchTask", "PatchingResult", "Raw", "SITES", "Shards", "Site", "Steering", "Trait", "UnsupportedModel", "__version__",
     "activation_patch", "add_hooks", "agents", "arch", "atp", "atp_star", "backtracking", "bias", "capture", "compare", "conditions",
     "diagnostics", "directions", "display", "logit_lens", "massive_activations", "probe_trace",
     "erasing", "erasure", "evaluate", "extract", "fit_condition", "interventions", "ioi_task", "load",
     "load_prompts", "load_trait", "multi", "orthogonalize_weights", "orthogonalized", "patching", "persona",
-    "refusal", "repit", "report", "transport", "relp", "steer", "steering", "sweep_layers", "tokenize",
+    "refusal", "repit", "report", "transport", "relp", "steer", "steering", "store", "sweep", "sweep_layers", "tokenize",
 ]

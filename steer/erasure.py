@@ -98,22 +98,44 @@ class LeaceEraser:
             raise ValueError("LeaceEraser.fit needs at least 2 examples.")
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN/inf: capture activations in float32.")
-        X = x.double()
+        X, Z = x.double(), cls._concept(z)
+        mu = X.mean(0)
+        Xc, Zc = X - mu, Z - Z.mean(0)
+        n = X.shape[0]
+        dt = x.dtype if torch.is_floating_point(x) else torch.float32
+        return cls.from_moments(mu, Xc.T @ Xc / n, Xc.T @ Zc / n, rcond=rcond, shrinkage=shrinkage, dtype=dt)
+
+    @staticmethod
+    def _concept(z: Tensor) -> Tensor:
+        """``z`` as fp64 ``[n, k]``: one-hot for integer labels, else the scores themselves."""
         if z.ndim == 1 and not torch.is_floating_point(z):
             classes = z.unique()
             if len(classes) < 2:
                 raise ValueError("z has a single class: the concept must vary to be erased.")
-            Z = (z[:, None] == classes[None, :]).double()
-        else:
-            Z = z.double().reshape(z.shape[0], -1)
-        mu = X.mean(0)
-        Xc, Zc = X - mu, Z - Z.mean(0)
-        n = X.shape[0]
-        cov = Xc.T @ Xc / n
+            return (z[:, None] == classes[None, :]).double()
+        return z.double().reshape(z.shape[0], -1)
+
+    @classmethod
+    @torch.no_grad()
+    def from_moments(
+        cls, mean: Tensor, cov: Tensor, sxz: Tensor, *, rcond: float = 1e-5, shrinkage: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> "LeaceEraser":
+        """The eraser from the activations' ``mean`` ``[d]``, covariance ``cov`` ``[d, d]`` and
+        cross-covariance with the concept ``sxz`` ``[d, k]`` (population moments, as
+        :meth:`fit` computes them), e.g. accumulated over data that does not fit in memory
+        (:meth:`steer.store.ActivationStore.leace`).
+
+        >>> x, z = torch.randn(50, 4), torch.arange(50) % 2
+        >>> Z = LeaceEraser._concept(z); xc, zc = x.double() - x.double().mean(0), Z - Z.mean(0)
+        >>> e = LeaceEraser.from_moments(x.double().mean(0), xc.T @ xc / 50, xc.T @ zc / 50)
+        >>> torch.allclose(e.A, LeaceEraser.fit(x, z).A)
+        True
+        """
+        mu, cov, sxz = mean.double(), cov.double(), sxz.double()
         if shrinkage:
             d = cov.shape[0]
             cov = (1 - shrinkage) * cov + shrinkage * cov.trace() / d * torch.eye(d, dtype=cov.dtype)
-        sxz = Xc.T @ Zc / n  # [d, k]
         if float(sxz.abs().max()) == 0:
             raise ValueError("x and z are uncorrelated: nothing to erase.")
         evals, evecs = torch.linalg.eigh(cov)
@@ -123,8 +145,7 @@ class LeaceEraser:
         Winv = V @ torch.diag(lam.sqrt()) @ V.T
         u, s, _ = torch.linalg.svd(W @ sxz, full_matrices=False)
         U = u[:, s > s.max() * 1e-8]
-        dt = x.dtype if torch.is_floating_point(x) else torch.float32
-        return cls(mean=mu.to(dt), A=(Winv @ U).to(dt), B=(W @ U).to(dt))
+        return cls(mean=mu.to(dtype), A=(Winv @ U).to(dtype), B=(W @ U).to(dtype))
 
     @property
     def rank(self) -> int:

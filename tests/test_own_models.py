@@ -128,3 +128,45 @@ def test_dense_weight_refuses_integer_storage():
     lin.weight = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
     with pytest.raises(UnsupportedModel, match="quantized"):
         dense_weight(lin, "a layer")
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """tiny-llama with part of its layers in memory and the rest offloaded to disk by accelerate."""
+    from transformers import AutoModelForCausalLM
+
+    base = steer.load("tiny-llama")
+    d = tmp_path_factory.mktemp("tiny-llama-split")
+    base.hf.save_pretrained(d)
+    hf = AutoModelForCausalLM.from_pretrained(d, device_map="auto", max_memory={"cpu": "250KB"},
+                                              offload_folder=str(d / "offload"))
+    assert {"cpu", "disk"} <= set(hf.hf_device_map.values()), hf.hf_device_map
+    return Model.from_hf(hf, base.tokenizer), base
+
+
+def test_a_model_split_by_device_map_gives_the_same_numbers(split, tmp_path):
+    """CAST-gated generation, AtP* and the activation store on a model split across memory and
+    disk equal the model loaded whole."""
+    from steer.conditions import Condition
+    from steer.patching import atp_star
+    from steer.store import ActivationStore
+
+    m, base = split
+    prompts = ["Hi there", "Tell me a story about the sea", "Bye"]
+    c_vec = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    v = torch.randn(64, generator=torch.Generator().manual_seed(6)) * 4
+    out = {}
+    for name, model in (("split", m), ("whole", base)):
+        cond = Condition(c_vec, layer=0, threshold=-1.8)  # scores -1.72, -1.89, -1.67: fires on two
+        with steer_ctx(model, v, layer=1, strength=2.0, condition=cond) as s:
+            gens = s.generate(prompts, max_new_tokens=4)
+        t = PatchTask.from_pairs(model, PAIRS, ["M", "Q"], ["Y", "B"])
+        store = ActivationStore.write(model, prompts, tmp_path / name, progress=False)
+        out[name] = (gens, cond.last_scores.clone(),
+                     atp_star(model, t, ["heads"])["heads"].scores, store.get())
+    (g1, s1, a1, x1), (g2, s2, a2, x2) = out["split"], out["whole"]
+    assert g1 == g2
+    assert bool((s2 > -1.8).any() and (s2 <= -1.8).any()), "the condition should fire on some prompts only"
+    torch.testing.assert_close(s1, s2)
+    torch.testing.assert_close(a1, a2)
+    torch.testing.assert_close(x1, x2)

@@ -12,7 +12,7 @@ import torch
 
 HERE = Path(__file__).parent
 ORDER = ["bench_capture", "bench_steering", "bench_methods", "bench_diagnostics", "bench_patching", "bench_attribution",
-         "bench_qk_memory", "bench_kernels"]
+         "bench_qk_memory", "bench_kernels", "bench_sweep", "bench_store"]
 
 
 def main() -> int:
