@@ -42,8 +42,8 @@ from torch import Tensor
 
 from .capture import _atomic, capture, prompts_hash
 from .display import Rich
-from .progress import bar
 from .interventions import unit
+from .sweep import map_units, sweep_key
 
 __all__ = ["Direction", "METHODS", "extract", "from_activations", "actadd_vector", "sweep_layers",
            "LayerSweep", "steering_sweep", "plot_layer_sweep"]
@@ -728,12 +728,15 @@ def steering_sweep(
     strengths: Sequence[float],
     positions="all",
     progress: Optional[bool] = None,
+    shards=None,
+    directory=None,
 ) -> LayerSweep:
     """For each (layer, strength): behaviour change ``mean score_fn(steered next-token logits)
     − unsteered`` on ``prompts`` and the side effect, mean next-token KL on ``neutral_prompts``.
 
     ``score_fn(logits [b, vocab]) -> [b]`` (e.g. refusal log-odds). The best row maximises
-    ``change − 10·KL``.
+    ``change − 10·KL``. ``shards="auto"`` splits the grid's cells across ``torchrun``
+    processes and ``directory`` keeps finished cells for a resumed run (:mod:`steer.sweep`).
 
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")
@@ -750,13 +753,20 @@ def steering_sweep(
     with Steering(model) as s:
         base = score_fn(s.next_token_logits(prompts)).float()
         neutral = s.next_token_logits(neutral_prompts)
-    rows = []
-    grid = [(l, a) for l in layers for a in strengths]
-    for l, a in bar(grid, desc="steering sweep", enabled=progress):
+    grid = [(int(l), float(a)) for l in layers for a in strengths]
+
+    def cell(la) -> dict:
+        l, a = la
         with steer(model, direction, layer=l, strength=a, positions=positions) as s:
             sc = score_fn(s.next_token_logits(prompts)).float()
             kl = next_token_kl(neutral, s.next_token_logits(neutral_prompts))
-        rows.append({"layer": int(l), "strength": float(a), "change": float((sc - base).mean()),
-                     "kl": float(kl.mean())})
+        return {"layer": l, "strength": a, "change": float((sc - base).mean()), "kl": float(kl.mean())}
+
+    import hashlib
+
+    vec_hash = hashlib.sha256(direction.vectors.detach().float().cpu().numpy().tobytes()).hexdigest()
+    key = sweep_key("steering_sweep", model.name, vec_hash, prompts_hash(prompts), prompts_hash(neutral_prompts),
+                    base.tolist(), grid, repr(positions))  # base: the unsteered scores (score_fn is a callable)
+    rows = map_units(cell, grid, shards=shards, directory=directory, key=key, desc="steering sweep", progress=progress)
     best = max(rows, key=lambda r: r["change"] - 10 * r["kl"])
     return LayerSweep(rows, best["layer"], "change")

@@ -116,3 +116,19 @@ def test_a_killed_sweep_resumes_computing_only_unfinished_units(tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in d.glob("unit-*.pt")}
     assert len(after) == n_units
     assert all(after[k] == v for k, v in done.items())  # finished units were not recomputed
+
+
+def test_steering_sweep_cells_resume_from_a_directory(tmp_path):
+    from steer.directions import Direction, steering_sweep
+
+    m = steer.load("tiny-llama")
+    d = Direction(torch.randn(2, 64, generator=torch.Generator().manual_seed(0)), meta={"model": "tiny-llama"})
+    args = (m, d, ["Hi", "Tell me"], ["Yo"], lambda lg: lg[:, 0], [0, 1], [1.0, 3.0])
+    ref = steering_sweep(*args, progress=False)
+    first = steering_sweep(*args, progress=False, directory=tmp_path)
+    assert first.rows == ref.rows and len(list(tmp_path.glob("unit-*.pt"))) == 4
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("unit-*.pt")}
+    again = steering_sweep(*args, progress=False, directory=tmp_path)
+    assert again.rows == ref.rows and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    with pytest.raises(ValueError, match="another sweep"):  # a different direction is a different sweep
+        steering_sweep(m, d * 2.0, *args[2:], progress=False, directory=tmp_path)
