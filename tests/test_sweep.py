@@ -89,11 +89,17 @@ def test_two_gloo_processes_give_one_process_result(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "steer",
            "patch", "--model", "tiny-llama", "--n-prompts", "4", "--nodes", "heads_by_pos", "--method", "activation",
            "--batch-size", "8", "--shard", "auto", "--json", str(out)]
+    cmd[cmd.index("activation")] = "activation,atp"
+    cmd += ["--chunk", "2"]  # AtP over chunks of 2 prompts, the chunks split across the 2 processes
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("activation: ") == 1  # one rank reported
-    got = torch.tensor(json.loads(out.read_text())["methods"]["activation"]["scores"])
-    assert torch.equal(got, ref.scores)
+    assert sum(line.startswith("activation: ") for line in proc.stderr.splitlines()) == 1  # one rank reported
+    assert "atp vs activation" in proc.stderr
+    doc = json.loads(out.read_text())["methods"]
+    assert torch.equal(torch.tensor(doc["activation"]["scores"]), ref.scores)
+    from steer.patching.sharded import over_prompts
+    one = over_prompts("atp", m, ioi_task(m, n=4), "heads_by_pos", chunk=2)  # one process
+    assert torch.equal(torch.tensor(doc["atp"]["scores"]), one.scores)
 
 
 def test_a_killed_sweep_resumes_computing_only_unfinished_units(tmp_path):
@@ -132,3 +138,34 @@ def test_steering_sweep_cells_resume_from_a_directory(tmp_path):
     assert again.rows == ref.rows and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     with pytest.raises(ValueError, match="another sweep"):  # a different direction is a different sweep
         steering_sweep(m, d * 2.0, *args[2:], progress=False, directory=tmp_path)
+
+
+@pytest.mark.parametrize("method,kw", [("atp", {}), ("atp", {"qk_fix": True}), ("relp", {}), ("ig", {"steps": 2}),
+                                       ("atp", {"direction": "noising"})])
+def test_estimators_over_prompt_chunks_equal_the_whole_task(method, kw, tmp_path):
+    """Chunks of 3 of 7 prompts (uneven), combined: the whole task's AtP / AtP+QK / RelP / IG."""
+    from steer.patching import atp, integrated_gradients, relp
+    from steer.patching.sharded import over_prompts
+
+    m = steer.load("tiny-llama")
+    t = ioi_task(m, n=7)
+    kinds = ["heads", "mlp_out", "k_by_pos"] if kw.get("qk_fix") else ["heads", "mlp_out"]
+    whole = {"atp": atp, "relp": relp, "ig": integrated_gradients}[method](m, t, kinds, **kw)
+    got = over_prompts(method, m, t, kinds, chunk=3, directory=tmp_path, **kw)
+    for k in kinds:
+        torch.testing.assert_close(got[k].scores, whole[k].scores, atol=2e-5, rtol=1e-4)
+        assert got[k].meta["metric_clean"] == pytest.approx(whole[k].meta["metric_clean"], rel=1e-5)
+    assert len(list(tmp_path.glob("unit-*.pt"))) == 3
+
+
+def test_over_prompts_refuses_what_does_not_split():
+    from steer.patching import PatchTask
+    from steer.patching.sharded import over_prompts
+
+    m = steer.load("tiny-llama")
+    with pytest.raises(ValueError, match="GradDrop"):
+        over_prompts("atp*", m, ioi_task(m, n=2))
+    t = ioi_task(m, n=2)
+    custom = PatchTask(t.clean, t.corrupt, metric=lambda lg: lg[..., 0] - lg[..., 1])
+    with pytest.raises(ValueError, match="subset"):
+        over_prompts("atp", m, custom, chunk=1)

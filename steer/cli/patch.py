@@ -26,6 +26,8 @@ def add_parser(subparsers):
     p.add_argument("--shard", default="none", choices=["none", "auto"],
                    help="'auto': split activation patching across the processes torchrun started (rank 0 writes)")
     p.add_argument("--resume-dir", default=None, help="keep finished patched runs here; a rerun resumes from them")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="AtP and RelP over chunks of this many prompts (split across processes with --shard auto)")
     p.add_argument("--json", default=None, help="write the JSON here (default: stdout)")
     p.add_argument("--plot", default=None, help="heatmap PNG of the first method's scores")
     p.set_defaults(func=run)
@@ -56,7 +58,7 @@ def report(args) -> dict:
 
     shards = Shards.auto() if args.shard == "auto" else Shards()
     out = patch(model, task, args.nodes, args.method, args.direction, k=args.k, batch_size=args.batch_size,
-                shards=shards, directory=args.resume_dir)
+                shards=shards, directory=args.resume_dir, chunk=args.chunk)
     doc = {"task": task.name, "model": model.name, "nodes": args.nodes, "direction": args.direction,
            "n_prompts": task.n_prompts, "methods": {m: r.to_dict() for m, r in out["results"].items()},
            "comparison": out["comparison"]}

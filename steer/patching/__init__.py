@@ -16,6 +16,7 @@ from .integrated import integrated_gradients
 from .diagnostic import missed_effect_bound, topk_recovery_cost
 from .nodes import NODE_KINDS, NodeSet, node_set
 from .relevance import relevance_rules, relp
+from .sharded import over_prompts
 from .result import PatchingResult, pearson, spearman
 from .subspace import SubspacePatch, subspace_patch
 from .tasks import IOI_NAMES, IOI_TEMPLATES, LogitDiff, PatchTask, ioi_task, load_task
@@ -24,6 +25,6 @@ from .demo import demo_figure, patch
 __all__ = [
     "IOI_NAMES", "IOI_TEMPLATES", "LogitDiff", "NODE_KINDS", "NodeSet", "PatchTask", "PatchingResult",
     "activation_patch", "atp", "atp_star", "integrated_gradients", "auto_batch_size", "demo_figure", "ioi_task", "load_task",
-    "missed_effect_bound", "node_set", "patch", "pearson", "relevance_rules", "relp", "spearman", "subspace_patch", "SubspacePatch",
+    "missed_effect_bound", "node_set", "over_prompts", "patch", "pearson", "relevance_rules", "relp", "spearman", "subspace_patch", "SubspacePatch",
     "topk_recovery_cost",
 ]

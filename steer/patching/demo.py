@@ -11,6 +11,7 @@ from .attribution import atp, atp_star
 from .diagnostic import topk_recovery_cost
 from .relevance import relp
 from .result import PatchingResult
+from .sharded import over_prompts
 from .tasks import PatchTask, ioi_task
 
 __all__ = ["patch", "demo_figure", "METHODS"]
@@ -19,10 +20,13 @@ METHODS = ("activation", "atp", "atp*", "relp")
 
 
 def patch(model, task: PatchTask, nodes: str = "heads", methods: Union[str, Sequence[str]] = METHODS,
-          direction: str = "denoising", k: int = 10, batch_size=None, shards=None, directory=None) -> dict:
+          direction: str = "denoising", k: int = 10, batch_size=None, shards=None, directory=None,
+          chunk=None) -> dict:
     """Run several methods on one node set; compare the fast ones against ``activation``.
     ``shards``, ``directory``: activation patching split across processes and resumable (see
-    :func:`~steer.patching.activation_patch`).
+    :func:`~steer.patching.activation_patch`; each method keeps its own subdirectory);
+    ``chunk``: AtP and RelP over chunks of that many prompts, split the same way
+    (:func:`~steer.patching.sharded.over_prompts`).
 
     Returns ``{"results": {method: PatchingResult}, "comparison": {method: {pearson, spearman,
     pearson_abs, spearman_abs, topk_recovery}}}`` (comparison only when ``activation`` ran).
@@ -40,10 +44,14 @@ def patch(model, task: PatchTask, nodes: str = "heads", methods: Union[str, Sequ
     if bad or not methods:
         raise ValueError(f"Unknown method(s) {bad}: choose from {', '.join(METHODS)}.")
     results: dict[str, PatchingResult] = {}
+    sub = (lambda name: None) if directory is None else (lambda name: Path(directory) / name.replace("*", "_star"))
     for meth in methods:
         if meth == "activation":
             results[meth] = activation_patch(model, task, nodes, direction, batch_size=batch_size, shards=shards,
-                                             directory=directory)
+                                             directory=sub(meth))
+        elif chunk and meth in ("atp", "relp"):
+            results[meth] = over_prompts(meth, model, task, nodes, chunk=chunk, shards=shards, directory=sub(meth),
+                                         direction=direction)
         elif meth == "atp":
             results[meth] = atp(model, task, nodes, direction)
         elif meth == "relp":

@@ -65,6 +65,11 @@ class LogitDiff:
         return LogitDiff(torch.tensor([pos[int(i)] for i in self.answer_ids]),
                          torch.tensor([pos[int(i)] for i in self.wrong_ids]))
 
+    def subset(self, rows: Sequence[int]) -> "LogitDiff":
+        """The metric of prompts ``rows`` only (for :meth:`PatchTask.subset`)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        return LogitDiff(self.answer_ids[idx], self.wrong_ids[idx])
+
     def __call__(self, logits: Float[Tensor, "... prompt vocab"]) -> Float[Tensor, "... prompt"]:
         a = self.answer_ids.to(logits.device)
         w = self.wrong_ids.to(logits.device)
@@ -122,6 +127,29 @@ class PatchTask:
     @property
     def n_prompts(self) -> int:
         return self.clean.input_ids.shape[0]
+
+    def subset(self, rows: Sequence[int]) -> "PatchTask":
+        """The task on prompts ``rows`` (same padded width, so positions line up with the whole
+        task's). The metric must know its prompts: :class:`LogitDiff` does, and a metric of
+        your own needs a ``subset(rows)`` method.
+
+        >>> import steer
+        >>> m = steer.load("tiny-llama")
+        >>> t = PatchTask.from_pairs(m, [("ab", "ac"), ("cd", "ce"), ("ef", "eg")], ["x", "y", "z"], ["y", "x", "x"])
+        >>> s = t.subset([2, 0]); s.n_prompts, s.n_pos == t.n_pos, s.metric.answer_ids.tolist() == t.metric.answer_ids[[2, 0]].tolist()
+        (2, True, True)
+        """
+        rows = list(rows)
+        if not hasattr(self.metric, "subset"):
+            raise ValueError(f"The metric of task {self.name!r} ({type(self.metric).__name__}) has no subset(rows) "
+                             "method, so the task cannot be split by prompts: give it one (returning the metric of "
+                             "those prompts), or run the whole task at once.")
+
+        def part(b: Batch) -> Batch:
+            idx = torch.as_tensor(rows, dtype=torch.long)
+            return Batch(b.input_ids[idx], b.attention_mask[idx], [b.spans[i] for i in rows], [b.texts[i] for i in rows])
+
+        return PatchTask(part(self.clean), part(self.corrupt), self.metric.subset(rows), self.name)
 
     @property
     def n_pos(self) -> int:

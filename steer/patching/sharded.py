@@ -1,0 +1,94 @@
+"""Gradient estimators over many prompts: the task cut into chunks of prompts, the chunks split
+across ``torchrun`` processes (:mod:`steer.sweep`), the results combined exactly.
+
+AtP, AtP with the QK fix, RelP and integrated gradients are sums over prompts: with the metric
+``M = mean_p m_p``, a chunk ``c`` of ``P_c`` prompts gives ``raw_c = Σ_{p∈c} δ_p · ∂m_p/∂a_p / P_c``,
+and the whole task's ``raw = Σ_c raw_c · P_c / P`` (likewise the clean and corrupt metrics).
+So the chunked result is the one-batch result up to floating-point rounding, and, because the
+chunks are fixed by ``chunk`` and not by the number of processes, any number of processes
+gives bitwise the same answer. AtP*'s GradDrop is not a sum over prompts (it takes ``|·|`` of
+each layer's whole-task estimate) and is refused.
+
+>>> import steer
+>>> from steer.patching import ioi_task, atp
+>>> from steer.patching.sharded import over_prompts
+>>> m = steer.load("tiny-llama"); t = ioi_task(m, n=6)
+>>> r = over_prompts("atp", m, t, "heads", chunk=4)
+>>> bool((r.scores - atp(m, t, "heads").scores).abs().max() < 1e-4)
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from ..sweep import Shards, map_units, sweep_key
+from .result import PatchingResult
+from .tasks import PatchTask
+
+__all__ = ["over_prompts", "ESTIMATORS"]
+
+ESTIMATORS = ("atp", "relp", "ig")
+
+
+def _estimator(method: str):
+    from .attribution import atp
+    from .integrated import integrated_gradients
+    from .relevance import relp
+
+    if method in ("atp*", "atp_star"):
+        raise ValueError("AtP*'s GradDrop takes |·| of each layer's whole-task estimate, which is not a sum over "
+                         "prompts: run atp_star on the whole task, or over_prompts('atp', ..., qk_fix=True) for "
+                         "AtP's QK fix without GradDrop.")
+    table = {"atp": atp, "relp": relp, "ig": integrated_gradients}
+    if method not in table:
+        raise ValueError(f"method={method!r}: use one of {', '.join(ESTIMATORS)}.")
+    return table[method]
+
+
+def over_prompts(
+    method: str, model, task: PatchTask, nodes: Union[str, Sequence[str]] = "heads", *, chunk: int = 8,
+    shards: Union[Shards, str, None] = None, directory: Union[str, Path, None] = None,
+    progress: Optional[bool] = None, **kw,
+) -> Union[PatchingResult, dict[str, PatchingResult]]:
+    """``method`` (``"atp"``, ``"relp"``, ``"ig"``; keyword arguments ``kw`` passed on, e.g.
+    ``qk_fix=True``, ``steps=4``, ``direction=``) on chunks of ``chunk`` prompts of ``task``,
+    combined into the whole task's result. ``shards="auto"``: chunks split across ``torchrun``
+    processes; ``directory``: finished chunks kept for a resumed run. The task's metric must
+    support ``subset`` (:meth:`PatchTask.subset`)."""
+    fn = _estimator(method)
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: must be >= 1 prompt.")
+    P = task.n_prompts
+    spans = [list(range(a, min(P, a + chunk))) for a in range(0, P, chunk)]
+    single = isinstance(nodes, str)
+    kinds = [nodes] if single else list(nodes)
+    direction = kw.get("direction", "denoising")
+
+    def unit(rows) -> dict[str, PatchingResult]:
+        return fn(model, task.subset(rows), kinds, **kw)
+
+    key = sweep_key("over_prompts", method, model.name, task.clean.input_ids.tolist(), task.corrupt.input_ids.tolist(),
+                    kinds, chunk, sorted((k, repr(v)) for k, v in kw.items()))
+    parts = map_units(unit, spans, shards=shards, directory=directory, key=key,
+                      desc=f"{method} over {len(spans)} prompt chunks", progress=progress)
+    w = [len(rows) / P for rows in spans]  # chunk c's share of the mean over prompts
+    out = {}
+    for k in kinds:
+        rs = [p[k] for p in parts]
+        mc = sum(wi * r.meta["metric_clean"] for wi, r in zip(w, rs))
+        mx = sum(wi * r.meta["metric_corrupt"] for wi, r in zip(w, rs))
+        raw = 0.0
+        for wi, r in zip(w, rs):  # undo each chunk's normalisation: raw_c = (score_c [- 1]) · d_c
+            d_c = r.meta["metric_clean"] - r.meta["metric_corrupt"]
+            raw = raw + wi * d_c * (r.scores.double() if direction == "denoising" else r.scores.double() - 1.0)
+        d = mc - mx
+        scores = (raw / d if direction == "denoising" else 1.0 + raw / d).float()
+        out[k] = dataclasses.replace(
+            rs[0], scores=scores, tokens=model.to_str_tokens(task.clean.input_ids[0].tolist()),
+            seconds=sum(r.seconds for r in rs), forward_equivalents=sum(wi * r.forward_equivalents for wi, r in zip(w, rs)),
+            meta={**rs[0].meta, "metric_clean": mc, "metric_corrupt": mx, "n_prompts": P, "task": task.name,
+                  "chunks": len(spans), "chunk": chunk})
+    return out[kinds[0]] if single else out
