@@ -38,7 +38,7 @@ from .display import Rich
 from .evaluate import accuracy, auroc, f1
 from .interventions import unit
 
-__all__ = ["Condition", "Rule", "fit_condition", "grid_search", "condition_scores"]
+__all__ = ["Condition", "Rule", "fit_condition", "fit_condition_on", "grid_search", "condition_scores"]
 
 KINDS = ("projection", "cast", "probe")
 
@@ -317,7 +317,6 @@ def fit_condition(
     (True, 2)
     """
     from .capture import prompts_hash
-    from .directions import _probe, from_activations
     from .sites import resolve_layers
     from .steering import prompt_means
 
@@ -335,16 +334,37 @@ def fit_condition(
     prompts = positive + negative
     y_all = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))]).bool()
     h = prompt_means(model, prompts, layer_list, batch_size)  # [n, layer, d]
+    h_aug = None
     if augment is not None:
         variants = list(augment(prompts))
         if len(variants) != len(prompts):
             raise ValueError(f"augment returned {len(variants)} prompts for {len(prompts)}: return one variant each.")
         h_aug = prompt_means(model, variants, layer_list, batch_size)
+    meta = {"model": model.name, "augmented": augment is not None, "data_hash": prompts_hash(positive + negative)}
+    return fit_condition_on(h, y_all, layer_list, method=method, kind=kind, folds=folds, val_frac=val_frac,
+                            select=select, recall=recall, seed=seed, h_aug=h_aug, meta=meta)
+
+
+def fit_condition_on(
+    h: Float[Tensor, "n layer d"], y_all: Bool[Tensor, "n"], layer_list: Sequence[int], *, method: str = "mean_diff",
+    kind: str = "projection", folds: int = 5, val_frac: Optional[float] = None, select: str = "f1",
+    recall: Optional[float] = None, seed: int = 0, h_aug: Optional[Tensor] = None, meta: Optional[dict] = None,
+) -> Condition:
+    """:func:`fit_condition` on prompt means already computed (``h``: CAST's statistic, mean
+    ``resid_post`` over each prompt's tokens but the sink, at ``layer_list``; ``y_all``: which
+    rows are positive), e.g. read from an :class:`~steer.store.ActivationStore`."""
+    from .directions import _probe, from_activations
+
+    if kind == "probe":
+        method = "probe"
+    if select not in ("f1", "auroc"):
+        raise ValueError(f"select={select!r}: use 'f1' or 'auroc'.")
+    augment = h_aug is not None
     fold = _fold_ids(y_all, folds, val_frac, seed)
 
     def rows(mask):  # activations and labels of the prompts in ``mask`` (and their variants)
         x, y = h[mask], y_all[mask]
-        if augment is not None:
+        if augment:
             x, y = torch.cat([x, h_aug[mask]]), torch.cat([y, y])
         return x, y
 
@@ -374,10 +394,10 @@ def fit_condition(
         if best is None or key > best[0]:
             best = (key, j, r)
     _, j, r = best
-    v, bias = fit(*rows(torch.ones(len(prompts), dtype=torch.bool)), j)
-    meta = {"model": model.name, "method": method, "val_f1": r["f1"], "val_accuracy": r["accuracy"],
+    v, bias = fit(*rows(torch.ones(len(y_all), dtype=torch.bool)), j)
+    meta = {**(meta or {}), "method": method, "val_f1": r["f1"], "val_accuracy": r["accuracy"],
             "val_auroc": r["auroc"], "select": select, "recall_target": recall, "folds": folds if val_frac is None else 1,
-            "augmented": augment is not None, "grid": grid, "data_hash": prompts_hash(positive + negative)}
+            "augmented": augment, "grid": grid}
     return Condition(v, r["layer"], r["threshold"], r["side"], kind, bias, meta)
 
 

@@ -12,7 +12,9 @@ Reading is lazy (memory-mapped safetensors): :meth:`~ActivationStore.get` by pro
 layer, :meth:`~ActivationStore.batches` to stream, and statistics computed shard by shard for
 direction extraction (:meth:`~ActivationStore.direction`, equal to
 :func:`steer.directions.extract` on the same prompts) and LEACE (:meth:`~ActivationStore.leace`).
-For probes and conditions, :meth:`~ActivationStore.get` gives one layer's rows as a tensor.
+CAST conditions come from :meth:`~ActivationStore.condition` (equal to
+:func:`steer.fit_condition`; the store must hold CAST's prompt means), and for probes of your
+own :meth:`~ActivationStore.get` gives one layer's rows as a tensor.
 
 >>> import steer, tempfile
 >>> m = steer.load("tiny-llama")
@@ -255,6 +257,29 @@ class ActivationStore(Rich):
         cov = sxx / n - torch.outer(mu, mu)
         cross = sxz / n - torch.outer(mu, mz)
         return LeaceEraser.from_moments(mu, cov, cross, **kw)
+
+    def condition(self, positive, negative, **kw):
+        """A CAST :class:`~steer.conditions.Condition` fitted on two groups of stored rows
+        (arguments of :func:`~steer.conditions.fit_condition_on`: ``method``, ``kind``,
+        ``folds``, ...), equal to :func:`~steer.conditions.fit_condition` on their prompts. The
+        store must hold CAST's statistic, so that the condition reads at run time what it was
+        fitted on: ``site="resid_post", positions="all", reduce="mean", include_sink=False``."""
+        from .conditions import fit_condition_on
+
+        ix = self.index
+        cast = {"site": "resid_post", "positions": repr("all"), "reduce": "mean", "include_sink": False}
+        wrong = {k: ix.get(k) for k, v in cast.items() if ix.get(k) != v}
+        if wrong:
+            raise ValueError(f"This store holds {wrong}, but a CAST condition reads the mean resid_post over each "
+                             "prompt's tokens but the sink: write the store with site='resid_post', positions='all', "
+                             "reduce='mean', include_sink=False to fit conditions from it.")
+        pos, neg = _rows(positive, len(self)), _rows(negative, len(self))
+        if len(pos) < 2 or len(neg) < 2:
+            raise ValueError(f"condition() needs at least 2 rows per side (got {len(pos)} and {len(neg)}).")
+        h = torch.cat([self.get(pos), self.get(neg)])
+        y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).bool()
+        meta = {"model": ix["model"], "augmented": False, "store": str(self.path)}
+        return fit_condition_on(h, y, self.layers, meta=meta, **kw)
 
     # -- display -----------------------------------------------------------------------
     def _fields(self):

@@ -90,3 +90,18 @@ def test_store_errors(model, tmp_path):
                               progress=False)
     ref = steer.capture(model, PROMPTS, layers="all", positions="all", reduce="mean", progress=False).tensor
     torch.testing.assert_close(s.get(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_condition_from_a_store_equals_fit_condition(model, tmp_path):
+    from steer.conditions import fit_condition
+
+    pos = ["kill him", "steal it", "hurt them", "burn the house"]
+    neg = ["bake bread", "sing a song", "plant trees", "read a book"]
+    s = ActivationStore.write(model, pos + neg, tmp_path / "cast", positions="all", reduce="mean", include_sink=False,
+                              shard_size=3, progress=False)
+    got, ref = s.condition(range(4), range(4, 8), folds=2), fit_condition(model, pos, neg, folds=2)
+    assert (got.layer, got.side) == (ref.layer, ref.side)
+    assert got.threshold == pytest.approx(ref.threshold, abs=1e-5)
+    torch.testing.assert_close(got.vector, ref.vector, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="CAST condition reads"):
+        ActivationStore.write(model, pos + neg, tmp_path / "last", progress=False).condition(range(4), range(4, 8))
