@@ -76,13 +76,15 @@ class ActivationStore(Rich):
     # -- writing -----------------------------------------------------------------------
     @classmethod
     def write(
-        cls, model, prompts: Sequence, path: Union[str, Path], *, layers="all", site: str = "resid_post",
+        cls, model, prompts: Sequence, path: Union[str, Path], *, layers="all", site: Union[str, Sequence[str]] = "resid_post",
         positions: P.Selector = "last", reduce: Optional[str] = None, shard_size: int = 1024, batch_size: int = 32,
         dtype: torch.dtype = torch.float32, include_sink: bool = True, shards=None, progress: Optional[bool] = None,
     ) -> "ActivationStore":
         """Capture ``prompts`` into a store at ``path`` (arguments as :func:`steer.capture`;
-        one token per prompt, or ``reduce="mean"``). Resumes an interrupted write of the same
-        capture; refuses a directory holding a different one."""
+        one token per prompt, or ``reduce="mean"``; ``site`` may list several sites, each kept
+        as its own tensor in every shard). Resumes an interrupted write of the same capture;
+        refuses a directory holding a different one."""
+        from .sites import SITES
         from .sweep import Shards, map_units
 
         prompts = list(prompts)
@@ -93,13 +95,17 @@ class ActivationStore(Rich):
                              "prompt, so pass reduce='mean' (or a one-token selector such as 'last').")
         if shard_size < 1:
             raise ValueError(f"shard_size={shard_size}: must be >= 1 prompt.")
+        sites = [site] if isinstance(site, str) else list(site)
+        bad = [x for x in sites if x not in SITES]
+        if bad or not sites:
+            raise ValueError(f"Unknown site(s) {bad or sites}: valid sites are {', '.join(SITES)}.")
         shards = Shards.auto() if shards == "auto" else (shards or Shards())
         path = Path(path)
         layer_list = resolve_layers(model, layers)
         n = len(prompts)
         spans = [(a, min(n, a + shard_size)) for a in range(0, n, shard_size)]
         index = {
-            "format": FORMAT, "model": model.name, "site": site, "layers": layer_list, "positions": repr(positions),
+            "format": FORMAT, "model": model.name, "sites": sites, "layers": layer_list, "positions": repr(positions),
             "reduce": reduce, "include_sink": include_sink, "dtype": str(dtype).removeprefix("torch."),
             "n_prompts": n, "prompt_hashes": [_prompt_hash(p) for p in prompts],
             "shards": [{"file": f"shard-{i:05d}.safetensors", "start": a, "stop": b} for i, (a, b) in enumerate(spans)],
@@ -116,7 +122,7 @@ class ActivationStore(Rich):
             else:
                 _atomic(path / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index)))
         shards.barrier()
-        kw = dict(layers=layer_list, site=site, positions=positions, reduce=reduce, batch_size=batch_size,
+        kw = dict(layers=layer_list, positions=positions, reduce=reduce, batch_size=batch_size,
                   dtype=dtype, include_sink=include_sink, progress=False)
 
         def unit(i: int) -> int:
@@ -124,13 +130,13 @@ class ActivationStore(Rich):
             if target.exists():  # written by an earlier run: complete (renamed into place)
                 return i
             a, b = spans[i]
-            acts = capture(model, prompts[a:b], **kw).tensor
+            acts = {x: capture(model, prompts[a:b], site=x, **kw).tensor.contiguous() for x in sites}
             from safetensors.torch import save_file
 
-            _atomic(target, lambda tmp: save_file({"acts": acts.contiguous()}, tmp))
+            _atomic(target, lambda tmp: save_file(acts, tmp))
             return i
 
-        map_units(unit, range(len(spans)), shards=shards, desc=f"store {site}", progress=progress)
+        map_units(unit, range(len(spans)), shards=shards, desc=f"store {', '.join(sites)}", progress=progress)
         return cls.open(path)
 
     # -- reading -----------------------------------------------------------------------
@@ -155,8 +161,22 @@ class ActivationStore(Rich):
         return list(self.index["layers"])
 
     @property
+    def sites(self) -> list[str]:
+        return list(self.index["sites"])
+
+    @property
     def site(self) -> str:
-        return self.index["site"]
+        """The store's site (a store of several sites: pass ``site=`` to the readers)."""
+        if len(self.sites) > 1:
+            raise ValueError(f"This store holds several sites ({', '.join(self.sites)}): pass site=... to read one.")
+        return self.sites[0]
+
+    def _site(self, site: Optional[str]) -> str:
+        if site is None:
+            return self.site
+        if site not in self.sites:
+            raise ValueError(f"Site {site!r} is not in this store (it holds {', '.join(self.sites)}).")
+        return site
 
     def _layer_cols(self, layers) -> list[int]:
         if layers is None:
@@ -167,11 +187,11 @@ class ActivationStore(Rich):
             raise ValueError(f"Layers {bad} are not in this store (it holds {self.layers}).")
         return [self.layers.index(l) for l in layers]
 
-    def _read(self, shard: dict, local: list[int], cols: list[int]) -> Tensor:
+    def _read(self, shard: dict, local: list[int], cols: list[int], site: str) -> Tensor:
         from safetensors import safe_open
 
         with safe_open(str(self.path / shard["file"]), "pt") as f:
-            sl = f.get_slice("acts")
+            sl = f.get_slice(site)
             lo, hi = min(local), max(local) + 1
             if len(cols) == 1:  # one layer: read only its rows of the file
                 block = sl[lo:hi, cols[0]: cols[0] + 1]
@@ -180,10 +200,12 @@ class ActivationStore(Rich):
                 block = block[:, cols]
         return block[torch.tensor(local) - lo]
 
-    def get(self, rows=None, layers=None) -> Float[Tensor, "n layer d"]:
+    def get(self, rows=None, layers=None, site: Optional[str] = None) -> Float[Tensor, "n layer *d"]:
         """Stored rows (a slice, indices or a boolean mask over prompts; default all) at
-        ``layers`` (model layer numbers; default all stored), ``[n, n_layers, d]``, in the
-        order asked. Only the shards holding those rows are read."""
+        ``layers`` (model layer numbers; default all stored) of ``site``, ``[n, n_layers, d]``
+        (per-head sites: ``head d_head``), in the order asked. Only the shards holding those
+        rows are read."""
+        site = self._site(site)
         want = _rows(rows, len(self))
         cols = self._layer_cols(layers)
         parts, order = [], []
@@ -191,27 +213,28 @@ class ActivationStore(Rich):
             a, b = shard["start"], shard["stop"]
             mine = [(j, r) for j, r in enumerate(want) if a <= r < b]
             if mine:
-                parts.append(self._read(shard, [r - a for _, r in mine], cols))
+                parts.append(self._read(shard, [r - a for _, r in mine], cols, site))
                 order += [j for j, _ in mine]
         if not parts:
             return torch.empty(0, len(cols), 0)
         out = torch.cat(parts)
         return out[torch.argsort(torch.tensor(order))]
 
-    def batches(self, layers=None, rows=None) -> Iterator[tuple[list[int], Tensor]]:
+    def batches(self, layers=None, rows=None, site: Optional[str] = None) -> Iterator[tuple[list[int], Tensor]]:
         """``(prompt indices, [n, n_layers, d])`` one shard at a time (rows: a subset)."""
+        site = self._site(site)
         want = set(_rows(rows, len(self)))
         cols = self._layer_cols(layers)
         for shard in self.index["shards"]:
             local = [r for r in range(shard["start"], shard["stop"]) if r in want]
             if local:
-                yield local, self._read(shard, [r - shard["start"] for r in local], cols)
+                yield local, self._read(shard, [r - shard["start"] for r in local], cols, site)
 
     # -- statistics, shard by shard ----------------------------------------------------
-    def mean(self, rows=None, layers=None) -> Float[Tensor, "layer d"]:
+    def mean(self, rows=None, layers=None, site: Optional[str] = None) -> Float[Tensor, "layer d"]:
         """Mean over ``rows`` per layer, accumulated in fp64 one shard at a time."""
         total, n = None, 0
-        for idx, x in self.batches(layers, rows):
+        for idx, x in self.batches(layers, rows, site):
             s = x.double().sum(0)
             total = s if total is None else total + s
             n += len(idx)
@@ -219,27 +242,30 @@ class ActivationStore(Rich):
             raise ValueError("No rows selected: the mean of nothing is undefined.")
         return (total / n).float()
 
-    def direction(self, positive, negative, method: str = "mean_diff", layer: Optional[int] = None):
+    def direction(self, positive, negative, method: str = "mean_diff", layer: Optional[int] = None,
+                  site: Optional[str] = None):
         """A :class:`~steer.directions.Direction` from two groups of stored rows (indices or
         masks), as :func:`steer.directions.extract` would compute it from their prompts.
         ``mean_diff`` streams; other methods read one layer of the two groups at a time."""
         from .directions import Direction, from_activations
 
+        site = self._site(site)
         pos, neg = _rows(positive, len(self)), _rows(negative, len(self))
         if not pos or not neg:
             raise ValueError(f"direction() needs rows on both sides; got {len(pos)} positive and {len(neg)} negative.")
         if method == "mean_diff":
-            vec = self.mean(pos) - self.mean(neg)
+            vec = self.mean(pos, site=site) - self.mean(neg, site=site)
         else:
-            vec = torch.cat([from_activations(self.get(pos, [l]), self.get(neg, [l]), method) for l in self.layers])
+            vec = torch.cat([from_activations(self.get(pos, [l], site), self.get(neg, [l], site), method)
+                             for l in self.layers])
         full = torch.zeros(max(self.layers) + 1, vec.shape[-1])
         full[self.layers] = vec
-        meta = {"model": self.index["model"], "d_model": vec.shape[-1], "site": self.site,
+        meta = {"model": self.index["model"], "d_model": vec.shape[-1], "site": site,
                 "positions": self.index["positions"], "layers": self.layers, "n_pos": len(pos), "n_neg": len(neg),
                 "include_sink": self.index["include_sink"], "store": str(self.path)}
         return Direction(full, layer, method, meta)
 
-    def leace(self, layer: int, z, **kw):
+    def leace(self, layer: int, z, site: Optional[str] = None, **kw):
         """A :class:`~steer.erasure.LeaceEraser` fitted at ``layer`` on every stored row against
         the concept ``z`` (one label per prompt), from moments accumulated shard by shard
         (fp64): equal to ``LeaceEraser.fit`` on the rows in memory."""
@@ -250,7 +276,7 @@ class ActivationStore(Rich):
             raise ValueError(f"z has {z.shape[0]} entries; the store holds {len(self)} prompts.")
         Z = LeaceEraser._concept(z)
         n, sx, sz, sxx, sxz = 0, 0.0, Z.sum(0), 0.0, 0.0
-        for idx, x in self.batches([layer]):
+        for idx, x in self.batches([layer], site=site):
             X, Zb = x[:, 0].double(), Z[idx]
             n, sx, sxx, sxz = n + len(idx), sx + X.sum(0), sxx + X.T @ X, sxz + X.T @ Zb
         mu, mz = sx / n, sz / n
@@ -267,8 +293,10 @@ class ActivationStore(Rich):
         from .conditions import fit_condition_on
 
         ix = self.index
-        cast = {"site": "resid_post", "positions": repr("all"), "reduce": "mean", "include_sink": False}
+        cast = {"positions": repr("all"), "reduce": "mean", "include_sink": False}
         wrong = {k: ix.get(k) for k, v in cast.items() if ix.get(k) != v}
+        if "resid_post" not in self.sites:
+            wrong["sites"] = self.sites
         if wrong:
             raise ValueError(f"This store holds {wrong}, but a CAST condition reads the mean resid_post over each "
                              "prompt's tokens but the sink: write the store with site='resid_post', positions='all', "
@@ -276,7 +304,7 @@ class ActivationStore(Rich):
         pos, neg = _rows(positive, len(self)), _rows(negative, len(self))
         if len(pos) < 2 or len(neg) < 2:
             raise ValueError(f"condition() needs at least 2 rows per side (got {len(pos)} and {len(neg)}).")
-        h = torch.cat([self.get(pos), self.get(neg)])
+        h = torch.cat([self.get(pos, site="resid_post"), self.get(neg, site="resid_post")])
         y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).bool()
         meta = {"model": ix["model"], "augmented": False, "store": str(self.path)}
         return fit_condition_on(h, y, self.layers, meta=meta, **kw)
@@ -284,6 +312,6 @@ class ActivationStore(Rich):
     # -- display -----------------------------------------------------------------------
     def _fields(self):
         ix = self.index
-        return [("model", ix["model"]), ("site", ix["site"]), ("layers", f"{len(ix['layers'])} ({ix['layers'][0]}..{ix['layers'][-1]})"),
+        return [("model", ix["model"]), ("sites", ", ".join(ix["sites"])), ("layers", f"{len(ix['layers'])} ({ix['layers'][0]}..{ix['layers'][-1]})"),
                 ("positions", ix["positions"]), ("prompts", len(self)), ("shards", len(ix["shards"])),
                 ("dtype", ix["dtype"]), ("path", str(self.path))]

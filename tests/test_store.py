@@ -84,6 +84,15 @@ def test_an_interrupted_write_resumes_with_only_the_missing_shards(model, tmp_pa
 def test_store_errors(model, tmp_path):
     with pytest.raises(ValueError, match="reduce='mean'"):
         ActivationStore.write(model, PROMPTS, tmp_path, positions="all")
+    multi = ActivationStore.write(model, PROMPTS[:5], tmp_path / "multi", site=["resid_post", "z"], shard_size=2,
+                                  progress=False)
+    torch.testing.assert_close(multi.get(site="z", layers=[1]),
+                               steer.capture(model, PROMPTS[:5], layers=[1], site="z", progress=False).tensor,
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="several sites"):
+        multi.get()
+    with pytest.raises(ValueError, match="Unknown site"):
+        ActivationStore.write(model, PROMPTS, tmp_path / "bad", site="nope")
     with pytest.raises(FileNotFoundError, match="not an activation store"):
         ActivationStore.open(tmp_path / "nothing")
     s = ActivationStore.write(model, PROMPTS, tmp_path / "mean", positions="all", reduce="mean", shard_size=5,
