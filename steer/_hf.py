@@ -153,6 +153,21 @@ def cache_kwarg(module: torch.nn.Module) -> str:
     )
 
 
+def output_cache(out: Any) -> Any:
+    """The KV cache a model's forward returned (``out.cache`` from 5.24, ``past_key_values`` before;
+    read without touching the deprecated name when the new one is there).
+
+    >>> from types import SimpleNamespace as NS
+    >>> output_cache(NS(cache=1, past_key_values=2)), output_cache(NS(past_key_values=2))
+    (1, 2)
+    """
+    for name in ("cache", "past_key_values"):
+        c = getattr(out, name, None)
+        if c is not None:
+            return c
+    raise TypeError(f"{type(out).__name__} holds no KV cache (neither .cache nor .past_key_values): pass use_cache=True.")
+
+
 def softcap_safe_attention(hf: torch.nn.Module) -> bool:
     """Switch a model whose attention soft-caps its logits to eager attention if it would run
     ``sdpa``, which has no soft-capping (before transformers 5.24 it silently skipped it). Returns

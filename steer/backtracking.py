@@ -158,7 +158,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     >>> r.trigger_step.tolist(), r.steered_tokens.tolist(), len(r.tokens[0])
     ([0], [3], 3)
     """
-    from ._hf import eos_ids
+    from ._hf import cache_kwarg, eos_ids, output_cache, unwrap_adapters
     from .data import tokenize
     from .hooks import add_hooks
     from .steering import Steering
@@ -197,7 +197,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     steps = 0
     with Steering(model, [iv]), add_hooks(model, {Site(probe.site, probe.layer): grab}):
         out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=True)
-        cache = out.past_key_values
+        cache, cache_kw = output_cache(out), cache_kwarg(unwrap_adapters(model.hf))  # PEFT passes it on
         while True:
             steps += 1
             p = probe.prob(grabbed.pop()).cpu()
@@ -255,8 +255,8 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
             st.copy_(torch.tensor(alpha, device=dev) * torch.tensor(live, dtype=torch.float32, device=dev))
             mask = torch.cat([mask, torch.tensor(live, dtype=mask.dtype, device=dev)[:, None]], 1)
             out = model.hf(input_ids=torch.tensor(feed, device=dev)[:, None], attention_mask=mask,
-                           position_ids=torch.tensor(pos, device=dev)[:, None], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+                           position_ids=torch.tensor(pos, device=dev)[:, None], use_cache=True, **{cache_kw: cache})
+            cache = output_cache(out)
     seconds = time.perf_counter() - t0
     texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return BacktrackResult(texts, tokens, torch.tensor(triggered), torch.tensor(trigger_step), torch.tensor(alpha),

@@ -19,7 +19,11 @@ RepIt's gate 0.92x (its detector layer lies past the steered layer, so the promp
 pre-pass) and FASB 0.99x when it never fires, 0.90x when every row fires at once, 0.83x when a
 quarter of the rows fire mid-way. The last is the price of backing up in a batch that decodes in
 lockstep: a row that backs up k tokens makes the whole batch run k + 1 more steps, so the ratio
-is about n / (n + k + 1) (24 / 29 = 0.83 here; 0.93 for 64 tokens), not loop overhead.
+is about n / (n + k + 1) (24 / 29 = 0.83 here), not loop overhead. With ``new_tokens=64``
+(measured once): FASB 0.96x never firing, 0.92x all at once, 0.87x mid-way (38 % of rows fired;
+bound 64/69 = 0.93 times the 0.96 of the probe loop ≈ 0.89), LinEAS 0.92x, the rest 0.95-1.02x.
+Past that bound the rows that finished would have to leave the batch for new prompts
+(continuous batching), which this loop does not do.
 
 The random vectors and maps are placeholders: the cost of an intervention does not depend on
 what its vector says.
