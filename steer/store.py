@@ -105,23 +105,20 @@ class ActivationStore(Rich):
         n = len(prompts)
         spans = [(a, min(n, a + shard_size)) for a in range(0, n, shard_size)]
         index = {
-            "format": FORMAT, "model": model.name, "sites": sites, "layers": layer_list, "positions": repr(positions),
+            "format": FORMAT, "model": model.name, "n_layers": model.n_layers, "sites": sites, "layers": layer_list, "positions": repr(positions),
             "reduce": reduce, "include_sink": include_sink, "dtype": str(dtype).removeprefix("torch."),
             "n_prompts": n, "prompt_hashes": [_prompt_hash(p) for p in prompts],
             "shards": [{"file": f"shard-{i:05d}.safetensors", "start": a, "stop": b} for i, (a, b) in enumerate(spans)],
         }
-        if shards.rank == 0:
+        if shards.rank == 0 and not (path / INDEX).exists():
             path.mkdir(parents=True, exist_ok=True)
-            if (path / INDEX).exists():
-                old = json.loads((path / INDEX).read_text())
-                keys = [k for k in index if k != "d"]
-                if {k: old.get(k) for k in keys} != {k: index[k] for k in keys}:
-                    diff = [k for k in keys if old.get(k) != index[k]]
-                    raise ValueError(f"{path} holds another capture (differs in {', '.join(diff)}): write this one "
-                                     "elsewhere, or delete that store.")
-            else:
-                _atomic(path / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index)))
-        shards.barrier()
+            _atomic(path / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index)))
+        shards.barrier()  # then every rank checks the index it resumes (none raises alone)
+        old = json.loads((path / INDEX).read_text())
+        diff = [k for k in index if old.get(k) != index[k]]
+        if diff:
+            raise ValueError(f"{path} holds another capture (differs in {', '.join(diff)}): write this one "
+                             "elsewhere, or delete that store.")
         kw = dict(layers=layer_list, positions=positions, reduce=reduce, batch_size=batch_size,
                   dtype=dtype, include_sink=include_sink, progress=False)
 
@@ -258,7 +255,7 @@ class ActivationStore(Rich):
         else:
             vec = torch.cat([from_activations(self.get(pos, [l], site), self.get(neg, [l], site), method)
                              for l in self.layers])
-        full = torch.zeros(max(self.layers) + 1, vec.shape[-1])
+        full = torch.zeros(self.index["n_layers"], vec.shape[-1])  # one row per model layer, as extract() gives
         full[self.layers] = vec
         meta = {"model": self.index["model"], "d_model": vec.shape[-1], "site": site,
                 "positions": self.index["positions"], "layers": self.layers, "n_pos": len(pos), "n_neg": len(neg),

@@ -111,20 +111,16 @@ def _unit_path(directory: Path, i: int) -> Path:
 def _claim(directory: Path, key: str, n: int, shards: Shards) -> None:
     """Make ``directory`` this sweep's (first run) or check it is (rerun)."""
     manifest = directory / "sweep.json"
-    if shards.rank == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        if manifest.exists():
-            old = json.loads(manifest.read_text())
-            if old.get("key") != key or old.get("units") != n:
-                raise ValueError(f"{directory} holds another sweep (key {old.get('key')}, {old.get('units')} units; this "
-                                 f"one: {key}, {n}): give this sweep its own directory, or delete that one.")
-        else:
-            from .capture import _atomic
+    if shards.rank == 0 and not manifest.exists():
+        from .capture import _atomic
 
-            _atomic(manifest, lambda tmp: Path(tmp).write_text(json.dumps({"key": key, "units": n})))
-    shards.barrier()
-    if shards.rank != 0 and json.loads(manifest.read_text()).get("key") != key:  # pragma: no cover - rank 0 raised
-        raise ValueError(f"{directory} holds another sweep.")
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic(manifest, lambda tmp: Path(tmp).write_text(json.dumps({"key": key, "units": n})))
+    shards.barrier()  # then every rank checks (no rank raises alone and leaves the others waiting)
+    old = json.loads(manifest.read_text())
+    if old.get("key") != key or old.get("units") != n:
+        raise ValueError(f"{directory} holds another sweep (key {old.get('key')}, {old.get('units')} units; this "
+                         f"one: {key}, {n}): give this sweep its own directory, or delete that one.")
 
 
 def map_units(

@@ -141,20 +141,26 @@ def test_steering_sweep_cells_resume_from_a_directory(tmp_path):
 
 
 @pytest.mark.parametrize("method,kw", [("atp", {}), ("atp", {"qk_fix": True}), ("relp", {}), ("ig", {"steps": 2}),
-                                       ("atp", {"direction": "noising"})])
+                                       ("atp", {"direction": "noising"}), ("atp*", {}),
+                                       ("atp*", {"direction": "noising"})])
 def test_estimators_over_prompt_chunks_equal_the_whole_task(method, kw, tmp_path):
-    """Chunks of 3 of 7 prompts (uneven), combined: the whole task's AtP / AtP+QK / RelP / IG."""
-    from steer.patching import atp, integrated_gradients, relp
+    """Chunks of 3 of 7 prompts (uneven), combined: the whole task's AtP / AtP+QK / RelP / IG /
+    AtP* (GradDrop: the dropped layers' signed estimates summed over chunks before the |·|)."""
+    from steer.patching import atp, atp_star, integrated_gradients, relp
     from steer.patching.sharded import over_prompts
 
     m = steer.load("tiny-llama")
     t = ioi_task(m, n=7)
-    kinds = ["heads", "mlp_out", "k_by_pos"] if kw.get("qk_fix") else ["heads", "mlp_out"]
-    whole = {"atp": atp, "relp": relp, "ig": integrated_gradients}[method](m, t, kinds, **kw)
+    kinds = ["heads", "mlp_out", "k_by_pos"] if kw.get("qk_fix") or method == "atp*" else ["heads", "mlp_out"]
+    whole = {"atp": atp, "relp": relp, "ig": integrated_gradients, "atp*": atp_star}[method](m, t, kinds, **kw)
     got = over_prompts(method, m, t, kinds, chunk=3, directory=tmp_path, **kw)
     for k in kinds:
         torch.testing.assert_close(got[k].scores, whole[k].scores, atol=2e-5, rtol=1e-4)
         assert got[k].meta["metric_clean"] == pytest.approx(whole[k].meta["metric_clean"], rel=1e-5)
+        if method == "atp*":
+            torch.testing.assert_close(torch.tensor(got[k].meta["plain"]), torch.tensor(whole[k].meta["plain"]),
+                                       atol=2e-5, rtol=1e-4)
+            assert "drops_raw" not in got[k].meta
     assert len(list(tmp_path.glob("unit-*.pt"))) == 3
 
 
@@ -163,8 +169,10 @@ def test_over_prompts_refuses_what_does_not_split():
     from steer.patching.sharded import over_prompts
 
     m = steer.load("tiny-llama")
-    with pytest.raises(ValueError, match="GradDrop"):
-        over_prompts("atp*", m, ioi_task(m, n=2))
+    with pytest.raises(ValueError, match="grad_drop=True"):
+        over_prompts("atp*", m, ioi_task(m, n=2), grad_drop=False)
+    with pytest.raises(ValueError, match="use one of"):
+        over_prompts("activation", m, ioi_task(m, n=2))
     t = ioi_task(m, n=2)
     custom = PatchTask(t.clean, t.corrupt, metric=lambda lg: lg[..., 0] - lg[..., 1])
     with pytest.raises(ValueError, match="subset"):

@@ -27,7 +27,7 @@ def add_parser(subparsers):
                    help="'auto': split activation patching across the processes torchrun started (rank 0 writes)")
     p.add_argument("--resume-dir", default=None, help="keep finished patched runs here; a rerun resumes from them")
     p.add_argument("--chunk", type=int, default=None,
-                   help="AtP and RelP over chunks of this many prompts (split across processes with --shard auto)")
+                   help="AtP, AtP* and RelP over chunks of this many prompts (split across processes with --shard auto)")
     p.add_argument("--json", default=None, help="write the JSON here (default: stdout)")
     p.add_argument("--plot", default=None, help="heatmap PNG of the first method's scores")
     p.set_defaults(func=run)

@@ -314,36 +314,52 @@ def grad_drop_scores(st: _Attribution, ns_list: Sequence[NodeSet], grads: dict) 
     return out
 
 
-def grad_drop_fused(st: _Attribution, ns_list: Sequence[NodeSet], plain: dict) -> dict[str, Tensor]:
+def grad_drop_fused(st: _Attribution, ns_list: Sequence[NodeSet], plain: dict,
+                    keep: Optional[dict] = None) -> dict[str, Tensor]:
     """:func:`grad_drop_scores` with each dropped-layer backward reduced in hooks
-    (:meth:`_Attribution.hooked_scores`): no set of gradients is ever held."""
+    (:meth:`_Attribution.hooked_scores`): no set of gradients is ever held. ``keep``: a dict
+    that receives, per kind, the signed estimates ``Î_ℓ`` of every dropped layer ``ℓ``
+    (``[L_drop, L, *units]``, unnormalised), which sum over chunks of prompts before the
+    ``|·|`` (:func:`~steer.patching.sharded.over_prompts`)."""
     L = st.model.n_layers
     acc = {ns.kind: torch.zeros_like(plain[ns.kind]) for ns in ns_list}
+    drops = {ns.kind: torch.zeros(L, *plain[ns.kind].shape, dtype=plain[ns.kind].dtype) for ns in ns_list} \
+        if keep is not None else None
     for drop in range(L):
         cot = st.g_resid[drop + 1]  # gradient at the output of layer `drop`; skip path only
         got = st.hooked_scores(st.resid[drop], cot, layers=range(drop))[0] if drop else {}
         for ns in ns_list:
             for l in range(L):
+                x = None
                 if l < drop:
-                    if (ns.kind, l) in got:
-                        acc[ns.kind][l] += got[(ns.kind, l)].abs()
+                    x = got.get((ns.kind, l))
                 elif l == drop and ns.site == "resid_pre":
-                    acc[ns.kind][l] += st.layer_scores(ns, l, {("resid_pre", l): cot}).abs()
+                    x = st.layer_scores(ns, l, {("resid_pre", l): cot})
                 elif l > drop:
-                    acc[ns.kind][l] += plain[ns.kind][l].abs()
+                    x = plain[ns.kind][l]
+                if x is not None:
+                    acc[ns.kind][l] += x.abs()
+                    if drops is not None:
+                        drops[ns.kind][drop, l] = x.detach().cpu()
+    if keep is not None:
+        keep.update(drops)
     return {ns.kind: torch.sign(plain[ns.kind]) * acc[ns.kind] / max(L - 1, 1) for ns in ns_list}
 
 
 def atp_star(
     model, task: PatchTask, nodes: Union[str, Sequence[str]] = "heads", direction: str = "denoising",
     grad_drop: bool = True, qk_block: Optional[int] = None, fused: bool = True, impl: str = "auto",
+    keep_drops: bool = False,
 ) -> Union[PatchingResult, dict[str, PatchingResult]]:
     """AtP*: AtP with the QK fix for ``q``/``k`` nodes and GradDrop.
 
     Scores are ``sign(Î_AtP+QK) · Σ_ℓ |Î_ℓ| / (L-1)``; ``meta["plain"]`` keeps the signed
     QK-fixed estimate without GradDrop. One kind → :class:`PatchingResult`; a list → dict.
     ``qk_block``, ``fused``, ``impl``: as in :func:`atp` (with ``fused``, GradDrop's L extra
-    backward passes reduce their gradients in hooks too).
+    backward passes reduce their gradients in hooks too). ``keep_drops``: also return each
+    dropped layer's signed, unnormalised estimates in ``meta["drops_raw"]`` (``[L, L, *units]``)
+    and the plain ones in ``meta["plain_raw"]``, so that chunks of prompts combine exactly
+    (:func:`~steer.patching.sharded.over_prompts`; needs ``fused``).
 
     >>> import steer
     >>> from steer.patching import ioi_task, atp_star
@@ -356,11 +372,14 @@ def atp_star(
     t0 = time.perf_counter()
     st = _Attribution(model, task, kinds, direction, qk=True, qk_block=qk_block, impl=impl)
     L = model.n_layers
+    if keep_drops and not (fused and grad_drop):
+        raise ValueError("keep_drops needs fused=True and grad_drop=True.")
+    drops: dict = {}
     if fused:
         got, g_resid = st.hooked_scores(st.M, want=st.resid[1:])
         st.g_resid = [None, *g_resid]
         plain = {ns.kind: st.stack(got, ns) for ns in kinds}
-        scores = grad_drop_fused(st, kinds, plain) if grad_drop else plain
+        scores = grad_drop_fused(st, kinds, plain, keep=drops if keep_drops else None) if grad_drop else plain
     else:
         grads = st.grads(retain=grad_drop)
         plain = {ns.kind: torch.stack([st.layer_scores(ns, l, grads) for l in range(L)]) for ns in kinds}
@@ -371,5 +390,7 @@ def atp_star(
     for ns in kinds:
         r = st.result(ns, scores[ns.kind], "atp*", sec, fe, {"grad_drop": grad_drop})
         r.meta["plain"] = st.result(ns, plain[ns.kind], "atp*", sec, fe).scores.tolist()
+        if keep_drops:
+            r.meta["drops_raw"], r.meta["plain_raw"] = drops[ns.kind], plain[ns.kind].detach().float().cpu()
         res[ns.kind] = r
     return res[kinds[0].kind] if single else res

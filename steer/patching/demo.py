@@ -25,7 +25,7 @@ def patch(model, task: PatchTask, nodes: str = "heads", methods: Union[str, Sequ
     """Run several methods on one node set; compare the fast ones against ``activation``.
     ``shards``, ``directory``: activation patching split across processes and resumable (see
     :func:`~steer.patching.activation_patch`; each method keeps its own subdirectory);
-    ``chunk``: AtP and RelP over chunks of that many prompts, split the same way
+    ``chunk``: AtP, AtP* and RelP over chunks of that many prompts, split the same way
     (:func:`~steer.patching.sharded.over_prompts`).
 
     Returns ``{"results": {method: PatchingResult}, "comparison": {method: {pearson, spearman,
@@ -49,7 +49,7 @@ def patch(model, task: PatchTask, nodes: str = "heads", methods: Union[str, Sequ
         if meth == "activation":
             results[meth] = activation_patch(model, task, nodes, direction, batch_size=batch_size, shards=shards,
                                              directory=sub(meth))
-        elif chunk and meth in ("atp", "relp"):
+        elif chunk and meth in ("atp", "relp", "atp*"):
             results[meth] = over_prompts(meth, model, task, nodes, chunk=chunk, shards=shards, directory=sub(meth),
                                          direction=direction)
         elif meth == "atp":

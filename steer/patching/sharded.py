@@ -6,8 +6,9 @@ AtP, AtP with the QK fix, RelP and integrated gradients are sums over prompts: w
 and the whole task's ``raw = Σ_c raw_c · P_c / P`` (likewise the clean and corrupt metrics).
 So the chunked result is the one-batch result up to floating-point rounding, and, because the
 chunks are fixed by ``chunk`` and not by the number of processes, any number of processes
-gives bitwise the same answer. AtP*'s GradDrop is not a sum over prompts (it takes ``|·|`` of
-each layer's whole-task estimate) and is refused.
+gives bitwise the same answer. AtP*'s GradDrop takes ``|·|`` of each dropped layer's
+whole-task estimate, so its chunks return those signed estimates (``keep_drops``), which are
+summed before the ``|·|``.
 
 >>> import steer
 >>> from steer.patching import ioi_task, atp
@@ -24,25 +25,23 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import torch
+
 from ..sweep import Shards, map_units, sweep_key
 from .result import PatchingResult
 from .tasks import PatchTask
 
 __all__ = ["over_prompts", "ESTIMATORS"]
 
-ESTIMATORS = ("atp", "relp", "ig")
+ESTIMATORS = ("atp", "relp", "ig", "atp*")
 
 
 def _estimator(method: str):
-    from .attribution import atp
+    from .attribution import atp, atp_star
     from .integrated import integrated_gradients
     from .relevance import relp
 
-    if method in ("atp*", "atp_star"):
-        raise ValueError("AtP*'s GradDrop takes |·| of each layer's whole-task estimate, which is not a sum over "
-                         "prompts: run atp_star on the whole task, or over_prompts('atp', ..., qk_fix=True) for "
-                         "AtP's QK fix without GradDrop.")
-    table = {"atp": atp, "relp": relp, "ig": integrated_gradients}
+    table = {"atp": atp, "relp": relp, "ig": integrated_gradients, "atp*": atp_star}
     if method not in table:
         raise ValueError(f"method={method!r}: use one of {', '.join(ESTIMATORS)}.")
     return table[method]
@@ -53,12 +52,18 @@ def over_prompts(
     shards: Union[Shards, str, None] = None, directory: Union[str, Path, None] = None,
     progress: Optional[bool] = None, **kw,
 ) -> Union[PatchingResult, dict[str, PatchingResult]]:
-    """``method`` (``"atp"``, ``"relp"``, ``"ig"``; keyword arguments ``kw`` passed on, e.g.
+    """``method`` (``"atp"``, ``"relp"``, ``"ig"``, ``"atp*"``; keyword arguments ``kw`` passed on, e.g.
     ``qk_fix=True``, ``steps=4``, ``direction=``) on chunks of ``chunk`` prompts of ``task``,
     combined into the whole task's result. ``shards="auto"``: chunks split across ``torchrun``
     processes; ``directory``: finished chunks kept for a resumed run. The task's metric must
     support ``subset`` (:meth:`PatchTask.subset`)."""
     fn = _estimator(method)
+    star = method == "atp*"
+    if star:
+        if kw.get("fused") is False or kw.get("grad_drop") is False:
+            raise ValueError("over_prompts('atp*') needs fused=True and grad_drop=True (for AtP without GradDrop use "
+                             "over_prompts('atp', ..., qk_fix=True)).")
+        kw = {**kw, "keep_drops": True}
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: must be >= 1 prompt.")
     P = task.n_prompts
@@ -85,10 +90,18 @@ def over_prompts(
             d_c = r.meta["metric_clean"] - r.meta["metric_corrupt"]
             raw = raw + wi * d_c * (r.scores.double() if direction == "denoising" else r.scores.double() - 1.0)
         d = mc - mx
+        if star:  # GradDrop: the dropped layers' signed estimates sum over chunks, then |·|
+            drops = sum(wi * r.meta["drops_raw"].double() for wi, r in zip(w, rs))
+            plain = sum(wi * r.meta["plain_raw"].double() for wi, r in zip(w, rs))
+            raw = torch.sign(plain) * drops.abs().sum(0) / max(drops.shape[0] - 1, 1)
+            extra = {"plain": (plain / d if direction == "denoising" else 1.0 + plain / d).float().tolist()}
+        else:
+            extra = {}
         scores = (raw / d if direction == "denoising" else 1.0 + raw / d).float()
         out[k] = dataclasses.replace(
             rs[0], scores=scores, tokens=model.to_str_tokens(task.clean.input_ids[0].tolist()),
             seconds=sum(r.seconds for r in rs), forward_equivalents=sum(wi * r.forward_equivalents for wi, r in zip(w, rs)),
-            meta={**rs[0].meta, "metric_clean": mc, "metric_corrupt": mx, "n_prompts": P, "task": task.name,
-                  "chunks": len(spans), "chunk": chunk})
+            meta={**{k_: v for k_, v in rs[0].meta.items() if k_ not in ("drops_raw", "plain_raw", "plain")},
+                  "metric_clean": mc, "metric_corrupt": mx, "n_prompts": P, "task": task.name,
+                  "chunks": len(spans), "chunk": chunk, **extra})
     return out[kinds[0]] if single else out
