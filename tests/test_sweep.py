@@ -78,28 +78,47 @@ def _worker(tmp_path) -> Path:
     return script
 
 
+DRIVER = textwrap.dedent("""
+    import sys
+    from steer.cli import main
+    patch_json, store_dir, prompts = sys.argv[1:4]
+    main(["patch", "--model", "tiny-llama", "--n-prompts", "4", "--nodes", "heads_by_pos", "--method", "activation,atp",
+          "--batch-size", "8", "--chunk", "2", "--shard", "auto", "--json", patch_json])
+    main(["store", "--model", "tiny-llama", "--prompts", prompts, "--out", store_dir, "--shard-size", "3",
+          "--shard", "auto"])
+""")
+
+
 def test_two_gloo_processes_give_one_process_result(tmp_path):
-    """`torchrun` with 2 processes (gloo) running `steer patch --shard auto`: the heads-by-position
-    sweep equals the one-process result exactly, and only rank 0 writes the JSON."""
+    """`torchrun` with 2 processes (gloo) running `steer patch --shard auto` (activation patching,
+    and AtP over chunks of 2 prompts) and `steer store --shard auto`: the results equal one
+    process's exactly, and only rank 0 writes."""
     import json
+
+    from steer.store import ActivationStore
 
     m = steer.load("tiny-llama")
     ref = activation_patch(m, ioi_task(m, n=4), "heads_by_pos", batch_size=8)
-    out = tmp_path / "patch.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "steer",
-           "patch", "--model", "tiny-llama", "--n-prompts", "4", "--nodes", "heads_by_pos", "--method", "activation",
-           "--batch-size", "8", "--shard", "auto", "--json", str(out)]
-    cmd[cmd.index("activation")] = "activation,atp"
-    cmd += ["--chunk", "2"]  # AtP over chunks of 2 prompts, the chunks split across the 2 processes
+    prompts = [f"Prompt number {i}" + "!" * i for i in range(8)]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    out, store_dir = tmp_path / "patch.json", tmp_path / "store"
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(out), str(store_dir), str(tmp_path / "prompts.json")]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sum(line.startswith("activation: ") for line in proc.stderr.splitlines()) == 1  # one rank reported
-    assert "atp vs activation" in proc.stderr
+    assert proc.stdout.count('"n_prompts": 8') == 1
     doc = json.loads(out.read_text())["methods"]
     assert torch.equal(torch.tensor(doc["activation"]["scores"]), ref.scores)
     from steer.patching.sharded import over_prompts
     one = over_prompts("atp", m, ioi_task(m, n=4), "heads_by_pos", chunk=2)  # one process
     assert torch.equal(torch.tensor(doc["atp"]["scores"]), one.scores)
+    two = ActivationStore.open(store_dir)
+    assert len(two.index["shards"]) == 3
+    alone = ActivationStore.write(m, prompts, tmp_path / "alone", shard_size=3, progress=False)
+    assert torch.equal(two.get(), alone.get())  # each shard the same capture, whichever rank wrote it
 
 
 def test_a_killed_sweep_resumes_computing_only_unfinished_units(tmp_path):

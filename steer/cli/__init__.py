@@ -7,6 +7,7 @@
     steer persona --trait NAME|FILE [--json OUT]
     steer evaluate --direction FILE --items TRAIT|FILE [--json OUT]
     steer diagnose massive|lens|trace [--text T] [--json OUT] [--plot PNG]
+    steer store --prompts FILE --out DIR [--layers all] [--site resid_post] [--shard auto]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import importlib
 import sys
 
-_SUBCOMMANDS = ("demo", "refusal", "patch", "bias", "persona", "evaluate", "multi", "diagnose")
+_SUBCOMMANDS = ("demo", "refusal", "patch", "bias", "persona", "evaluate", "multi", "diagnose", "store")
 
 
 def emit(doc, path=None, indent: int = 1) -> None:
