@@ -405,9 +405,10 @@ def test_qk_fix_blocks_and_tiles_in_bf16():
     for dt in (torch.float32, torch.bfloat16):
         m = steer.load("tiny-llama", dtype=dt)
         t = PatchTask.from_pairs(m, pairs, ["M", "Q"], ["Y", "B"])
-        out[dt] = {"whole": atp(m, t, QK_KINDS, qk_fix=True, qk_block=t.n_pos, impl="torch"),
-                   "rows": atp(m, t, QK_KINDS, qk_fix=True, qk_block=1, impl="torch"),
-                   "tiles": atp(m, t, QK_KINDS, qk_fix=True, impl="triton")}
+        out[dt] = {"whole": atp(m, t, QK_KINDS, qk_fix=True, qk_block=t.n_pos, impl="torch")}
+        if dt == torch.bfloat16:  # (in fp32 the three are equal: test_qk_fix_tiled_kernels_equal_the_row_blocks)
+            out[dt]["rows"] = atp(m, t, QK_KINDS, qk_fix=True, qk_block=1, impl="torch")
+            out[dt]["tiles"] = atp(m, t, QK_KINDS, qk_fix=True, impl="triton")
     for kind in QK_KINDS:
         ref = out[torch.float32]["whole"][kind].scores
         scale = float(ref.abs().max())
