@@ -352,7 +352,15 @@ def fit_condition_on(
 ) -> Condition:
     """:func:`fit_condition` on prompt means already computed (``h``: CAST's statistic, mean
     ``resid_post`` over each prompt's tokens but the sink, at ``layer_list``; ``y_all``: which
-    rows are positive), e.g. read from an :class:`~steer.store.ActivationStore`."""
+    rows are positive), e.g. read from an :class:`~steer.store.ActivationStore`.
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> h = torch.cat([torch.randn(6, 2, 8, generator=g) + 2, torch.randn(6, 2, 8, generator=g)])  # [n, layer, d]
+    >>> c = fit_condition_on(h, torch.arange(12) < 6, [0, 1], folds=3)
+    >>> c.layer in (0, 1), c.meta["val_f1"] == 1.0
+    (True, True)
+    """
     from .directions import _probe, from_activations
 
     if kind == "probe":

@@ -762,11 +762,13 @@ def steering_sweep(
             kl = next_token_kl(neutral, s.next_token_logits(neutral_prompts))
         return {"layer": l, "strength": a, "change": float((sc - base).mean()), "kl": float(kl.mean())}
 
-    import hashlib
+    key = None
+    if directory is not None:  # only a directory to resume needs the sweep's name
+        import hashlib
 
-    vec_hash = hashlib.sha256(direction.vectors.detach().float().cpu().numpy().tobytes()).hexdigest()
-    key = sweep_key("steering_sweep", model.name, vec_hash, prompts_hash(prompts), prompts_hash(neutral_prompts),
-                    base.tolist(), grid, repr(positions))  # base: the unsteered scores (score_fn is a callable)
+        vec_hash = hashlib.sha256(direction.vectors.detach().float().cpu().numpy().tobytes()).hexdigest()
+        key = sweep_key("steering_sweep", model.name, vec_hash, prompts_hash(prompts), prompts_hash(neutral_prompts),
+                        base.tolist(), grid, repr(positions))  # base: the unsteered scores (score_fn is a callable)
     rows = map_units(cell, grid, shards=shards, directory=directory, key=key, desc="steering sweep", progress=progress)
     best = max(rows, key=lambda r: r["change"] - 10 * r["kl"])
     return LayerSweep(rows, best["layer"], "change")

@@ -193,8 +193,9 @@ def activation_patch(
                 hooks[Site(ns.site, l)] = _patcher(mask, other_acts[(ns.site, l)][:, d0:], V, P)
         return score(base.run_suffix(h, start, hooks, columns).float().view(V, P, -1)).cpu()  # metric in fp32
 
-    key = sweep_key("activation_patch", model.name, task.clean.input_ids.tolist(), task.corrupt.input_ids.tolist(),
-                    ns.kind, direction, per_chunk, list(layer_list), m_clean, m_corrupt)
+    key = None if directory is None else sweep_key(  # only a directory to resume needs the sweep's name
+        "activation_patch", model.name, task.clean.input_ids.tolist(), task.corrupt.input_ids.tolist(), ns.kind,
+        direction, per_chunk, list(layer_list), m_clean, m_corrupt)
     results = map_units(patched, runs, shards=shards, directory=directory, key=key,
                         desc=f"activation patching {ns.kind}", progress=progress)
     for run, vals in zip(runs, results):

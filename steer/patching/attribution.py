@@ -191,9 +191,8 @@ class _Attribution:
         tiled = self.impl == "triton" or (self.impl == "auto" and q.is_cuda and triton_available())
         diff = scale = 0.0
         parts = []
-        for t0 in range(0, T, step):
-            if tiled and not check:
-                break
+        # the row blocks: the PyTorch fix, and (first time per layer) the check against the model's z
+        for t0 in range(0, T, step) if check or not tiled else ():
             rows = slice(t0, min(T, t0 + step))
             x = r.attention_logits(l, q, k, rows)
             if check:
@@ -323,8 +322,7 @@ def grad_drop_fused(st: _Attribution, ns_list: Sequence[NodeSet], plain: dict,
     ``|·|`` (:func:`~steer.patching.sharded.over_prompts`)."""
     L = st.model.n_layers
     acc = {ns.kind: torch.zeros_like(plain[ns.kind]) for ns in ns_list}
-    drops = {ns.kind: torch.zeros(L, *plain[ns.kind].shape, dtype=plain[ns.kind].dtype) for ns in ns_list} \
-        if keep is not None else None
+    drops = {ns.kind: plain[ns.kind].new_zeros(L, *plain[ns.kind].shape) for ns in ns_list} if keep is not None else None
     for drop in range(L):
         cot = st.g_resid[drop + 1]  # gradient at the output of layer `drop`; skip path only
         got = st.hooked_scores(st.resid[drop], cot, layers=range(drop))[0] if drop else {}
@@ -340,9 +338,9 @@ def grad_drop_fused(st: _Attribution, ns_list: Sequence[NodeSet], plain: dict,
                 if x is not None:
                     acc[ns.kind][l] += x.abs()
                     if drops is not None:
-                        drops[ns.kind][drop, l] = x.detach().cpu()
-    if keep is not None:
-        keep.update(drops)
+                        drops[ns.kind][drop, l] = x.detach()
+    if keep is not None:  # one copy off the device at the end, not one per (drop, layer)
+        keep.update({k: v.float().cpu() for k, v in drops.items()})
     return {ns.kind: torch.sign(plain[ns.kind]) * acc[ns.kind] / max(L - 1, 1) for ns in ns_list}
 
 

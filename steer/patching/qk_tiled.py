@@ -48,9 +48,11 @@ if tl is not None:
 
     @triton.jit
     def _tile(q, qa, k_ptr, ka_ptr, v_ptr, gz, kv_ptr, p, hk, s0, t_idx, S, HKV, off, window, scaling, softcap,
-              D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, ALT_Q: tl.constexpr,
+              D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, ALT: tl.constexpr,
               WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
-        """Logits, alternative logits, pattern gradient and validity of one [BT, BS] tile."""
+        """Logits, alternative logits, pattern gradient and validity of one [BT, BS] tile.
+        ``ALT``: 1 the alternative logits use the patched queries ``qa``, 2 the patched keys at
+        ``ka_ptr``, 0 none are needed (``xa`` is ``x``)."""
         s_idx = s0 + tl.arange(0, BS)
         dd = tl.arange(0, BD)
         kmask = (s_idx[:, None] < S) & (dd[None, :] < D)
@@ -58,20 +60,35 @@ if tl is not None:
         k = tl.load(k_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
         x = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
-        if ALT_Q:  # the row block's patched queries against the keys
+        if ALT == 1:  # the row block's patched queries against the keys
             xa = tl.dot(qa, tl.trans(k), input_precision="ieee") * scaling
-        else:  # the queries against the patched keys
+        elif ALT == 2:  # the queries against the patched keys
             ka = tl.load(ka_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
             xa = tl.dot(q, tl.trans(ka), input_precision="ieee") * scaling
+        else:
+            xa = x
         if SOFTCAP:
             x = _tanh(x / softcap) * softcap
-            xa = _tanh(xa / softcap) * softcap
+            if ALT:
+                xa = _tanh(xa / softcap) * softcap
+            else:
+                xa = x
         g = tl.dot(gz, tl.trans(v), input_precision="ieee")
         kv = tl.load(kv_ptr + p * S + s_idx, mask=s_idx < S, other=0)
         valid = (s_idx[None, :] <= t_idx[:, None] + off) & (kv[None, :] != 0)
         if WINDOW:
             valid = valid & (s_idx[None, :] > t_idx[:, None] + off - window)
         return x, xa, g, valid, s_idx
+
+    @triton.jit
+    def _online(m, z, n, x, g):
+        """One tile of an online softmax-weighted sum: running max ``m``, ``z = Σ e^(x−m)``,
+        ``n = Σ e^(x−m) g`` per row, merged with tile ``x`` (masked entries −inf)."""
+        b = tl.maximum(m, tl.max(x, 1))
+        bs = tl.where(b > float("-inf"), b, 0.0)
+        r = tl.exp(m - bs)
+        e = tl.exp(x - bs[:, None])
+        return b, z * r + tl.sum(e, 1), n * r + tl.sum(e * g, 1)
 
     @triton.jit
     def _load_rows(ptr, p, h, t_idx, T, H, D: tl.constexpr, BD: tl.constexpr):
@@ -83,14 +100,14 @@ if tl is not None:
     def _row_fix_kernel(q_ptr, k_ptr, qa_ptr, ka_ptr, v_ptr, gz_ptr, kv_ptr, out_ptr,
                         T, H, HKV, off, window, scaling, softcap,
                         S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-                        ALT_Q: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+                        ALT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
         tb, ph = tl.program_id(0), tl.program_id(1)
         p, h = ph // H, ph % H
         hk = h // (H // HKV)
         t_idx = tb * BT + tl.arange(0, BT)
         q = _load_rows(q_ptr, p, h, t_idx, T, H, D, BD)
         gz = _load_rows(gz_ptr, p, h, t_idx, T, H, D, BD)
-        if ALT_Q:
+        if ALT == 1:  # patched queries (2: patched keys, read tile by tile)
             qa = _load_rows(qa_ptr, p, h, t_idx, T, H, D, BD)
         else:
             qa = q
@@ -104,23 +121,9 @@ if tl is not None:
         for s0 in range(0, S, BS):
             if s0 <= last:
                 x, xa, g, valid, s_idx = _tile(q, qa, k_ptr, ka_ptr, v_ptr, gz, kv_ptr, p, hk, s0, t_idx, S, HKV, off,
-                                               window, scaling, softcap, D, BD, BS, ALT_Q, WINDOW, SOFTCAP)
-                x = tl.where(valid, x, float("-inf"))
-                xa = tl.where(valid, xa, float("-inf"))
-                b1 = tl.maximum(m1, tl.max(x, 1))
-                b1s = tl.where(b1 > float("-inf"), b1, 0.0)
-                r1 = tl.exp(m1 - b1s)
-                e1 = tl.exp(x - b1s[:, None])
-                z1 = z1 * r1 + tl.sum(e1, 1)
-                n1 = n1 * r1 + tl.sum(e1 * g, 1)
-                m1 = b1
-                b2 = tl.maximum(m2, tl.max(xa, 1))
-                b2s = tl.where(b2 > float("-inf"), b2, 0.0)
-                r2 = tl.exp(m2 - b2s)
-                e2 = tl.exp(xa - b2s[:, None])
-                z2 = z2 * r2 + tl.sum(e2, 1)
-                n2 = n2 * r2 + tl.sum(e2 * g, 1)
-                m2 = b2
+                                               window, scaling, softcap, D, BD, BS, ALT, WINDOW, SOFTCAP)
+                m1, z1, n1 = _online(m1, z1, n1, tl.where(valid, x, float("-inf")), g)
+                m2, z2, n2 = _online(m2, z2, n2, tl.where(valid, xa, float("-inf")), g)
         ok = (z1 > 0) & (z2 > 0)
         out = tl.where(ok, n2 / tl.where(ok, z2, 1.0) - n1 / tl.where(ok, z1, 1.0), 0.0)
         tl.store(out_ptr + (p * H + h).to(tl.int64) * T + t_idx, out, mask=t_idx < T)
@@ -147,7 +150,7 @@ if tl is not None:
         for s0 in range(0, S, BS):
             if s0 <= last:
                 x, xa, g, valid, s_idx = _tile(q, q, k_ptr, ka_ptr, v_ptr, gz, kv_ptr, p, hk, s0, t_idx, S, HKV, off,
-                                               window, scaling, softcap, D, BD, BS, False, WINDOW, SOFTCAP)
+                                               window, scaling, softcap, D, BD, BS, 0, WINDOW, SOFTCAP)
                 x = tl.where(valid, x, float("-inf"))
                 bm = tl.max(x, 1)
                 bidx = tl.argmax(x, 1)
@@ -180,7 +183,7 @@ if tl is not None:
         for s0 in range(0, S, BS):
             if s0 <= last:
                 x, xa, g, valid, s_idx = _tile(q, q, k_ptr, ka_ptr, v_ptr, gz, kv_ptr, p, hk, s0, t_idx, S, HKV, off,
-                                               window, scaling, softcap, D, BD, BS, False, WINDOW, SOFTCAP)
+                                               window, scaling, softcap, D, BD, BS, 2, WINDOW, SOFTCAP)
                 valid = valid & row_ok[:, None]
                 e = tl.where(valid, tl.exp(tl.where(valid, x, ms[:, None]) - ms[:, None]), 0.0)
                 is_top = s_idx[None, :] == top[:, None]
@@ -244,7 +247,7 @@ def row_fix(
     c = [t.contiguous() for t in (q, k, q_alt if alt_q else q, k_alt if not alt_q else k, v, g_z)]
     _row_fix_kernel[(triton.cdiv(T, bt), P * H)](*c, kv, out, T, H, Hkv, S - T if offset is None else offset,
                                                  window or 0, float(scaling), float(softcap or 0.0),
-                                                 S=S, D=D, BD=bd, BT=bt, BS=bs, ALT_Q=alt_q,
+                                                 S=S, D=D, BD=bd, BT=bt, BS=bs, ALT=1 if alt_q else 2,
                                                  WINDOW=bool(window), SOFTCAP=bool(softcap))
     return out
 

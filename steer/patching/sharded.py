@@ -75,8 +75,9 @@ def over_prompts(
     def unit(rows) -> dict[str, PatchingResult]:
         return fn(model, task.subset(rows), kinds, **kw)
 
-    key = sweep_key("over_prompts", method, model.name, task.clean.input_ids.tolist(), task.corrupt.input_ids.tolist(),
-                    kinds, chunk, sorted((k, repr(v)) for k, v in kw.items()))
+    key = None if directory is None else sweep_key(  # only a directory to resume needs the sweep's name
+        "over_prompts", method, model.name, task.clean.input_ids.tolist(), task.corrupt.input_ids.tolist(), kinds,
+        chunk, sorted((k, repr(v)) for k, v in kw.items()))
     parts = map_units(unit, spans, shards=shards, directory=directory, key=key,
                       desc=f"{method} over {len(spans)} prompt chunks", progress=progress)
     w = [len(rows) / P for rows in spans]  # chunk c's share of the mean over prompts
@@ -85,19 +86,22 @@ def over_prompts(
         rs = [p[k] for p in parts]
         mc = sum(wi * r.meta["metric_clean"] for wi, r in zip(w, rs))
         mx = sum(wi * r.meta["metric_corrupt"] for wi, r in zip(w, rs))
-        raw = 0.0
-        for wi, r in zip(w, rs):  # undo each chunk's normalisation: raw_c = (score_c [- 1]) · d_c
-            d_c = r.meta["metric_clean"] - r.meta["metric_corrupt"]
-            raw = raw + wi * d_c * (r.scores.double() if direction == "denoising" else r.scores.double() - 1.0)
         d = mc - mx
+
+        def normalised(raw):
+            return (raw / d if direction == "denoising" else 1.0 + raw / d).float()
+
         if star:  # GradDrop: the dropped layers' signed estimates sum over chunks, then |·|
             drops = sum(wi * r.meta["drops_raw"].double() for wi, r in zip(w, rs))
             plain = sum(wi * r.meta["plain_raw"].double() for wi, r in zip(w, rs))
             raw = torch.sign(plain) * drops.abs().sum(0) / max(drops.shape[0] - 1, 1)
-            extra = {"plain": (plain / d if direction == "denoising" else 1.0 + plain / d).float().tolist()}
-        else:
+            extra = {"plain": normalised(plain).tolist()}
+        else:  # undo each chunk's normalisation: raw_c = (score_c [- 1]) · d_c
+            raw = sum(wi * (r.meta["metric_clean"] - r.meta["metric_corrupt"])
+                      * (r.scores.double() if direction == "denoising" else r.scores.double() - 1.0)
+                      for wi, r in zip(w, rs))
             extra = {}
-        scores = (raw / d if direction == "denoising" else 1.0 + raw / d).float()
+        scores = normalised(raw)
         out[k] = dataclasses.replace(
             rs[0], scores=scores, tokens=model.to_str_tokens(task.clean.input_ids[0].tolist()),
             seconds=sum(r.seconds for r in rs), forward_equivalents=sum(wi * r.forward_equivalents for wi, r in zip(w, rs)),
