@@ -343,16 +343,26 @@ def _load_embedded(key: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_dir() / key
-    if not (target / "model.safetensors").exists():
+    if not (target / "model.safetensors").exists() or _old_layout(target / "model.safetensors"):
         _dequantize_to_cache(key, target)
     tok = AutoTokenizer.from_pretrained(target)
     hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     return hf, tok
 
 
+def _old_layout(path: Path) -> bool:
+    """Caches written before 2026-12 stored tied embeddings under ``lm_head.weight`` only (with
+    ``model.embed_tokens.weight`` as a safetensors alias that HF resolves and vLLM does not: it
+    loads zero embeddings). Such a cache is rewritten once in the standard layout."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return any(k != "format" for k in (f.metadata() or {}))
+
+
 def _dequantize_to_cache(key: str, target: Path) -> None:
     """Dequantize an embedded GGUF through transformers and cache it (atomic directory swap)."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _gguf_path(key)
@@ -367,13 +377,24 @@ def _dequantize_to_cache(key: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}-"))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    save_model(hf, str(tmp / "model.safetensors"))
+    # the standard HF layout: a tied unembedding is stored once, as the input embedding (what
+    # transformers' save_pretrained writes and what other loaders, vLLM among them, expect)
+    state = hf.state_dict()
+    if getattr(hf.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
     tok.save_pretrained(tmp)
-    if target.exists():  # another process won the race
-        import shutil
+    import shutil
 
+    done = target / "model.safetensors"
+    if done.exists() and not _old_layout(done):  # another process won the race
         shutil.rmtree(tmp)
     else:
+        if target.exists():  # an incomplete or old-layout cache: moved aside, then removed
+            stale = target.with_name(f".{key}-stale-{os.getpid()}")
+            os.replace(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
         os.replace(tmp, target)
     print(f"steer: cached in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 

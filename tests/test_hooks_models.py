@@ -56,6 +56,23 @@ def test_missing_package_says_what_to_install(monkeypatch):
         models._package_dir(models.EMBEDDED_MODELS["smollm2-135m-instruct"])
 
 
+def test_embedded_cache_has_the_standard_layout_and_old_caches_are_rewritten(smol, tmp_path):
+    """The cache stores a tied unembedding once, as ``model.embed_tokens.weight`` (what
+    save_pretrained writes): caches from before stored it as ``lm_head.weight`` with a safetensors
+    alias, which HF resolves and vLLM does not (it served zero embeddings, silently)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_model
+
+    path = models.cache_dir() / "smollm2-135m-instruct" / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    assert not models._old_layout(path)
+    old = tmp_path / "model.safetensors"
+    save_model(steer.load("tiny-llama").hf, str(old))  # tied: how the old cache was written
+    assert models._old_layout(old)
+
+
 @pytest.mark.slow
 def test_embedded_model_loads_from_cache_and_answers(smol, monkeypatch):
     def no_dequantize(*a, **k):
