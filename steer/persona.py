@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from .evaluate import completion_logprob as _completion_logprob
@@ -409,8 +408,9 @@ def trait_score(model, trait: Union[str, Trait], direction=None, layer: Optional
 
 
 def steered_answers(model, direction, layer: Optional[int], questions: Sequence[str], strength: float,
-                    max_new_tokens: int = 40) -> list[str]:
-    """Greedy answers with ``+strength · v`` added at the last prompt token and every generated token.
+                    max_new_tokens: int = 40, backend=None) -> list[str]:
+    """Greedy answers with ``+strength · v`` added at the last prompt token and every generated token
+    (``backend="vllm"``: through :mod:`steer.serve`).
 
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")
@@ -425,7 +425,8 @@ def steered_answers(model, direction, layer: Optional[int], questions: Sequence[
     ivs = [Intervention("add", v, layers=[lay], positions=Last(1), strength=float(strength)),
            Intervention("add", v, layers=[lay], positions="generated", strength=float(strength))]
     with Steering(model, ivs) as s:
-        return [t.strip() for t in s.generate([_messages(None, q) for q in questions], max_new_tokens=max_new_tokens)]
+        return [t.strip() for t in s.generate([_messages(None, q) for q in questions], max_new_tokens=max_new_tokens,
+                                              backend=backend)]
 
 
 def _last_token_acts(model, prompts, layers="all") -> Tensor:

@@ -358,10 +358,12 @@ def evaluate_refusal(
     max_new_tokens: int = 64,
     batch_size: int = 32,
     keep_texts: Optional[int] = 3,
+    backend=None,
 ) -> dict:
     """Greedy answers without steering, always steered, and with CAST; refusal rates, condition
     accuracy/F1 on the evaluation prompts, readability, and next-token KL on harmless prompts
-    where the condition does not fire.
+    where the condition does not fire. ``backend="vllm"`` generates the answers through
+    :mod:`steer.serve` (all prompts in one call; the KL stays on the HF forward).
 
     >>> import steer
     >>> m = steer.load("tiny-llama")
@@ -378,20 +380,21 @@ def evaluate_refusal(
     nh = len(harmful)
     t0 = time.time()
 
-    def gen(make):
+    step = batch_size if backend in (None, "hf") else len(prompts)  # vLLM batches by itself
+
+    def gen(make, gates=None):
         out = []
-        for i in range(0, len(prompts), batch_size):
+        for i in range(0, len(prompts), step):
             with make() as s:
-                out += s.generate(prompts[i: i + batch_size], max_new_tokens=max_new_tokens)
+                out += s.generate(prompts[i: i + step], max_new_tokens=max_new_tokens, backend=backend)
+                if gates is not None:
+                    gates.append(s.last_gate.cpu())
         return out
 
     base = gen(lambda: Steering(model))
     steered = gen(lambda: setup.steering(model))
-    gates, conditional = [], []
-    for i in range(0, len(prompts), batch_size):
-        with setup.steering(model, conditional=True) as s:
-            conditional += s.generate(prompts[i: i + batch_size], max_new_tokens=max_new_tokens)
-            gates.append(s.last_gate.cpu())
+    gates = []
+    conditional = gen(lambda: setup.steering(model, conditional=True), gates)
     fired = torch.cat(gates).bool()
     labels = torch.cat([torch.ones(nh), torch.zeros(len(harmless))]).bool()
     # next-token KL on harmless prompts where the condition does not fire
@@ -426,6 +429,7 @@ def evaluate_refusal(
         "kl_harmless_not_fired": kl, "n_harmless_not_fired": len(quiet),
         "steered_readable": sum(map(E.is_readable, steered)) / len(steered),
         "max_new_tokens": max_new_tokens, "seconds": round(time.time() - t0, 1),
+        "backend": "hf" if backend in (None, "hf") else "vllm",
         # every harmless prompt the unsteered model already declines (the floor of the conditional rate)
         "refused_unsteered_harmless": [{"prompt": p, "answer": t} for p, t, r in zip(harmless, base[nh:], refused_base) if r],
         "examples": [

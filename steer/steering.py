@@ -367,8 +367,12 @@ class Steering:
         return batch
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens: int = 64, **kwargs) -> list[str]:
+    def generate(self, prompts, max_new_tokens: int = 64, *, backend=None, **kwargs) -> list[str]:
         """Steered batched HF ``generate`` (greedy by default, KV cache); returns the answers.
+
+        ``backend="vllm"`` (or a :class:`steer.serve.Engine`) generates through vLLM instead,
+        with the same edits and gate per prompt (:mod:`steer.serve`; ``kwargs`` then go to
+        ``vllm.SamplingParams``, ``min_new_tokens`` included); ``self.last_gate`` is set either way.
 
         >>> import steer, torch
         >>> m = steer.load("tiny-llama")
@@ -377,6 +381,13 @@ class Steering:
         1
         """
         self._require_active()
+        if backend not in (None, "hf"):
+            from .serve import engine_for
+
+            out = engine_for(self.model, backend).generate(prompts, self, max_new_tokens=max_new_tokens,
+                                                           details=True, **kwargs)
+            self.last_gate = out.gate
+            return out.texts
         batch = self._run_batch(prompts)
         kwargs.setdefault("do_sample", False)
         out = self.model.hf.generate(
@@ -550,7 +561,8 @@ class Generations(Rich):
 def compare(model, prompts: Sequence, settings: dict[str, Optional[Steering]], max_new_tokens: int = 32,
             **kwargs) -> Generations:
     """Generate the same prompts under each setting (a :class:`Steering` built but not entered,
-    or ``None`` for the unsteered model), batched per setting; greedy unless ``kwargs`` say otherwise.
+    or ``None`` for the unsteered model), batched per setting; greedy unless ``kwargs`` say otherwise
+    (``backend="vllm"``: through :mod:`steer.serve`).
 
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")

@@ -50,6 +50,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "smol" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    _deselect_vllm(config, items)
     gpu = [i for i in items if i.get_closest_marker("gpu")]
     if not gpu or not os.environ.get("STEER_TEST_DEVICE", "cuda").startswith("cuda") or torch.cuda.is_available():
         return
@@ -61,9 +62,31 @@ def pytest_collection_modifyitems(config, items):
 
 
 _GPU_LEFT = pytest.StashKey[int]()
+_VLLM_LEFT = pytest.StashKey[int]()
+
+
+def _deselect_vllm(config, items):
+    """Tests marked ``vllm`` need vLLM, which lives in its own venv (``make test-vllm`` runs them
+    there, and ``.ci/run`` calls it). Elsewhere they are deselected and the summary says so;
+    ``-m vllm`` without vLLM fails instead."""
+    marked = [i for i in items if i.get_closest_marker("vllm")]
+    if not marked:
+        return
+    from steer.serve import available
+
+    if available():
+        return
+    if config.getoption("markexpr", "") == "vllm":
+        raise pytest.UsageError("`-m vllm` needs vLLM: run `make test-vllm` (it builds .venv-vllm).")
+    items[:] = [i for i in items if not i.get_closest_marker("vllm")]
+    config.hook.pytest_deselected(items=marked)
+    config.stash[_VLLM_LEFT] = len(marked)
 
 
 def pytest_terminal_summary(terminalreporter, config):
+    n = config.stash.get(_VLLM_LEFT, 0)
+    if n:
+        terminalreporter.write_line(f"{n} tests marked vllm deselected: vLLM is not installed here (`make test-vllm` runs them).")
     n = config.stash.get(_GPU_LEFT, 0)
     if n:
         terminalreporter.write_line(f"{n} tests marked gpu deselected: no CUDA device here (`make test-gpu` runs them on one).")

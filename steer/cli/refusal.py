@@ -22,6 +22,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--layer", type=int, default=None, help="behaviour layer (default: 10, or the middle layer)")
     p.add_argument("--strength", type=float, default=None, help="behaviour strength (default: 2.0)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--backend", default="hf", choices=("hf", "vllm"),
+                   help="generate through HF (default) or vLLM (steer.serve; needs vLLM, see `make test-vllm`)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--train-limit", type=int, default=None,
                    help="training prompts per side for the condition (default: all; the behaviour vector uses 120)")
@@ -51,7 +53,7 @@ def run(args) -> int:
                                 condition_layers=list(range(min(2, model.n_layers - 1), hi)),
                                 condition_kind=kind, condition_method="probe" if kind == "probe" else "mean_diff")
     result = refusal.evaluate_refusal(model, harmful, harmless, setup, max_new_tokens=args.max_new_tokens,
-                                      batch_size=args.batch_size, keep_texts=None)
+                                      batch_size=args.batch_size, keep_texts=None, backend=args.backend)
     result["model"] = model.name
     result["condition_val_f1_train_split"] = setup.condition.meta.get("val_f1")
     text = json.dumps(result, indent=2)

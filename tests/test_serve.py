@@ -1,0 +1,217 @@
+"""steer.serve: steering inside vLLM equals steer's HF path (``make test-vllm``; needs vLLM).
+
+References: the HF path (:class:`steer.Steering`), itself tested against hand computations and
+TransformerLens. Compared: next-token log-probabilities at the first steered positions (fp32,
+vLLM's CPU kernels vs HF's: ≤ 2e-3) and greedy texts.
+"""
+
+import pytest
+import torch
+
+import steer
+from steer.conditions import Condition
+from steer.interventions import Intervention
+from steer.steering import Steering, prompt_means
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["Hi", "Tell me a story about a cat", "What is 2 + 2?", "Name a colour"]
+ATOL = 2e-3
+
+
+def tiny_model(family="llama", seed=0):
+    """A random tiny model of ``family`` with heads of 64 (vLLM's CPU attention has no kernel for
+    the 16-wide heads of ``steer.load("tiny-llama")``), on steer's byte-level tokenizer."""
+    import transformers as T
+
+    from steer.models import Model, _byte_tokenizer
+
+    tok = _byte_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = {"llama": lambda: T.LlamaConfig(**common, tie_word_embeddings=True),
+           "qwen3": lambda: T.Qwen3Config(**common),
+           "gemma3": lambda: T.Gemma3TextConfig(**common, sliding_window=4,
+                                                layer_types=["sliding_attention", "full_attention", "sliding_attention"])}[family]()
+    torch.manual_seed(seed)
+    hf = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    cfg.architectures = [type(hf).__name__]
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.15)
+    return Model(f"tiny-{family}-64", hf.eval(), tok)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from steer.serve import Engine
+
+    m = tiny_model()
+    eng = Engine(m, kv_cache_gib=1, max_model_len=256)
+    yield m, eng
+    eng.close()
+
+
+def _hf(model, steering, prompts, n=6):
+    s = steering if steering is not None else Steering(model)
+    with s:
+        texts = s.generate(prompts, max_new_tokens=n, min_new_tokens=n)
+        first = torch.log_softmax(s.next_token_logits(prompts).float(), -1)
+    return texts, first, s
+
+
+def _check(model, eng, steering, prompts=PROMPTS, n=6):
+    out = eng.generate(prompts, steering, max_new_tokens=n, min_new_tokens=n, logprobs=10, details=True)
+    texts, first, s = _hf(model, steering, prompts, n)
+    err = max(abs(lp - float(first[b, t])) for b in range(len(prompts)) for t, lp in out.logprobs[b][0].items())
+    assert err < ATOL, err
+    assert out.texts == texts
+    return out, s
+
+
+def test_engine_checks_itself_at_start(tiny):
+    m, eng = tiny
+    assert eng.check_error < 1e-4
+
+
+def test_add_per_example_strengths(tiny):
+    m, eng = tiny
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(0))
+    plain = eng.generate(PROMPTS, max_new_tokens=6, min_new_tokens=6)
+    s = steer.steer(m, v, layer=1, strength=torch.tensor([0.0, 4.0, 8.0, -6.0]))
+    out, _ = _check(m, eng, s)
+    assert out.texts[0] == plain[0]  # strength 0: untouched
+    assert sum(a != b for a, b in zip(out.texts[1:], plain[1:])) >= 2  # the edit does something
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("ablate", dict(layer="all", sites=("resid_pre", "resid_post"))),
+    ("clamp", dict(layer=0, strength=6.0, positions="generated")),
+    ("add", dict(layer=[0, 1], strength=5.0, positions="prompt", include_sink=True)),
+    ("add", dict(layer=0, sites="resid_pre", strength=5.0)),
+])
+def test_kinds_sites_regions(tiny, kind, kw):
+    m, eng = tiny
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(1)) * 3
+    _check(m, eng, steer.steer(m, v, kind=kind, **kw))
+
+
+def test_clamp_toward_and_skip_tokens(tiny):
+    m, eng = tiny
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(2))
+    skip = frozenset(m.tokenizer("a e")["input_ids"])
+    ivs = [Intervention("clamp", v, layers=[1], strength=0.5, target=10.0),
+           Intervention("add", v, layers=[0], strength=torch.tensor([1.0, 3.0, 0.0, 2.0]), skip_tokens=skip)]
+    _check(m, eng, Steering(m, ivs, gate=torch.tensor([1.0, 0.0, 1.0, 0.5])))
+
+
+def test_cast_gate_equals_hf(tiny):
+    m, eng = tiny
+    h = prompt_means(m, PROMPTS, layers=[1])[:, 0]
+    u = torch.randn(m.d_model, generator=torch.Generator().manual_seed(3))
+    scores = h @ (u / u.norm())
+    cond = Condition(u, layer=1, threshold=float(scores.median()), kind="projection")
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(4)) * 4
+    s = steer.steer(m, v, layer=0, strength=3.0, condition=cond)
+    out, hf = _check(m, eng, s)
+    assert out.gate.tolist() == hf.last_gate.cpu().float().tolist()
+    assert 0 < out.gate.sum() < len(PROMPTS)
+    assert out.prefill_pass_seconds > 0
+
+
+def test_unsupported_edits_say_where_to_go(tiny):
+    m, eng = tiny
+    v = torch.randn(m.d_model)
+    with pytest.raises(NotImplementedError, match="HF path"):
+        eng.generate(["Hi"], steer.steer(m, v, layer=0, sites="mlp_out"))
+    with pytest.raises(NotImplementedError, match="HF path"):
+        eng.generate(["Hi"], steer.steer(m, v, layer=0, positions="post_instruction"))
+    with pytest.raises(ValueError, match="batch=2"):
+        eng.generate(["Hi", "Ho"], steer.steer(m, v, layer=0, strength=torch.ones(3)))
+
+
+def test_refuses_weights_that_differ_from_the_model(tmp_path):
+    from steer.serve import Engine
+
+    m = tiny_model()
+    m.hf.save_pretrained(tmp_path)
+    m.tokenizer.save_pretrained(tmp_path)
+    with torch.no_grad():
+        m.hf.model.layers[0].mlp.down_proj.weight.mul_(3.0)  # the model in memory moved on
+    with pytest.raises(RuntimeError, match="differs from"):
+        Engine(m, path=tmp_path, kv_cache_gib=1, max_model_len=256)
+    with pytest.raises(ValueError, match="prefix caching"):
+        Engine(m, enable_prefix_caching=True)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_other_families(family):
+    """Qwen-3 (q/k norms) and Gemma-3 (sandwich norms, sliding windows shorter than the prompts)."""
+    from steer.serve import Engine
+
+    m = tiny_model(family, seed=1)
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(5)) * 3
+    with Engine(m, kv_cache_gib=1, max_model_len=256) as eng:
+        assert eng.check_error < 1e-4
+        _check(m, eng, steer.steer(m, v, layer=1, strength=torch.tensor([0.0, 4.0, 8.0, -6.0])))
+        _check(m, eng, steer.steer(m, v, layer="all", kind="ablate", sites=("resid_pre", "resid_post")))
+
+
+def test_refusal_bars_unchanged_through_vllm(smol, tmp_path):
+    """The refusal recipe with CAST on the embedded model (``make serve-demo``, smaller): the
+    same condition gates and the same refusal rates through vLLM as through HF ``generate``."""
+    import importlib.util
+    from pathlib import Path
+
+    from steer import refusal
+
+    path = Path(__file__).parent.parent / "experiments" / "serve_demo.py"
+    spec = importlib.util.spec_from_file_location("serve_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    setup = refusal.fit_refusal(smol, condition_layers=list(range(8, 18)))
+    s = demo.run(tmp_path, n=16, tokens=32, model=smol, setup=setup)
+    assert s["condition_gates_equal"]
+    for k, r in s["rates"].items():
+        assert abs(r["hf"] - r["vllm"]) <= 1 / 16, (k, r)
+    assert s["answers_differing"] <= s["answers_compared"] // 16, s["differing"]
+    # the recipe still does what it claims: steering adds refusals on harmful prompts
+    assert s["rates"]["steered_refusal_harmful"]["vllm"] > s["rates"]["baseline_refusal_harmful"]["vllm"]
+    assert (tmp_path / "refusal_bars.png").exists()
+
+
+def test_last_k_prompt_tokens_and_persona_recipe(tiny):
+    """``Last(k)`` / ``"last"`` selectors, and :func:`steer.persona.steered_answers` (an add at the
+    last prompt token and every generated one) through ``backend=``."""
+    from steer import persona
+    from steer.positions import Last
+
+    m, eng = tiny
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(6)) * 3
+    _check(m, eng, Steering(m, [Intervention("add", v, layers=[1], positions=Last(3), strength=4.0),
+                                Intervention("add", v, layers=[0], positions="last", strength=-3.0)]))
+    qs = ["Describe yourself.", "What do you like?"]
+    assert persona.steered_answers(m, v, 1, qs, 4.0, max_new_tokens=5, backend=eng) == \
+        persona.steered_answers(m, v, 1, qs, 4.0, max_new_tokens=5)
+
+
+def test_chunked_prefill_keeps_regions_and_condition():
+    """Prompts prefilled over several steps (16 tokens a step): the prompt/generated split, the
+    sink and CAST's prompt means still follow each request's absolute positions."""
+    from steer.serve import Engine
+
+    m = tiny_model(seed=2)
+    long = [p * 4 for p in PROMPTS]  # 30-120 tokens each with the chat template
+    h = prompt_means(m, long, layers=[2])[:, 0]
+    u = torch.randn(m.d_model, generator=torch.Generator().manual_seed(7))
+    cond = Condition(u, layer=2, threshold=float((h @ (u / u.norm())).median()), kind="projection")
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(8)) * 3
+    with Engine(m, kv_cache_gib=1, max_model_len=256, enable_chunked_prefill=True, max_num_batched_tokens=16,
+                max_num_seqs=4) as eng:
+        out, hf = _check(m, eng, Steering(m, [Intervention("add", v, layers=[0], positions="prompt", strength=3.0),
+                                              Intervention("clamp", v, layers=[1], positions="generated", strength=2.0)],
+                                          condition=cond), prompts=long)
+    assert out.gate.tolist() == hf.last_gate.cpu().float().tolist()
+    assert 0 < out.gate.sum() < len(long)
