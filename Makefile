@@ -115,7 +115,7 @@ $(VSTAMP): pyproject.toml Makefile $(VLOCK) $(MODELS)
 
 # the tests marked vllm (steer.serve against steer's HF path); .ci/run calls it after `make test`
 test-vllm: $(VSTAMP)
-	$(VLLM)/bin/python -m pytest -q tests -m vllm
+	$(VLLM)/bin/python -m pytest -q tests/test_serve.py -m vllm
 
 # the refusal recipe with CAST through vLLM next to the HF path, on the embedded model
 serve-demo: $(VSTAMP)

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 from . import arch, bias, conditions, directions, erasure, evaluate, interventions, patching, persona
 from .arch import UnsupportedModel
-from . import agents, backtracking, diagnostics, display, multi, refusal, repit, report, steering, store, sweep, transport
+from . import agents, backtracking, diagnostics, display, multi, refusal, repit, report, serve, steering, store, sweep, transport
 from .capture import Activations, capture
 from .conditions import Condition, fit_condition
 from .data import Batch, Raw, load_prompts, tokenize

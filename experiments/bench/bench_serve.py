@@ -7,6 +7,7 @@ The embedded SmolLM2, fp32, greedy, ``n`` chat prompts (the built-in harmless in
 ``tokens`` new tokens each (``min_tokens`` = ``max_tokens``, so every setting generates the same
 number), one run, settings in one process:
 
+* ``hf plain``: HF ``generate`` without steer, batches of 32;
 * ``hf steered``: :class:`steer.Steering` (an add at layer 10, one strength per prompt) around
   HF ``generate``, batches of 32 (steer's HF path);
 * ``vllm plain``: :class:`steer.serve.Engine` without steering;
@@ -71,6 +72,16 @@ def main(device: str = "cpu", n: int = 256, tokens: int = 64, default_vllm: bool
         return steer.steer(model, v, layer=10, strength=strength, **kw)
 
     res = {"prompts": len(prompts), "new_tokens": tokens, "threads": torch.get_num_threads()}
+    # plain HF generate (no steer), the reference the issue quotes
+    t0, made = time.perf_counter(), 0
+    for i in range(0, len(prompts), 32):
+        b = tokenize(model, prompts[i:i + 32])
+        with torch.no_grad():
+            out = model.hf.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=tokens,
+                                    min_new_tokens=tokens, do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
+        made += out[:, b.input_ids.shape[1]:].numel()
+    res["hf plain tok/s"] = made / (time.perf_counter() - t0)
+    print(f"    hf plain tok/s: {res['hf plain tok/s']:.1f}", flush=True)
     # steer's HF path
     t0, made = time.perf_counter(), 0
     for i in range(0, len(prompts), 32):

@@ -25,11 +25,13 @@ At start the engine checks itself against the model's own forward: the log-proba
 gives the first answer token of a probe prompt must match HF's (``check_atol``); otherwise it
 refuses to run (a directory whose weights differ from the model, a loader that dropped a tensor).
 
->>> import steer, torch                                           # doctest: +SKIP
->>> m = steer.load()                                              # doctest: +SKIP
->>> eng = steer.serve.Engine(m)                                   # doctest: +SKIP
->>> v = torch.randn(m.d_model)                                    # doctest: +SKIP
->>> eng.generate(["Hi"], steer.steer(m, v, layer=10, strength=4.0), max_new_tokens=8)  # doctest: +SKIP
+Example (in the vLLM venv, ``make test-vllm``; ``tests/test_serve.py`` runs the same calls)::
+
+    import steer, torch
+    m = steer.load()
+    eng = steer.serve.Engine(m)
+    s = steer.steer(m, torch.randn(m.d_model), layer=10, strength=torch.tensor([0.0, 4.0]))
+    eng.generate(["Hi", "Tell me a joke"], s, max_new_tokens=8)
 """
 
 from __future__ import annotations
