@@ -62,9 +62,11 @@ def test_peft_adapter_is_what_steer_sees(lora):
     adapted, merged, base = lora
     assert adapted.arch.family == "llama" and type(adapted.hf).__name__ == "LlamaForCausalLM"
     assert float((_capture(merged) - _capture(base)).abs().max()) > 1e-2  # the adapter matters
+    # unmerged LoRA (W x + B A x) and merged weights (W' x) differ by fp32 rounding only: up to
+    # 1.1e-5 on an AVX2 CPU (1e-5 held elsewhere), 300x below what the adapter changes
     for site in ("resid_post", "q", "mlp_out"):
-        torch.testing.assert_close(_capture(adapted, site), _capture(merged, site), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(_steered(adapted), _steered(merged), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_capture(adapted, site), _capture(merged, site), atol=3e-5, rtol=1e-4)
+    torch.testing.assert_close(_steered(adapted), _steered(merged), atol=3e-5, rtol=1e-4)
     for ours, ref in zip(_patching(adapted), _patching(merged)):
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 

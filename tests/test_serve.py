@@ -130,6 +130,10 @@ def test_unsupported_edits_say_where_to_go(tiny):
         eng.generate(["Hi"], steer.steer(m, v, layer=0, positions="post_instruction"))
     with pytest.raises(ValueError, match="batch=2"):
         eng.generate(["Hi", "Ho"], steer.steer(m, v, layer=0, strength=torch.ones(3)))
+    with pytest.raises(ValueError, match="condition reads layers"):
+        eng.generate(["Hi"], steer.steer(m, v, layer=0, condition=Condition(v, layer=7)))
+    # after the refused calls the engine is unsteered again
+    assert eng.generate(["Hi"], max_new_tokens=4, min_new_tokens=4) == _hf(m, None, ["Hi"], 4)[0]
 
 
 def test_refuses_weights_that_differ_from_the_model(tmp_path):

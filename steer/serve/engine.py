@@ -179,20 +179,19 @@ class Engine:
         plan = None if steering is None else _plan(self.model, steering, n)
         t0 = time.perf_counter()
         gate, first = None, 0.0
-        if plan is not None:
-            self.llm.collective_rpc("steer_install", args=(plan["worker"],))
-            gate = plan["gate"]
-            if steering.condition is not None:
-                t1 = time.perf_counter()
-                fires = self._condition(steering.condition, ids)
-                first = time.perf_counter() - t1
-                gate = fires.float() if gate is None else fires.float() * gate
-            S = plan["strengths"]  # [batch, n_interventions]
-            params = [SamplingParams(**base, extra_args={"steer": {
-                "s": S[b].tolist(), "g": 1.0 if gate is None else float(gate[b])}}) for b in range(n)]
-        else:
-            params = SamplingParams(**base)
         try:
+            params = SamplingParams(**base)
+            if plan is not None:
+                self.llm.collective_rpc("steer_install", args=(plan["worker"],))
+                gate = plan["gate"]
+                if steering.condition is not None:
+                    t1 = time.perf_counter()
+                    fires = self._condition(steering.condition, ids)
+                    first = time.perf_counter() - t1
+                    gate = fires.float() if gate is None else fires.float() * gate
+                S = plan["strengths"]  # [batch, n_interventions]
+                params = [SamplingParams(**base, extra_args={"steer": {
+                    "s": S[b].tolist(), "g": 1.0 if gate is None else float(gate[b])}}) for b in range(n)]
             outs = self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
         finally:
             if plan is not None:
@@ -313,6 +312,8 @@ def _plan(model, steering, n: int) -> dict:
             raise ValueError(f"gate has shape {tuple(gate.shape)}; the batch has {n} prompts: pass a [batch] tensor.")
     cond = steering.condition
     capture = sorted(cond.layers) if cond is not None else []
+    if capture and not 0 <= capture[0] <= capture[-1] < model.n_layers:
+        raise ValueError(f"The condition reads layers {capture}; {model.name} has layers 0..{model.n_layers - 1}.")
     return {"worker": {"n_layers": model.n_layers, "ivs": ivs, "edits": edits, "capture_layers": capture},
             "strengths": torch.stack(strengths, 1) if strengths else torch.zeros(n, 0, dtype=torch.float64),
             "gate": gate}
