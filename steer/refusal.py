@@ -380,7 +380,9 @@ def evaluate_refusal(
     nh = len(harmful)
     t0 = time.time()
 
-    step = batch_size if backend in (None, "hf") else len(prompts)  # vLLM batches by itself
+    from .serve import backend_name
+
+    step = batch_size if backend_name(backend) == "hf" else len(prompts)  # vLLM batches by itself
 
     def gen(make, gates=None):
         out = []
@@ -429,7 +431,7 @@ def evaluate_refusal(
         "kl_harmless_not_fired": kl, "n_harmless_not_fired": len(quiet),
         "steered_readable": sum(map(E.is_readable, steered)) / len(steered),
         "max_new_tokens": max_new_tokens, "seconds": round(time.time() - t0, 1),
-        "backend": "hf" if backend in (None, "hf") else "vllm",
+        "backend": backend_name(backend),
         # every harmless prompt the unsteered model already declines (the floor of the conditional rate)
         "refused_unsteered_harmless": [{"prompt": p, "answer": t} for p, t, r in zip(harmless, base[nh:], refused_base) if r],
         "examples": [

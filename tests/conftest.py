@@ -44,49 +44,40 @@ def task(model):
 def pytest_collection_modifyitems(config, items):
     """Every test that uses the embedded model is ``slow`` (``make test-fast`` leaves them out).
 
-    Tests marked ``gpu`` run on ``STEER_TEST_DEVICE`` (default ``cuda``). Without a CUDA device
-    they are deselected, and the summary says so; ``-m gpu`` then fails instead (``make
-    test-gpu`` is for a machine with a GPU; ``STEER_TEST_DEVICE=cpu`` dry-runs them here)."""
+    Tests marked ``gpu`` run on ``STEER_TEST_DEVICE`` (default ``cuda``); tests marked ``vllm``
+    need vLLM, which lives in its own venv (``make test-vllm`` runs them there, and ``.ci/run``
+    calls it). Where their need is not met they are deselected and the summary says so;
+    ``-m gpu`` / ``-m vllm`` then fail instead (``STEER_TEST_DEVICE=cpu`` dry-runs the gpu tests
+    here)."""
+    from steer.serve import available
+
     for item in items:
         if "smol" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-    _deselect_vllm(config, items)
-    gpu = [i for i in items if i.get_closest_marker("gpu")]
-    if not gpu or not os.environ.get("STEER_TEST_DEVICE", "cuda").startswith("cuda") or torch.cuda.is_available():
+    _deselect(config, items, "vllm", available,
+              "`-m vllm` needs vLLM: run `make test-vllm` (it builds .venv-vllm).")
+    _deselect(config, items, "gpu",
+              lambda: not os.environ.get("STEER_TEST_DEVICE", "cuda").startswith("cuda") or torch.cuda.is_available(),
+              "`-m gpu` needs a CUDA device; STEER_TEST_DEVICE=cpu runs these tests on the CPU.")
+
+
+_LEFT = pytest.StashKey[dict]()
+_WHY = {"vllm": "vLLM is not installed here (`make test-vllm` runs them)",
+        "gpu": "no CUDA device here (`make test-gpu` runs them on one)"}
+
+
+def _deselect(config, items, marker: str, met, refusal: str) -> None:
+    """Deselect the tests marked ``marker`` unless ``met()``; ``-m marker`` raises ``refusal``."""
+    marked = [i for i in items if i.get_closest_marker(marker)]
+    if not marked or met():
         return
-    if config.getoption("markexpr", "") == "gpu":
-        raise pytest.UsageError("`-m gpu` needs a CUDA device; STEER_TEST_DEVICE=cpu runs these tests on the CPU.")
-    items[:] = [i for i in items if not i.get_closest_marker("gpu")]
-    config.hook.pytest_deselected(items=gpu)
-    config.stash[_GPU_LEFT] = len(gpu)
-
-
-_GPU_LEFT = pytest.StashKey[int]()
-_VLLM_LEFT = pytest.StashKey[int]()
-
-
-def _deselect_vllm(config, items):
-    """Tests marked ``vllm`` need vLLM, which lives in its own venv (``make test-vllm`` runs them
-    there, and ``.ci/run`` calls it). Elsewhere they are deselected and the summary says so;
-    ``-m vllm`` without vLLM fails instead."""
-    marked = [i for i in items if i.get_closest_marker("vllm")]
-    if not marked:
-        return
-    from steer.serve import available
-
-    if available():
-        return
-    if config.getoption("markexpr", "") == "vllm":
-        raise pytest.UsageError("`-m vllm` needs vLLM: run `make test-vllm` (it builds .venv-vllm).")
-    items[:] = [i for i in items if not i.get_closest_marker("vllm")]
+    if config.getoption("markexpr", "") == marker:
+        raise pytest.UsageError(refusal)
+    items[:] = [i for i in items if not i.get_closest_marker(marker)]
     config.hook.pytest_deselected(items=marked)
-    config.stash[_VLLM_LEFT] = len(marked)
+    config.stash.setdefault(_LEFT, {})[marker] = len(marked)
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    n = config.stash.get(_VLLM_LEFT, 0)
-    if n:
-        terminalreporter.write_line(f"{n} tests marked vllm deselected: vLLM is not installed here (`make test-vllm` runs them).")
-    n = config.stash.get(_GPU_LEFT, 0)
-    if n:
-        terminalreporter.write_line(f"{n} tests marked gpu deselected: no CUDA device here (`make test-gpu` runs them on one).")
+    for marker, n in config.stash.get(_LEFT, {}).items():
+        terminalreporter.write_line(f"{n} tests marked {marker} deselected: {_WHY[marker]}.")

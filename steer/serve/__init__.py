@@ -6,6 +6,6 @@
 says how to get it.
 """
 
-from .engine import Engine, Served, available, engine_for
+from .engine import Engine, Served, available, backend_name, engine_for
 
-__all__ = ["Engine", "Served", "available", "engine_for"]
+__all__ = ["Engine", "Served", "available", "backend_name", "engine_for"]

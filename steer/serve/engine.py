@@ -53,11 +53,10 @@ from .. import positions as P
 from ..data import tokenize
 from ..sites import resolve_layers
 
-__all__ = ["Engine", "Served", "available", "engine_for"]
+__all__ = ["Engine", "Served", "available", "backend_name", "engine_for"]
 
 _SITES = {"resid_post": "post", "resid_pre": "pre"}
 _REGIONS = ("all", "prompt", "generated")
-_KEYS = itertools.count()
 
 
 def available() -> bool:
@@ -129,6 +128,7 @@ class Engine:
         _LIVE.add(self)
         self._release = weakref.finalize(self, _release, core)
         self.n_layers = model.n_layers
+        self._keys = itertools.count()  # names of the condition pass's captures, per engine
         self.check_error = self._check(check_atol if check_atol is not None else
                                        (1e-3 if dtype in ("float32", "float") else 0.1))
 
@@ -211,7 +211,7 @@ class Engine:
         captured in a first pass that generates one token."""
         from vllm import SamplingParams
 
-        keys = [f"c{next(_KEYS)}" for _ in ids]
+        keys = [f"c{next(self._keys)}" for _ in ids]
         params = [SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
                                  extra_args={"steer": {"key": k, "capture": True, "g": 0.0}}) for k in keys]
         self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
@@ -247,6 +247,11 @@ def _release(core) -> None:
             core.engine_core.shutdown()
         except Exception:  # shutting down an engine that failed half-way
             pass
+
+
+def backend_name(backend) -> str:
+    """``"hf"`` for ``backend=None`` / ``"hf"``, else ``"vllm"`` (a name or an :class:`Engine`)."""
+    return "hf" if backend is None or (isinstance(backend, str) and backend == "hf") else "vllm"
 
 
 def engine_for(model, backend="vllm") -> Engine:
