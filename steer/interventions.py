@@ -64,6 +64,11 @@ def _strength(alpha, x: Tensor) -> Tensor:
     return a.view(-1, *([1] * (x.ndim - 1)))
 
 
+def _unit_on(v: Tensor, x: Tensor, normalized: bool) -> Tensor:
+    v = v.to(device=x.device, dtype=x.dtype)
+    return v if normalized else unit(v)
+
+
 def _mask(mask: Optional[Tensor], x: Tensor) -> Tensor:
     if mask is None:
         return torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)[..., None]
@@ -94,14 +99,17 @@ def ablate(
     v: Float[Tensor, "d_model"],
     mask: Optional[Bool[Tensor, "batch pos"]] = None,
     alpha: Union[float, Float[Tensor, "batch"]] = 1.0,
+    normalized: bool = False,
 ) -> Float[Tensor, "batch pos d_model"]:
     """Remove the component along ``v̂``: ``x − α (x·v̂) v̂`` (``α = 1``: full ablation).
+    ``normalized``: ``v`` is already a checked unit vector (:func:`unit`, whose checks read the
+    device: steering hooks normalise once, not at every decode step).
 
     >>> x = torch.tensor([[[1., 2.]]])
     >>> ablate(x, torch.tensor([1., 0.])).tolist()
     [[[0.0, 2.0]]]
     """
-    u = unit(v.to(device=x.device, dtype=x.dtype))
+    u = _unit_on(v, x, normalized)
     proj = (x @ u)[..., None]
     return torch.where(_mask(mask, x) > 0, x - _strength(alpha, x) * proj * u, x)
 
@@ -111,14 +119,16 @@ def clamp(
     v: Float[Tensor, "d_model"],
     value: Union[float, Float[Tensor, "batch"]],
     mask: Optional[Bool[Tensor, "batch pos"]] = None,
+    normalized: bool = False,
 ) -> Float[Tensor, "batch pos d_model"]:
-    """Set the projection ``x·v̂`` to ``value`` (per example) at the masked positions.
+    """Set the projection ``x·v̂`` to ``value`` (per example) at the masked positions
+    (``normalized``: as in :func:`ablate`).
 
     >>> x = torch.tensor([[[1., 2.]]])
     >>> clamp(x, torch.tensor([2., 0.]), 5.0).tolist()
     [[[5.0, 2.0]]]
     """
-    u = unit(v.to(device=x.device, dtype=x.dtype))
+    u = _unit_on(v, x, normalized)
     proj = (x @ u)[..., None]
     return torch.where(_mask(mask, x) > 0, x + (_strength(value, x) - proj) * u, x)
 
@@ -129,14 +139,16 @@ def clamp_toward(
     value: float,
     fraction: Union[float, Float[Tensor, "batch"]] = 1.0,
     mask: Optional[Bool[Tensor, "batch pos"]] = None,
+    normalized: bool = False,
 ) -> Float[Tensor, "batch pos d_model"]:
-    """Move the projection ``x·v̂`` a ``fraction`` of the way to ``value`` (1: :func:`clamp`).
+    """Move the projection ``x·v̂`` a ``fraction`` of the way to ``value`` (1: :func:`clamp`;
+    ``normalized``: as in :func:`ablate`).
 
     >>> x = torch.tensor([[[3., 4.], [1., 1.]]])
     >>> clamp_toward(x, torch.tensor([1., 0.]), 1.0, 0.5).tolist()     # 3 → 2, 1 stays 1
     [[[2.0, 4.0], [1.0, 1.0]]]
     """
-    u = unit(v.to(device=x.device, dtype=x.dtype))
+    u = _unit_on(v, x, normalized)
     proj = x @ u
     target = proj + _strength(fraction, x)[..., 0] * (float(value) - proj)
     return torch.where(_mask(mask, x) > 0, x + (target - proj)[..., None] * u, x)

@@ -161,7 +161,9 @@ class Steering:
         if not cp.padding_known:  # e.g. a flex-attention BlockMask: the tokenized prompts know
             cp = self._padding_from_batch(cp, seq, kwargs.get("attention_mask"))
             am = cp.attention_mask
-        gate = None if seq["gate"] is None else seq["gate"].to(dev).repeat_interleave(k)
+        # what a sequence keeps for all its calls lives on the device, moved once: a host-to-device
+        # copy per generated token would synchronise the GPU at every step
+        gate = None if seq["gate"] is None else self._once(seq, ("gate", dev), lambda: seq["gate"].to(dev).repeat_interleave(k))
         is_prompt = (cols < seq["width"])[None, :].expand(rows, n)
         step = []
         for i, iv in enumerate(self.interventions):
@@ -189,9 +191,9 @@ class Steering:
             if iv.skip_tokens:
                 if ids is None:
                     raise ValueError("skip_tokens needs input_ids: this forward call passed inputs_embeds.")
-                skip = torch.tensor(sorted(iv.skip_tokens), device=dev)
+                skip = self._once(seq, ("skip", i, dev), lambda: torch.tensor(sorted(iv.skip_tokens), device=dev))
                 m = m & ~torch.isin(ids.to(dev), skip)
-            step.append((m, idx, self._row_strength(i, iv, rows, k, dev)))
+            step.append((m, idx, self._once(seq, ("strength", i, dev), lambda: self._row_strength(i, iv, rows, k, dev))))
         self._step = {"interventions": step, "gate": gate}
         return None
 
@@ -238,6 +240,14 @@ class Steering:
         prompt = bt.attention_mask.bool().to(cp.real.device).repeat_interleave(seq["k"], 0)
         gen = torch.ones((rows, max(0, total - prompt.shape[1])), dtype=torch.bool, device=prompt.device)
         return CallPositions.of(torch.cat((prompt, gen), 1)[:, :total], cp.past)
+
+    @staticmethod
+    def _once(seq: dict, key: tuple, make):
+        """``make()``, computed once per sequence (the values of its later calls are the same)."""
+        kept = seq.setdefault("kept", {})
+        if key not in kept:
+            kept[key] = make()
+        return kept[key]
 
     def _row_strength(self, i, iv, rows: int, k: int, dev) -> Tensor:
         """``[rows]`` strengths of intervention ``i`` (per example, repeated over its ``k`` rows)."""
@@ -317,10 +327,11 @@ class Steering:
     # -- the site hook --------------------------------------------------------------------
     def _vector(self, i: int, iv, layer: int, act: Tensor) -> Tensor:
         """Intervention ``i``'s vector at ``layer`` on ``act``'s device and dtype, moved once
-        (not at every decode step)."""
+        (not at every decode step); for ablate and clamp the unit vector, normalised and checked once."""
         key = (i, layer, act.device, act.dtype)
         if key not in self._vectors:
-            self._vectors[key] = iv.vector_for(layer, self.model.n_layers).to(device=act.device, dtype=act.dtype)
+            v = iv.vector_for(layer, self.model.n_layers).to(device=act.device, dtype=act.dtype)
+            self._vectors[key] = I.unit(v) if iv.kind in ("ablate", "clamp") else v
         return self._vectors[key]
 
     def _site_hook(self, act: Tensor, site: Site) -> Optional[Tensor]:
@@ -343,12 +354,12 @@ class Steering:
                 continue
             v = self._vector(i, iv, site.layer, act)
             if iv.kind == "clamp" and iv.target is not None:  # strength: the fraction of the way to target
-                out = I.clamp_toward(out, v, iv.target, strength if g is None else strength * g, m)
+                out = I.clamp_toward(out, v, iv.target, strength if g is None else strength * g, m, normalized=True)
                 continue
             if iv.kind == "clamp":
                 # gate decides which rows are clamped; the strength is the target value
                 mm = m if g is None else m & (g != 0)[:, None]
-                out = I.clamp(out, v, strength.to(act.dtype), mm)
+                out = I.clamp(out, v, strength.to(act.dtype), mm, normalized=True)
                 continue
             s = (strength if g is None else strength * g).to(act.dtype)
             if iv.kind == "add":
@@ -357,7 +368,7 @@ class Steering:
                 else:
                     out = I.add(out, v, s, m)
             else:
-                out = I.ablate(out, v, m, s)
+                out = I.ablate(out, v, m, s, normalized=True)
         return out
 
     # -- conveniences ---------------------------------------------------------------------
@@ -381,9 +392,9 @@ class Steering:
         1
         """
         self._require_active()
-        if backend not in (None, "hf"):
-            from .serve import engine_for
+        from .serve import backend_name, engine_for
 
+        if backend_name(backend) == "vllm":
             out = engine_for(self.model, backend).generate(prompts, self, max_new_tokens=max_new_tokens,
                                                            details=True, **kwargs)
             self.last_gate = out.gate
