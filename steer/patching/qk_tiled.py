@@ -16,9 +16,12 @@ per-key results. Extra memory is O(P·H·T).
   pass 2 evaluates every (row, key) effect and adds column sums into the output.
 
 Inputs are post-norm, post-rotary ``q`` ``[P, T, H, d]`` and ``k``/``v`` ``[P, S, Hkv, d]`` (GQA:
-head ``h`` reads kv head ``h // (H // Hkv)``), computed in fp32 (``tl.dot`` with IEEE precision:
-no TF32). Tested in Triton's CPU interpreter against the PyTorch definitions; on CUDA it is
-what ``impl="auto"`` uses when Triton is installed.
+head ``h`` reads kv head ``h // (H // Hkv)``). Products are exact and accumulate in fp32: bf16 /
+fp16 operands go to the tensor cores as they are (a product of two halves is exact in fp32),
+fp32 operands use IEEE products (no TF32); everything after the products is fp32. Tested in
+Triton's CPU interpreter against the PyTorch definitions and compiled for sm_90 offline (no
+register spills at :data:`TILES`, ``experiments/bench/kernel_resources.py``); on CUDA it is what
+``impl="auto"`` uses when Triton is installed.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 
 __all__ = ["row_fix", "key_fix_sum"]
 
+# (query rows, keys, warps) per program, by operand type. Chosen so that no config spills
+# registers when compiled for sm_90 (read offline from the cubin: `cuobjdump -res-usage`); the
+# first kernels (64 x 64 tiles, 4 warps, fp32 dots) spilled up to 26 KB a thread and ran 533x
+# slower than SDPA fwd+bwd on an H200. experiments/bench/bench_gpu.py times alternatives.
+TILES = {"half": (64, 64, 8), "fp32": (32, 32, 8)}
+
 
 if tl is not None:
 
@@ -47,9 +56,18 @@ if tl is not None:
         return tl.where(y < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e)
 
     @triton.jit
+    def _mm(a, b, F32: tl.constexpr):
+        """``a @ bᵀ`` accumulated in fp32. fp32 operands: IEEE products (no TF32); bf16/fp16
+        operands: tensor-core products, which are exact in fp32, so nothing is lost either way."""
+        if F32:
+            return tl.dot(a, tl.trans(b), input_precision="ieee")
+        else:
+            return tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+
+    @triton.jit
     def _tile(q, qa, k_ptr, ka_ptr, v_ptr, gz, kv_ptr, p, hk, s0, t_idx, S, HKV, off, window, scaling, softcap,
               D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, ALT: tl.constexpr,
-              WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+              WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, F32: tl.constexpr):
         """Logits, alternative logits, pattern gradient and validity of one [BT, BS] tile.
         ``ALT``: 1 the alternative logits use the patched queries ``qa``, 2 the patched keys at
         ``ka_ptr``, 0 none are needed (``xa`` is ``x``)."""
@@ -57,14 +75,14 @@ if tl is not None:
         dd = tl.arange(0, BD)
         kmask = (s_idx[:, None] < S) & (dd[None, :] < D)
         koff = ((p * S + s_idx[:, None]).to(tl.int64) * HKV + hk) * D + dd[None, :]
-        k = tl.load(k_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
-        x = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling
+        k = tl.load(k_ptr + koff, mask=kmask, other=0.0)
+        v = tl.load(v_ptr + koff, mask=kmask, other=0.0)
+        x = _mm(q, k, F32) * scaling
         if ALT == 1:  # the row block's patched queries against the keys
-            xa = tl.dot(qa, tl.trans(k), input_precision="ieee") * scaling
+            xa = _mm(qa, k, F32) * scaling
         elif ALT == 2:  # the queries against the patched keys
-            ka = tl.load(ka_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
-            xa = tl.dot(q, tl.trans(ka), input_precision="ieee") * scaling
+            ka = tl.load(ka_ptr + koff, mask=kmask, other=0.0)
+            xa = _mm(q, ka, F32) * scaling
         else:
             xa = x
         if SOFTCAP:
@@ -73,7 +91,7 @@ if tl is not None:
                 xa = _tanh(xa / softcap) * softcap
             else:
                 xa = x
-        g = tl.dot(gz, tl.trans(v), input_precision="ieee")
+        g = _mm(gz, v, F32)
         kv = tl.load(kv_ptr + p * S + s_idx, mask=s_idx < S, other=0)
         valid = (s_idx[None, :] <= t_idx[:, None] + off) & (kv[None, :] != 0)
         if WINDOW:
@@ -94,13 +112,13 @@ if tl is not None:
     def _load_rows(ptr, p, h, t_idx, T, H, D: tl.constexpr, BD: tl.constexpr):
         dd = tl.arange(0, BD)
         off = ((p * T + t_idx[:, None]).to(tl.int64) * H + h) * D + dd[None, :]
-        return tl.load(ptr + off, mask=(t_idx[:, None] < T) & (dd[None, :] < D), other=0.0).to(tl.float32)
+        return tl.load(ptr + off, mask=(t_idx[:, None] < T) & (dd[None, :] < D), other=0.0)
 
     @triton.jit
     def _row_fix_kernel(q_ptr, k_ptr, qa_ptr, ka_ptr, v_ptr, gz_ptr, kv_ptr, out_ptr,
                         T, H, HKV, off, window, scaling, softcap,
                         S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-                        ALT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+                        ALT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, F32: tl.constexpr):
         tb, ph = tl.program_id(0), tl.program_id(1)
         p, h = ph // H, ph % H
         hk = h // (H // HKV)
@@ -121,7 +139,7 @@ if tl is not None:
         for s0 in range(0, S, BS):
             if s0 <= last:
                 x, xa, g, valid, s_idx = _tile(q, qa, k_ptr, ka_ptr, v_ptr, gz, kv_ptr, p, hk, s0, t_idx, S, HKV, off,
-                                               window, scaling, softcap, D, BD, BS, ALT, WINDOW, SOFTCAP)
+                                               window, scaling, softcap, D, BD, BS, ALT, WINDOW, SOFTCAP, F32)
                 m1, z1, n1 = _online(m1, z1, n1, tl.where(valid, x, float("-inf")), g)
                 m2, z2, n2 = _online(m2, z2, n2, tl.where(valid, xa, float("-inf")), g)
         ok = (z1 > 0) & (z2 > 0)
@@ -132,7 +150,7 @@ if tl is not None:
     def _key_fix_kernel(q_ptr, k_ptr, ka_ptr, v_ptr, gz_ptr, kv_ptr, out_ptr,
                         T, H, HKV, off, window, scaling, softcap,
                         S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-                        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+                        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, F32: tl.constexpr):
         tb, ph = tl.program_id(0), tl.program_id(1)
         p, h = ph // H, ph % H
         hk = h // (H // HKV)
@@ -150,7 +168,7 @@ if tl is not None:
         for s0 in range(0, S, BS):
             if s0 <= last:
                 x, xa, g, valid, s_idx = _tile(q, q, k_ptr, ka_ptr, v_ptr, gz, kv_ptr, p, hk, s0, t_idx, S, HKV, off,
-                                               window, scaling, softcap, D, BD, BS, 0, WINDOW, SOFTCAP)
+                                               window, scaling, softcap, D, BD, BS, 0, WINDOW, SOFTCAP, F32)
                 x = tl.where(valid, x, float("-inf"))
                 bm = tl.max(x, 1)
                 bidx = tl.argmax(x, 1)
@@ -183,7 +201,7 @@ if tl is not None:
         for s0 in range(0, S, BS):
             if s0 <= last:
                 x, xa, g, valid, s_idx = _tile(q, q, k_ptr, ka_ptr, v_ptr, gz, kv_ptr, p, hk, s0, t_idx, S, HKV, off,
-                                               window, scaling, softcap, D, BD, BS, 2, WINDOW, SOFTCAP)
+                                               window, scaling, softcap, D, BD, BS, 2, WINDOW, SOFTCAP, F32)
                 valid = valid & row_ok[:, None]
                 e = tl.where(valid, tl.exp(tl.where(valid, x, ms[:, None]) - ms[:, None]), 0.0)
                 is_top = s_idx[None, :] == top[:, None]
@@ -210,10 +228,14 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, g_z: Tensor, key_valid: Optional[T
         raise ValueError(f"q/g_z [P, T, H, d] and k/v [P, S, Hkv, d] with H divisible by Hkv; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}, g_z {tuple(g_z.shape)}.")
     kv = (torch.ones(P, S, dtype=torch.bool, device=q.device) if key_valid is None else key_valid).to(torch.int8).contiguous()
+    dts = {q.dtype, k.dtype, v.dtype, g_z.dtype}
+    # one operand dtype: a half type when every input has it (exact products on tensor cores), else fp32
+    # (Triton 3.6's CPU interpreter multiplies bf16 operands wrongly, so there they go as fp32)
+    half = (torch.float16,) if interpret else (torch.bfloat16, torch.float16)
+    dt = dts.pop() if len(dts) == 1 and q.dtype in half else torch.float32
     bd = max(16, triton.next_power_of_2(D))
-    small = interpret or S <= 64
-    bt, bs = (16, 16) if small else (64, 64)
-    return P, T, H, D, S, Hkv, kv, bd, bt, bs
+    bt, bs, warps = (16, 16, 4) if interpret or S <= 64 else TILES["fp32" if dt == torch.float32 else "half"]
+    return P, T, H, D, S, Hkv, kv, bd, (bt, bs, warps), dt
 
 
 def row_fix(
@@ -239,16 +261,17 @@ def row_fix(
     """
     if (q_alt is None) == (k_alt is None):
         raise ValueError("row_fix needs exactly one of q_alt (patched queries) and k_alt (patched keys).")
-    P, T, H, D, S, Hkv, kv, bd, bt, bs = _prepare(q, k, v, g_z, key_valid)
+    P, T, H, D, S, Hkv, kv, bd, (bt, bs, warps), dt = _prepare(q, k, v, g_z, key_valid)
     out = torch.empty(P, H, T, dtype=torch.float32, device=q.device)
     if not (P and T and H):
         return out
     alt_q = q_alt is not None
-    c = [t.contiguous() for t in (q, k, q_alt if alt_q else q, k_alt if not alt_q else k, v, g_z)]
+    c = [t.to(dt).contiguous() for t in (q, k, q_alt if alt_q else q, k_alt if not alt_q else k, v, g_z)]
     _row_fix_kernel[(triton.cdiv(T, bt), P * H)](*c, kv, out, T, H, Hkv, S - T if offset is None else offset,
                                                  window or 0, float(scaling), float(softcap or 0.0),
                                                  S=S, D=D, BD=bd, BT=bt, BS=bs, ALT=1 if alt_q else 2,
-                                                 WINDOW=bool(window), SOFTCAP=bool(softcap))
+                                                 WINDOW=bool(window), SOFTCAP=bool(softcap), F32=dt == torch.float32,
+                                                 num_warps=warps, num_stages=2)
     return out
 
 
@@ -271,13 +294,14 @@ def key_fix_sum(
     >>> torch.allclose(key_fix_sum(q, k, ka, v, gz, 0.5), ref, atol=1e-5)
     True
     """
-    P, T, H, D, S, Hkv, kv, bd, bt, bs = _prepare(q, k, v, g_z, key_valid)
+    P, T, H, D, S, Hkv, kv, bd, (bt, bs, warps), dt = _prepare(q, k, v, g_z, key_valid)
     out = torch.zeros(H, S, dtype=torch.float32, device=q.device)
     if not (P and T and H):
         return out
-    c = [t.contiguous() for t in (q, k, k_alt, v, g_z)]
+    c = [t.to(dt).contiguous() for t in (q, k, k_alt, v, g_z)]
     _key_fix_kernel[(triton.cdiv(T, bt), P * H)](*c, kv, out, T, H, Hkv, S - T if offset is None else offset,
                                                  window or 0, float(scaling), float(softcap or 0.0),
                                                  S=S, D=D, BD=bd, BT=bt, BS=bs,
-                                                 WINDOW=bool(window), SOFTCAP=bool(softcap))
+                                                 WINDOW=bool(window), SOFTCAP=bool(softcap), F32=dt == torch.float32,
+                                                 num_warps=warps, num_stages=2)
     return out
