@@ -29,19 +29,24 @@ def _forward_time(model, task, reps: int = 3) -> float:
         for _ in range(reps):
             t0 = time.perf_counter()
             r.run(r.embeds)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
             ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
 
 def main(device: str = "cpu", n_prompts: int = 4, tl_nodes: int | None = None, seed: int = 0,
-         model_name: str | None = None) -> dict:
-    """Print ``patching <kind>: steer X s, transformer_lens Y s, speedup Zx`` lines; return the numbers."""
+         model_name: str | None = None, model=None) -> dict:
+    """Print ``patching <kind>: steer X s, transformer_lens Y s, speedup Zx`` lines; return the numbers.
+
+    ``model``: a loaded :class:`steer.Model` to use instead of ``steer.load(model_name)`` (the GPU
+    benchmark passes random-init models of real shapes)."""
     import transformer_lens.patching as TLP
 
     import steer
     from steer.patching import activation_patch, atp, atp_star, ioi_task, relp
 
-    model = steer.load(model_name, device=device)
+    model = model if model is not None else steer.load(model_name, device=device)
     task = ioi_task(model, n=n_prompts)
     bridge = model.bridge
     clean, corrupt = task.clean.input_ids, task.corrupt.input_ids

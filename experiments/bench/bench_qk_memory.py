@@ -50,8 +50,9 @@ def long_task(model, T: int, n: int):
     pre = torch.tensor(filler[: T - n_ioi])[None].expand(n, -1)
 
     def grow(b):
-        ids = torch.cat([pre, b.input_ids], 1)
-        mask = torch.cat([torch.ones_like(pre), b.attention_mask], 1)
+        p = pre.to(b.input_ids.device)  # the IOI batch sits on the model's device
+        ids = torch.cat([p, b.input_ids], 1)
+        mask = torch.cat([torch.ones_like(p), b.attention_mask], 1)
         return Batch(ids, mask, [{} for _ in range(n)], list(b.texts))
 
     return PatchTask(grow(t.clean), grow(t.corrupt), t.metric, name=f"ioi-{T}")
