@@ -112,7 +112,8 @@ def test_cast_gate_equals_hf(tiny):
     h = prompt_means(m, PROMPTS, layers=[1])[:, 0]
     u = torch.randn(m.d_model, generator=torch.Generator().manual_seed(3))
     scores = h @ (u / u.norm())
-    cond = Condition(u, layer=1, threshold=float(scores.median()), kind="projection")
+    # halfway between the middle scores (a threshold equal to a score leaves its gate to rounding)
+    cond = Condition(u, layer=1, threshold=float(scores.sort().values[1:3].mean()), kind="projection")
     v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(4)) * 4
     s = steer.steer(m, v, layer=0, strength=3.0, condition=cond)
     out, hf = _check(m, eng, s)
@@ -210,7 +211,10 @@ def test_chunked_prefill_keeps_regions_and_condition():
     long = [p * 4 for p in PROMPTS]  # 30-120 tokens each with the chat template
     h = prompt_means(m, long, layers=[2])[:, 0]
     u = torch.randn(m.d_model, generator=torch.Generator().manual_seed(7))
-    cond = Condition(u, layer=2, threshold=float((h @ (u / u.norm())).median()), kind="projection")
+    # threshold halfway between the two middle scores: torch's median *is* one prompt's score, whose
+    # gate then hangs on last-bit rounding (vLLM fired it on an AMX CPU, HF did not)
+    mid = (h @ (u / u.norm())).sort().values[1:3].mean()
+    cond = Condition(u, layer=2, threshold=float(mid), kind="projection")
     v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(8)) * 3
     with Engine(m, kv_cache_gib=1, max_model_len=256, enable_chunked_prefill=True, max_num_batched_tokens=16,
                 max_num_seqs=4) as eng:
@@ -219,3 +223,21 @@ def test_chunked_prefill_keeps_regions_and_condition():
                                           condition=cond), prompts=long)
     assert out.gate.tolist() == hf.last_gate.cpu().float().tolist()
     assert 0 < out.gate.sum() < len(long)
+
+
+def test_each_engine_gets_its_own_kv_cache_size(tiny):
+    """vLLM's CPU backend sizes its KV cache from an environment variable read at start; a second
+    Engine's ``kv_cache_gib`` used to be ignored (the first one's value stayed set)."""
+    import os
+
+    from steer.serve import Engine
+
+    m, first = tiny
+    before = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    second = Engine(m, kv_cache_gib=2, max_model_len=256)
+    try:
+        blocks = [e.llm.llm_engine.vllm_config.cache_config.num_gpu_blocks for e in (first, second)]
+        assert blocks[1] == 2 * blocks[0], blocks
+        assert os.environ.get("VLLM_CPU_KVCACHE_SPACE") == before  # set for the start only
+    finally:
+        second.close()

@@ -36,6 +36,7 @@ Example (in the vLLM venv, ``make test-vllm``; ``tests/test_serve.py`` runs the 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import tempfile
@@ -90,13 +91,14 @@ class Engine:
             model was loaded from, or — for a model built in memory (the tiny test models) — a
             temporary copy saved from ``model.hf``.
         dtype: ``"float32"``, ``"bfloat16"``, ... (default: the model's dtype).
-        kv_cache_gib: memory for vLLM's KV cache on the CPU (``VLLM_CPU_KVCACHE_SPACE``).
+        kv_cache_gib: memory for vLLM's KV cache on the CPU, per engine (``VLLM_CPU_KVCACHE_SPACE``
+            is set to it while this engine starts; default: that variable if you set it, else 2).
         check_atol: largest allowed difference between vLLM's and HF's log-probabilities of the
             probe prompt's top tokens at start (default 1e-3 in fp32, 0.1 in half precision).
         **llm_kwargs: passed to ``vllm.LLM`` (``max_model_len``, ``max_num_seqs``, ...).
     """
 
-    def __init__(self, model, path=None, *, dtype=None, kv_cache_gib: int = 2, check_atol=None,
+    def __init__(self, model, path=None, *, dtype=None, kv_cache_gib: Optional[int] = None, check_atol=None,
                  seed: int = 0, **llm_kwargs):
         if not available():
             raise ImportError("steer.serve needs vLLM: `make test-vllm` (or `make serve-demo`) builds .venv-vllm "
@@ -107,7 +109,6 @@ class Engine:
             raise ValueError("steer.serve.Engine runs without prefix caching: a cached prompt block computed under "
                              "other edits would be reused silently.")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
         from vllm import LLM
 
         self.model = model
@@ -115,9 +116,10 @@ class Engine:
         self.path = Path(path) if path is not None else self._weights_dir(model)
         dtype = dtype or str(model.dtype).replace("torch.", "")
         t0 = time.perf_counter()
-        self.llm = LLM(model=str(self.path), dtype=dtype, seed=seed, enforce_eager=True,
-                       enable_prefix_caching=False,
-                       worker_extension_cls="steer.serve.worker.SteerWorker", **llm_kwargs)
+        with _kv_cache_space(kv_cache_gib):
+            self.llm = LLM(model=str(self.path), dtype=dtype, seed=seed, enforce_eager=True,
+                           enable_prefix_caching=False,
+                           worker_extension_cls="steer.serve.worker.SteerWorker", **llm_kwargs)
         self.start_seconds = time.perf_counter() - t0
         # vLLM's in-process engine tears down the process's distributed state when it shuts down
         # (or is collected), which would break any other Engine here: that happens when the last
@@ -247,6 +249,23 @@ def _release(core) -> None:
             core.engine_core.shutdown()
         except Exception:  # shutting down an engine that failed half-way
             pass
+
+
+@contextlib.contextmanager
+def _kv_cache_space(gib):
+    """vLLM's CPU backend sizes its KV cache from ``VLLM_CPU_KVCACHE_SPACE`` when an engine starts:
+    set it for this engine's start only (``None``: the variable as the user set it, else 2 GiB),
+    so that each Engine gets the size it was given."""
+    before = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    if gib is not None or before is None:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(gib if gib is not None else 2))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        else:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = before
 
 
 def backend_name(backend) -> str:
