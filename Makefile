@@ -20,7 +20,7 @@ VLOCK   := requirements/vllm.lock.txt
 UV      := $(VENV)/bin/uv
 
 .PHONY: demo test test-fast test-gpu bench install lock test-latest test-oldest known-answers clean \
-	test-vllm serve-demo bench-serve lock-vllm
+	test-vllm serve-demo bench-serve lock-vllm gpu-prep
 
 $(STAMP): pyproject.toml Makefile $(LOCK) $(MODELS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -56,6 +56,17 @@ test-gpu: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench/run.py
+
+# for a lent GPU machine (no registry there): the wheels it lacks for steer (the lock's versions,
+# Python 3.12) into .whl/ and SmolLM2's tokenizer into .gpu/tok (both git-ignored); then one
+# device call runs experiments/bench/device_run.sh with carry [".whl", ".gpu"]
+gpu-prep: $(STAMP)
+	mkdir -p .whl .gpu/tok
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$(grep -E '^(transformer-lens|datasets|dill|multiprocess|fancy-einsum|beartype|typeguard|gguf)==' $(LOCK))
+	$(BIN)/python -c "import steer, shutil; d = steer.models.cache_dir() / 'smollm2-135m-instruct'; steer.load() if not d.exists() else None; \
+		[shutil.copy(d / f, '.gpu/tok') for f in ('tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja')]"
 
 # regenerate the stored known answers of the embedded model (tests/known_answers.json), on purpose
 known-answers: $(STAMP)
