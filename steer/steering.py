@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -83,6 +84,7 @@ class Steering:
         self._handles: list = []
         self._ctx = None
         self._step: dict[str, Any] = {}  # what the current forward call edits
+        self._moved: dict = {}  # tensors moved to the model's device once, with the version they had
         self._seq: Optional[dict] = None  # the sequence being processed (prefill + decode steps)
         self._vectors: dict[tuple, Tensor] = {}  # each vector on each device/dtype it met
         self._in_prepass = False
@@ -130,7 +132,7 @@ class Steering:
         self._remove()
 
     def _remove(self):
-        self._seq, self._step, self._vectors = None, {}, {}
+        self._seq, self._step, self._vectors, self._moved = None, {}, {}, {}
         if self._ctx is not None:
             self._ctx.__exit__(None, None, None)
             self._ctx = None
@@ -193,7 +195,7 @@ class Steering:
                     raise ValueError("skip_tokens needs input_ids: this forward call passed inputs_embeds.")
                 skip = self._once(seq, ("skip", i, dev), lambda: torch.tensor(sorted(iv.skip_tokens), device=dev))
                 m = m & ~torch.isin(ids.to(dev), skip)
-            step.append((m, idx, self._once(seq, ("strength", i, dev), lambda: self._row_strength(i, iv, rows, k, dev))))
+            step.append((m, idx, self._row_strength(i, iv, rows, k, dev)))
         self._step = {"interventions": step, "gate": gate}
         return None
 
@@ -250,8 +252,27 @@ class Steering:
         return kept[key]
 
     def _row_strength(self, i, iv, rows: int, k: int, dev) -> Tensor:
-        """``[rows]`` strengths of intervention ``i`` (per example, repeated over its ``k`` rows)."""
-        st = torch.as_tensor(iv.strength, dtype=torch.float32, device=dev)
+        """``[rows]`` strengths of intervention ``i`` (per example, repeated over its ``k`` rows),
+        read at every call (a caller may change them between steps, as FASB does in place) without
+        a host-to-device copy per step: a number is filled on the device, a tensor elsewhere is
+        moved once per version of it (``Tensor._version`` counts in-place writes)."""
+        st = iv.strength
+        if not isinstance(st, Tensor):
+            if np.ndim(st) == 0:
+                return torch.full((rows,), float(st), dtype=torch.float32, device=dev)
+            values = tuple(float(x) for x in np.ravel(st))  # a list (or array): moved once per content
+            key = ("listed strength", i, dev, values)
+            if key not in self._moved:
+                self._moved[key] = torch.tensor(values, dtype=torch.float32, device=dev)
+            st = self._moved[key]
+        if st.device != dev:
+            key = ("moved strength", i, dev)
+            src, version, moved = self._moved.get(key, (None, None, None))
+            if src is not st or version != st._version:
+                moved = st.to(device=dev, dtype=torch.float32)
+                self._moved[key] = (st, st._version, moved)
+            st = moved
+        st = st.float()
         if st.ndim == 0:
             return st.expand(rows)
         if st.shape[0] * k != rows:

@@ -295,3 +295,26 @@ def test_steered_generation_does_no_host_work_per_token(tiny, kind):
 
     short, long = extra(3), extra(12)
     assert long == short, f"{kind}: {(long - short) / 9:.2f} host reads or copies per generated token"
+
+
+def test_strengths_are_moved_once_per_version(tiny):
+    """A strength tensor on another device than the model's is moved once, and again only after an
+    in-place change (FASB changes its strengths between steps); a list once per content."""
+    st = torch.tensor([1.0, 2.0])
+    s = Steering(tiny, [Intervention("add", torch.randn(tiny.d_model), layers=[0], strength=st),
+                        Intervention("add", torch.randn(tiny.d_model), layers=[0], strength=[3.0, 4.0])])
+    dev = torch.device("meta")  # any device other than the tensor's
+    moved = lambda: s._moved[("moved strength", 0, dev)][2]  # noqa: E731
+    assert s._row_strength(0, s.interventions[0], 2, 1, dev).device == dev
+    first = moved()
+    s._row_strength(0, s.interventions[0], 2, 1, dev)
+    assert moved() is first
+    st.mul_(2)
+    s._row_strength(0, s.interventions[0], 2, 1, dev)
+    assert moved() is not first
+    assert s._row_strength(0, s.interventions[0], 2, 1, torch.device("cpu")).tolist() == [2.0, 4.0]
+    listed = s._row_strength(1, s.interventions[1], 4, 2, torch.device("cpu"))
+    assert listed.tolist() == [3.0, 3.0, 4.0, 4.0]
+    assert s._row_strength(1, s.interventions[1], 4, 2, torch.device("cpu")).tolist() == [3.0, 3.0, 4.0, 4.0]
+    s.interventions[1].strength = [5.0, 6.0]
+    assert s._row_strength(1, s.interventions[1], 4, 2, torch.device("cpu")).tolist() == [5.0, 5.0, 6.0, 6.0]
