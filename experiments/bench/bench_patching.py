@@ -77,8 +77,8 @@ def main(device: str = "cpu", n_prompts: int = 4, tl_nodes: int | None = None, s
                f"TL timed on {len(sub)} random nodes ({t_sub:.1f} s) and extrapolated linearly")
         print(f"patching {kind}: steer {t_ours:.1f} s, transformer_lens {t_tl:.1f} s, speedup {t_tl / t_ours:.1f}x "
               f"(all {len(all_idx)} nodes, {n_prompts} prompts x {T} tokens; {how}; "
-              f"max |diff| over the TL nodes {err:.1e})")
-        out[kind] = {"steer_s": t_ours, "tl_s": t_tl, "speedup": t_tl / t_ours, "max_abs_diff": err}
+              f"max |diff| over the TL nodes {err:.1e}, in units of the clean-corrupt metric gap {mc - mx:.2e})")
+        out[kind] = {"steer_s": t_ours, "tl_s": t_tl, "speedup": t_tl / t_ours, "max_abs_diff": err, "metric_gap": mc - mx}
     f1 = _forward_time(model, task)
     t0 = time.perf_counter()
     atp(model, task, ["heads", "neurons"])
