@@ -38,7 +38,7 @@ from ._runner import Runner
 from .activation import _check_direction, capture_sites, run_metrics
 from .nodes import NodeSet, node_set
 from .kernels import triton_available
-from .qk_fix import key_fix, pattern_grad, query_fix
+from .qk_fix import attn_logits, key_fix, pattern_grad, query_fix
 from .qk_tiled import key_fix_sum, row_fix
 from .result import PatchingResult
 from .tasks import PatchTask
@@ -150,15 +150,13 @@ class _Attribution:
         zero = torch.zeros(ns.unit_shape, device=self.M.device)
         return torch.stack([got.get((ns.kind, l), zero) for l in range(self.model.n_layers)])
 
-    def _qk_tiled(self, ns: NodeSet, l: int, q: Tensor, k: Tensor, q_alt: Tensor, k_alt: Tensor, v: Tensor,
-                  g_z: Tensor) -> Tensor:
+    def _qk_tiled(self, ns: NodeSet, l: int, q_rot: Tensor, k_rot: Tensor, q_alt_rot: Tensor, k_alt_rot: Tensor,
+                  v: Tensor, g_z: Tensor) -> Tensor:
         """:meth:`_qk_scores`' per-layer block (``[H, T]``, ``[H]`` or ``[H, S]``) from the
-        Triton kernels of :mod:`~steer.patching.qk_tiled`."""
-        r = self.base_runner
-        (q_rot, k_rot), shape = r.attention_qk(l, q, k), r.attention_shape(l)
+        Triton kernels of :mod:`~steer.patching.qk_tiled`, on the rotated queries and keys."""
+        shape = self.base_runner.attention_shape(l)
         if ns.site == "q":
-            return row_fix(q_rot, k_rot, r.attention_qk(l, q_alt, k)[0], None, v, g_z, **shape).sum(0)
-        k_alt_rot = r.attention_qk(l, q, k_alt)[1]
+            return row_fix(q_rot, k_rot, q_alt_rot, None, v, g_z, **shape).sum(0)
         if ns.units == ("head",):
             return row_fix(q_rot, k_rot, None, k_alt_rot, v, g_z, **shape).sum((0, 2))
         return key_fix_sum(q_rot, k_rot, k_alt_rot, v, g_z, **shape)
@@ -179,11 +177,17 @@ class _Attribution:
         grows as O(T) per row block, not O(T²). Query effects are per row; key effects are sums
         over rows, accumulated block by block."""
         r = self.base_runner
-        # fp32 throughout: in bf16 the key fix's logit shifts x' − x lose most of their digits
-        f32 = lambda t: t.detach().float()  # noqa: E731
-        q, k, v, z = (f32(self.base[(site, l)]) for site in ("q", "k", "v", "z"))
-        g_z = f32(grads[("z", l)])
-        q_alt, k_alt = f32(self.other[("q", l)]), f32(self.other[("k", l)])
+        # q/k norms and rotary in the model's own dtype (the values its attention multiplies);
+        # logits and everything after them in fp32: in bf16 the key fix's logit shifts x' − x
+        # lose most of their digits. The kernels take half operands as they are (exact products).
+        q, k, v, z = (self.base[(site, l)].detach() for site in ("q", "k", "v", "z"))
+        g_z = grads[("z", l)].detach()
+        q_rot, k_rot = r.attention_qk(l, q, k)
+        q_alt_rot = r.attention_qk(l, self.other[("q", l)].detach(), k)[0]
+        k_alt_rot = r.attention_qk(l, q, self.other[("k", l)].detach())[1]
+        f32 = lambda t: t.float()  # noqa: E731
+        shape = r.attention_shape(l)
+        logits = lambda a, b, rows: attn_logits(f32(a[:, rows]), f32(b), **shape, q_offset=rows.start)  # noqa: E731
         P, T, H = q.shape[:3]
         Hkv = k.shape[2]
         step = self.qk_block or max(1, QK_BLOCK_ELEMENTS // max(1, P * H * T))
@@ -194,17 +198,17 @@ class _Attribution:
         # the row blocks: the PyTorch fix, and (first time per layer) the check against the model's z
         for t0 in range(0, T, step) if check or not tiled else ():
             rows = slice(t0, min(T, t0 + step))
-            x = r.attention_logits(l, q, k, rows)
+            x = logits(q_rot, k_rot, rows)
             if check:
                 d_, s_ = r.attention_error(x, v, z[:, rows], rows)
                 diff, scale = max(diff, d_), max(scale, s_)
             if tiled:
                 continue
-            g = pattern_grad(g_z[:, rows], v)
+            g = pattern_grad(f32(g_z[:, rows]), f32(v))
             if ns.site == "q":
-                parts.append(query_fix(x, r.attention_logits(l, q_alt, k, rows), g).sum(0))  # [H, rows]
+                parts.append(query_fix(x, logits(q_alt_rot, k_rot, rows), g).sum(0))  # [H, rows]
                 continue
-            x_new = r.attention_logits(l, q, k_alt, rows)
+            x_new = logits(q_rot, k_alt_rot, rows)
             if ns.units == ("head",):  # all keys of a kv head patched at once: exact softmax
                 parts.append(query_fix(x, x_new, g).sum((0, 2)))  # [H]
             else:
@@ -214,7 +218,7 @@ class _Attribution:
             r.refuse_attention(l, diff, scale)
             self.attention_checked.add(l)
         if tiled:  # the kernels of qk_tiled: logits recomputed tile by tile, never stored
-            parts = [self._qk_tiled(ns, l, q, k, q_alt, k_alt, v, g_z)]
+            parts = [self._qk_tiled(ns, l, q_rot, k_rot, q_alt_rot, k_alt_rot, v, g_z)]
         if ns.site == "q":
             per_row = torch.cat(parts, -1)  # [H, T]
             return per_row.sum(-1) if ns.units == ("head",) else per_row.T  # [H] or [T, H]
