@@ -33,6 +33,7 @@ that this loop sets before each step.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -196,7 +197,10 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     t0 = time.perf_counter()
     steps = 0
     with Steering(model, [iv]), add_hooks(model, {Site(probe.site, probe.layer): grab}):
-        out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=True)
+        # only the last position's logits are read: the prefill need not unembed every position
+        last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.hf.forward).parameters else {}
+        out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=True,
+                       **last_only)
         cache, cache_kw = output_cache(out), cache_kwarg(unwrap_adapters(model.hf))  # PEFT passes it on
         while True:
             steps += 1

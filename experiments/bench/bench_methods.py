@@ -23,7 +23,12 @@ is about n / (n + k + 1) (24 / 29 = 0.83 here), not loop overhead. With ``new_to
 (measured once): FASB 0.96x never firing, 0.92x all at once, 0.87x mid-way (38 % of rows fired;
 bound 64/69 = 0.93 times the 0.96 of the probe loop ≈ 0.89), LinEAS 0.92x, the rest 0.95-1.02x.
 Past that bound the rows that finished would have to leave the batch for new prompts
-(continuous batching), which this loop does not do.
+(continuous batching), which this loop does not do. On a 2-core Intel Xeon with AMX
+(2026-12-04; FASB's prefill now unembeds only the last position): at 24 tokens FASB 1.00x never
+firing, 0.93x all at once, 0.85x mid-way (25 % of rows; bound 0.83), RepIt 0.92x, the rest
+0.99-1.01x; at 64 tokens FASB 1.02x / 0.97x / **0.93x** mid-way (38 % of rows; bound 0.93),
+RepIt 0.97x, the rest 0.99-1.00x. The probe loop costs nothing measurable there, so from about
+45 tokens on (n / (n + 5) ≥ 0.9) FASB meets the 0.9x target; at 24 it cannot.
 
 The random vectors and maps are placeholders: the cost of an intervention does not depend on
 what its vector says.
