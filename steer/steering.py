@@ -261,10 +261,10 @@ class Steering:
             if np.ndim(st) == 0:
                 return torch.full((rows,), float(st), dtype=torch.float32, device=dev)
             values = tuple(float(x) for x in np.ravel(st))  # a list (or array): moved once per content
-            key = ("listed strength", i, dev, values)
-            if key not in self._moved:
-                self._moved[key] = torch.tensor(values, dtype=torch.float32, device=dev)
-            st = self._moved[key]
+            key = ("listed strength", i, dev)
+            if self._moved.get(key, (None,))[0] != values:
+                self._moved[key] = (values, torch.tensor(values, dtype=torch.float32, device=dev))
+            st = self._moved[key][1]
         if st.device != dev:
             key = ("moved strength", i, dev)
             src, version, moved = self._moved.get(key, (None, None, None))

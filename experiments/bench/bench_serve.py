@@ -66,7 +66,8 @@ def main(device: str = "cpu", n: int = 256, tokens: int = 64, default_vllm: bool
     strength = torch.linspace(0.5, 2.0, len(prompts))
     h = prompt_means(model, prompts, layers=[14])[:, 0]
     u = torch.randn(model.d_model, generator=g)
-    cond = Condition(u, layer=14, threshold=float((h @ (u / u.norm())).median()))
+    scores = (h @ (u / u.norm())).sort().values  # threshold between the middle two (none sits on it)
+    cond = Condition(u, layer=14, threshold=float(scores[len(scores) // 2 - 1: len(scores) // 2 + 1].mean()))
 
     def add(**kw):
         return steer.steer(model, v, layer=10, strength=strength, **kw)
