@@ -107,7 +107,10 @@ def test_clamp_toward_and_skip_tokens(tiny):
     _check(m, eng, Steering(m, ivs, gate=torch.tensor([1.0, 0.0, 1.0, 0.5])))
 
 
-def test_cast_gate_equals_hf(tiny):
+@pytest.mark.parametrize("cast", ["in-pass", "first-pass"])
+def test_cast_gate_equals_hf(tiny, cast):
+    """Both ways of reading the condition give the HF path's gates and tokens. In the pass, the
+    edit at layer 0 precedes the condition's layer 1: the fired prompts' layers 0-1 are replayed."""
     m, eng = tiny
     h = prompt_means(m, PROMPTS, layers=[1])[:, 0]
     u = torch.randn(m.d_model, generator=torch.Generator().manual_seed(3))
@@ -116,10 +119,14 @@ def test_cast_gate_equals_hf(tiny):
     cond = Condition(u, layer=1, threshold=float(scores.sort().values[1:3].mean()), kind="projection")
     v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(4)) * 4
     s = steer.steer(m, v, layer=0, strength=3.0, condition=cond)
-    out, hf = _check(m, eng, s)
+    out = eng.generate(PROMPTS, s, max_new_tokens=6, min_new_tokens=6, logprobs=10, details=True, cast=cast)
+    texts, first, hf = _hf(m, s, PROMPTS, 6)
+    err = max(abs(lp - float(first[b, t])) for b in range(len(PROMPTS)) for t, lp in out.logprobs[b][0].items())
+    assert err < ATOL, err
+    assert out.texts == texts
     assert out.gate.tolist() == hf.last_gate.cpu().float().tolist()
     assert 0 < out.gate.sum() < len(PROMPTS)
-    assert out.prefill_pass_seconds > 0
+    assert (out.prefill_pass_seconds > 0) == (cast == "first-pass") and out.regenerated == []
 
 
 def test_unsupported_edits_say_where_to_go(tiny):
@@ -162,6 +169,36 @@ def test_other_families(family):
         assert eng.check_error < 1e-4
         _check(m, eng, steer.steer(m, v, layer=1, strength=torch.tensor([0.0, 4.0, 8.0, -6.0])))
         _check(m, eng, steer.steer(m, v, layer="all", kind="ablate", sites=("resid_pre", "resid_post")))
+        # CAST read in the pass: Gemma-3's layers take more than (positions, hidden, residual)
+        h = prompt_means(m, PROMPTS, layers=[2])[:, 0]
+        u = torch.randn(m.d_model, generator=torch.Generator().manual_seed(6))
+        mid = (h @ (u / u.norm())).sort().values[1:3].mean()
+        s = steer.steer(m, v, layer=1, strength=4.0, condition=Condition(u, layer=2, threshold=float(mid)))
+        out, hf = _check(m, eng, s)
+        assert out.gate.tolist() == hf.last_gate.cpu().float().tolist() and 0 < out.gate.sum() < len(PROMPTS)
+
+
+def test_cast_in_the_pass_beside_running_requests():
+    """Three sequences at a time and 96 tokens a step, so that prompts are prefilled in steps that
+    also decode other requests (some prompts split over steps, others whole): replaying a fired
+    prompt's layers recomputes those requests' tokens too, which must come out as they were (their
+    KV-cache entries are written again). In this setting one replay runs beside 2 decoding requests."""
+    from steer.serve import Engine
+
+    m = tiny_model(seed=3)
+    prompts = PROMPTS + ["Why is the sky blue?", "Count to five", "Say something kind"]
+    h = prompt_means(m, prompts, layers=[2])[:, 0]
+    u = torch.randn(m.d_model, generator=torch.Generator().manual_seed(9))
+    sc = (h @ (u / u.norm())).sort().values
+    cond = Condition(u, layer=2, threshold=float(sc[3:5].mean()))
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(10)) * 3
+    s = Steering(m, [Intervention("add", v, layers=[0], strength=3.0),
+                     Intervention("ablate", v, layers=[1], sites=("resid_pre",), positions="generated")], condition=cond)
+    with Engine(m, kv_cache_gib=1, max_model_len=256, max_num_seqs=3, enable_chunked_prefill=True,
+                max_num_batched_tokens=96) as eng:
+        out, hf = _check(m, eng, s, prompts=prompts, n=8)
+    assert out.gate.tolist() == hf.last_gate.cpu().float().tolist() and 0 < out.gate.sum() < len(prompts)
+    assert set(out.regenerated) < {b for b in range(len(prompts)) if out.gate[b] != 0}  # some fired whole
 
 
 def test_refusal_bars_unchanged_through_vllm(smol, tmp_path):
@@ -223,6 +260,9 @@ def test_chunked_prefill_keeps_regions_and_condition():
                                           condition=cond), prompts=long)
     assert out.gate.tolist() == hf.last_gate.cpu().float().tolist()
     assert 0 < out.gate.sum() < len(long)
+    # prompts longer than a step's 16 tokens: the condition is read in the pass, but the fired ones
+    # are generated again with their gate (their first chunks went through unedited)
+    assert out.regenerated == [b for b in range(len(long)) if out.gate[b] != 0]
 
 
 def test_each_engine_gets_its_own_kv_cache_size(tiny):

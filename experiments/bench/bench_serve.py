@@ -12,8 +12,9 @@ number), one run, settings in one process:
   HF ``generate``, batches of 32 (steer's HF path);
 * ``vllm plain``: :class:`steer.serve.Engine` without steering;
 * ``vllm steered``: the same add, per request;
-* ``vllm cast``: the add gated by a CAST condition at layer 14 (half the prompts fire), its
-  first pass over the prompts included.
+* ``vllm cast``: the add gated by a CAST condition at layer 14 (half the prompts fire), read
+  inside the generation's prefill (the default; the fired prompts' layers 10-14 replayed);
+* ``vllm cast first-pass``: the same with the condition read in a first pass over the prompts.
 
 Also, with ``--default-vllm``, unsteered vLLM in its default mode (multiprocess engine, torch
 compile) in a subprocess: the engine as users run it without steer. Engine start is reported
@@ -95,14 +96,18 @@ def main(device: str = "cpu", n: int = 256, tokens: int = 64, default_vllm: bool
     res["engine start s"] = eng.start_seconds
     res["threads after engine start"] = torch.get_num_threads()
     eng.generate(prompts, add(), max_new_tokens=2)  # warm-up
-    for name, steering in [("vllm plain", None), ("vllm steered", add()), ("vllm cast", add(condition=cond))]:
-        out = eng.generate(prompts, steering, max_new_tokens=tokens, min_new_tokens=tokens, details=True)
+    for name, steering, cast in [("vllm plain", None, None), ("vllm steered", add(), None),
+                                 ("vllm cast", add(condition=cond), "in-pass"),
+                                 ("vllm cast first-pass", add(condition=cond), "first-pass")]:
+        out = eng.generate(prompts, steering, max_new_tokens=tokens, min_new_tokens=tokens, details=True,
+                           **({"cast": cast} if cast else {}))
         made = sum(len(t) for t in out.token_ids)
         res[f"{name} tok/s"] = made / out.seconds
         print(f"    {name} tok/s: {res[f'{name} tok/s']:.1f}", flush=True)
-        if name == "vllm cast":
-            res["cast first pass s"] = out.prefill_pass_seconds
-            res["cast fired"] = float(out.gate.mean())
+        if cast:
+            res[f"{name}: first pass s"] = out.prefill_pass_seconds
+            res[f"{name}: regenerated"] = len(out.regenerated)
+            res[f"{name}: fired"] = float(out.gate.mean())
     eng.close()
     if default_vllm:
         ids = tokenize(model, prompts)
@@ -124,6 +129,7 @@ def main(device: str = "cpu", n: int = 256, tokens: int = 64, default_vllm: bool
     res["steered / hf"] = res["vllm steered tok/s"] / res["hf steered tok/s"]
     res["steered / plain vllm"] = res["vllm steered tok/s"] / plain
     res["cast / plain vllm"] = res["vllm cast tok/s"] / plain
+    res["cast first-pass / plain vllm"] = res["vllm cast first-pass tok/s"] / plain
     for k, x in res.items():
         print(f"    {k:40s} {x:.3f}" if isinstance(x, float) else f"    {k:40s} {x}")
     return res

@@ -7,9 +7,15 @@ last ``k`` prompt tokens (``"last"``, :class:`~steer.positions.Last`), one
 strength per prompt (as :class:`Steering` does per example), the first token of each prompt (the
 attention sink) left alone unless ``include_sink=True``, ``skip_tokens`` never edited. A CAST
 condition (Lee et al., 2024, "Programming Refusal with Conditional Activation Steering") is read
-from each prompt's prefill: a first pass over the prompts (one token each) captures the mean
-resid_post of every prompt's tokens but the first at the condition's layers, exactly the
-statistic the HF path reads, and the gate it gives holds for that request's whole generation.
+from each prompt's prefill: the mean resid_post of every prompt's tokens but the first at the
+condition's layers, exactly the statistic the HF path reads, and the gate it gives holds for
+that request's whole generation. By default it is read inside the generation's own prefill
+(``cast="in-pass"``): edits wait for the gate, and when it fires the layers from the first edited
+one up to the condition's are computed again, with the edits, in the same forward (the other
+requests of that step come out as they were). A prompt that vLLM prefilled over several steps
+(chunked prefill) and whose condition fired had its first chunks go through unedited: it is
+generated once more with its gate. ``cast="first-pass"`` reads every condition in a pass over
+the prompts (one token each, stopping after the condition's layer) before generating.
 
 The prompts are tokenized by steer (:func:`steer.data.tokenize`: the same chat template and ids
 as the HF path) and given to vLLM as token ids; answers are decoded by the model's tokenizer.
@@ -42,7 +48,7 @@ import os
 import tempfile
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -78,7 +84,9 @@ class Served:
     gate: Optional[Tensor]  # [batch] gate applied (condition × user gate), None without either
     logprobs: Optional[list]  # per prompt, per generated token: {token id: log-probability}
     seconds: float
-    prefill_pass_seconds: float  # the CAST condition's first pass (0 without a condition)
+    prefill_pass_seconds: float  # the CAST condition's first pass (0 without one, or read in the pass)
+    regenerated: list = field(default_factory=list)  # prompts generated again (their gate read in the pass
+    # only after vLLM had prefilled their first chunk unedited)
 
 
 class Engine:
@@ -164,37 +172,56 @@ class Engine:
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, prompts, steering=None, *, max_new_tokens: int = 64, min_new_tokens: int = 0,
-                 logprobs: Optional[int] = None, details: bool = False, **sampling):
+                 logprobs: Optional[int] = None, details: bool = False, cast: str = "in-pass", **sampling):
         """Greedy (by default) generation, steered by ``steering`` (a :class:`Steering`, or None).
 
         Returns the answers, or a :class:`Served` with ``details=True``. ``sampling`` goes to
         ``vllm.SamplingParams`` (``temperature``, ``top_p``, ``seed``, ...).
+
+        ``cast``: how a CAST condition is read. ``"in-pass"`` (default): while each prompt is
+        prefilled; when the condition fires, the layers from the first edited one up to the
+        condition's are computed again with the edits, in the same forward. A prompt that vLLM
+        prefilled over several steps (chunked prefill) and whose condition fired is generated
+        again with the gate now known (``Served.regenerated``). ``"first-pass"``: a pass over the
+        prompts up to the condition's layer first, then the steered generation (the HF path's
+        order). Both give the HF path's gates and tokens.
         """
         from vllm import SamplingParams
 
+        if cast not in ("in-pass", "first-pass"):
+            raise ValueError(f"cast={cast!r}: use 'in-pass' or 'first-pass'.")
         batch = tokenize(self.model, prompts)
         ids = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids.cpu(), batch.attention_mask.cpu())]
         n = len(ids)
         sampling.setdefault("temperature", 0.0)
         base = dict(max_tokens=max_new_tokens, min_tokens=min_new_tokens, logprobs=logprobs, detokenize=False,
                     **sampling)
-        plan = None if steering is None else _plan(self.model, steering, n)
+        in_pass = steering is not None and steering.condition is not None and cast == "in-pass"
+        plan = None if steering is None else _plan(self.model, steering, n, in_pass=in_pass)
         t0 = time.perf_counter()
-        gate, first = None, 0.0
+        gate, first, again = None, 0.0, []
         try:
             params = SamplingParams(**base)
             if plan is not None:
                 self.llm.collective_rpc("steer_install", args=(plan["worker"],))
                 gate = plan["gate"]
-                if steering.condition is not None:
+                if steering.condition is not None and not in_pass:
                     t1 = time.perf_counter()
                     fires = self._condition(steering.condition, ids)
                     first = time.perf_counter() - t1
                     gate = fires.float() if gate is None else fires.float() * gate
                 S = plan["strengths"]  # [batch, n_interventions]
+                g = [1.0 if gate is None else float(gate[b]) for b in range(n)]
+                keys = [f"c{next(self._keys)}" for _ in range(n)] if in_pass else None
                 params = [SamplingParams(**base, extra_args={"steer": {
-                    "s": S[b].tolist(), "g": 1.0 if gate is None else float(gate[b])}}) for b in range(n)]
-            outs = self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+                    "s": S[b].tolist(), "g": g[b], **({"key": keys[b], "capture": True, "pending": True}
+                                                      if in_pass else {})}}) for b in range(n)]
+            if in_pass:
+                outs, again = self._run_reading_gates(ids, params, keys, base, S)
+                read = self.llm.collective_rpc("steer_take_gates", args=(keys,))[0]
+                gate = torch.tensor([read[k][0] for k in keys], dtype=torch.float32)
+            else:
+                outs = self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
         finally:
             if plan is not None:
                 self.llm.collective_rpc("steer_clear")
@@ -206,7 +233,50 @@ class Engine:
         lps = None
         if logprobs is not None:
             lps = [[{t: float(lp.logprob) for t, lp in step.items()} for step in o.outputs[0].logprobs] for o in outs]
-        return Served(texts, tokens, gate, lps, seconds, first)
+        return Served(texts, tokens, gate, lps, seconds, first, again)
+
+    def _run_reading_gates(self, ids, params, keys, base, S) -> tuple[list, list]:
+        """vLLM's step loop (as ``LLM.generate`` runs it) for requests whose CAST condition is read
+        in the pass. After each step, while gates are still unread, it asks the worker which were
+        read; a request whose prompt was split over steps and whose condition fired is aborted
+        and added again with its gate, so that it runs beside the others. Returns the outputs in
+        prompt order and the prompts added again."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        llm = self.llm
+        names = itertools.count()
+
+        def add(b, p):  # as LLM.generate adds a request (final outputs only), under our own id
+            p.output_kind = RequestOutputKind.FINAL_ONLY
+            r = f"steer-{keys[b]}-{next(names)}"
+            llm.llm_engine.add_request(r, {"prompt_token_ids": ids[b]}, p)
+            return r
+
+        rid = [add(b, p) for b, p in enumerate(params)]
+        slot = {r: b for b, r in enumerate(rid)}
+        outs: list = [None] * len(ids)
+        unread, again = set(range(len(ids))), []
+        while llm.llm_engine.has_unfinished_requests():
+            for o in llm.llm_engine.step():
+                b = slot.get(o.request_id)
+                if o.finished and b is not None and rid[b] == o.request_id:
+                    outs[b] = o
+            if not unread:
+                continue
+            read = llm.collective_rpc("steer_decided", args=([keys[b] for b in unread],))[0]
+            for b in [b for b in unread if keys[b] in read]:
+                unread.discard(b)
+                gate, dirty = read[keys[b]]
+                if dirty and gate != 0:  # its first chunks went through before the gate was known
+                    llm.llm_engine.abort_request([rid[b]])
+                    rid[b] = add(b, SamplingParams(**base, extra_args={"steer": {"s": S[b].tolist(), "g": gate}}))
+                    slot[rid[b]] = b
+                    outs[b] = None
+                    again.append(b)
+        if any(o is None for o in outs):
+            raise RuntimeError("vLLM finished without an output for every prompt.")
+        return outs, sorted(again)
 
     def _condition(self, condition, ids) -> Tensor:
         """CAST's gate per prompt: the condition on each prompt's mean resid_post (sink excluded),
@@ -290,7 +360,7 @@ def engine_for(model, backend="vllm") -> Engine:
     return eng
 
 
-def _plan(model, steering, n: int) -> dict:
+def _plan(model, steering, n: int, in_pass: bool = False) -> dict:
     """A :class:`Steering` as plain data for the worker: per intervention its kind, region and
     sink/skip rules; per (layer, site) the vectors; per prompt the strengths and the user gate."""
     ivs, edits, strengths = [], [], []
@@ -338,6 +408,7 @@ def _plan(model, steering, n: int) -> dict:
     capture = sorted(cond.layers) if cond is not None else []
     if capture and not 0 <= capture[0] <= capture[-1] < model.n_layers:
         raise ValueError(f"The condition reads layers {capture}; {model.name} has layers 0..{model.n_layers - 1}.")
-    return {"worker": {"n_layers": model.n_layers, "ivs": ivs, "edits": edits, "capture_layers": capture},
+    return {"worker": {"n_layers": model.n_layers, "ivs": ivs, "edits": edits, "capture_layers": capture,
+                       "condition": cond if in_pass else None},
             "strengths": torch.stack(strengths, 1) if strengths else torch.zeros(n, 0, dtype=torch.float64),
             "gate": gate}

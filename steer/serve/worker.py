@@ -12,8 +12,13 @@ The residual stream of a vLLM decoder layer is ``hidden + residual`` (the next n
 an edit ``x → x + c·u`` is applied as ``hidden → hidden + c·u``. Model anatomy (where the decoder
 layers sit, what they return) is kept in :func:`decoder_layers` and :func:`_stream`.
 
-Nothing here is global: the plan, the routing of the current step and the captured prompt means
-live on the worker object.
+A CAST condition read inside the pass (``pending`` requests): their edits wait (gate 0) while
+their prompt means accumulate; in the step where a prompt ends, the hook after the condition's
+last layer reads the condition, records the gate, and — if it fired and edits sit at or before
+that layer — replays those layers from the first edited one, whose input it kept, with the edits.
+
+Nothing here is global: the plan, the routing of the current step, the captured prompt means and
+the gates live on the worker object.
 """
 
 from __future__ import annotations
@@ -44,6 +49,17 @@ def _stream(hidden: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Ten
     return hidden if residual is None else hidden + residual
 
 
+def _with_stream(args: list, kwargs: dict, hidden, residual) -> tuple[list, dict]:
+    """A decoder layer's call ``layer(positions, hidden_states, residual, ...)`` with another stream."""
+    args, kwargs = list(args), dict(kwargs)
+    for i, (name, value) in enumerate((("hidden_states", hidden), ("residual", residual)), start=1):
+        if len(args) > i:
+            args[i] = value
+        elif name in kwargs or value is not None:
+            kwargs[name] = value
+    return args, kwargs
+
+
 class SteerWorker:
     """Methods mixed into vLLM's worker; the engine calls them through ``collective_rpc``."""
 
@@ -60,11 +76,20 @@ class SteerWorker:
         self._steer_route = None
         self._steer_means: dict = {}
         self._steer_specs: dict = {}
+        self._steer_gates: dict = {}  # capture key -> (gate, dirty): gates decided inside the pass
+        self._steer_replaying = False
         edits = plan["edits"]
         for e in edits:
             e["vec"] = torch.as_tensor(e["vec"])
         self._steer_dev = {}
         hooks = []
+        # the gate read inside the pass: edits at or before the condition's last layer are replayed
+        # from the first of them once it is known, so that layer's input is kept in such steps
+        last_read = max(plan["capture_layers"], default=None)
+        early = [e["layer"] for e in edits if last_read is not None and e["layer"] <= last_read]
+        self._steer_replay_from = min(early) if plan.get("condition") is not None and early else None
+        if self._steer_replay_from is not None:
+            hooks.append(layers[self._steer_replay_from].register_forward_pre_hook(self._keep_input, with_kwargs=True))
         for layer in sorted({e["layer"] for e in edits if e["where"] == "pre"}):
             todo = [e for e in edits if e["where"] == "pre" and e["layer"] == layer]
             hooks.append(layers[layer].register_forward_pre_hook(self._pre_hook(todo), with_kwargs=True))
@@ -142,10 +167,20 @@ class SteerWorker:
             strengths = np.asarray(s.get("s", [0.0] * n), dtype=np.float64)
             if strengths.shape != (n,):
                 raise ValueError(f"Request {req_id} carries {strengths.shape} strengths for {n} interventions.")
-            spec = (strengths, float(s.get("g", 1.0)), s.get("key"), bool(s.get("capture", False)),
-                    len(req.prompt_token_ids or ()))
+            spec = {"s": strengths, "g": float(s.get("g", 1.0)), "key": s.get("key"),
+                    "capture": bool(s.get("capture", False)), "pending": bool(s.get("pending", False)),
+                    "plen": len(req.prompt_token_ids or ())}
             self._steer_specs[req_id] = spec
         return spec
+
+    def _gate(self, spec) -> float:
+        """A request's gate now: given, or (CAST read inside the pass) 0 until the condition has
+        been read, then condition × user gate (0 for a request whose prompt was split: see
+        :meth:`steer_take_gates`)."""
+        if not spec["pending"]:
+            return spec["g"]
+        gate, dirty = self._steer_gates.get(spec["key"], (0.0, False))
+        return 0.0 if dirty else gate
 
     def _route(self, positions, input_ids):
         plan = self._steer_plan
@@ -155,8 +190,11 @@ class SteerWorker:
         n_req = runner.input_batch.num_reqs
         req_ids = runner.input_batch.req_ids[:n_req]
         specs = [self._spec(r) for r in req_ids]
-        steered = [bool(np.any(sp[0] != 0) and sp[1] != 0) for sp in specs]
-        capture = [sp[3] for sp in specs]
+        waiting = [sp["pending"] and sp["key"] not in self._steer_gates for sp in specs]
+        # a request still waiting for its gate may be steered later in this very step
+        steered = [bool(np.any(sp["s"] != 0)) and (sp["g"] if w else self._gate(sp)) != 0
+                   for sp, w in zip(specs, waiting)]
+        capture = [sp["capture"] and (not sp["pending"] or w) for sp, w in zip(specs, waiting)]
         if not any(steered) and not any(capture):
             return None
         qsl = np.asarray(runner.query_start_loc.np[: n_req + 1])
@@ -165,38 +203,56 @@ class SteerWorker:
         width = positions.shape[0]  # may be padded past the scheduled tokens
         req_of = np.repeat(np.arange(n_req), counts)
         pos = positions[:n_tok].cpu().numpy()
-        plen = np.asarray([sp[4] for sp in specs])[req_of]
+        plen = np.asarray([sp["plen"] for sp in specs])[req_of]
         ids = None if input_ids is None else input_ids[:n_tok].cpu().numpy()
-        device = positions.device
-        route = {"n_tok": n_tok, "width": width}
+        route = {"n_tok": n_tok, "width": width, "device": positions.device, "specs": specs, "req_of": req_of,
+                 "pos": pos, "plen": plen, "ids": ids}
         if any(steered):
-            S = np.stack([sp[0] for sp in specs])  # [req, iv]
-            G = np.asarray([sp[1] for sp in specs])
-            weights, masks = [], []
-            for i, iv in enumerate(plan["ivs"]):
-                r = iv["region"]
-                region = (np.ones(n_tok, bool) if r == "all" else pos < plen if r == "prompt" else
-                          pos >= plen if r == "generated" else (pos < plen) & (pos >= plen - iv["k"]))
-                m = region & (S[req_of, i] != 0) & (G[req_of] != 0)
-                if not iv["include_sink"]:
-                    m &= pos != 0
-                if iv["skip"] and ids is not None:
-                    m &= ~np.isin(ids, iv["skip"])
-                # clamp: the strength is the value (the gate only selects rows); else strength × gate
-                w = S[req_of, i] if iv["kind"] == "clamp" and iv["target"] is None else S[req_of, i] * G[req_of]
-                weights.append(np.where(m, w, 0.0))
-                masks.append(m)
-            pad = width - n_tok
-            route["w"] = torch.from_numpy(np.pad(np.stack(weights), ((0, 0), (0, pad)))).to(device)
-            route["m"] = torch.from_numpy(np.pad(np.stack(masks), ((0, 0), (0, pad)))).to(device)
+            self._weights(route)
         if any(capture):
-            route["capture_only"] = all(capture) and not any(steered)
+            route["capture_only"] = all(c and not sp["pending"] for c, sp in zip(capture, specs))
             keep = np.asarray(capture)[req_of] & (pos >= 1) & (pos < plen)
-            route["capture"] = (torch.from_numpy(np.nonzero(keep)[0]).to(device),
-                                torch.from_numpy(req_of[keep]).to(device),
-                                [sp[2] for sp in specs], np.bincount(req_of[keep], minlength=n_req))
+            route["capture"] = (torch.from_numpy(np.nonzero(keep)[0]).to(positions.device),
+                                torch.from_numpy(req_of[keep]).to(positions.device),
+                                [sp["key"] if c else None for sp, c in zip(specs, capture)],
+                                np.bincount(req_of[keep], minlength=n_req))
             route["captured_layers"] = set()
+            # requests whose condition is read in this pass and whose prompt ends in this step;
+            # "split": it began in an earlier step, so its earlier tokens went through unedited
+            first = np.full(n_req, np.iinfo(np.int64).max)
+            np.minimum.at(first, req_of, pos)
+            for r in np.nonzero(np.asarray(waiting) & (first == 0))[0]:  # a prompt (re)starting: vLLM
+                self._steer_means.pop(specs[r]["key"], None)  # recomputes a preempted request from 0
+            ends = np.zeros(n_req, bool)
+            ends[req_of[pos == plen - 1]] = True
+            route["decide"] = [(r, bool(first[r] > 0)) for r in range(n_req) if waiting[r] and ends[r]]
         return route
+
+    def _weights(self, route) -> None:
+        """Per intervention, the ``[tokens]`` weight (strength × gate where its region, sink and
+        skip rules allow) and mask of this step, from each request's current gate."""
+        plan = self._steer_plan
+        specs, req_of, pos, plen, ids = (route[k] for k in ("specs", "req_of", "pos", "plen", "ids"))
+        n_tok, width = route["n_tok"], route["width"]
+        S = np.stack([sp["s"] for sp in specs])  # [req, iv]
+        G = np.asarray([self._gate(sp) for sp in specs])
+        weights, masks = [], []
+        for i, iv in enumerate(plan["ivs"]):
+            r = iv["region"]
+            region = (np.ones(n_tok, bool) if r == "all" else pos < plen if r == "prompt" else
+                      pos >= plen if r == "generated" else (pos < plen) & (pos >= plen - iv["k"]))
+            m = region & (S[req_of, i] != 0) & (G[req_of] != 0)
+            if not iv["include_sink"]:
+                m &= pos != 0
+            if iv["skip"] and ids is not None:
+                m &= ~np.isin(ids, iv["skip"])
+            # clamp: the strength is the value (the gate only selects rows); else strength × gate
+            w = S[req_of, i] if iv["kind"] == "clamp" and iv["target"] is None else S[req_of, i] * G[req_of]
+            weights.append(np.where(m, w, 0.0))
+            masks.append(m)
+        pad = width - n_tok
+        route["w"] = torch.from_numpy(np.pad(np.stack(weights), ((0, 0), (0, pad)))).to(route["device"])
+        route["m"] = torch.from_numpy(np.pad(np.stack(masks), ((0, 0), (0, pad)))).to(route["device"])
 
     # -- hooks ----------------------------------------------------------------------------
     def _vec(self, e, like: torch.Tensor) -> torch.Tensor:
@@ -255,13 +311,79 @@ class SteerWorker:
                 return None
             hidden, residual = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
             new = self._apply(todo, hidden, residual)
-            if "capture" in route and layer in self._steer_plan["capture_layers"]:
+            reads = self._steer_plan["capture_layers"]
+            if "capture" in route and layer in reads and not self._steer_replaying:
                 self._capture(layer, _stream(new, residual), route)
+                if layer == max(reads) and route.get("decide"):
+                    replayed = self._decide(route)
+                    if replayed is not None:
+                        new, residual = replayed
+                        return (new, residual, *out[2:]) if isinstance(out, tuple) else new
             if new is hidden:
                 return None
             return (new, residual, *out[2:]) if isinstance(out, tuple) else new
 
         return hook
+
+    # -- CAST read inside the pass ---------------------------------------------------------
+    def _keep_input(self, module, args, kwargs):
+        """Pre-hook of the first edited layer at or before the condition's: keep its input
+        (before any edit) in a step where some request's condition will be read."""
+        route = self._steer_route
+        if route is not None and route.get("decide") and not self._steer_replaying:
+            own = lambda x: x.clone() if torch.is_tensor(x) else x  # noqa: E731 (vLLM norms work in place)
+            route["saved"] = ([own(a) for a in args], {k: own(v) for k, v in kwargs.items()})
+        return None
+
+    def _decide(self, route):
+        """Read the condition of the requests whose prompt ends in this step (their prompt means
+        are complete), record their gates, and update this step's weights. If one of them fires
+        and edits sit at or before the condition's layer, replay those layers from the kept input
+        with the edits (every request's tokens: the others come out as they were) and return the
+        new ``(hidden, residual)`` of the condition's layer."""
+        cond, specs = self._steer_plan["condition"], route["specs"]
+        decide = route["decide"]
+        keys = [specs[r]["key"] for r, _ in decide]
+        means = []
+        for k in keys:
+            count, by_layer = self._steer_means.pop(k)
+            means.append({layer: s / max(count, 1) for layer, s in by_layer.items()})
+        hs = {layer: torch.stack([m[layer] for m in means]) for layer in sorted(cond.layers)}
+        fires = cond.evaluate(hs).float().cpu()
+        replay = False
+        for (r, split), k, f in zip(decide, keys, fires.tolist()):
+            gate = f * specs[r]["g"]
+            self._steer_gates[k] = (gate, split)
+            replay |= gate != 0 and not split
+        if "w" in route:
+            self._weights(route)
+        if not replay or self._steer_replay_from is None:
+            return None
+        args, kwargs = route.pop("saved")
+        layers = decoder_layers(self.model_runner.get_model())
+        self._steer_replaying = True
+        try:
+            for layer in range(self._steer_replay_from, max(self._steer_plan["capture_layers"]) + 1):
+                out = layers[layer](*args, **kwargs)  # its hooks apply the edits with the new gates
+                hidden, residual = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+                args, kwargs = _with_stream(args, kwargs, hidden, residual)
+        finally:
+            self._steer_replaying = False
+        return hidden, residual
+
+    def steer_decided(self, keys: list) -> dict:
+        """The gates of ``keys`` read so far: ``{key: (gate, dirty)}`` (kept for their decoding)."""
+        return {k: self._steer_gates[k] for k in keys if k in self._steer_gates}
+
+    def steer_take_gates(self, keys: list) -> dict:
+        """Pop the gates read inside the pass: ``{key: (gate, dirty)}``. ``dirty``: the request's
+        prompt was prefilled over several steps (chunked prefill), so its first chunks went
+        through before the gate was known and were not edited; if its gate is not 0 its answer is
+        not the steered one, and the engine generates it again with the gate it now knows."""
+        missing = [k for k in keys if k not in self._steer_gates]
+        if missing:
+            raise RuntimeError(f"No gate was read for requests {missing[:3]}...")
+        return {k: self._steer_gates.pop(k) for k in keys}
 
     def _capture(self, layer: int, x: torch.Tensor, route) -> None:
         tok, req, keys, counts = route["capture"]
