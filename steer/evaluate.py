@@ -189,9 +189,11 @@ def f1(pred: Sequence[bool] | Tensor, labels: Sequence[int] | Tensor) -> float:
 
 
 @torch.no_grad()
-def perplexity(model, texts: Sequence[str], batch_size: int = 16, steering=None) -> float:
+def perplexity(model, texts: Sequence[str], batch_size: int = 16, steering=None, backend=None) -> float:
     """Token-level perplexity of raw texts under ``model`` (steered inside a Steering block; pass
-    the active ``steering`` when its positions need the tokenized prompts).
+    the active ``steering`` when its positions need the tokenized prompts). ``backend="vllm"`` (or
+    a :class:`steer.serve.Engine`): the same log-probabilities from vLLM's prefill, under
+    ``steering``.
 
     >>> import steer
     >>> perplexity(steer.load("tiny-llama"), ["hello world"]) > 1
@@ -201,6 +203,12 @@ def perplexity(model, texts: Sequence[str], batch_size: int = 16, steering=None)
 
     if not texts:
         raise ValueError("perplexity got no texts.")
+    if _vllm(backend):
+        rows = _prompt_logprobs(model, backend, [Raw(t) for t in texts], steering)
+        lps = [x for row in rows for x in row[1:]]
+        if not lps:
+            raise ValueError("Texts are too short for perplexity (need at least two tokens).")
+        return float(torch.tensor(-sum(lps) / len(lps)).exp())
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
         chunk = [Raw(t) for t in texts[i: i + batch_size]]
@@ -236,9 +244,26 @@ def is_readable(text: str, min_words: int = 3) -> bool:
 
 
 @torch.no_grad()
+def _vllm(backend) -> bool:
+    from .serve import backend_name
+
+    return backend_name(backend) == "vllm"
+
+
+def _prompt_logprobs(model, backend, prompts, steering) -> list[list]:
+    """Per prompt, ``log P(token_i | tokens_<i)`` of its tokens (None for the first) from vLLM's
+    prefill (:mod:`steer.serve`), under ``steering``."""
+    from .serve import engine_for
+
+    return engine_for(model, backend).generate(prompts, steering, max_new_tokens=1, details=True,
+                                               prompt_logprobs=0).prompt_logprobs
+
+
 def completion_logprob(model, prompts: Sequence, completions: Sequence[str], steering=None,
-                        batch_size: int = 16) -> Float[Tensor, "n"]:
+                       batch_size: int = 16, backend=None) -> Float[Tensor, "n"]:
     """Mean per-token ``log P(completion | chat prompt)`` (optionally under an active Steering).
+    ``backend="vllm"`` (or a :class:`steer.serve.Engine`): from vLLM's prefill of prompt and
+    completion, under ``steering`` (active or not).
 
     >>> import steer
     >>> completion_logprob(steer.load("tiny-llama"), ["Hi"], ["Hello there!"]).shape
@@ -246,6 +271,16 @@ def completion_logprob(model, prompts: Sequence, completions: Sequence[str], ste
     """
     from .data import tokenize
 
+    if _vllm(backend):
+        pairs = list(zip(prompts, completions))
+        batch, rows = tokenize(model, pairs), _prompt_logprobs(model, backend, pairs, steering)
+        means = []
+        for j, (sp, row) in enumerate(zip(batch.spans, rows)):
+            (a, b), shift = sp["completion"], sp["all"][0]  # columns of the padded batch → token indices
+            if b <= a:
+                raise ValueError(f"Completion {completions[j]!r} has no tokens.")
+            means.append(sum(row[c - shift] for c in range(a, b)) / (b - a))
+        return torch.tensor(means)
     out = torch.zeros(len(prompts))
     for s in range(0, len(prompts), batch_size):
         pairs = [(p, c) for p, c in zip(prompts[s:s + batch_size], completions[s:s + batch_size])]
@@ -286,10 +321,11 @@ def _item_prompts(items: Sequence[dict], history: Sequence[dict], system: Option
 
 
 def behaviour_gaps(model, items: Sequence[dict], steering=None, system: Optional[str] = None,
-                   history: Sequence[dict] = DEFAULT_HISTORY) -> Float[Tensor, "item"]:
+                   history: Sequence[dict] = DEFAULT_HISTORY, backend=None) -> Float[Tensor, "item"]:
     """Per item, mean per-token ``log P(matching) − log P(non-matching)`` answer, after a
     multi-turn ``history`` (each item's own ``"history"`` if it has one) and optionally a system
-    prompt, under ``steering`` (a :class:`~steer.steering.Steering`, not yet active) if given.
+    prompt, under ``steering`` (a :class:`~steer.steering.Steering`, not yet active) if given;
+    ``backend="vllm"``: the likelihoods from vLLM (:func:`completion_logprob`).
 
     Items: ``{"question", "trait", "opposite"}`` (a persona trait's ``ab`` items) or
     ``{"question", "matching", "non_matching"}``.
@@ -308,8 +344,11 @@ def behaviour_gaps(model, items: Sequence[dict], steering=None, system: Optional
     if any(x is None for x in match + other):
         raise ValueError("Each item needs 'matching' and 'non_matching' answers (or a trait's 'trait'/'opposite').")
     prompts = _item_prompts(items, history, system)
-    with (steering if steering is not None else Steering(model)) as s:
-        lp = completion_logprob(model, prompts + prompts, match + other, steering=s)
+    if _vllm(backend):
+        lp = completion_logprob(model, prompts + prompts, match + other, steering=steering, backend=backend)
+    else:
+        with (steering if steering is not None else Steering(model)) as s:
+            lp = completion_logprob(model, prompts + prompts, match + other, steering=s)
     n = len(items)
     return lp[:n] - lp[n:]
 
@@ -322,13 +361,16 @@ def _effect(d: Tensor) -> tuple[float, float]:
 
 def evaluate_steering(model, items: Sequence[dict], make_steering, strengths: Sequence[float], *,
                       system_prompt: Optional[str], neutral_prompts: Sequence, unrelated_texts: Sequence[str],
-                      history: Sequence[dict] = DEFAULT_HISTORY, name: str = "") -> "SteeringEvaluation":
+                      history: Sequence[dict] = DEFAULT_HISTORY, name: str = "", backend=None) -> "SteeringEvaluation":
     """Evaluate a steering method as "Towards Reliable Evaluation of Behavior Steering
     Interventions in LLMs" asks: likelihoods of behaviour-matching vs non-matching answers in a
     multi-turn context (not only sampled text), a prompting baseline (the same behaviour asked
     for in ``system_prompt``), effects standardised across items (paired Cohen's d_z), side effects
     (next-token KL on ``neutral_prompts``, perplexity ratio of ``unrelated_texts``: coherence), over
     a strength curve. ``make_steering(strength)`` returns a :class:`~steer.steering.Steering`.
+    ``backend="vllm"`` (or a :class:`steer.serve.Engine`): the likelihoods and perplexities from
+    vLLM (:mod:`steer.serve`); the neutral KL, which needs every next-token probability, stays on
+    the HF path.
 
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")
@@ -342,10 +384,10 @@ def evaluate_steering(model, items: Sequence[dict], make_steering, strengths: Se
     """
     from .steering import Steering
 
-    base = behaviour_gaps(model, items, history=history)
+    base = behaviour_gaps(model, items, history=history, backend=backend)
     with Steering(model) as s:
         neutral = s.next_token_logits(neutral_prompts)
-    ppl0 = perplexity(model, unrelated_texts)
+    ppl0 = perplexity(model, unrelated_texts, backend=backend)
 
     def row(setting, gaps, kl, ppl_ratio):
         eff, d = _effect(gaps - base)
@@ -355,13 +397,14 @@ def evaluate_steering(model, items: Sequence[dict], make_steering, strengths: Se
     rows = []
     for a in strengths:
         st = make_steering(a)  # one Steering, entered for the items and again for the side effects
-        gaps = behaviour_gaps(model, items, st, history=history)
+        gaps = behaviour_gaps(model, items, st, history=history, backend=backend)
         with st as s:
             kl = float(next_token_kl(neutral, s.next_token_logits(neutral_prompts)).mean())
-            ppl = perplexity(model, unrelated_texts, steering=s)
+            ppl = perplexity(model, unrelated_texts, steering=s, backend=backend)
         rows.append(row(f"steer {a:g}", gaps, kl, ppl / ppl0))
     if system_prompt:  # the prompting baseline: the model unsteered, so other prompts are untouched
-        rows.append(row("prompt", behaviour_gaps(model, items, system=system_prompt, history=history), 0.0, 1.0))
+        rows.append(row("prompt", behaviour_gaps(model, items, system=system_prompt, history=history,
+                                                 backend=backend), 0.0, 1.0))
     return SteeringEvaluation(name, rows, float(base.mean()), float((base > 0).float().mean()), len(items),
                               system_prompt)
 

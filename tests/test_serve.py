@@ -135,7 +135,9 @@ def test_unsupported_edits_say_where_to_go(tiny):
     with pytest.raises(NotImplementedError, match="HF path"):
         eng.generate(["Hi"], steer.steer(m, v, layer=0, sites="mlp_out"))
     with pytest.raises(NotImplementedError, match="HF path"):
-        eng.generate(["Hi"], steer.steer(m, v, layer=0, positions="post_instruction"))
+        eng.generate(["Hi"], Steering(m, [Intervention("map", layers=[0], fn=lambda x, s: x)]))
+    with pytest.raises(ValueError, match="no 'completion' tokens"):  # the HF path's own selector error
+        eng.generate(["Hi"], steer.steer(m, v, layer=0, positions="completion"))
     with pytest.raises(ValueError, match="batch=2"):
         eng.generate(["Hi", "Ho"], steer.steer(m, v, layer=0, strength=torch.ones(3)))
     with pytest.raises(ValueError, match="condition reads layers"):
@@ -239,6 +241,28 @@ def test_last_k_prompt_tokens_and_persona_recipe(tiny):
         persona.steered_answers(m, v, 1, qs, 4.0, max_new_tokens=5)
 
 
+def test_prompt_selectors_per_request(tiny):
+    """Any prompt selector (named spans, a callable, token indices) reaches vLLM as the positions
+    the HF path's selector picks in each prompt; also with CAST read in the pass."""
+    from steer.positions import mask as select
+
+    m, eng = tiny
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(11)) * 3
+    every_third = lambda b: torch.arange(b.input_ids.shape[1])[None].expand_as(b.input_ids) % 3 == 0  # noqa: E731
+    s = Steering(m, [Intervention("add", v, layers=[0], positions="instruction", strength=3.0),
+                     Intervention("ablate", v, layers=[1], positions=every_third),
+                     Intervention("add", v, layers=[2], positions=[1, -2], strength=-4.0, include_sink=True),
+                     Intervention("clamp", v, layers=[1], positions="instruction_last", strength=2.0)])
+    assert select("instruction", steer.tokenize(m, PROMPTS)).sum(-1).tolist() != [0] * len(PROMPTS)
+    _check(m, eng, s)
+    h = prompt_means(m, PROMPTS, layers=[2])[:, 0]
+    u = torch.randn(m.d_model, generator=torch.Generator().manual_seed(12))
+    mid = (h @ (u / u.norm())).sort().values[1:3].mean()
+    s.condition = Condition(u, layer=2, threshold=float(mid))
+    out, hf = _check(m, eng, s)
+    assert out.gate.tolist() == hf.last_gate.cpu().float().tolist() and 0 < out.gate.sum() < len(PROMPTS)
+
+
 def test_chunked_prefill_keeps_regions_and_condition():
     """Prompts prefilled over several steps (16 tokens a step): the prompt/generated split, the
     sink and CAST's prompt means still follow each request's absolute positions."""
@@ -281,3 +305,61 @@ def test_each_engine_gets_its_own_kv_cache_size(tiny):
         assert os.environ.get("VLLM_CPU_KVCACHE_SPACE") == before  # set for the start only
     finally:
         second.close()
+
+
+ITEMS = [{"question": "Do you like the sea?", "matching": "Yes, I love it!", "non_matching": "No, not at all."},
+         {"question": "Shall we go out?", "matching": "Gladly, let us go.", "non_matching": "I would rather not."},
+         {"question": "How was your day?", "matching": "Wonderful, thanks!", "non_matching": "Terrible, sadly."}]
+
+
+def test_reliable_evaluation_through_vllm(tiny):
+    """``evaluate_steering(backend=...)``: likelihood effects, the prompting baseline and the
+    perplexity ratio from vLLM's prefill equal the HF path's (the neutral KL is HF's in both), for
+    steering on every token and on the response tokens only (a callable selector)."""
+    from steer.evaluate import completion_logprob, evaluate_steering
+    from steer.persona import _from_response
+
+    m, eng = tiny
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(13)) * 3
+    pairs = [("Hi", "Hello there!"), ("Tell me a story", "Once upon a time.")]
+    for pos in ("all", _from_response):
+        s = steer.steer(m, v, layer=1, strength=3.0, positions=pos)
+        with s:
+            ref = completion_logprob(m, [p for p, _ in pairs], [c for _, c in pairs], steering=s)
+        got = completion_logprob(m, [p for p, _ in pairs], [c for _, c in pairs], steering=s, backend=eng)
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+        kw = dict(system_prompt="Be cheerful.", neutral_prompts=["Name a fruit"], unrelated_texts=["The river runs."])
+        make = lambda a: steer.steer(m, v, layer=1, strength=a, positions=pos)  # noqa: E731
+        hf = evaluate_steering(m, ITEMS, make, [0.0, 3.0], **kw)
+        vl = evaluate_steering(m, ITEMS, make, [0.0, 3.0], **kw, backend=eng)
+        for a, b in zip(hf.rows, vl.rows):
+            assert a["setting"] == b["setting"] and a["neutral_kl"] == b["neutral_kl"]
+            assert abs(a["effect"] - b["effect"]) < 2 * ATOL and abs(a["ppl_ratio"] - b["ppl_ratio"]) < 1e-2
+            assert a["matching_rate"] == b["matching_rate"]
+        assert abs(hf.rows[1]["effect"]) > 10 * ATOL  # the steering moves the likelihoods at all
+
+
+def test_cli_evaluate_backend_vllm(tiny, tmp_path):
+    """``steer evaluate --backend vllm`` writes the same rows as ``--backend hf``."""
+    import json
+
+    from steer.cli import main
+    from steer.directions import Direction
+
+    m, _ = tiny
+    d = tmp_path / "model"
+    m.hf.save_pretrained(d)
+    m.tokenizer.save_pretrained(d)
+    v = torch.randn(m.n_layers, m.d_model, generator=torch.Generator().manual_seed(14))
+    Direction(v, 1, "mean_diff", {"model": str(d)}).save(tmp_path / "dir.pt")
+    (tmp_path / "items.json").write_text(json.dumps(ITEMS))
+    rows = {}
+    for backend in ("hf", "vllm"):
+        out = tmp_path / f"{backend}.json"
+        assert main(["evaluate", "--model", str(d), "--direction", str(tmp_path / "dir.pt"), "--items",
+                     str(tmp_path / "items.json"), "--strengths", "0,4", "--neutral", "2", "--backend", backend,
+                     "--json", str(out)]) == 0
+        rows[backend] = json.loads(out.read_text())
+    assert rows["vllm"]["backend"] == "vllm"
+    for a, b in zip(rows["hf"]["rows"], rows["vllm"]["rows"]):
+        assert abs(a["effect"] - b["effect"]) < 2 * ATOL, (a, b)

@@ -43,6 +43,8 @@ def add_parser(sub) -> None:
                    help="steer the response tokens (and the last prompt token) or every token but the sink")
     p.add_argument("--neutral", type=int, default=8, help="held-out harmless requests for the neutral KL")
     p.add_argument("--model", default=None, help="model name (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--backend", default="hf", choices=("hf", "vllm"),
+                   help="likelihoods and perplexities through HF (default) or vLLM (steer.serve; the KL stays on HF)")
     p.add_argument("--json", dest="json_out", default=None, help="write the results here (also printed)")
     p.set_defaults(func=run)
 
@@ -120,10 +122,17 @@ def run(args) -> int:
     else:
         make, what = _fitted(args, model, pos, strengths)
     system = args.system or system
+    if args.backend == "vllm":
+        from steer.serve import available
+
+        if not available():
+            raise SystemExit("steer evaluate: --backend vllm needs vLLM (`make test-vllm` builds .venv-vllm with it; "
+                             "elsewhere pip install 'steer[vllm]').")
     ev = evaluate_steering(model, items, make, strengths, system_prompt=system,
                            neutral_prompts=training_data()["harmless"][-args.neutral:],
-                           unrelated_texts=load_neutral_text()[:8], name=name)
-    out = {"model": model.name, "method": args.method, **what, "positions": args.positions, **ev.to_dict()}
+                           unrelated_texts=load_neutral_text()[:8], name=name, backend=args.backend)
+    out = {"model": model.name, "method": args.method, **what, "positions": args.positions,
+           "backend": args.backend, **ev.to_dict()}
     from steer.cli import emit
 
     emit(out, args.json_out)

@@ -87,6 +87,8 @@ class Served:
     prefill_pass_seconds: float  # the CAST condition's first pass (0 without one, or read in the pass)
     regenerated: list = field(default_factory=list)  # prompts generated again (their gate read in the pass
     # only after vLLM had prefilled their first chunk unedited)
+    prompt_logprobs: Optional[list] = None  # with prompt_logprobs=0: per prompt, log P(token_i | tokens_<i)
+    # of each of its tokens (None for the first), under the steering
 
 
 class Engine:
@@ -197,7 +199,7 @@ class Engine:
         base = dict(max_tokens=max_new_tokens, min_tokens=min_new_tokens, logprobs=logprobs, detokenize=False,
                     **sampling)
         in_pass = steering is not None and steering.condition is not None and cast == "in-pass"
-        plan = None if steering is None else _plan(self.model, steering, n, in_pass=in_pass)
+        plan = None if steering is None else _plan(self.model, steering, batch, in_pass=in_pass)
         t0 = time.perf_counter()
         gate, first, again = None, 0.0, []
         try:
@@ -213,11 +215,12 @@ class Engine:
                 S = plan["strengths"]  # [batch, n_interventions]
                 g = [1.0 if gate is None else float(gate[b]) for b in range(n)]
                 keys = [f"c{next(self._keys)}" for _ in range(n)] if in_pass else None
+                sel = plan["selected"]
                 params = [SamplingParams(**base, extra_args={"steer": {
-                    "s": S[b].tolist(), "g": g[b], **({"key": keys[b], "capture": True, "pending": True}
-                                                      if in_pass else {})}}) for b in range(n)]
+                    "s": S[b].tolist(), "g": g[b], "sel": sel[b],
+                    **({"key": keys[b], "capture": True, "pending": True} if in_pass else {})}}) for b in range(n)]
             if in_pass:
-                outs, again = self._run_reading_gates(ids, params, keys, base, S)
+                outs, again = self._run_reading_gates(ids, params, keys, base, S, plan["selected"])
                 read = self.llm.collective_rpc("steer_take_gates", args=(keys,))[0]
                 gate = torch.tensor([read[k][0] for k in keys], dtype=torch.float32)
             else:
@@ -230,12 +233,15 @@ class Engine:
         texts = self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         if not details:
             return texts
-        lps = None
+        lps = plps = None
         if logprobs is not None:
             lps = [[{t: float(lp.logprob) for t, lp in step.items()} for step in o.outputs[0].logprobs] for o in outs]
-        return Served(texts, tokens, gate, lps, seconds, first, again)
+        if sampling.get("prompt_logprobs") is not None:
+            plps = [[None] + [float(step[t].logprob) for step, t in zip(o.prompt_logprobs[1:], i[1:])]
+                    for o, i in zip(outs, ids)]
+        return Served(texts, tokens, gate, lps, seconds, first, again, plps)
 
-    def _run_reading_gates(self, ids, params, keys, base, S) -> tuple[list, list]:
+    def _run_reading_gates(self, ids, params, keys, base, S, sel) -> tuple[list, list]:
         """vLLM's step loop (as ``LLM.generate`` runs it) for requests whose CAST condition is read
         in the pass. After each step, while gates are still unread, it asks the worker which were
         read; a request whose prompt was split over steps and whose condition fired is aborted
@@ -270,7 +276,8 @@ class Engine:
                 gate, dirty = read[keys[b]]
                 if dirty and gate != 0:  # its first chunks went through before the gate was known
                     llm.llm_engine.abort_request([rid[b]])
-                    rid[b] = add(b, SamplingParams(**base, extra_args={"steer": {"s": S[b].tolist(), "g": gate}}))
+                    rid[b] = add(b, SamplingParams(**base, extra_args={"steer": {"s": S[b].tolist(), "g": gate,
+                                                                                 "sel": sel[b]}}))
                     slot[rid[b]] = b
                     outs[b] = None
                     again.append(b)
@@ -360,10 +367,14 @@ def engine_for(model, backend="vllm") -> Engine:
     return eng
 
 
-def _plan(model, steering, n: int, in_pass: bool = False) -> dict:
+def _plan(model, steering, batch, in_pass: bool = False) -> dict:
     """A :class:`Steering` as plain data for the worker: per intervention its kind, region and
-    sink/skip rules; per (layer, site) the vectors; per prompt the strengths and the user gate."""
+    sink/skip rules; per (layer, site) the vectors; per prompt the strengths, the user gate and the
+    prompt positions a selector picks (``selected``: ``[prompt][intervention]`` position lists,
+    counted from the prompt's first token, for interventions whose positions are a selector)."""
+    n = len(batch)
     ivs, edits, strengths = [], [], []
+    selected: list[dict] = [{} for _ in range(n)]
     for i, iv in enumerate(steering.interventions):
         if iv.kind not in ("add", "ablate", "clamp"):
             raise NotImplementedError(f"steer.serve applies add / ablate / clamp; kind={iv.kind!r} (a fitted map) "
@@ -373,9 +384,12 @@ def _plan(model, steering, n: int, in_pass: bool = False) -> dict:
         region, k = iv.positions, 0
         if isinstance(region, P.Last) or region == "last":  # the last k prompt tokens
             region, k = "last", (region.k if isinstance(region, P.Last) else 1)
-        elif not isinstance(region, str) or region not in _REGIONS:
-            raise NotImplementedError(f"positions={iv.positions!r}: steer.serve edits {_REGIONS}, 'last' and Last(k); "
-                                      "other prompt selectors run on the HF path (Steering.generate).")
+        elif not (isinstance(region, str) and region in _REGIONS):  # any other prompt selector:
+            sel = P.mask(iv.positions, batch, include_sink=iv.include_sink)  # the HF path's own tokens
+            first = batch.input_ids.shape[1] - batch.lengths
+            for b in range(n):
+                selected[b][str(i)] = (torch.nonzero(sel[b]).flatten() - first[b]).tolist()
+            region = "select"
         for site in iv.sites:
             if site not in _SITES:
                 raise NotImplementedError(f"site {site!r}: steer.serve edits {tuple(_SITES)}; other sites run on the "
@@ -411,4 +425,4 @@ def _plan(model, steering, n: int, in_pass: bool = False) -> dict:
     return {"worker": {"n_layers": model.n_layers, "ivs": ivs, "edits": edits, "capture_layers": capture,
                        "condition": cond if in_pass else None},
             "strengths": torch.stack(strengths, 1) if strengths else torch.zeros(n, 0, dtype=torch.float64),
-            "gate": gate}
+            "gate": gate, "selected": selected}

@@ -167,7 +167,8 @@ class SteerWorker:
             strengths = np.asarray(s.get("s", [0.0] * n), dtype=np.float64)
             if strengths.shape != (n,):
                 raise ValueError(f"Request {req_id} carries {strengths.shape} strengths for {n} interventions.")
-            spec = {"s": strengths, "g": float(s.get("g", 1.0)), "key": s.get("key"),
+            sel = {int(i): np.asarray(v, dtype=np.int64) for i, v in (s.get("sel") or {}).items()}
+            spec = {"s": strengths, "g": float(s.get("g", 1.0)), "key": s.get("key"), "sel": sel,
                     "capture": bool(s.get("capture", False)), "pending": bool(s.get("pending", False)),
                     "plen": len(req.prompt_token_ids or ())}
             self._steer_specs[req_id] = spec
@@ -239,8 +240,14 @@ class SteerWorker:
         weights, masks = [], []
         for i, iv in enumerate(plan["ivs"]):
             r = iv["region"]
-            region = (np.ones(n_tok, bool) if r == "all" else pos < plen if r == "prompt" else
-                      pos >= plen if r == "generated" else (pos < plen) & (pos >= plen - iv["k"]))
+            if r == "select":  # the prompt positions the HF path's selector picked, per request
+                region = np.zeros(n_tok, bool)
+                for q, sp in enumerate(specs):
+                    at = req_of == q
+                    region[at] = np.isin(pos[at], sp["sel"].get(i, ()))
+            else:
+                region = (np.ones(n_tok, bool) if r == "all" else pos < plen if r == "prompt" else
+                          pos >= plen if r == "generated" else (pos < plen) & (pos >= plen - iv["k"]))
             m = region & (S[req_of, i] != 0) & (G[req_of] != 0)
             if not iv["include_sink"]:
                 m &= pos != 0
