@@ -22,6 +22,7 @@ Launch a sharded sweep over two processes, one thread each::
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -67,6 +68,10 @@ class Shards:
                     raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun "
                                        "(torchrun --nproc-per-node N script.py), which sets them.")
                 dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+                # the group steer started is closed before the interpreter goes: left to its
+                # destructor, gloo's threads sometimes abort the process at exit
+                # ("terminate called without an active exception", seen under load)
+                atexit.register(_close_group)
             rank, world = dist.get_rank(), dist.get_world_size()
         return cls(rank, world)
 
@@ -93,6 +98,13 @@ class Shards:
         for p in parts:
             merged.update(p)
         return merged
+
+
+def _close_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def sweep_key(*parts: Any) -> str:

@@ -203,10 +203,12 @@ def test_qk_fix_refuses_attention_it_does_not_reproduce(monkeypatch):
     m = steer.load("tiny-qwen2")
     t = PatchTask.from_pairs(m, [("M and Y; Y to", "M and Y; N to")], ["M"], ["Y"])
     atp(m, t, ["k"], qk_fix=True)  # fine as it is
-    real = _runner.Runner.attention_logits
-    monkeypatch.setattr(_runner.Runner, "attention_logits", lambda self, l, q, k, rows=None: real(self, l, q, k, rows) * 1.1)
-    with pytest.raises(UnsupportedModel, match=r"attention logits for layer \d"):  # (the first layer checked)
-        atp(m, t, ["k"], qk_fix=True)
+    real = _runner.Runner.attention_qk  # a wrong q/k norm or rotary: logits 10 % off
+    monkeypatch.setattr(_runner.Runner, "attention_qk",
+                        lambda self, l, q, k, rows=None: (lambda qk: (qk[0] * 1.1, qk[1]))(real(self, l, q, k, rows)))
+    for impl in ("torch", "triton"):
+        with pytest.raises(UnsupportedModel, match=r"attention logits for layer \d"):  # (the first layer checked)
+            atp(m, t, ["k"], qk_fix=True, impl=impl)
 
 
 @pytest.mark.parametrize("kind,site", [("attn_out", "attn_out"), ("heads", "z"), ("resid", "resid_pre")])

@@ -202,18 +202,15 @@ class Runner:
         return dict(scaling=self.arch.attention(self.model.layers[l]).scaling, key_valid=self.batch.attention_mask.bool(),
                     window=self.windows[l], softcap=self.attn_softcap)
 
-    def attention_logits(self, l: int, q: Tensor, k: Tensor, rows: Optional[slice] = None) -> Tensor:
-        """Layer ``l``'s attention logits ``[P, H, T, T]`` from the ``q``/``k`` sites (see
-        :meth:`attention_qk`): scaling, soft-capping; masked entries are ``qk_fix.NEG``.
-        ``rows``: only those query rows (``[P, H, len(rows), T]``), for block-by-block work."""
-        rows = slice(0, q.shape[1]) if rows is None else rows
-        q, k = self.attention_qk(l, q, k, rows)
-        return attn_logits(q, k, **self.attention_shape(l), q_offset=rows.start)
+    def rotated_logits(self, l: int, q_rot: Tensor, k_rot: Tensor, rows: slice) -> Tensor:
+        """Layer ``l``'s attention logits in fp32 for query ``rows`` from queries and keys already
+        through :meth:`attention_qk` (in the model's dtype, as its attention multiplies them)."""
+        return attn_logits(q_rot[:, rows].float(), k_rot.float(), **self.attention_shape(l), q_offset=rows.start)
 
     @torch.no_grad()
     def attention_error(self, logits: Tensor, v: Tensor, z: Tensor, rows: Optional[slice] = None) -> tuple[float, float]:
         """``(max |softmax(logits)·v − z|, max |z|)`` over real query tokens (``rows``: the query
-        rows ``logits`` and ``z`` hold); see :meth:`verify_attention`."""
+        rows ``logits`` and ``z`` hold); see :meth:`refuse_attention`."""
         H, Hkv = z.shape[2], v.shape[2]
         pattern = torch.softmax(logits.float(), -1)  # [P, H, T, S]
         z_hat = torch.einsum("phts,pshd->pthd", pattern, v.float().repeat_interleave(H // Hkv, 2))
@@ -222,16 +219,12 @@ class Runner:
             return 0.0, 0.0
         return float((z_hat - z.float())[real].abs().max()), float(z.float()[real].abs().max())
 
-    def verify_attention(self, l: int, logits: Tensor, v: Tensor, z: Tensor) -> float:
-        """Check :meth:`attention_logits` against the model: ``softmax(logits) · v`` must be the
-        ``z`` the real forward produced at layer ``l`` (on real query tokens). Raises
-        :class:`~steer.arch.UnsupportedModel` past :attr:`TOLERANCE` (attention with parts steer
-        does not model, e.g. learned sink logits or ALiBi, would make the QK fix wrong)."""
-        return self.refuse_attention(l, *self.attention_error(logits, v, z))
-
     def refuse_attention(self, l: int, diff: float, scale: float) -> float:
         """Raise unless ``diff / scale`` (from :meth:`attention_error`, maxima over blocks of
-        rows) is within tolerance."""
+        rows) is within :attr:`TOLERANCE`: ``softmax(logits) · v`` must be the ``z`` the real forward
+        produced at layer ``l`` (on real query tokens). Raises :class:`~steer.arch.UnsupportedModel`
+        otherwise (attention with parts steer does not model, e.g. learned sink logits or ALiBi,
+        would make the QK fix wrong)."""
         err = diff / max(scale, 1e-6)
         return self._refuse_unless_close(
             err, f"steer's attention logits for layer {l} do not reproduce the model's attention: "

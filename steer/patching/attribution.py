@@ -38,7 +38,7 @@ from ._runner import Runner
 from .activation import _check_direction, capture_sites, run_metrics
 from .nodes import NodeSet, node_set
 from .kernels import triton_available
-from .qk_fix import attn_logits, key_fix, pattern_grad, query_fix
+from .qk_fix import key_fix, pattern_grad, query_fix
 from .qk_tiled import key_fix_sum, row_fix
 from .result import PatchingResult
 from .tasks import PatchTask
@@ -186,8 +186,7 @@ class _Attribution:
         q_alt_rot = r.attention_qk(l, self.other[("q", l)].detach(), k)[0]
         k_alt_rot = r.attention_qk(l, q, self.other[("k", l)].detach())[1]
         f32 = lambda t: t.float()  # noqa: E731
-        shape = r.attention_shape(l)
-        logits = lambda a, b, rows: attn_logits(f32(a[:, rows]), f32(b), **shape, q_offset=rows.start)  # noqa: E731
+        logits = lambda a, b, rows: r.rotated_logits(l, a, b, rows)  # noqa: E731
         P, T, H = q.shape[:3]
         Hkv = k.shape[2]
         step = self.qk_block or max(1, QK_BLOCK_ELEMENTS // max(1, P * H * T))
