@@ -3,9 +3,10 @@
 :class:`Engine` runs a :class:`steer.Model`'s weights in vLLM (``vllm.LLM``) and applies a
 :class:`~steer.steering.Steering`'s interventions inside it: ``add`` / ``ablate`` / ``clamp`` at
 ``resid_pre`` / ``resid_post``, on ``"all"`` / ``"prompt"`` / ``"generated"`` positions or the
-last ``k`` prompt tokens (``"last"``, :class:`~steer.positions.Last`), one
-strength per prompt (as :class:`Steering` does per example), the first token of each prompt (the
-attention sink) left alone unless ``include_sink=True``, ``skip_tokens`` never edited. A CAST
+prompt tokens any :mod:`steer.positions` selector picks (read on the tokenized prompts, as the HF
+path reads it), one strength per prompt (as :class:`Steering` does per example), the first token
+of each prompt (the attention sink) left alone unless ``include_sink=True``, ``skip_tokens`` never
+edited. A CAST
 condition (Lee et al., 2024, "Programming Refusal with Conditional Activation Steering") is read
 from each prompt's prefill: the mean resid_post of every prompt's tokens but the first at the
 condition's layers, exactly the statistic the HF path reads, and the gate it gives holds for
@@ -259,28 +260,33 @@ class Engine:
             llm.llm_engine.add_request(r, {"prompt_token_ids": ids[b]}, p)
             return r
 
-        rid = [add(b, p) for b, p in enumerate(params)]
-        slot = {r: b for b, r in enumerate(rid)}
+        rid: list = []
         outs: list = [None] * len(ids)
         unread, again = set(range(len(ids))), []
-        while llm.llm_engine.has_unfinished_requests():
-            for o in llm.llm_engine.step():
-                b = slot.get(o.request_id)
-                if o.finished and b is not None and rid[b] == o.request_id:
-                    outs[b] = o
-            if not unread:
-                continue
-            read = llm.collective_rpc("steer_decided", args=([keys[b] for b in unread],))[0]
-            for b in [b for b in unread if keys[b] in read]:
-                unread.discard(b)
-                gate, dirty = read[keys[b]]
-                if dirty and gate != 0:  # its first chunks went through before the gate was known
-                    llm.llm_engine.abort_request([rid[b]])
-                    rid[b] = add(b, SamplingParams(**base, extra_args={"steer": {"s": S[b].tolist(), "g": gate,
-                                                                                 "sel": sel[b]}}))
-                    slot[rid[b]] = b
-                    outs[b] = None
-                    again.append(b)
+        try:
+            rid = [add(b, p) for b, p in enumerate(params)]
+            slot = {r: b for b, r in enumerate(rid)}
+            while llm.llm_engine.has_unfinished_requests():
+                for o in llm.llm_engine.step():
+                    b = slot.get(o.request_id)
+                    if o.finished and b is not None and rid[b] == o.request_id:
+                        outs[b] = o
+                if not unread:
+                    continue
+                read = llm.collective_rpc("steer_decided", args=([keys[b] for b in unread],))[0]
+                for b in [b for b in unread if keys[b] in read]:
+                    unread.discard(b)
+                    gate, dirty = read[keys[b]]
+                    if dirty and gate != 0:  # its first chunks went through before the gate was known
+                        llm.llm_engine.abort_request([rid[b]])
+                        rid[b] = add(b, SamplingParams(**base, extra_args={"steer": {"s": S[b].tolist(), "g": gate,
+                                                                                     "sel": sel[b]}}))
+                        slot[rid[b]] = b
+                        outs[b] = None
+                        again.append(b)
+        except BaseException:  # (an interrupted call leaves nothing queued for the next one)
+            llm.llm_engine.abort_request([r for b, r in enumerate(rid) if outs[b] is None])
+            raise
         if any(o is None for o in outs):
             raise RuntimeError("vLLM finished without an output for every prompt.")
         return outs, sorted(again)
