@@ -182,9 +182,8 @@ class _Attribution:
         # lose most of their digits. The kernels take half operands as they are (exact products).
         q, k, v, z = (self.base[(site, l)].detach() for site in ("q", "k", "v", "z"))
         g_z = grads[("z", l)].detach()
-        q_rot, k_rot = r.attention_qk(l, q, k)
-        q_alt_rot = r.attention_qk(l, self.other[("q", l)].detach(), k)[0]
-        k_alt_rot = r.attention_qk(l, q, self.other[("k", l)].detach())[1]
+        q_rot, k_rot = r.attention_qk(l, q, k)  # (queries and keys are turned independently)
+        q_alt_rot, k_alt_rot = r.attention_qk(l, self.other[("q", l)].detach(), self.other[("k", l)].detach())
         f32 = lambda t: t.float()  # noqa: E731
         logits = lambda a, b, rows: r.rotated_logits(l, a, b, rows)  # noqa: E731
         P, T, H = q.shape[:3]
