@@ -7,36 +7,59 @@ held-out harmless ones.
   position but the attention sink;
 * constant steering: every row and token, ``α = --strength`` (steer's refusal default, 2), through
   :meth:`steer.Steering.generate`;
-* FASB: a logistic probe of *appropriate* behaviour on ``resid_post`` at ``--probe-layer`` (18),
-  trained per token on the unsteered states of the model's own greedy answers to 32 harmful and
-  32 harmless *training* requests (teacher-forced) — desired: a harmful request with its answer
-  under constant steering, if that is a refusal (unsteered, the model refuses none of them);
-  a harmless request with its unsteered answer, if not a refusal; undesired: a harmful request
-  with its unsteered answer, if not a refusal. (Trained on steer's canned openings instead, it
-  fired on 15 of 16 harmless rows: the model's own answers look different. Adding "harmless + refusal" as
-  undesired makes the target an XOR of harmfulness and refusal, which no linear probe separates.)
-  It is read at every generated token (not at the prompt's end, which it never saw), and the
-  decision uses the mean of its last ``--window`` (4) readings (single tokens dip); below
-  ``--threshold`` a row backs up ``--backtrack`` tokens and continues steered at
-  ``α = strength · (1 + (threshold − p)/threshold)``;
+* FASB: a logistic probe of *appropriate* behaviour on ``resid_post`` at ``--probe-layer`` (22),
+  trained on the unsteered states of the model's own greedy answers to ``--probe-prompts`` (128)
+  harmful and 128 harmless *training* requests (teacher-forced), per answer token and at each
+  prompt's last token — desired: a harmful request with its answer under constant steering, if
+  that is a refusal (read steered); a harmless request with its unsteered answer, if not a
+  refusal; undesired: a harmful request with its unsteered answer, if not a refusal. (Trained
+  on steer's canned openings instead, it fired on 15 of 16 harmless rows: the model's own
+  answers look different. Adding "harmless + refusal" as undesired makes the target an XOR of
+  harmfulness and refusal, which no linear probe separates.) It is read at the prompt's end and
+  at every generated token, and the decision uses the mean of its last ``--window`` (16)
+  readings (single tokens dip); below ``--threshold`` (0.4) a row backs up ``--backtrack`` (4)
+  tokens and continues steered at ``α = strength · (1 + (threshold − p)/threshold)``. A row that
+  fires at the prompt's end has its prompt read again steered (``reencode_prompt``, as constant
+  steering reads it); the run also reports the variant that steers only the prompt's last token;
 * measured on ``--n`` held-out harmful and ``--n`` held-out harmless requests, greedy,
   ``--max-new-tokens``: refusal rate (steer's refusal substrings) on each side, the share of
-  harmless answers identical to the unsteered ones, steered tokens (FASB: steered forward columns,
-  constant: every accepted token), and throughput in accepted tokens per second, all in one run.
+  harmless answers identical to the unsteered ones, steered tokens (FASB: steered forward columns
+  of the answer, constant: every accepted token; neither counts the prompt), and throughput in
+  accepted tokens per second, all in one run.
 
-    python experiments/fasb.py [--out DIR] [--n 16] [--max-new-tokens 32]
+How the settings were chosen (none on the reported rows): the probe layer and its training
+size on a validation split of steer's training requests (128 fit, the next 64 held out; fired
+on held-out answered-harmful / harmless rows: layer 18 with 32 prompts — the old setting —
+53/62 and 16/64 at l2 = 1, layer 22 with 128 prompts 61/62 and 7/64); threshold and window on
+held-out requests 16–47 of the evaluation files (the rows reported below are 0–15): at 0.5 / 4
+FASB refused 1.00 of harmful and 0.41 of harmless requests with 0.81x constant's steered
+tokens; 0.5 / 16: 1.00 / 0.31 / 0.69x; 0.4 / 16: 1.00 / 0.19 / 0.60x; 0.3 / 8: 0.88 / 0.16 /
+0.55x.
+
+    python experiments/fasb.py [--out DIR] [--n 16] [--max-new-tokens 32] [--no-reencode]
 
 Writes ``results.json`` and ``fasb.png`` (per-row probe traces) to ``--out`` (default ``out/fasb``).
 
-Measured (CPU fp32, defaults, 16 + 16 prompts x 32 tokens): refusal on harmful requests 0.31
-unsteered, 1.00 constant, **0.75 FASB**; on harmless ones 0.00 / 1.00 / 0.44; harmless answers
-identical to the unsteered ones 0 % constant, 25 % FASB; FASB steered 684 of 1024 accepted
-tokens (0.67x constant's); throughput 103 accepted tok/s vs 119 for constant steered HF
-``generate`` (0.87x). The targets (refusal within 0.05 of constant with at most half the tokens
-steered) are not met, and the cause is the probe, not the backtracking: it fired on 13 of 16
-harmful rows but also on 12 of 16 harmless ones (its per-token training accuracy is 0.98, but
-it does not transfer from steer's training prompts to the held-out set), and where it fires late
-(token 18–28) the steered continuation often does not turn into a refusal.
+Measured (CPU fp32, defaults, 16 + 16 held-out prompts x 32 tokens, one run):
+
+=====================  =========  ========  ============================  =====================
+refusal                unsteered  constant  FASB (prompt read again)      FASB (last token only)
+=====================  =========  ========  ============================  =====================
+harmful requests       0.31       1.00      **0.94**                      0.81
+harmless requests      0.00       1.00      **0.12**                      0.12
+steered tokens         0          1024      **484** (0.47x)               480 (0.47x)
+accepted tok/s         171        172       116 (0.67x)                   157 (0.92x)
+=====================  =========  ========  ============================  =====================
+
+The probe fired on 13 of 16 harmful rows (12 at the prompt's end) and 3 of 16 harmless ones;
+13 of 16 harmless answers are the unsteered answer token for token (constant steering: 0), and
+every row that never fired is. Against the targets: at most half the tokens steered — met
+(0.47x); refusal within 0.05 of constant's — missed by one prompt of 16 (0.94 against 1.00).
+Reading the prompt again is what brings refusal from 0.81 to 0.94, and it costs a second
+prefill of the batch when any row fires there: 2.5 s for 32 prompts of 86 tokens on this CPU,
+about 25 decode steps, hence 0.67x (without it 0.92x). Before this probe (layer 18, 32
+training prompts, answer tokens only, threshold 0.5, window 4) FASB refused 0.75 / 0.44 with
+0.67x constant's tokens steered: that probe fired on 12 of 16 harmless rows.
 """
 
 from __future__ import annotations
@@ -47,9 +70,11 @@ import time
 from pathlib import Path
 
 
-def fit_appropriateness_probe(m, layer: int, vector, steer_layer: int, strength: float, n: int = 32,
-                              max_new_tokens: int = 24):
-    """The FASB probe, from the model's own answers to *training* prompts (see the module doc)."""
+def fit_appropriateness_probe(m, layer: int, vector, steer_layer: int, strength: float, n: int = 128,
+                              max_new_tokens: int = 24, prompt_end: bool = True):
+    """The FASB probe, from the model's own answers to *training* prompts (see the module doc).
+    ``prompt_end`` adds each prompt's last state (the one that predicts the first answer token),
+    labelled as its answer is, so that the probe can also read the question."""
     import torch
 
     import steer
@@ -69,15 +94,25 @@ def fit_appropriateness_probe(m, layer: int, vector, steer_layer: int, strength:
         a = steer.capture(m, pairs, layers=[layer], positions="completion", progress=False)
         return a.tensor.permute(0, 2, 1, 3)[a.mask][:, 0]
 
-    refused_h = E.refusal_substring(own_h)
-    good = torch.cat([states([(p, t) for p, t, r in zip(H, steered_h, E.refusal_substring(steered_h)) if r]),
-                      states([(p, t) for p, t, r in zip(S, own_s, E.refusal_substring(own_s)) if not r])])
-    bad = states([(p, t) for p, t, r in zip(H, own_h, refused_h) if not r])
-    return backtracking.fit_probe(good, bad, layer)
+    def ends(prompts, steered=False):
+        if not prompts:
+            return torch.zeros(0, m.d_model)
+        with (steer.steer(m, vector, layer=steer_layer, strength=strength) if steered else Steering(m)):
+            return steer.capture(m, prompts, layers=[layer], positions="last", progress=False).tensor.reshape(len(prompts), -1)
+
+    r_own, r_steered, r_safe = E.refusal_substring(own_h), E.refusal_substring(steered_h), E.refusal_substring(own_s)
+    good_h = [(p, t) for p, t, r in zip(H, steered_h, r_steered) if r]  # refused under steering
+    good_s = [(p, t) for p, t, r in zip(S, own_s, r_safe) if not r]     # harmless, answered
+    bad = [(p, t) for p, t, r in zip(H, own_h, r_own) if not r]         # harmful, answered
+    good, undesired = [states(good_h), states(good_s)], [states(bad)]
+    if prompt_end:
+        good += [ends([p for p, _ in good_h], steered=True), ends([p for p, _ in good_s])]
+        undesired.append(ends([p for p, _ in bad]))
+    return backtracking.fit_probe(torch.cat(good), torch.cat(undesired), layer)
 
 
-def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_layer=18, threshold=0.5,
-        backtrack=4, window=4, model=None) -> dict:
+def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_layer=22, threshold=0.4,
+        backtrack=4, window=16, model=None, reencode_prompt=True, probe_prompts=128) -> dict:
     import torch
 
     import steer
@@ -93,7 +128,7 @@ def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_l
     beh = refusal.behaviour_vector(m, d["harmful"], d["harmless"], d["refusals"], d["compliances"], n=64,
                                    layer=layer, layers=[layer])
     v = beh.vectors[layer]
-    probe = fit_appropriateness_probe(m, probe_layer, v, layer, strength)
+    probe = fit_appropriateness_probe(m, probe_layer, v, layer, strength, n=probe_prompts)
     data = Path(__file__).parent / "data"
     harmful = load_prompts(data / "eval_harmful.json")[:n]
     harmless = load_prompts(data / "eval_harmless.json")[:n]
@@ -111,13 +146,18 @@ def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_l
     plain, t_plain = timed(lambda: Steering(m))
     const, t_const = timed(lambda: steer.steer(m, v, layer=layer, strength=strength))
     fasb = backtracking.generate(m, prompts, v, layer=layer, strength=strength, probe=probe, threshold=threshold,
-                                 backtrack=backtrack, max_new_tokens=max_new_tokens, watch_prompt=False,
-                                 window=window)
+                                 backtrack=backtrack, max_new_tokens=max_new_tokens, watch_prompt=True,
+                                 window=window, reencode_prompt=reencode_prompt)
+    # the same probe and rows, rows that fire at the prompt's end steering only its last token
+    other = backtracking.generate(m, prompts, v, layer=layer, strength=strength, probe=probe, threshold=threshold,
+                                  backtrack=backtrack, max_new_tokens=max_new_tokens, watch_prompt=True,
+                                  window=window, reencode_prompt=not reencode_prompt)
     nh = len(harmful)
     const_tokens = n_tokens(const)
     res = {
         "model": m.name, "n_harmful": nh, "n_harmless": len(harmless), "layer": layer, "strength": strength,
         "probe_layer": probe_layer, "threshold": threshold, "backtrack": backtrack, "window": window, "max_new_tokens": max_new_tokens,
+        "reencode_prompt": reencode_prompt, "probe_prompts": probe_prompts,
         "probe_train_accuracy": probe.meta["train_accuracy"],
         "refusal_harmful": {"unsteered": E.refusal_rate(plain[:nh]), "constant": E.refusal_rate(const[:nh]),
                             "fasb": E.refusal_rate(fasb.texts[:nh])},
@@ -131,6 +171,8 @@ def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_l
         "unfired_identical_to_unsteered": sum(a == b for a, b, f in zip(plain, fasb.texts, fasb.triggered.tolist()) if not f),
         "fired": {"harmful": float(fasb.triggered[:nh].float().mean()), "harmless": float(fasb.triggered[nh:].float().mean())},
         "trigger_step_harmful": fasb.trigger_step[:nh].tolist(),
+        "trigger_step_harmless": fasb.trigger_step[nh:].tolist(),
+        "reencoded": {"harmful": int(fasb.reencoded[:nh].sum()), "harmless": int(fasb.reencoded[nh:].sum())},
         "steered_tokens": {"constant": const_tokens, "fasb": int(fasb.steered_tokens.sum())},
         "accepted_tokens": {"constant": const_tokens, "fasb": fasb.accepted},
         "tokens_per_second": {"unsteered_hf": n_tokens(plain) / t_plain, "constant_hf": const_tokens / t_const,
@@ -138,6 +180,9 @@ def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_l
         "examples": [{"prompt": prompts[i], "unsteered": plain[i], "constant": const[i], "fasb": fasb.texts[i],
                       "fired": bool(fasb.triggered[i])} for i in (0, 1, nh, nh + 1)],
     }
+    res["fasb_reencode_prompt=" + str(not reencode_prompt)] = {
+        "refusal_harmful": E.refusal_rate(other.texts[:nh]), "refusal_harmless": E.refusal_rate(other.texts[nh:]),
+        "steered_tokens": int(other.steered_tokens.sum()), "tokens_per_second": other.tokens_per_second}
     res["steered_fraction_vs_constant"] = res["steered_tokens"]["fasb"] / max(const_tokens, 1)
     res["throughput_vs_constant"] = res["tokens_per_second"]["fasb"] / res["tokens_per_second"]["constant_hf"]
 
@@ -164,11 +209,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="out/fasb")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=0.4)
     p.add_argument("--backtrack", type=int, default=4)
-    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--probe-prompts", type=int, default=128)
+    p.add_argument("--no-reencode", action="store_true", help="steer only the prompt's last token of rows that fire there")
     a = p.parse_args(argv)
-    r = run(a.out, a.n, a.max_new_tokens, threshold=a.threshold, backtrack=a.backtrack, window=a.window)
+    r = run(a.out, a.n, a.max_new_tokens, threshold=a.threshold, backtrack=a.backtrack, window=a.window,
+            reencode_prompt=not a.no_reencode, probe_prompts=a.probe_prompts)
     print(json.dumps({k: v for k, v in r.items() if k != "examples"}, indent=1))
     return 0
 

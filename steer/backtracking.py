@@ -108,6 +108,7 @@ class BacktrackResult(Rich):
     seconds: float
     threshold: float
     backtrack: int
+    reencoded: Tensor = None
 
     @property
     def accepted(self) -> int:
@@ -142,7 +143,7 @@ class BacktrackResult(Rich):
 def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, layer: int, strength: float,
              probe: Probe, threshold: float = 0.5, backtrack: int = 4, max_new_tokens: int = 32,
              sites: str = "resid_post", watch_prompt: bool = True, window: int = 1,
-             min_new_tokens: int = 0) -> BacktrackResult:
+             min_new_tokens: int = 0, reencode_prompt: bool = False) -> BacktrackResult:
     """Greedy generation with FASB: unsteered until the probe's ``P(desired)`` drops below
     ``threshold``, then back up ``backtrack`` tokens and steer ``+α·vector`` at ``layer`` for the
     rest of that row (see the module doc for α and the mechanics). Stops a row at an end-of-turn
@@ -151,6 +152,13 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     state is not one it has seen). ``min_new_tokens`` forbids end-of-turn tokens before a row has
     that many accepted tokens, as in HF ``generate``. ``window > 1`` decides on the mean of the row's last ``window``
     watched readings (a per-token probe is noisy), rather than on the current one alone.
+
+    A row that fires at its first check (the prompt's last state, with ``watch_prompt``) has no
+    token to back up, and by default only its prompt's last token is fed again steered: the rest
+    of the prompt stays as it was read unsteered. ``reencode_prompt=True`` instead runs the prompt
+    again with those rows steered at every position but the sink, as constant steering reads it
+    (one more prefill of the batch, only when some row fires there; the other rows' states are
+    unchanged, since their strength is 0). ``BacktrackResult.reencoded`` marks those rows.
 
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")
@@ -199,8 +207,23 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     with Steering(model, [iv]), add_hooks(model, {Site(probe.site, probe.layer): grab}):
         # only the last position's logits are read: the prefill need not unembed every position
         last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.hf.forward).parameters else {}
-        out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=True,
-                       **last_only)
+        def prefill():
+            return model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                            use_cache=True, **last_only)
+
+        out = prefill()
+        reencoded = [False] * B
+        if reencode_prompt and watch_prompt:
+            p0 = probe.prob(grabbed[-1]).cpu()
+            for r in range(B):
+                if p0[r] < threshold:
+                    triggered[r], trigger_step[r], reencoded[r] = True, 0, True
+                    alpha[r] = strength * (1 + (threshold - float(p0[r])) / threshold)
+                    probs[r].append(float(p0[r]))  # the unsteered reading that fired it
+            if any(reencoded):
+                st.copy_(torch.tensor(alpha, device=dev))
+                grabbed.clear()
+                out = prefill()
         cache, cache_kw = output_cache(out), cache_kwarg(unwrap_adapters(model.hf))  # PEFT passes it on
         while True:
             steps += 1
@@ -264,4 +287,5 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     seconds = time.perf_counter() - t0
     texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return BacktrackResult(texts, tokens, torch.tensor(triggered), torch.tensor(trigger_step), torch.tensor(alpha),
-                           torch.tensor(discarded), torch.tensor(steered), probs, steps, seconds, threshold, backtrack)
+                           torch.tensor(discarded), torch.tensor(steered), probs, steps, seconds, threshold, backtrack,
+                           torch.tensor(reencoded))

@@ -46,12 +46,12 @@ def hf_greedy(m, prompts, n):
     return res
 
 
-def brute_steered(m, prompt, kept, vector, layer, alpha, n_more):
+def brute_steered(m, prompt, kept, vector, layer, alpha, n_more, start=None):
     """Cache-free greedy loop: prompt + kept tokens, +α·v at resid_post.layer from the last kept
-    token's position on (the re-fed token), one full forward per token."""
+    token's position on (the re-fed token), or from ``start`` on, one full forward per token."""
     b = tokenize(m, [prompt])
     ids = b.input_ids[0].tolist() + list(kept)
-    start = len(ids) - 1
+    start = len(ids) - 1 if start is None else start
     out = []
 
     def hook(act, site):
@@ -127,6 +127,26 @@ def test_backtrack_before_any_token_refeeds_the_prompt_end():
     assert int(r.discarded[0]) == 0 and int(r.trigger_step[0]) == 0
     assert r.tokens[0] == brute_steered(m, PROMPTS[0], [], v, 1, float(r.strength[0]), 6)
     assert r.tokens[1] == hf_greedy(m, PROMPTS[:2], 6)[1]
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2", "tiny-qwen2"])
+def test_reencode_prompt_steers_the_whole_prompt_of_rows_that_fire_at_once(family):
+    """A row that fires at the prompt's end, with ``reencode_prompt``, is generated as constant
+    steering generates it (every position but the sink, prompt included); the batch's other rows
+    are HF's greedy tokens; without the option only the prompt's last token is steered."""
+    m = steer.load(family)
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(1))
+    prompts = PROMPTS[1:] + PROMPTS[:1]  # the firing row is the longest: no left padding in its brute force
+    r = B.generate(m, prompts, v, layer=0, strength=1.0, probe=Scheduled(0, 0, m.d_model), backtrack=3,
+                   max_new_tokens=6, reencode_prompt=True)
+    alpha = float(r.strength[0])
+    assert r.reencoded.tolist() == [True, False, False] and r.trigger_step.tolist() == [0, -1, -1]
+    assert r.tokens[0] == brute_steered(m, prompts[0], [], v, 0, alpha, 6, start=1)
+    assert r.tokens[1:] == hf_greedy(m, prompts, 6)[1:]
+    last_only = brute_steered(m, prompts[0], [], v, 0, alpha, 6)
+    assert last_only != r.tokens[0]  # steering the whole prompt is not steering its last token (the test can fail)
+    assert B.generate(m, prompts, v, layer=0, strength=1.0, probe=Scheduled(0, 0, m.d_model), backtrack=3,
+                      max_new_tokens=6).tokens[0] == last_only
 
 
 def test_watch_prompt_false_waits_for_the_first_token():

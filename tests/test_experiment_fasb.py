@@ -1,6 +1,7 @@
 """experiments/fasb.py on the embedded model (a reduced run): rows whose probe never fired are
 generated exactly as without steering, FASB steers fewer tokens than constant steering, and it
-raises refusal on harmful requests above the unsteered model's."""
+raises refusal on harmful requests above the unsteered model's, with fewer refusals of harmless
+requests than constant steering."""
 
 import importlib.util
 from pathlib import Path
@@ -14,9 +15,12 @@ SPEC.loader.exec_module(exp)
 
 @pytest.mark.slow
 def test_fasb_against_constant_steering(smol, tmp_path):
-    res = exp.run(tmp_path, n=8, max_new_tokens=24, model=smol)
+    res = exp.run(tmp_path, n=8, max_new_tokens=24, model=smol, probe_prompts=64)
     assert res["refusal_harmful"]["fasb"] > res["refusal_harmful"]["unsteered"]
     assert res["steered_tokens"]["fasb"] < res["steered_tokens"]["constant"]
+    # less side effect than constant steering on the requests that did not need it
+    assert res["refusal_harmless"]["fasb"] < res["refusal_harmless"]["constant"]
+    assert res["harmless_identical_to_unsteered"]["fasb"] > res["harmless_identical_to_unsteered"]["constant"]
     # rows that never needed steering are the unsteered answer, token for token
     assert res["unfired_identical_to_unsteered"] == res["unfired_rows"]
     assert (tmp_path / "fasb.png").exists()
