@@ -113,8 +113,6 @@ def fit_appropriateness_probe(m, layer: int, vector, steer_layer: int, strength:
 
 def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_layer=22, threshold=0.4,
         backtrack=4, window=16, model=None, reencode_prompt=True, probe_prompts=128) -> dict:
-    import torch
-
     import steer
     from steer import backtracking, plotting, refusal
     from steer import evaluate as E

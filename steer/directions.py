@@ -607,10 +607,6 @@ class LayerSweep(Rich):
     def _table(self):
         cols = list(self.rows[0])
         return cols, [[r[c] for c in cols] for r in self.rows]
-
-    def _figure(self):
-        return self.plot()
-
     def table(self) -> str:
         """The rows as a fixed-width text table.
 

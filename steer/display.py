@@ -102,7 +102,9 @@ class Rich:
         return None
 
     def _figure(self):
-        return None
+        """The card's picture: the object's own ``plot()`` where it has one."""
+        plot = getattr(self, "plot", None)
+        return plot() if callable(plot) else None
 
     def _title(self) -> str:
         return type(self).__name__

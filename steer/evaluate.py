@@ -530,10 +530,6 @@ class Pareto(Rich):
         ax.legend(fontsize=8)
         fig.tight_layout()
         return fig
-
-    def _figure(self):
-        return self.plot()
-
     def _title(self) -> str:
         return f"Pareto {self.name}".strip()
 

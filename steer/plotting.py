@@ -125,6 +125,13 @@ def layer_curve(
     return fig
 
 
+def finish(fig, path: str | Path | None = None):
+    """A ``plot(path=None)`` method's last step: save ``fig`` when a path is given, return it."""
+    if path is not None:
+        save(fig, path)
+    return fig
+
+
 def save(fig, path: str | Path) -> Path:
     """Save a figure as PNG (creating the folder) and close it."""
     path = Path(path)

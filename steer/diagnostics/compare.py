@@ -92,7 +92,7 @@ class Transfer(Rich):
                 "retained": self.retained}
 
     def plot(self, path=None):
-        from ..plotting import PALETTE, plt, save
+        from ..plotting import PALETTE, finish, plt
 
         fig, ax = plt.subplots(figsize=(5, 3.4))
         ax.plot(self.strengths, self.own, "o-", color=PALETTE[0], label="own direction")
@@ -105,13 +105,7 @@ class Transfer(Rich):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        if path is not None:
-            save(fig, path)
-        return fig
-
-    def _figure(self):
-        return self.plot()
-
+        return finish(fig, path)
     def _fields(self):
         return [("model", self.model_name), ("layer", self.layer), ("cosine", self.cosine),
                 ("retained", self.retained), ("baseline", self.baseline)]
@@ -168,20 +162,14 @@ class CrossPatch(Rich):
                 "values": self.values.tolist(), "restored": self.restored.tolist(), "metric_a": self.a, "metric_b": self.b}
 
     def plot(self, path=None):
-        from ..plotting import heatmap, save
+        from ..plotting import finish, heatmap
 
         fig = heatmap(self.restored.numpy(), ylabel="site", xlabel="layer", xticklabels=self._labels(),
                       cbar_label="fraction of the gap closed",
                       title=f"{self.names[1]} run with {self.names[0]}'s activations")
         ax = fig.axes[0]
         ax.set_yticks(range(len(self.sites)), self.sites)
-        if path is not None:
-            save(fig, path)
-        return fig
-
-    def _figure(self):
-        return self.plot()
-
+        return finish(fig, path)
     def _title(self) -> str:
         return f"CrossPatch: {self.names[0]} into {self.names[1]}"
 

@@ -75,7 +75,7 @@ class TraceHeads(Rich):
     def plot(self, path=None):
         """Left: attribution per layer and head. Right: measured against predicted change of the
         verified heads, and the cumulative change as more of them are ablated together."""
-        from ..plotting import PALETTE, heatmap, plt, save
+        from ..plotting import PALETTE, finish, heatmap, plt
 
         fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 3.6))
         heatmap(self.attribution, ax=a0, xlabel="head", cbar_label="predicted change",
@@ -92,13 +92,7 @@ class TraceHeads(Rich):
         fig.suptitle(f"{self.model_name}: heads moving the probe at resid_post.{self.layer} ({self.ablation} ablation)",
                      fontsize=9)
         fig.tight_layout()
-        if path is not None:
-            save(fig, path)
-        return fig
-
-    def _figure(self):
-        return self.plot()
-
+        return finish(fig, path)
     def _title(self) -> str:
         return f"TraceHeads at resid_post.{self.layer}: {len(self.heads)} of {self.n_heads_total} heads verified"
 

@@ -113,7 +113,7 @@ class LogitLens(Rich):
     def plot(self, prompt: int = 0, path=None, target_names: Optional[Sequence[str]] = None):
         """Top-1 token and its probability per layer (rows) and selected position (columns), and
         the targets' log-probabilities per layer at the last selected position."""
-        from ..plotting import PALETTE, plt, save, token_labels
+        from ..plotting import PALETTE, finish, plt, token_labels
 
         n_pos = int(self.mask[prompt].sum())
         has_t = len(self.targets) > 0
@@ -147,13 +147,7 @@ class LogitLens(Rich):
             ax2.grid(alpha=0.3)
             ax2.legend(fontsize=7)
         fig.tight_layout()
-        if path is not None:
-            save(fig, path)
-        return fig
-
-    def _figure(self):
-        return self.plot()
-
+        return finish(fig, path)
     def _title(self) -> str:
         return f"LogitLens of {self.model_name}{' (steered)' if self.steered else ''}: {len(self.tokens)} prompts"
 

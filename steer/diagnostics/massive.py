@@ -123,7 +123,7 @@ class MassiveActivations(Rich):
     def plot(self, path=None):
         """Top-1 and median ``|a|`` per layer (log scale) and, if measured, each head's attention
         on the massive positions."""
-        from ..plotting import PALETTE, heatmap, plt, save
+        from ..plotting import PALETTE, finish, heatmap, plt
 
         cols = 2 if self.attention_mass is not None else 1
         fig, axes = plt.subplots(1, cols, figsize=(5.2 * cols, 3.6), squeeze=False)
@@ -145,13 +145,7 @@ class MassiveActivations(Rich):
                     title=f"mean attention on massive positions (uniform: {float(self.uniform_mass.mean()):.2f})")
             axes[0, 1].title.set_fontsize(8)
         fig.tight_layout()
-        if path is not None:
-            save(fig, path)
-        return fig
-
-    def _figure(self):
-        return self.plot()
-
+        return finish(fig, path)
     def _title(self) -> str:
         return f"MassiveActivations of {self.model_name} ({len(self.tokens)} prompts)"
 

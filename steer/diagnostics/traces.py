@@ -99,7 +99,7 @@ class ProbeTrace(Rich):
              labels: Sequence[str] = ("unsteered", "steered")):
         """The trace of each row over its tokens (the prompt shaded); with ``other`` (e.g. the
         steered trace of the same prompts) both, one panel per row."""
-        from ..plotting import PALETTE, plt, save
+        from ..plotting import PALETTE, finish, plt
 
         rows = list(range(min(len(self.texts), 4))) if rows is None else list(rows)
         fig, axes = plt.subplots(len(rows), 1, figsize=(8, 2.1 * len(rows) + 0.6), squeeze=False)
@@ -116,13 +116,7 @@ class ProbeTrace(Rich):
         axes[-1, 0].set_xlabel("token (shaded: the prompt)")
         fig.suptitle(f"{self.model_name}: probe at resid_post.{self.layer}, every token", fontsize=9)
         fig.tight_layout()
-        if path is not None:
-            save(fig, path)
-        return fig
-
-    def _figure(self):
-        return self.plot()
-
+        return finish(fig, path)
     def _title(self) -> str:
         return f"ProbeTrace{' (steered)' if self.steered else ''} at resid_post.{self.layer}: {len(self.texts)} prompts"
 

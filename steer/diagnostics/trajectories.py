@@ -147,10 +147,6 @@ class Trajectories(Rich):
             fig.tight_layout()
             save(fig, path)
         return fig
-
-    def _figure(self):
-        return self.plot()
-
     def _title(self) -> str:
         return f"Trajectories: {len(self.tasks)} prompts, {len(set(self.tasks))} tasks, {len(self.layers)} layers"
 
