@@ -48,18 +48,20 @@ refusal                unsteered  constant  FASB (prompt read again)      FASB (
 harmful requests       0.31       1.00      **0.94**                      0.81
 harmless requests      0.00       1.00      **0.12**                      0.12
 steered tokens         0          1024      **484** (0.47x)               480 (0.47x)
-accepted tok/s         171        172       116 (0.67x)                   157 (0.92x)
+accepted tok/s         172        177       143 (0.81x)                   155 (0.88x)
 =====================  =========  ========  ============================  =====================
 
 The probe fired on 13 of 16 harmful rows (12 at the prompt's end) and 3 of 16 harmless ones;
 13 of 16 harmless answers are the unsteered answer token for token (constant steering: 0), and
 every row that never fired is. Against the targets: at most half the tokens steered — met
 (0.47x); refusal within 0.05 of constant's — missed by one prompt of 16 (0.94 against 1.00).
-Reading the prompt again is what brings refusal from 0.81 to 0.94, and it costs a second
-prefill of the batch when any row fires there: 2.5 s for 32 prompts of 86 tokens on this CPU,
-about 25 decode steps, hence 0.67x (without it 0.92x). Before this probe (layer 18, 32
-training prompts, answer tokens only, threshold 0.5, window 4) FASB refused 0.75 / 0.44 with
-0.67x constant's tokens steered: that probe fired on 12 of 16 harmless rows.
+Reading the prompt again is what brings refusal from 0.81 to 0.94; it costs a second prefill of
+the rows that fire there (12 of 32 prompts of up to 86 tokens here; a prefill of all 32 takes
+2.5 s on this CPU, about 25 decode steps of the batch), hence 0.81x constant's throughput
+against 0.88x without it (0.92x in another run). Prefilling the whole batch again instead of
+just those rows gave 0.67x. Before this probe (layer 18, 32 training prompts, answer tokens only,
+threshold 0.5, window 4) FASB refused 0.75 / 0.44 with 0.67x constant's tokens steered: that
+probe fired on 12 of 16 harmless rows.
 """
 
 from __future__ import annotations

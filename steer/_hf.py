@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["find_cache", "cached_length", "padding_mask", "cache_kwarg", "softcap_safe_attention"]
+__all__ = ["find_cache", "cached_length", "padding_mask", "cache_kwarg", "assign_cache_rows", "softcap_safe_attention"]
 
 _CACHE_NAMES = ("cache", "past_key_values", "layer_past")  # 5.24+, 5.9-5.23, GPT-NeoX's blocks
 
@@ -166,6 +166,45 @@ def output_cache(out: Any) -> Any:
         if c is not None:
             return c
     raise TypeError(f"{type(out).__name__} holds no KV cache (neither .cache nor .past_key_values): pass use_cache=True.")
+
+
+def assign_cache_rows(cache: Any, rows: Tensor, other: Any) -> bool:
+    """Write ``other`` (a KV cache of the same kind, one batch row per entry of ``rows``, filled
+    by the same tokens at the same width) into batch rows ``rows`` of ``cache``, in place. Only a
+    ``DynamicCache`` of full or sliding-window key/value layers is written; for any other kind
+    (static, quantized, linear-attention or recurrent states, older releases' tuples) nothing is
+    written and the answer is False, so the caller can fall back to recomputing the whole batch.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    >>> a = output_cache(m.hf(input_ids=ids, use_cache=True))
+    >>> b = output_cache(m.hf(input_ids=ids[1:] + 1, use_cache=True))
+    >>> assign_cache_rows(a, torch.tensor([1]), b), torch.equal(a.layers[0].keys[1], b.layers[0].keys[0])
+    (True, True)
+    """
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+    except ImportError:  # a release without per-layer cache objects
+        return False
+    kinds = (DynamicLayer, DynamicSlidingWindowLayer)
+    if type(cache) is not DynamicCache or type(other) is not DynamicCache or len(cache.layers) != len(other.layers):
+        return False
+    pairs = []
+    for a, b in zip(cache.layers, other.layers):
+        if type(a) not in kinds or type(b) is not type(a):
+            return False
+        for name in ("keys", "values"):
+            x, y = getattr(a, name, None), getattr(b, name, None)
+            if not (isinstance(x, Tensor) and isinstance(y, Tensor)) or x.shape[1:] != y.shape[1:] \
+                    or y.shape[0] != len(rows) or x.dtype != y.dtype:
+                return False
+            pairs.append((x, y))
+        if getattr(a, "cumulative_length", None) != getattr(b, "cumulative_length", None):
+            return False
+    for x, y in pairs:
+        x[rows.to(x.device)] = y.to(x.device)
+    return True
 
 
 def softcap_safe_attention(hf: torch.nn.Module) -> bool:

@@ -33,6 +33,7 @@ that this loop sets before each step.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -139,6 +140,32 @@ class BacktrackResult(Rich):
         return ["row", "fired", "at token", "α", "discarded", "steered", "text"], rows
 
 
+def _reencode(model, batch, mask, rows: list, alpha: list, iv: Intervention, grabbed: list, logits, cache, kw):
+    """Prefill the ``rows`` flagged again, each steered at its ``alpha`` (``iv``'s edit at every
+    position but the sink), and put their last logits, probe readings and KV-cache rows in place of
+    the unsteered ones. Where the cache is not plain per-layer key/value tensors, the whole batch is
+    prefilled again instead (the other rows at strength 0, so their states are unchanged)."""
+    from ._hf import assign_cache_rows, output_cache
+    from .steering import Steering
+
+    idx = torch.tensor([r for r, f in enumerate(rows) if f], device=mask.device)
+    reading = grabbed.pop()
+    sub_iv = dataclasses.replace(iv, strength=torch.tensor([alpha[r] for r in idx.tolist()]))
+    with Steering(model, [sub_iv]):
+        sub = model.hf(input_ids=batch.input_ids[idx], attention_mask=mask[idx], position_ids=batch.position_ids[idx],
+                       use_cache=True, **kw)
+    sub_reading = grabbed.pop()
+    if assign_cache_rows(cache, idx, output_cache(sub)):
+        logits, reading = logits.clone(), reading.clone()
+        logits[idx], reading[idx] = sub.logits.to(logits.dtype), sub_reading.to(reading.dtype)
+        grabbed.append(reading)
+        return logits, cache
+    with Steering(model, [dataclasses.replace(iv, strength=torch.tensor([a if f else 0.0 for a, f in zip(alpha, rows)]))]):
+        out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=True,
+                       **kw)
+    return out.logits, output_cache(out)
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, layer: int, strength: float,
              probe: Probe, threshold: float = 0.5, backtrack: int = 4, max_new_tokens: int = 32,
@@ -157,8 +184,8 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     token to back up, and by default only its prompt's last token is fed again steered: the rest
     of the prompt stays as it was read unsteered. ``reencode_prompt=True`` instead runs the prompt
     again with those rows steered at every position but the sink, as constant steering reads it
-    (one more prefill of the batch, only when some row fires there; the other rows' states are
-    unchanged, since their strength is 0). ``BacktrackResult.reencoded`` marks those rows.
+    (one more prefill of just those rows, their KV-cache rows replaced; the other rows are not
+    touched). ``BacktrackResult.reencoded`` marks those rows.
 
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")
@@ -204,15 +231,14 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     mask = batch.attention_mask.clone()
     t0 = time.perf_counter()
     steps = 0
-    with Steering(model, [iv]), add_hooks(model, {Site(probe.site, probe.layer): grab}):
-        # only the last position's logits are read: the prefill need not unembed every position
-        last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.hf.forward).parameters else {}
-        def prefill():
-            return model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
-                            use_cache=True, **last_only)
-
-        out = prefill()
-        reencoded = [False] * B
+    # only the last position's logits are read: the prefill need not unembed every position
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.hf.forward).parameters else {}
+    reencoded = [False] * B
+    with add_hooks(model, {Site(probe.site, probe.layer): grab}):
+        # the prefill is unsteered: no row is steered before its first reading
+        out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=True,
+                       **last_only)
+        logits, cache, cache_kw = out.logits, output_cache(out), cache_kwarg(unwrap_adapters(model.hf))  # PEFT passes it on
         if reencode_prompt and watch_prompt:
             p0 = probe.prob(grabbed[-1]).cpu()
             for r in range(B):
@@ -221,69 +247,67 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
                     alpha[r] = strength * (1 + (threshold - float(p0[r])) / threshold)
                     probs[r].append(float(p0[r]))  # the unsteered reading that fired it
             if any(reencoded):
-                st.copy_(torch.tensor(alpha, device=dev))
-                grabbed.clear()
-                out = prefill()
-        cache, cache_kw = output_cache(out), cache_kwarg(unwrap_adapters(model.hf))  # PEFT passes it on
-        while True:
-            steps += 1
-            p = probe.prob(grabbed.pop()).cpu()
-            last = out.logits[:, -1]
-            nxt = last.argmax(-1).cpu()
-            if min_new_tokens and any(not done[r] and len(tokens[r]) < min_new_tokens for r in range(B)):
-                no_eos = last.clone()
-                no_eos[:, sorted(i for i in eos if i < no_eos.shape[-1])] = float("-inf")
-                early = torch.tensor([len(t) < min_new_tokens for t in tokens])
-                nxt = torch.where(early, no_eos.argmax(-1).cpu(), nxt)
-            feed, pos, action = [pad] * B, [0] * B, [None] * B
-            for r in range(B):
-                if done[r]:
-                    continue
-                probs[r].append(float(p[r]))
-                if watch_prompt or tokens[r]:
-                    seen[r].append(float(p[r]))
-                score = sum(seen[r][-window:]) / len(seen[r][-window:]) if seen[r] else 1.0
-                if seen[r] and not triggered[r] and score < threshold:  # deviation: back up, steer from there
-                    triggered[r], trigger_step[r] = True, len(tokens[r])
-                    kb = min(backtrack, len(tokens[r]))
-                    if kb:
-                        mask[r, cols[r][-kb:]] = 0
-                        del tokens[r][-kb:], cols[r][-kb:]
-                    discarded[r] = kb
-                    mask[r, cols[r][-1] if cols[r] else last_prompt_col[r]] = 0  # its last kept token is fed again
-                    alpha[r] = strength * (1 + (threshold - score) / threshold)
-                    feed[r] = tokens[r][-1] if tokens[r] else int(batch.input_ids[r, last_prompt_col[r]])
-                    action[r] = "refeed"
-                else:
-                    tok = int(nxt[r])
-                    if tok in eos:
-                        done[r] = True
+                logits, cache = _reencode(model, batch, mask, reencoded, alpha, iv, grabbed, logits, cache, last_only)
+        with Steering(model, [iv]):
+            while True:
+                steps += 1
+                p = probe.prob(grabbed.pop()).cpu()
+                last = logits[:, -1]
+                nxt = last.argmax(-1).cpu()
+                if min_new_tokens and any(not done[r] and len(tokens[r]) < min_new_tokens for r in range(B)):
+                    no_eos = last.clone()
+                    no_eos[:, sorted(i for i in eos if i < no_eos.shape[-1])] = float("-inf")
+                    early = torch.tensor([len(t) < min_new_tokens for t in tokens])
+                    nxt = torch.where(early, no_eos.argmax(-1).cpu(), nxt)
+                feed, pos, action = [pad] * B, [0] * B, [None] * B
+                for r in range(B):
+                    if done[r]:
                         continue
-                    tokens[r].append(tok)
-                    if len(tokens[r]) >= max_new_tokens:
-                        done[r] = True
-                        continue
-                    feed[r], action[r] = tok, "append"
-                pos[r] = n_prompt[r] + len(tokens[r]) - 1  # the fed token's own position
-            if all(done):
-                break
-            col = mask.shape[1]
-            live = [a is not None for a in action]
-            for r in range(B):
-                if action[r] == "append":
-                    cols[r].append(col)
-                elif action[r] == "refeed":
-                    if cols[r]:
-                        cols[r][-1] = col
+                    probs[r].append(float(p[r]))
+                    if watch_prompt or tokens[r]:
+                        seen[r].append(float(p[r]))
+                    score = sum(seen[r][-window:]) / len(seen[r][-window:]) if seen[r] else 1.0
+                    if seen[r] and not triggered[r] and score < threshold:  # deviation: back up, steer from there
+                        triggered[r], trigger_step[r] = True, len(tokens[r])
+                        kb = min(backtrack, len(tokens[r]))
+                        if kb:
+                            mask[r, cols[r][-kb:]] = 0
+                            del tokens[r][-kb:], cols[r][-kb:]
+                        discarded[r] = kb
+                        mask[r, cols[r][-1] if cols[r] else last_prompt_col[r]] = 0  # its last kept token is fed again
+                        alpha[r] = strength * (1 + (threshold - score) / threshold)
+                        feed[r] = tokens[r][-1] if tokens[r] else int(batch.input_ids[r, last_prompt_col[r]])
+                        action[r] = "refeed"
                     else:
-                        last_prompt_col[r] = col
-                if live[r] and alpha[r]:
-                    steered[r] += 1
-            st.copy_(torch.tensor(alpha, device=dev) * torch.tensor(live, dtype=torch.float32, device=dev))
-            mask = torch.cat([mask, torch.tensor(live, dtype=mask.dtype, device=dev)[:, None]], 1)
-            out = model.hf(input_ids=torch.tensor(feed, device=dev)[:, None], attention_mask=mask,
-                           position_ids=torch.tensor(pos, device=dev)[:, None], use_cache=True, **{cache_kw: cache})
-            cache = output_cache(out)
+                        tok = int(nxt[r])
+                        if tok in eos:
+                            done[r] = True
+                            continue
+                        tokens[r].append(tok)
+                        if len(tokens[r]) >= max_new_tokens:
+                            done[r] = True
+                            continue
+                        feed[r], action[r] = tok, "append"
+                    pos[r] = n_prompt[r] + len(tokens[r]) - 1  # the fed token's own position
+                if all(done):
+                    break
+                col = mask.shape[1]
+                live = [a is not None for a in action]
+                for r in range(B):
+                    if action[r] == "append":
+                        cols[r].append(col)
+                    elif action[r] == "refeed":
+                        if cols[r]:
+                            cols[r][-1] = col
+                        else:
+                            last_prompt_col[r] = col
+                    if live[r] and alpha[r]:
+                        steered[r] += 1
+                st.copy_(torch.tensor(alpha, device=dev) * torch.tensor(live, dtype=torch.float32, device=dev))
+                mask = torch.cat([mask, torch.tensor(live, dtype=mask.dtype, device=dev)[:, None]], 1)
+                out = model.hf(input_ids=torch.tensor(feed, device=dev)[:, None], attention_mask=mask,
+                               position_ids=torch.tensor(pos, device=dev)[:, None], use_cache=True, **{cache_kw: cache})
+                logits, cache = out.logits, output_cache(out)
     seconds = time.perf_counter() - t0
     texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return BacktrackResult(texts, tokens, torch.tensor(triggered), torch.tensor(trigger_step), torch.tensor(alpha),
