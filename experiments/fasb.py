@@ -7,15 +7,12 @@ held-out harmless ones.
   position but the attention sink;
 * constant steering: every row and token, ``α = --strength`` (steer's refusal default, 2), through
   :meth:`steer.Steering.generate`;
-* FASB: a logistic probe of *appropriate* behaviour on ``resid_post`` at ``--probe-layer`` (22),
-  trained on the unsteered states of the model's own greedy answers to ``--probe-prompts`` (128)
-  harmful and 128 harmless *training* requests (teacher-forced), per answer token and at each
-  prompt's last token — desired: a harmful request with its answer under constant steering, if
-  that is a refusal (read steered); a harmless request with its unsteered answer, if not a
-  refusal; undesired: a harmful request with its unsteered answer, if not a refusal. (Trained
-  on steer's canned openings instead, it fired on 15 of 16 harmless rows: the model's own
-  answers look different. Adding "harmless + refusal" as undesired makes the target an XOR of
-  harmfulness and refusal, which no linear probe separates.) It is read at the prompt's end and
+* FASB: :func:`steer.refusal.fasb_probe`, a logistic probe of *appropriate* behaviour on
+  ``resid_post`` at ``--probe-layer`` (22), trained on the unsteered states of the model's own
+  greedy answers to ``--probe-prompts`` (128) harmful and 128 harmless *training* requests
+  (teacher-forced), per answer token and at each prompt's last token (its docstring gives the
+  labels). (Trained on steer's canned openings instead, it fired on 15 of 16 harmless rows: the
+  model's own answers look different.) It is read at the prompt's end and
   at every generated token, and the decision uses the mean of its last ``--window`` (16)
   readings (single tokens dip); below ``--threshold`` (0.4) a row backs up ``--backtrack`` (4)
   tokens and continues steered at ``α = strength · (1 + (threshold − p)/threshold)``. A row that
@@ -45,23 +42,28 @@ Measured (CPU fp32, defaults, 16 + 16 held-out prompts x 32 tokens, one run):
 =====================  =========  ========  ============================  =====================
 refusal                unsteered  constant  FASB (prompt read again)      FASB (last token only)
 =====================  =========  ========  ============================  =====================
-harmful requests       0.31       1.00      **0.94**                      0.81
+harmful requests       0.31       1.00      **0.94**                      0.88
 harmless requests      0.00       1.00      **0.12**                      0.12
-steered tokens         0          1024      **484** (0.47x)               480 (0.47x)
-accepted tok/s         172        177       143 (0.81x)                   155 (0.88x)
+steered tokens         0          1024      **544** (0.53x)               560 (0.55x)
+accepted tok/s         168        176       133 (0.76x)                   158 (0.90x)
 =====================  =========  ========  ============================  =====================
 
-The probe fired on 13 of 16 harmful rows (12 at the prompt's end) and 3 of 16 harmless ones;
-13 of 16 harmless answers are the unsteered answer token for token (constant steering: 0), and
-every row that never fired is. Against the targets: at most half the tokens steered — met
-(0.47x); refusal within 0.05 of constant's — missed by one prompt of 16 (0.94 against 1.00).
-Reading the prompt again is what brings refusal from 0.81 to 0.94; it costs a second prefill of
-the rows that fire there (12 of 32 prompts of up to 86 tokens here; a prefill of all 32 takes
-2.5 s on this CPU, about 25 decode steps of the batch), hence 0.81x constant's throughput
-against 0.88x without it (0.92x in another run). Prefilling the whole batch again instead of
-just those rows gave 0.67x. Before this probe (layer 18, 32 training prompts, answer tokens only,
-threshold 0.5, window 4) FASB refused 0.75 / 0.44 with 0.67x constant's tokens steered: that
-probe fired on 12 of 16 harmless rows.
+The probe fired on 15 of 16 harmful rows (all 15 at the prompt's end) and on 3 of 16 harmless
+ones (one at the prompt's end); 13 of 16 harmless answers are the unsteered answer token for
+token (constant steering: 0), and so is every row that never fired. Against the targets: refusal
+within 0.05 of constant's — missed by one prompt of 16 (0.94 against 1.00); at most half the
+tokens steered — missed narrowly (0.53x): with half the rows harmful, steering every harmful
+answer from its first token is already 0.5x, so any harmless row that fires goes over. Reading
+the prompt again is what brings refusal from 0.88 to 0.94; it costs a second prefill of the rows
+that fire there (16 of 32 prompts of up to 86 tokens; a prefill of all 32 takes 2.5 s on this
+CPU, about 25 decode steps of the batch), hence 0.76x constant's throughput against 0.90x
+without it. Prefilling the whole batch again instead of just those rows gave 0.67x (with 12
+rows firing there).
+
+History on the same rows: the first probe (layer 18, 32 training prompts, answer tokens only,
+threshold 0.5, window 4) refused 0.75 / 0.44 with 0.67x constant's tokens steered, firing on 12
+of 16 harmless rows; a version of the present one that read the harmful prompts' ends steered
+(a state the probe never decides on) refused 0.94 / 0.12 with 0.47x steered.
 """
 
 from __future__ import annotations
@@ -70,47 +72,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-
-
-def fit_appropriateness_probe(m, layer: int, vector, steer_layer: int, strength: float, n: int = 128,
-                              max_new_tokens: int = 24, prompt_end: bool = True):
-    """The FASB probe, from the model's own answers to *training* prompts (see the module doc).
-    ``prompt_end`` adds each prompt's last state (the one that predicts the first answer token),
-    labelled as its answer is, so that the probe can also read the question."""
-    import torch
-
-    import steer
-    from steer import backtracking, refusal
-    from steer import evaluate as E
-    from steer.steering import Steering
-
-    d = refusal.training_data()
-    H, S = d["harmful"][:n], d["harmless"][:n]
-    with Steering(m) as s:
-        own_h, own_s = s.generate(H, max_new_tokens=max_new_tokens), s.generate(S, max_new_tokens=max_new_tokens)
-    with steer.steer(m, vector, layer=steer_layer, strength=strength) as s:
-        steered_h = s.generate(H, max_new_tokens=max_new_tokens)
-
-    def states(pairs):
-        pairs = [(p, t) for p, t in pairs if t.strip()]
-        a = steer.capture(m, pairs, layers=[layer], positions="completion", progress=False)
-        return a.tensor.permute(0, 2, 1, 3)[a.mask][:, 0]
-
-    def ends(prompts, steered=False):
-        if not prompts:
-            return torch.zeros(0, m.d_model)
-        with (steer.steer(m, vector, layer=steer_layer, strength=strength) if steered else Steering(m)):
-            return steer.capture(m, prompts, layers=[layer], positions="last", progress=False).tensor.reshape(len(prompts), -1)
-
-    r_own, r_steered, r_safe = E.refusal_substring(own_h), E.refusal_substring(steered_h), E.refusal_substring(own_s)
-    good_h = [(p, t) for p, t, r in zip(H, steered_h, r_steered) if r]  # refused under steering
-    good_s = [(p, t) for p, t, r in zip(S, own_s, r_safe) if not r]     # harmless, answered
-    bad = [(p, t) for p, t, r in zip(H, own_h, r_own) if not r]         # harmful, answered
-    good, undesired = [states(good_h), states(good_s)], [states(bad)]
-    if prompt_end:
-        good += [ends([p for p, _ in good_h], steered=True), ends([p for p, _ in good_s])]
-        undesired.append(ends([p for p, _ in bad]))
-    return backtracking.fit_probe(torch.cat(good), torch.cat(undesired), layer)
 
 
 def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_layer=22, threshold=0.4,
@@ -128,7 +89,7 @@ def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_l
     beh = refusal.behaviour_vector(m, d["harmful"], d["harmless"], d["refusals"], d["compliances"], n=64,
                                    layer=layer, layers=[layer])
     v = beh.vectors[layer]
-    probe = fit_appropriateness_probe(m, probe_layer, v, layer, strength, n=probe_prompts)
+    probe = refusal.fasb_probe(m, v, layer=probe_layer, steer_layer=layer, strength=strength, n=probe_prompts)
     data = Path(__file__).parent / "data"
     harmful = load_prompts(data / "eval_harmful.json")[:n]
     harmless = load_prompts(data / "eval_harmless.json")[:n]

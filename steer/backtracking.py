@@ -63,6 +63,48 @@ class Probe(Rich):
     def prob(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch"]:
         return torch.sigmoid(h.float() @ self.vector.to(h.device).float() + self.bias)
 
+    def save(self, path) -> None:
+        """Save as safetensors with JSON metadata in the header (atomic write).
+
+        >>> import torch, tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "probe.safetensors")
+        >>> Probe(torch.ones(4), -1.5, layer=3, meta={"n": 2}).save(p)
+        >>> q = Probe.load(p); q.bias, q.layer, q.meta
+        (-1.5, 3, {'n': 2})
+        """
+        import json
+
+        from safetensors.torch import save_file
+
+        from .capture import _atomic
+
+        head = {"bias": self.bias, "layer": self.layer, "site": self.site, "meta": self.meta}
+        _atomic(path, lambda tmp: save_file({"vector": self.vector.float().contiguous()}, tmp,
+                                            metadata={"steer_probe": json.dumps(head, default=str)}))
+
+    @classmethod
+    def load(cls, path, model=None) -> "Probe":
+        """Load a saved probe; with ``model``, check that it fits (d_model, layer)."""
+        import json
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"No probe file at {path}.")
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
+            if "steer_probe" not in header:
+                raise ValueError(f"{path} is not a steer Probe file (no 'steer_probe' metadata).")
+            vector = f.get_tensor("vector")
+        head = json.loads(header["steer_probe"])
+        probe = cls(vector, float(head["bias"]), int(head["layer"]), head["site"], head["meta"])
+        if model is not None and (vector.shape != (model.d_model,) or not 0 <= probe.layer < model.n_layers):
+            raise ValueError(f"{path} holds a probe of width {vector.shape[0]} at layer {probe.layer}; {model.name} has "
+                             f"d_model {model.d_model} and layers 0..{model.n_layers - 1}: fit one on this model.")
+        return probe
+
     def _fields(self):
         return [("P(desired)", f"σ(h·w + b) at {self.site}.{self.layer}"), ("‖w‖", float(self.vector.norm())),
                 ("b", self.bias)] + [(k, v) for k, v in self.meta.items() if isinstance(v, (int, float, str))]

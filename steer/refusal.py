@@ -36,6 +36,7 @@ __all__ = [
     "training_data", "behaviour_vector", "refusal_direction", "select_refusal_direction",
     "harmfulness_direction", "LatentGuard", "latent_guard", "refusal_scores", "evaluate_refusal",
     "fit_refusal", "harmfulness_condition", "RefusalSetup", "demo", "DEFAULT_LAYER", "DEFAULT_STRENGTH",
+    "fasb_probe",
 ]
 
 DATA_DIR = Path(__file__).parent / "datasets"
@@ -320,6 +321,67 @@ def fit_refusal(
     cond = harmfulness_condition(model, layers=condition_layers, kind=condition_kind, method=condition_method,
                                  recall=condition_recall, augment=augment, limit=limit)
     return RefusalSetup(beh, cond, layer, strength)
+
+
+def fasb_probe(model, vector: Float[Tensor, "d_model"], *, layer: int = 22, steer_layer: int = DEFAULT_LAYER,
+               strength: float = DEFAULT_STRENGTH, n: int = 128, max_new_tokens: int = 24, prompt_end: bool = True):
+    """FASB's probe of *appropriate* behaviour for refusal (:mod:`steer.backtracking`), on
+    ``resid_post.layer``, from the model's own greedy answers to ``n`` harmful and ``n`` harmless
+    *training* requests (:func:`training_data`), teacher-forced, one state per answer token:
+
+    * desired: a harmful request with its answer under constant steering (``+strength·vector``
+      at ``steer_layer``), if that is a refusal; a harmless request with its unsteered answer, if
+      not a refusal;
+    * undesired: a harmful request with its unsteered answer, if not a refusal.
+
+    Every state is read unsteered: the probe decides only while a row is unsteered (a row that
+    fires stays steered and is not judged again). ``prompt_end`` adds each prompt's last state
+    (harmless and answered: desired; harmful and answered: undesired), so the probe can also
+    read the question (``generate(..., watch_prompt=True)``). "Harmless + refusal" is not used
+    as undesired: it would make the target an XOR of harmfulness and refusal, which no linear
+    probe separates. On SmolLM2, layer 22 and n = 128 were chosen on a validation split of the
+    training requests (``experiments/fasb.py``).
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> p = fasb_probe(m, torch.randn(64), layer=1, steer_layer=0, strength=8.0, n=4, max_new_tokens=3)
+    >>> p.layer, p.vector.shape
+    (1, torch.Size([64]))
+    """
+    from .backtracking import fit_probe
+
+    d = training_data()
+    H, S = d["harmful"][:n], d["harmless"][:n]
+    vector = torch.as_tensor(vector).float()
+    with Steering(model) as s:
+        own_h, own_s = s.generate(H, max_new_tokens=max_new_tokens), s.generate(S, max_new_tokens=max_new_tokens)
+    with steer(model, vector, layer=steer_layer, strength=strength) as s:
+        steered_h = s.generate(H, max_new_tokens=max_new_tokens)
+
+    def states(pairs):
+        pairs = [(p, t) for p, t in pairs if t.strip()]
+        if not pairs:
+            return torch.zeros(0, model.d_model)
+        a = capture(model, pairs, layers=[layer], positions="completion", progress=False)
+        return a.tensor.permute(0, 2, 1, 3)[a.mask][:, 0].float()
+
+    def ends(prompts):
+        if not prompts:
+            return torch.zeros(0, model.d_model)
+        a = capture(model, list(prompts), layers=[layer], positions="last", progress=False)
+        return a.tensor.reshape(len(prompts), -1).float()
+
+    good_h = [(p, t) for p, t, r in zip(H, steered_h, E.refusal_substring(steered_h)) if r]  # refused under steering
+    good_s = [(p, t) for p, t, r in zip(S, own_s, E.refusal_substring(own_s)) if not r]   # harmless, answered
+    bad = [(p, t) for p, t, r in zip(H, own_h, E.refusal_substring(own_h)) if not r]      # harmful, answered
+    good, undesired = [states(good_h), states(good_s)], [states(bad)]
+    if prompt_end:
+        good.append(ends([p for p, _ in good_s]))
+        undesired.append(ends([p for p, _ in bad]))
+    probe = fit_probe(torch.cat(good), torch.cat(undesired), layer)
+    probe.meta.update({"recipe": "refusal.fasb_probe", "n_prompts": n, "steer_layer": steer_layer,
+                       "strength": strength, "prompt_end": prompt_end})
+    return probe
 
 
 def harmfulness_condition(

@@ -6,6 +6,7 @@
     steer bias [--templates FILE] [--json OUT]
     steer persona --trait NAME|FILE [--json OUT]
     steer evaluate --direction FILE --items TRAIT|FILE [--json OUT]
+    steer fasb --prompts FILE [--probe FILE] [--json OUT]
     steer diagnose massive|lens|trace [--text T] [--json OUT] [--plot PNG]
     steer store --prompts FILE --out DIR [--layers all] [--site resid_post] [--shard auto]
 """
@@ -16,7 +17,7 @@ import argparse
 import importlib
 import sys
 
-_SUBCOMMANDS = ("demo", "refusal", "patch", "bias", "persona", "evaluate", "multi", "diagnose", "store")
+_SUBCOMMANDS = ("demo", "refusal", "patch", "bias", "persona", "evaluate", "multi", "fasb", "diagnose", "store")
 
 
 def emit(doc, path=None, indent: int = 1) -> None:
