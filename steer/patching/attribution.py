@@ -114,12 +114,13 @@ class _Attribution:
         self.g_resid = [None] + [g if g is not None else torch.zeros_like(t) for g, t in zip(gs[len(self.keys):], self.resid[1:])]
         return out
 
-    def hooked_scores(self, outputs, grad_outputs=None, layers=None, want=()) -> tuple[dict, tuple]:
+    def hooked_scores(self, outputs, grad_outputs=None, layers=None, want=(), retain: bool = True) -> tuple[dict, tuple]:
         """One backward from ``outputs`` in which each base activation's gradient is turned into
         the estimates of the node kinds that read it as soon as autograd computes it (a tensor
         hook), so no site's full gradient is kept (the fused reduction; a ``z`` gradient feeds the
         QK fix of its layer's ``q``/``k`` nodes). ``layers``: hook only these; ``want``: tensors
-        whose gradients to return as well. Returns ``({(kind, layer): scores}, grads of want)``."""
+        whose gradients to return as well; ``retain=False`` frees the graph (the last backward).
+        Returns ``({(kind, layer): scores}, grads of want)``."""
         layers = range(self.model.n_layers) if layers is None else layers
         got: dict = {}
         handles = []
@@ -138,7 +139,7 @@ class _Attribution:
 
             handles.append(y.register_hook(hook))
         try:
-            gs = torch.autograd.grad(outputs, [self.h0, *want], grad_outputs=grad_outputs, retain_graph=True,
+            gs = torch.autograd.grad(outputs, [self.h0, *want], grad_outputs=grad_outputs, retain_graph=retain,
                                      allow_unused=True)
         finally:
             for h in handles:
@@ -274,7 +275,7 @@ def atp(
     t0 = time.perf_counter()
     st = _Attribution(model, task, kinds, direction, qk_fix, qk_block, impl)
     if fused:
-        got, _ = st.hooked_scores(st.M)
+        got, _ = st.hooked_scores(st.M, retain=False)
         out = {ns.kind: st.stack(got, ns) for ns in kinds}
     else:
         grads = st.grads(retain=False)
