@@ -38,6 +38,15 @@ to about 0.5). The neuron count matters little between 50 and 576 (the table for
 can only fire less). Refusal in the greedy answers (n = 12, 150 neurons), target / others,
 original → corrected: weapons 1.00 / 0.93 → 0.75 / 0.86, cybercrime → 0.38 / 0.88, drugs →
 0.00 / 0.45.
+
+Two other estimators were tried on a validation split of the training prompts (n = 12 target
+prompts fitted, the target's other 11–12 held out; each other category's first half fitted, its
+second half held out; all 15 categories as targets; mean firing on the held-out target / others):
+the estimator above 0.41 / 0.92 (3 of 15 targets meet the bars); an LDA direction (the isolated
+vector through a Ledoit–Wolf-shrunk pooled covariance) 0.64–0.70 / 0.95–0.97 (0–1 of 15);
+thresholds from leave-one-out target scores (the fitted direction scores its own examples too
+high) 0.30–0.35 / 0.85–0.86 (2–4 of 15), trading the other categories' refusal for the target's.
+Neither was adopted.
 """
 
 from __future__ import annotations
