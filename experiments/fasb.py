@@ -21,7 +21,8 @@ held-out harmless ones.
 * measured on ``--n`` held-out harmful and ``--n`` held-out harmless requests, greedy,
   ``--max-new-tokens``: refusal rate (steer's refusal substrings) on each side, the share of
   harmless answers identical to the unsteered ones, steered tokens (FASB: steered forward columns
-  of the answer, constant: every accepted token; neither counts the prompt), and throughput in
+  from the prompt's last token on, a prompt read again counting as that one column; constant:
+  every accepted token; neither counts the rest of the prompt), and throughput in
   accepted tokens per second, all in one run.
 
 How the settings were chosen (none on the reported rows): the probe layer and its training
@@ -44,19 +45,19 @@ refusal                unsteered  constant  FASB (prompt read again)      FASB (
 =====================  =========  ========  ============================  =====================
 harmful requests       0.31       1.00      **0.94**                      0.88
 harmless requests      0.00       1.00      **0.12**                      0.12
-steered tokens         0          1024      **544** (0.53x)               560 (0.55x)
-accepted tok/s         168        176       133 (0.76x)                   158 (0.90x)
+steered tokens         0          1024      **560** (0.55x)               560 (0.55x)
+accepted tok/s         168        166       126 (0.76x)                   154 (0.93x)
 =====================  =========  ========  ============================  =====================
 
 The probe fired on 15 of 16 harmful rows (all 15 at the prompt's end) and on 3 of 16 harmless
 ones (one at the prompt's end); 13 of 16 harmless answers are the unsteered answer token for
 token (constant steering: 0), and so is every row that never fired. Against the targets: refusal
 within 0.05 of constant's — missed by one prompt of 16 (0.94 against 1.00); at most half the
-tokens steered — missed narrowly (0.53x): with half the rows harmful, steering every harmful
+tokens steered — missed narrowly (0.55x): with half the rows harmful, steering every harmful
 answer from its first token is already 0.5x, so any harmless row that fires goes over. Reading
 the prompt again is what brings refusal from 0.88 to 0.94; it costs a second prefill of the rows
 that fire there (16 of 32 prompts of up to 86 tokens; a prefill of all 32 takes 2.5 s on this
-CPU, about 25 decode steps of the batch), hence 0.76x constant's throughput against 0.90x
+CPU, about 25 decode steps of the batch), hence 0.76x constant's throughput against 0.93x
 without it. Prefilling the whole batch again instead of just those rows gave 0.67x (with 12
 rows firing there).
 

@@ -37,7 +37,7 @@ import dataclasses
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from jaxtyping import Float
@@ -151,7 +151,7 @@ class BacktrackResult(Rich):
     seconds: float
     threshold: float
     backtrack: int
-    reencoded: Tensor = None
+    reencoded: Optional[Tensor] = None  # rows whose prompt was read again steered (reencode_prompt)
 
     @property
     def accepted(self) -> int:
@@ -174,6 +174,7 @@ class BacktrackResult(Rich):
         return [("fired", f"{int(self.triggered.sum())} / {len(self.texts)} rows (threshold {self.threshold:g}, "
                           f"back {self.backtrack} tokens)"),
                 ("steered / accepted tokens", f"{int(self.steered_tokens.sum())} / {self.accepted}"),
+                ("prompts read again steered", int(self.reencoded.sum()) if self.reencoded is not None else 0),
                 ("steps", self.steps), ("accepted tokens / s", self.tokens_per_second)]
 
     def _table(self):
@@ -286,6 +287,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
             for r in range(B):
                 if p0[r] < threshold:
                     triggered[r], trigger_step[r], reencoded[r] = True, 0, True
+                    steered[r] = 1  # its prompt's last column, steered as a re-fed one would be (the prompt is not counted)
                     alpha[r] = strength * (1 + (threshold - float(p0[r])) / threshold)
                     probs[r].append(float(p0[r]))  # the unsteered reading that fired it
             if any(reencoded):
