@@ -143,8 +143,13 @@ def test_engine_in_other_processes_equals_hf(multiprocess, tp, monkeypatch):
     if tp > 1:  # vLLM's CPU workers bind one NUMA node each unless given their cores (read by the
         # engine process this starts: in this process vLLM caches its environment once an engine ran)
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp)))
+    import multiprocessing
+
     m = tiny_model()
+    before = {p.pid for p in multiprocessing.active_children()}
     eng = Engine(m, kv_cache_gib=1, max_model_len=256, multiprocess=multiprocess, tensor_parallel_size=tp)
+    started = {p.pid for p in multiprocessing.active_children()} - before
+    assert started  # the engine core (and the workers it starts) run in processes of their own
     try:
         assert eng.check_error < 1e-4 and eng.multiprocess  # (an in-process engine ran before: its mode is not kept)
         g = torch.Generator().manual_seed(5)
@@ -157,6 +162,7 @@ def test_engine_in_other_processes_equals_hf(multiprocess, tp, monkeypatch):
         assert out.gate.tolist() == hf.last_gate.cpu().float().tolist() and 0 < out.gate.sum() < len(PROMPTS)
     finally:
         eng.close()
+    assert not started & {p.pid for p in multiprocessing.active_children()}  # close() shut them down
 
 
 def test_unsupported_edits_say_where_to_go(tiny):

@@ -16,7 +16,8 @@ number), one run, settings in one process:
   inside the generation's prefill (the default; the fired prompts' layers 10-14 replayed);
 * ``vllm cast first-pass``: the same with the condition read in a first pass over the prompts.
 
-Also, with ``--default-vllm``, unsteered vLLM in its default mode (multiprocess engine, torch
+With ``--multiprocess``, plain, steered and CAST-gated again with vLLM's engine core in its own
+process (``Engine(multiprocess=True)``). Also, with ``--default-vllm``, unsteered vLLM in its default mode (multiprocess engine, torch
 compile) in a subprocess: the engine as users run it without steer. Engine start is reported
 apart and excluded from throughput. Targets (issue 17): steered ≥ 1.3x the HF path, ≥ 0.95x plain
 vLLM; cast ≥ 0.9x plain vLLM.
@@ -48,7 +49,8 @@ if __name__ == "__main__":
 """
 
 
-def main(device: str = "cpu", n: int = 256, tokens: int = 64, default_vllm: bool = False) -> dict:
+def main(device: str = "cpu", n: int = 256, tokens: int = 64, default_vllm: bool = False,
+         multiprocess: bool = False) -> dict:
     import torch
 
     import steer
@@ -109,6 +111,18 @@ def main(device: str = "cpu", n: int = 256, tokens: int = 64, default_vllm: bool
             res[f"{name}: regenerated"] = len(out.regenerated)
             res[f"{name}: fired"] = float(out.gate.mean())
     eng.close()
+    if multiprocess:  # the engine core in its own process (vLLM's default mode, eager as above)
+        eng = Engine(model, kv_cache_gib=2, multiprocess=True)
+        res["multiprocess engine start s"] = eng.start_seconds
+        eng.generate(prompts, add(), max_new_tokens=2)  # warm-up
+        for name, steering in [("multiprocess plain", None), ("multiprocess steered", add()),
+                               ("multiprocess cast", add(condition=cond))]:
+            out = eng.generate(prompts, steering, max_new_tokens=tokens, min_new_tokens=tokens, details=True)
+            res[f"{name} tok/s"] = sum(len(t) for t in out.token_ids) / out.seconds
+            print(f"    {name} tok/s: {res[f'{name} tok/s']:.1f}", flush=True)
+        eng.close()
+        res["multiprocess steered / plain"] = res["multiprocess steered tok/s"] / res["multiprocess plain tok/s"]
+        res["multiprocess cast / plain"] = res["multiprocess cast tok/s"] / res["multiprocess plain tok/s"]
     if default_vllm:
         ids = tokenize(model, prompts)
         rows = [r[m.bool()].tolist() for r, m in zip(ids.input_ids, ids.attention_mask)]
@@ -140,8 +154,9 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--default-vllm", action="store_true")
+    ap.add_argument("--multiprocess", action="store_true", help="also time the engine core in its own process")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
-    r = main(n=a.n, tokens=a.tokens, default_vllm=a.default_vllm)
+    r = main(n=a.n, tokens=a.tokens, default_vllm=a.default_vllm, multiprocess=a.multiprocess)
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=1))

@@ -133,7 +133,7 @@ class Engine:
         from vllm import LLM
 
         # vLLM freezes its view of the environment once an engine has started: without this, a
-        # later engine here would silently keep the first one's mode and KV-cache size
+        # later engine here would silently keep the first one's mode (and any setting read from it)
         getattr(vllm.envs, "disable_envs_cache", lambda: None)()
 
         self.model = model
@@ -148,15 +148,18 @@ class Engine:
         self.start_seconds = time.perf_counter() - t0
         from vllm.v1.engine.core_client import InprocClient
 
-        self.multiprocess = not isinstance(self.llm.llm_engine.engine_core, InprocClient)
-        # vLLM's in-process engine tears down the process's distributed state when it shuts down
-        # (or is collected), which would break any other Engine here: that happens when the last
-        # one goes (close(), or garbage collection).
         core = self.llm.llm_engine.engine_core
-        if getattr(core, "_finalizer", None) is not None:
-            core._finalizer.detach()
-        _LIVE.add(self)
-        self._release = weakref.finalize(self, _release, core)
+        self.multiprocess = not isinstance(core, InprocClient)
+        if self.multiprocess:  # its engine core and workers are processes of its own: they go with it
+            self._release = weakref.finalize(self, core.shutdown)
+        else:
+            # vLLM's in-process engine tears down the process's distributed state when it shuts
+            # down (or is collected), which would break any other Engine here: that happens when
+            # the last one goes (close(), or garbage collection).
+            if getattr(core, "_finalizer", None) is not None:
+                core._finalizer.detach()
+            _LIVE.add(self)
+            self._release = weakref.finalize(self, _release, core)
         self.n_layers = model.n_layers
         self._keys = itertools.count()  # names of the condition pass's captures, per engine
         self.check_error = self._check(check_atol if check_atol is not None else
@@ -345,7 +348,7 @@ class Engine:
         self.close()
 
 
-_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # the Engines sharing this process's vLLM state
+_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # the in-process Engines sharing this process's vLLM state
 
 
 def _release(core) -> None:
