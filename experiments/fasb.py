@@ -25,14 +25,16 @@ held-out harmless ones.
   every accepted token; neither counts the rest of the prompt), and throughput in
   accepted tokens per second, all in one run.
 
-How the settings were chosen (none on the reported rows): the probe layer and its training
-size on a validation split of steer's training requests (128 fit, the next 64 held out; fired
-on held-out answered-harmful / harmless rows: layer 18 with 32 prompts — the old setting —
-53/62 and 16/64 at l2 = 1, layer 22 with 128 prompts 61/62 and 7/64); threshold and window on
-held-out requests 16–47 of the evaluation files (the rows reported below are 0–15): at 0.5 / 4
-FASB refused 1.00 of harmful and 0.41 of harmless requests with 0.81x constant's steered
-tokens; 0.5 / 16: 1.00 / 0.31 / 0.69x; 0.4 / 16: 1.00 / 0.19 / 0.60x; 0.3 / 8: 0.88 / 0.16 /
-0.55x.
+How the settings were chosen (none on the reported rows): the probe layer on a validation split
+of steer's training requests (128 fit, the next 64 held out; a probe of answer tokens only,
+l2 = 0.01; fired on held-out answered-harmful / harmless rows: layer 18, the old layer, 61/62
+and 21/64; layer 22 61/62 and 7/64; the other layers from 8 to 28 fired on 15-40 of the 64
+harmless rows); the training size went from 32 to 128 requests of each kind without a
+comparison of its own; threshold and window on held-out requests 16–47 of the evaluation files
+(the rows reported below are 0–15), with an earlier version of the probe that read the harmful
+prompts' ends steered: at 0.5 / 4 FASB refused 1.00 of harmful and 0.41 of harmless requests
+with 0.81x constant's steered tokens; 0.5 / 16: 1.00 / 0.31 / 0.69x; 0.4 / 16: 1.00 / 0.19 /
+0.60x; 0.3 / 8: 0.88 / 0.16 / 0.55x.
 
     python experiments/fasb.py [--out DIR] [--n 16] [--max-new-tokens 32] [--no-reencode]
 
@@ -64,7 +66,8 @@ rows firing there).
 History on the same rows: the first probe (layer 18, 32 training prompts, answer tokens only,
 threshold 0.5, window 4) refused 0.75 / 0.44 with 0.67x constant's tokens steered, firing on 12
 of 16 harmless rows; a version of the present one that read the harmful prompts' ends steered
-(a state the probe never decides on) refused 0.94 / 0.12 with 0.47x steered.
+(a state the probe never decides on) refused 0.94 / 0.12 with 0.47x steered (a re-read prompt
+counted no column then; 0.48x as counted now).
 """
 
 from __future__ import annotations

@@ -339,8 +339,8 @@ def fasb_probe(model, vector: Float[Tensor, "d_model"], *, layer: int = 22, stee
     (harmless and answered: desired; harmful and answered: undesired), so the probe can also
     read the question (``generate(..., watch_prompt=True)``). "Harmless + refusal" is not used
     as undesired: it would make the target an XOR of harmfulness and refusal, which no linear
-    probe separates. On SmolLM2, layer 22 and n = 128 were chosen on a validation split of the
-    training requests (``experiments/fasb.py``).
+    probe separates. On SmolLM2, layer 22 was chosen on a validation split of the training
+    requests (``experiments/fasb.py``).
 
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")
