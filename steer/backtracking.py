@@ -72,33 +72,18 @@ class Probe(Rich):
         >>> q = Probe.load(p); q.bias, q.layer, q.meta
         (-1.5, 3, {'n': 2})
         """
-        import json
+        from .capture import _save_tagged
 
-        from safetensors.torch import save_file
-
-        from .capture import _atomic
-
-        head = {"bias": self.bias, "layer": self.layer, "site": self.site, "meta": self.meta}
-        _atomic(path, lambda tmp: save_file({"vector": self.vector.float().contiguous()}, tmp,
-                                            metadata={"steer_probe": json.dumps(head, default=str)}))
+        _save_tagged(path, {"vector": self.vector.float()}, "steer_probe",
+                     {"bias": self.bias, "layer": self.layer, "site": self.site, "meta": self.meta})
 
     @classmethod
     def load(cls, path, model=None) -> "Probe":
         """Load a saved probe; with ``model``, check that it fits (d_model, layer)."""
-        import json
-        from pathlib import Path
+        from .capture import _load_tagged
 
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"No probe file at {path}.")
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata() or {}
-            if "steer_probe" not in header:
-                raise ValueError(f"{path} is not a steer Probe file (no 'steer_probe' metadata).")
-            vector = f.get_tensor("vector")
-        head = json.loads(header["steer_probe"])
+        tensors, head = _load_tagged(path, "steer_probe", "Probe")
+        vector = tensors["vector"]
         probe = cls(vector, float(head["bias"]), int(head["layer"]), head["site"], head["meta"])
         if model is not None and (vector.shape != (model.d_model,) or not 0 <= probe.layer < model.n_layers):
             raise ValueError(f"{path} holds a probe of width {vector.shape[0]} at layer {probe.layer}; {model.name} has "

@@ -156,6 +156,30 @@ def _atomic(path, write) -> None:
             os.unlink(tmp)
 
 
+def _save_tagged(path, tensors: dict, tag: str, header: dict) -> None:
+    """Write ``tensors`` as safetensors with ``header`` as JSON under metadata key ``tag`` (atomic)."""
+    from safetensors.torch import save_file
+
+    _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                                        metadata={tag: json.dumps(header, default=str)}))
+
+
+def _load_tagged(path, tag: str, what: str) -> tuple[dict, dict]:
+    """``(tensors, header)`` of a file :func:`_save_tagged` wrote; a clear error for a missing
+    file or one that is not a steer ``what`` (no ``tag`` metadata)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No {what.lower()} file at {path}.")
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata() or {}
+        if tag not in header:
+            raise ValueError(f"{path} is not a steer {what} file (no {tag!r} metadata).")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, json.loads(header[tag])
+
+
 def _pack(mask: Tensor) -> tuple[Tensor, Tensor]:
     """Selected positions packed to the left: index ``[b, k]`` and validity ``[b, k]``."""
     counts = mask.sum(-1)

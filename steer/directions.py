@@ -31,7 +31,6 @@ So ``direction.k`` ↔ steer's ``resid_post.k`` (= ``resid_pre.k+1``), the same 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -40,7 +39,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .capture import _atomic, capture, prompts_hash
+from .capture import _atomic, _load_tagged, _save_tagged, capture, prompts_hash
 from .display import Rich
 from .interventions import unit
 from .sweep import map_units, sweep_key
@@ -286,11 +285,8 @@ class Direction(Rich):
         >>> Direction.load(p).layer
         1
         """
-        from safetensors.torch import save_file
-
-        meta = {"layer": self.layer, "method": self.method, "meta": self.meta}
-        _atomic(path, lambda tmp: save_file({"vectors": self.vectors.contiguous()}, tmp,
-                                            metadata={"steer_direction": json.dumps(meta, default=str)}))
+        _save_tagged(path, {"vectors": self.vectors}, "steer_direction",
+                     {"layer": self.layer, "method": self.method, "meta": self.meta})
 
     @classmethod
     def load(cls, path: Union[str, Path], model=None, allow_other_model: bool = False) -> "Direction":
@@ -304,17 +300,8 @@ class Direction(Rich):
         >>> d.layer, d.meta["model"], tuple(d.vectors.shape)
         (1, 'tiny-llama', (2, 64))
         """
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"No direction file at {path}.")
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata() or {}
-            if "steer_direction" not in header:
-                raise ValueError(f"{path} is not a steer Direction file (no 'steer_direction' metadata).")
-            vectors = f.get_tensor("vectors")
-        meta = json.loads(header["steer_direction"])
+        tensors, meta = _load_tagged(path, "steer_direction", "Direction")
+        vectors = tensors["vectors"]
         d = cls(vectors, meta["layer"], meta["method"], meta["meta"])
         if model is not None:
             d.check(model, allow_other_model)
