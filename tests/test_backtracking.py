@@ -149,27 +149,29 @@ def test_reencode_prompt_steers_the_whole_prompt_of_rows_that_fire_at_once(famil
                       max_new_tokens=6).tokens[0] == last_only
 
 
-@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gemma2", "tiny-gpt2"])
-def test_reencode_prompt_splices_the_rows_or_recomputes_the_batch(family, monkeypatch):
-    """The fired rows' second prefill is written into the batch's KV cache (sliding-window layers
-    included); where a cache cannot take it, the whole batch is prefilled again. Both give the
-    cache-free loop's tokens, and the other rows keep HF's greedy ones."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", RUNNER_FAMILIES)
+def test_reencode_prompt_on_every_family(family, dtype, monkeypatch):
+    """The fired row's prefill written into the batch's cache equals the whole batch prefilled
+    again, on every family of the matrix in fp32 and bf16; in fp32 it is also the cache-free
+    loop, and the other rows are HF's greedy tokens in both."""
     import steer._hf as H
 
-    m = steer.load(family)
+    m = steer.load(family, dtype=dtype)
     v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(1))
     prompts = PROMPTS[1:] + PROMPTS[:1]
-    probe = Scheduled(0, 0, m.d_model)
     real, used = H.assign_cache_rows, []
     monkeypatch.setattr(H, "assign_cache_rows", lambda *a: used.append(real(*a)) or used[-1])
-    spliced = B.generate(m, prompts, v, layer=0, strength=1.0, probe=probe, max_new_tokens=6, reencode_prompt=True)
-    assert used == [True]
+    spliced = B.generate(m, prompts, v, layer=0, strength=1.0, probe=Scheduled(0, 0, m.d_model), max_new_tokens=5,
+                         reencode_prompt=True)
     monkeypatch.setattr(H, "assign_cache_rows", lambda *a: False)
-    whole = B.generate(m, prompts, v, layer=0, strength=1.0, probe=Scheduled(0, 0, m.d_model), max_new_tokens=6,
+    whole = B.generate(m, prompts, v, layer=0, strength=1.0, probe=Scheduled(0, 0, m.d_model), max_new_tokens=5,
                        reencode_prompt=True)
-    assert spliced.tokens == whole.tokens
-    assert spliced.tokens[0] == brute_steered(m, prompts[0], [], v, 0, float(spliced.strength[0]), 6, start=1)
-    assert spliced.tokens[1:] == hf_greedy(m, prompts, 6)[1:]
+    assert spliced.tokens == whole.tokens and spliced.reencoded.tolist() == [True, False, False]
+    assert spliced.tokens[1:] == hf_greedy(m, prompts, 5)[1:]
+    if dtype == torch.float32:
+        assert spliced.tokens[0] == brute_steered(m, prompts[0], [], v, 0, float(spliced.strength[0]), 5, start=1)
+    assert used == [True]  # every family's cache takes the rows in place
 
 
 def test_watch_prompt_false_waits_for_the_first_token():
