@@ -350,6 +350,12 @@ def fasb_probe(model, vector: Float[Tensor, "d_model"], *, layer: int = 22, stee
     """
     from .backtracking import fit_probe
 
+    for name, value in (("layer", layer), ("steer_layer", steer_layer)):
+        if not 0 <= value < model.n_layers:  # checked before minutes of generation, not after
+            raise ValueError(f"fasb_probe: {name}={value} is outside 0..{model.n_layers - 1} for {model.name}; "
+                             f"pick a layer of this model.")
+    if n < 1:
+        raise ValueError(f"fasb_probe: n={n}; the probe needs at least one harmful and one harmless request.")
     d = training_data()
     H, S = d["harmful"][:n], d["harmless"][:n]
     vector = torch.as_tensor(vector).float()

@@ -223,3 +223,15 @@ def test_bad_input():
         B.generate(m, ["Hi"], torch.randn(32), layer=1, strength=1.0, probe=p)
     with pytest.raises(ValueError, match="min_new_tokens"):
         B.generate(m, ["Hi"], torch.randn(64), layer=1, strength=1.0, probe=p, max_new_tokens=3, min_new_tokens=4)
+
+
+def test_fasb_probe_checks_its_layers_before_generating(monkeypatch):
+    from steer import refusal
+    m = steer.load("tiny-llama")
+    monkeypatch.setattr(refusal.Steering, "generate", lambda *a, **k: pytest.fail("generated before checking"))
+    with pytest.raises(ValueError, match=r"layer=22 is outside 0..1"):
+        refusal.fasb_probe(m, torch.randn(m.d_model), steer_layer=0)
+    with pytest.raises(ValueError, match=r"steer_layer=10 is outside 0..1"):
+        refusal.fasb_probe(m, torch.randn(m.d_model), layer=1)
+    with pytest.raises(ValueError, match="n=0"):
+        refusal.fasb_probe(m, torch.randn(m.d_model), layer=1, steer_layer=0, n=0)
