@@ -63,7 +63,25 @@ CPU, about 25 decode steps of the batch), hence 0.76x constant's throughput agai
 without it. Prefilling the whole batch again instead of just those rows gave 0.67x (with 12
 rows firing there).
 
-History on the same rows: the first probe (layer 18, 32 training prompts, answer tokens only,
+On a larger held-out sample (``--start 48 --n 64``: rows 48–111, used for nothing before; same
+probe, settings and run otherwise):
+
+=====================  =========  ========  ============================  =====================
+refusal                unsteered  constant  FASB (prompt read again)      FASB (last token only)
+=====================  =========  ========  ============================  =====================
+harmful requests       0.20       0.95      **0.88**                      0.72
+harmless requests      0.09       0.91      **0.17**                      0.17
+steered tokens         0          4096      **1997** (0.49x)              1983 (0.48x)
+accepted tok/s         231        217       176 (0.81x)                   214 (0.99x)
+=====================  =========  ========  ============================  =====================
+
+The probe fired on 57 of 64 harmful rows (54 at the prompt's end) and on 6 of 64 harmless ones;
+58 of 64 harmless answers are the unsteered answer (constant: 0). Here the token target is met
+(0.49x) and the refusal target is missed by 0.08 (five prompts of 64): the seven harmful rows
+the probe never fired on are the gap. Throughput is 0.81x with the re-read (more tokens per
+prompt read again than at n = 16, the batch is larger) and 0.99x without it.
+
+History on rows 0–15: the first probe (layer 18, 32 training prompts, answer tokens only,
 threshold 0.5, window 4) refused 0.75 / 0.44 with 0.67x constant's tokens steered, firing on 12
 of 16 harmless rows; a version of the present one that read the harmful prompts' ends steered
 (a state the probe never decides on) refused 0.94 / 0.12 with 0.47x steered (a re-read prompt
@@ -79,7 +97,7 @@ from pathlib import Path
 
 
 def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_layer=22, threshold=0.4,
-        backtrack=4, window=16, model=None, reencode_prompt=True, probe_prompts=128) -> dict:
+        backtrack=4, window=16, model=None, reencode_prompt=True, probe_prompts=128, start=0) -> dict:
     import steer
     from steer import backtracking, plotting, refusal
     from steer import evaluate as E
@@ -95,8 +113,11 @@ def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_l
     v = beh.vectors[layer]
     probe = refusal.fasb_probe(m, v, layer=probe_layer, steer_layer=layer, strength=strength, n=probe_prompts)
     data = Path(__file__).parent / "data"
-    harmful = load_prompts(data / "eval_harmful.json")[:n]
-    harmless = load_prompts(data / "eval_harmless.json")[:n]
+    harmful = load_prompts(data / "eval_harmful.json")[start:start + n]
+    harmless = load_prompts(data / "eval_harmless.json")[start:start + n]
+    if len(harmful) < n or len(harmless) < n:
+        raise ValueError(f"--start {start} --n {n}: the evaluation files hold {len(harmful)} harmful and "
+                         f"{len(harmless)} harmless requests from row {start}; lower --start or --n.")
     prompts = harmful + harmless
 
     def n_tokens(texts):
@@ -120,7 +141,7 @@ def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_l
     nh = len(harmful)
     const_tokens = n_tokens(const)
     res = {
-        "model": m.name, "n_harmful": nh, "n_harmless": len(harmless), "layer": layer, "strength": strength,
+        "model": m.name, "first_row": start, "n_harmful": nh, "n_harmless": len(harmless), "layer": layer, "strength": strength,
         "probe_layer": probe_layer, "threshold": threshold, "backtrack": backtrack, "window": window, "max_new_tokens": max_new_tokens,
         "reencode_prompt": reencode_prompt, "probe_prompts": probe_prompts,
         "probe_train_accuracy": probe.meta["train_accuracy"],
@@ -173,6 +194,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/fasb")
     p.add_argument("--n", type=int, default=16)
+    p.add_argument("--start", type=int, default=0, help="first evaluation row (rows 16-47 tuned the threshold and window)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threshold", type=float, default=0.4)
     p.add_argument("--backtrack", type=int, default=4)
@@ -181,7 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-reencode", action="store_true", help="steer only the prompt's last token of rows that fire there")
     a = p.parse_args(argv)
     r = run(a.out, a.n, a.max_new_tokens, threshold=a.threshold, backtrack=a.backtrack, window=a.window,
-            reencode_prompt=not a.no_reencode, probe_prompts=a.probe_prompts)
+            reencode_prompt=not a.no_reencode, probe_prompts=a.probe_prompts, start=a.start)
     print(json.dumps({k: v for k, v in r.items() if k != "examples"}, indent=1))
     return 0
 
