@@ -81,6 +81,15 @@ The probe fired on 57 of 64 harmful rows (54 at the prompt's end) and on 6 of 64
 the probe never fired on are the gap. Throughput is 0.81x with the re-read (more tokens per
 prompt read again than at n = 16, the batch is larger) and 0.99x without it.
 
+A second probe for the prompt's end alone (tried, not adopted): a logistic probe of harmless
+against harmful requests on the prompts' last states at layer 22 (256 training requests of each
+kind), read at the first check instead of the answer-token probe. On a split of the training
+requests (fit 0–255, read 300–349) it looked better (fired on 0.94 of harmful and 0.04 of
+harmless requests at 0.4, against 0.90 / 0.10); on the evaluation rows it does not transfer
+(rows 16–47, AUROC of harmful vs harmless prompt ends 0.88 against the answer-token probe's
+0.967). Run end to end it gave, rows 0–15: refusal 0.94 / 0.12 with 0.48x steered tokens (the
+answer-token probe: 0.94 / 0.12, 0.55x); rows 48–111: 0.89 / 0.22 with 0.58x (0.88 / 0.17, 0.49x).
+
 History on rows 0–15: the first probe (layer 18, 32 training prompts, answer tokens only,
 threshold 0.5, window 4) refused 0.75 / 0.44 with 0.67x constant's tokens steered, firing on 12
 of 16 harmless rows; a version of the present one that read the harmful prompts' ends steered
