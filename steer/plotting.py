@@ -126,14 +126,29 @@ def layer_curve(
 
 
 def finish(fig, path: str | Path | None = None):
-    """A ``plot(path=None)`` method's last step: save ``fig`` when a path is given, return it."""
+    """A ``plot(path=None)`` method's last step: save ``fig`` when a path is given, return it.
+
+    >>> import os, tempfile
+    >>> fig, ax = plt.subplots()
+    >>> finish(fig) is fig                                   # no path: the figure, still open
+    True
+    >>> p = os.path.join(tempfile.mkdtemp(), "sub", "f.png")
+    >>> finish(fig, p) is fig and os.path.getsize(p) > 0     # saved (folder made), then closed
+    True
+    """
     if path is not None:
         save(fig, path)
     return fig
 
 
 def save(fig, path: str | Path) -> Path:
-    """Save a figure as PNG (creating the folder) and close it."""
+    """Save a figure as PNG (creating the folder) and close it.
+
+    >>> import os, tempfile
+    >>> fig, ax = plt.subplots()
+    >>> save(fig, os.path.join(tempfile.mkdtemp(), "f.png")).suffix
+    '.png'
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
