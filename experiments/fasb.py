@@ -36,7 +36,7 @@ prompts' ends steered: at 0.5 / 4 FASB refused 1.00 of harmful and 0.41 of harml
 with 0.81x constant's steered tokens; 0.5 / 16: 1.00 / 0.31 / 0.69x; 0.4 / 16: 1.00 / 0.19 /
 0.60x; 0.3 / 8: 0.88 / 0.16 / 0.55x.
 
-    python experiments/fasb.py [--out DIR] [--n 16] [--max-new-tokens 32] [--no-reencode]
+    python experiments/fasb.py [--out DIR] [--n 16] [--start 0] [--max-new-tokens 32] [--no-reencode]
 
 Writes ``results.json`` and ``fasb.png`` (per-row probe traces) to ``--out`` (default ``out/fasb``).
 
