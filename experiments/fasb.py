@@ -78,8 +78,8 @@ accepted tok/s         231        217       176 (0.81x)                   214 (0
 The probe fired on 57 of 64 harmful rows (54 at the prompt's end) and on 6 of 64 harmless ones;
 58 of 64 harmless answers are the unsteered answer (constant: 0). Here the token target is met
 (0.49x) and the refusal target is missed by 0.08 (five prompts of 64): the seven harmful rows
-the probe never fired on are the gap. Throughput is 0.81x with the re-read (more tokens per
-prompt read again than at n = 16, the batch is larger) and 0.99x without it.
+the probe never fired on are the gap. Throughput is 0.81x with the re-read and 0.99x without
+it (rows 0–15: 0.76x / 0.93x).
 
 A second probe for the prompt's end alone (tried, not adopted): a logistic probe of harmless
 against harmful requests on the prompts' last states at layer 22 (256 training requests of each
