@@ -113,6 +113,14 @@ def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_l
     from steer.data import load_prompts
     from steer.steering import Steering
 
+    # the evaluation rows first: a bad --start or --n fails before minutes of fitting
+    data = Path(__file__).parent / "data"
+    all_harmful, all_harmless = load_prompts(data / "eval_harmful.json"), load_prompts(data / "eval_harmless.json")
+    rows = min(len(all_harmful), len(all_harmless))
+    if n < 1 or start < 0 or start + n > rows:
+        raise ValueError(f"--start {start} --n {n}: the evaluation files hold {rows} requests of each kind; "
+                         f"pick start >= 0 and n >= 1 with start + n <= {rows}.")
+    harmful, harmless = all_harmful[start:start + n], all_harmless[start:start + n]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     m = model or steer.load()
@@ -121,12 +129,6 @@ def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_l
                                    layer=layer, layers=[layer])
     v = beh.vectors[layer]
     probe = refusal.fasb_probe(m, v, layer=probe_layer, steer_layer=layer, strength=strength, n=probe_prompts)
-    data = Path(__file__).parent / "data"
-    harmful = load_prompts(data / "eval_harmful.json")[start:start + n]
-    harmless = load_prompts(data / "eval_harmless.json")[start:start + n]
-    if len(harmful) < n or len(harmless) < n:
-        raise ValueError(f"--start {start} --n {n}: the evaluation files hold {len(harmful)} harmful and "
-                         f"{len(harmless)} harmless requests from row {start}; lower --start or --n.")
     prompts = harmful + harmless
 
     def n_tokens(texts):

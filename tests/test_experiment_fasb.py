@@ -24,3 +24,13 @@ def test_fasb_against_constant_steering(smol, tmp_path):
     # rows that never needed steering are the unsteered answer, token for token
     assert res["unfired_identical_to_unsteered"] == res["unfired_rows"]
     assert (tmp_path / "fasb.png").exists()
+
+
+def test_bad_rows_fail_before_any_fitting(tmp_path):
+    class NoModel:  # any use of the model fails the test
+        def __getattr__(self, name):
+            pytest.fail(f"the model was used ({name}) before the rows were checked")
+
+    for kw in ({"start": 100, "n": 64}, {"start": -1}, {"n": 0}):
+        with pytest.raises(ValueError, match="the evaluation files hold 120 requests of each kind"):
+            exp.run(tmp_path, model=NoModel(), **kw)
