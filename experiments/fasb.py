@@ -108,7 +108,7 @@ from pathlib import Path
 def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_layer=22, threshold=0.4,
         backtrack=4, window=16, model=None, reencode_prompt=True, probe_prompts=128, start=0) -> dict:
     import steer
-    from steer import backtracking, plotting, refusal
+    from steer import backtracking, refusal
     from steer import evaluate as E
     from steer.data import load_prompts
     from steer.steering import Steering
@@ -183,19 +183,8 @@ def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_l
     res["steered_fraction_vs_constant"] = res["steered_tokens"]["fasb"] / max(const_tokens, 1)
     res["throughput_vs_constant"] = res["tokens_per_second"]["fasb"] / res["tokens_per_second"]["constant_hf"]
 
-    from steer.plotting import plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for i, pr in enumerate(fasb.probs):
-        ax.plot(pr, color=plotting.PALETTE[0 if i < nh else 1], alpha=0.5, lw=1,
-                label=("harmful" if i == 0 else "harmless" if i == nh else None))
-    ax.axhline(threshold, color="k", ls="--", lw=0.8, label="threshold")
-    ax.set_xlabel("generation step (fed column)")
-    ax.set_ylabel("probe P(appropriate)")
-    ax.set_title(f"{m.name}: FASB probe traces (back {backtrack} tokens on firing)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    plotting.save(fig, out / "fasb.png")
+    fasb.plot(out / "fasb.png", groups=["harmful"] * nh + ["harmless"] * len(harmless),
+              title=f"{m.name}: FASB probe traces (back {backtrack} tokens on firing)")
     res["figure"] = str(out / "fasb.png")
     (out / "results.json").write_text(json.dumps(res, indent=1))
     return res

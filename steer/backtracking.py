@@ -137,6 +137,7 @@ class BacktrackResult(Rich):
     threshold: float
     backtrack: int
     reencoded: Optional[Tensor] = None  # rows whose prompt was read again steered (reencode_prompt)
+    fired_column: Optional[Tensor] = None  # index into probs[r] of the reading that fired row r (−1: never)
 
     @property
     def accepted(self) -> int:
@@ -151,6 +152,47 @@ class BacktrackResult(Rich):
     def tokens_per_second(self) -> float:
         """Accepted tokens per second of the generation loop."""
         return self.accepted / self.seconds if self.seconds else float("nan")
+
+    def plot(self, path=None, ax=None, groups: Optional[Sequence[str]] = None, title: str = ""):
+        """The probe's ``P(desired)`` at every fed column of each row, the threshold, and a dot
+        where each row fired; one colour per entry of ``groups`` (a label per row), else fired
+        vs never fired. Saved to ``path`` when given; returns the figure.
+
+        >>> import steer, torch
+        >>> m = steer.load("tiny-llama")
+        >>> low = Probe(torch.zeros(64), bias=-5.0, layer=1)
+        >>> r = generate(m, ["Hi", "Yo"], torch.randn(64), layer=1, strength=4.0, probe=low, max_new_tokens=3)
+        >>> fig = r.plot(groups=["a", "b"])
+        >>> sorted(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+        ['a', 'b', 'fired', 'threshold']
+        """
+        from . import plotting
+
+        n = len(self.probs)
+        if groups is None:
+            groups = ["fired" if f else "never fired" for f in self.triggered.tolist()]
+        groups = [str(g) for g in groups]
+        if len(groups) != n:
+            raise ValueError(f"groups has {len(groups)} labels for {n} rows: give one per row.")
+        colour = {g: plotting.PALETTE[i % len(plotting.PALETTE)] for i, g in enumerate(dict.fromkeys(groups))}
+        fig, ax = plotting._fig_ax(ax, (6, 3.6))
+        seen = set()
+        for r, pr in enumerate(self.probs):
+            ax.plot(pr, color=colour[groups[r]], alpha=0.5, lw=1, label=None if groups[r] in seen else groups[r])
+            seen.add(groups[r])
+        cols = self.fired_column.tolist() if self.fired_column is not None else [-1] * n
+        xs = [c for c in cols if c >= 0]
+        ys = [self.probs[r][c] for r, c in enumerate(cols) if c >= 0]
+        if xs:
+            ax.scatter(xs, ys, s=12, color="k", zorder=3, label="fired")
+        ax.axhline(self.threshold, color="k", ls="--", lw=0.8, label="threshold")
+        ax.set_xlabel("generation step (fed column)")
+        ax.set_ylabel("probe P(desired)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(title or f"FASB probe traces (back {self.backtrack} tokens on firing)", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        return plotting.finish(fig, path)
 
     def _title(self) -> str:
         return f"BacktrackResult ({len(self.texts)} rows)"
@@ -262,6 +304,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     # only the last position's logits are read: the prefill need not unembed every position
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.hf.forward).parameters else {}
     reencoded = [False] * B
+    fired_col = [-1] * B
     with add_hooks(model, {Site(probe.site, probe.layer): grab}):
         # the prefill is unsteered: no row is steered before its first reading
         out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=True,
@@ -275,6 +318,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
                     steered[r] = 1  # its prompt's last column, steered as a re-fed one would be (the prompt is not counted)
                     alpha[r] = strength * (1 + (threshold - float(p0[r])) / threshold)
                     probs[r].append(float(p0[r]))  # the unsteered reading that fired it
+                    fired_col[r] = 0
             if any(reencoded):
                 logits, cache = _reencode(model, batch, mask, reencoded, alpha, iv, grabbed, logits, cache, last_only)
         with Steering(model, [iv]):
@@ -298,6 +342,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
                     score = sum(seen[r][-window:]) / len(seen[r][-window:]) if seen[r] else 1.0
                     if seen[r] and not triggered[r] and score < threshold:  # deviation: back up, steer from there
                         triggered[r], trigger_step[r] = True, len(tokens[r])
+                        fired_col[r] = len(probs[r]) - 1
                         kb = min(backtrack, len(tokens[r]))
                         if kb:
                             mask[r, cols[r][-kb:]] = 0
@@ -341,4 +386,4 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return BacktrackResult(texts, tokens, torch.tensor(triggered), torch.tensor(trigger_step), torch.tensor(alpha),
                            torch.tensor(discarded), torch.tensor(steered), probs, steps, seconds, threshold, backtrack,
-                           torch.tensor(reencoded))
+                           torch.tensor(reencoded), torch.tensor(fired_col))

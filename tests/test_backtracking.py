@@ -235,3 +235,20 @@ def test_fasb_probe_checks_its_layers_before_generating(monkeypatch):
         refusal.fasb_probe(m, torch.randn(m.d_model), layer=1)
     with pytest.raises(ValueError, match="n=0"):
         refusal.fasb_probe(m, torch.randn(m.d_model), layer=1, steer_layer=0, n=0)
+
+
+@pytest.mark.parametrize("at,reencode", [(0, True), (3, False), (3, True)])
+def test_fired_column_and_plot_mark_the_reading_that_fired(at, reencode, tmp_path):
+    m = steer.load("tiny-llama")
+    r = B.generate(m, PROMPTS, torch.randn(m.d_model), layer=1, strength=2.0, probe=Scheduled(1, at, m.d_model),
+                   max_new_tokens=6, reencode_prompt=reencode)
+    low = [i for i, p in enumerate(r.probs[1]) if p == pytest.approx(0.1)]  # the one reading below the threshold
+    assert len(low) == 1 and r.fired_column.tolist() == [-1, low[0], -1]
+    at = low[0]
+    fig = r.plot(tmp_path / "traces.png", groups=["x", "y", "x"])
+    assert (tmp_path / "traces.png").stat().st_size > 0
+    ax = fig.axes[0]
+    assert len(ax.lines) == 3 + 1  # one trace per row, and the threshold
+    assert ax.collections[0].get_offsets().tolist() == [[at, pytest.approx(0.1)]]
+    with pytest.raises(ValueError, match="2 labels for 3 rows"):
+        r.plot(groups=["x", "y"])
