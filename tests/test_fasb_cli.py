@@ -22,7 +22,8 @@ def test_cli_fasb_matches_the_library(tmp_path, capsys):
     probe.save(tmp_path / "probe.safetensors")
     args = ["fasb", "--prompts", str(tmp_path / "p.json"), "--direction", str(tmp_path / "d.safetensors"),
             "--layer", "1", "--strength", "3", "--probe", str(tmp_path / "probe.safetensors"), "--threshold", "0.5",
-            "--window", "2", "--max-new-tokens", "6", "--model", "tiny-llama", "--json", str(tmp_path / "o.json")]
+            "--window", "2", "--max-new-tokens", "6", "--model", "tiny-llama", "--json", str(tmp_path / "o.json"),
+            "--plot", str(tmp_path / "traces.png")]
     assert steer.cli.main(args) == 0
     doc = json.loads((tmp_path / "o.json").read_text())
     assert json.loads(capsys.readouterr().out) == doc
@@ -32,6 +33,7 @@ def test_cli_fasb_matches_the_library(tmp_path, capsys):
     assert [row["fired"] for row in doc["rows"]] == r.triggered.tolist()
     assert [row["steered_tokens"] for row in doc["rows"]] == r.steered_tokens.tolist()
     assert any(row["fired"] for row in doc["rows"])  # the probe fires somewhere (the comparison can fail)
+    assert doc["figure"] == str(tmp_path / "traces.png") and (tmp_path / "traces.png").stat().st_size > 0
     with steer.steer(m, v[1], layer=1, strength=3.0) as s:
         assert [row["constant"] for row in doc["rows"]] == s.generate(prompts, max_new_tokens=6)
 

@@ -4,7 +4,7 @@ on a prompt file, next to constant steering; writes JSON.
     steer fasb --prompts FILE [--layer 10] [--strength 2] [--direction FILE]
                [--probe FILE | --probe-layer 22 --probe-prompts 128] [--save-probe FILE]
                [--threshold 0.4] [--window 16] [--backtrack 4] [--no-reencode]
-               [--max-new-tokens 32] [--no-compare] [--model M] [--json OUT]
+               [--max-new-tokens 32] [--no-compare] [--model M] [--json OUT] [--plot PNG]
 
 The steering vector is ``--direction`` (a saved :class:`~steer.Direction`, its vector at
 ``--layer``) or steer's refusal behaviour vector at ``--layer``. The probe is ``--probe`` (a
@@ -38,6 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-compare", action="store_true", help="skip the unsteered and constant-steering answers")
     p.add_argument("--model", default=None, help="model name (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--json", dest="json_out", default=None, help="write the results here (also printed)")
+    p.add_argument("--plot", default=None, help="save the probe traces here (PNG; BacktrackResult.plot)")
     p.set_defaults(func=run)
 
 
@@ -109,5 +110,8 @@ def run(args) -> int:
         for row, a, b in zip(rows, plain, const):
             row["unsteered"], row["constant"] = a, b
     doc["rows"] = rows
+    if args.plot:
+        r.plot(args.plot, title=f"{model.name}: FASB probe traces (back {args.backtrack} tokens on firing)")
+        doc["figure"] = str(args.plot)
     emit(doc, args.json_out)
     return 0
