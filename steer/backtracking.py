@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -44,6 +45,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .display import Rich
+from .progress import bar
 from .interventions import Intervention
 from .sites import Site
 
@@ -240,7 +242,8 @@ def _reencode(model, batch, mask, rows: list, alpha: list, iv: Intervention, gra
 def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, layer: int, strength: float,
              probe: Probe, threshold: float = 0.5, backtrack: int = 4, max_new_tokens: int = 32,
              sites: str = "resid_post", watch_prompt: bool = True, window: int = 1,
-             min_new_tokens: int = 0, reencode_prompt: bool = False) -> BacktrackResult:
+             min_new_tokens: int = 0, reencode_prompt: bool = False,
+             progress: Optional[bool] = None) -> BacktrackResult:
     """Greedy generation with FASB: unsteered until the probe's ``P(desired)`` drops below
     ``threshold``, then back up ``backtrack`` tokens and steer ``+α·vector`` at ``layer`` for the
     rest of that row (see the module doc for α and the mechanics). Stops a row at an end-of-turn
@@ -249,6 +252,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     state is not one it has seen). ``min_new_tokens`` forbids end-of-turn tokens before a row has
     that many accepted tokens, as in HF ``generate``. ``window > 1`` decides on the mean of the row's last ``window``
     watched readings (a per-token probe is noisy), rather than on the current one alone.
+    ``progress``: a bar over the decoding steps (default: where someone watches; :mod:`steer.progress`).
 
     A row that fires at its first check (the prompt's last state, with ``watch_prompt``) has no
     token to back up, and by default only its prompt's last token is fed again steered: the rest
@@ -322,7 +326,8 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
             if any(reencoded):
                 logits, cache = _reencode(model, batch, mask, reencoded, alpha, iv, grabbed, logits, cache, last_only)
         with Steering(model, [iv]):
-            while True:
+            # a step accepts a token in every live row, or feeds one again: about max_new_tokens steps
+            for _ in bar(itertools.count(), desc="fasb", total=max_new_tokens, enabled=progress):
                 steps += 1
                 p = probe.prob(grabbed.pop()).cpu()
                 last = logits[:, -1]

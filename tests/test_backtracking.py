@@ -252,3 +252,14 @@ def test_fired_column_and_plot_mark_the_reading_that_fired(at, reencode, tmp_pat
     assert ax.collections[0].get_offsets().tolist() == [[at, pytest.approx(0.1)]]
     with pytest.raises(ValueError, match="2 labels for 3 rows"):
         r.plot(groups=["x", "y"])
+
+
+def test_progress_bar_only_when_asked(capsys, monkeypatch):
+    monkeypatch.delenv("STEER_PROGRESS", raising=False)  # (that variable silences every bar)
+    m = steer.load("tiny-llama")
+    kw = dict(layer=1, strength=1.0, probe=B.Probe(torch.zeros(m.d_model), 5.0, layer=1), max_new_tokens=4)
+    quiet = B.generate(m, PROMPTS, torch.randn(m.d_model), progress=False, **kw)
+    assert capsys.readouterr().err == ""
+    shown = B.generate(m, PROMPTS, torch.randn(m.d_model), progress=True, **kw)
+    assert "fasb" in capsys.readouterr().err
+    assert shown.tokens == quiet.tokens and shown.steps == quiet.steps  # the bar changes nothing else
