@@ -45,8 +45,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .display import Rich
-from .progress import bar
 from .interventions import Intervention
+from .progress import bar
 from .sites import Site
 
 __all__ = ["Probe", "fit_probe", "generate", "BacktrackResult"]
