@@ -30,6 +30,7 @@ from .capture import capture
 from .conditions import Condition, fit_condition
 from .directions import Direction, extract, from_activations, sweep_layers
 from .interventions import Intervention
+from .progress import bar
 from .steering import Steering, steer
 
 __all__ = [
@@ -324,7 +325,8 @@ def fit_refusal(
 
 
 def fasb_probe(model, vector: Float[Tensor, "d_model"], *, layer: int = 22, steer_layer: int = DEFAULT_LAYER,
-               strength: float = DEFAULT_STRENGTH, n: int = 128, max_new_tokens: int = 24, prompt_end: bool = True):
+               strength: float = DEFAULT_STRENGTH, n: int = 128, max_new_tokens: int = 24, prompt_end: bool = True,
+               progress: Optional[bool] = None):
     """FASB's probe of *appropriate* behaviour for refusal (:mod:`steer.backtracking`), on
     ``resid_post.layer``, from the model's own greedy answers to ``n`` harmful and ``n`` harmless
     *training* requests (:func:`training_data`), teacher-forced, one state per answer token:
@@ -340,7 +342,8 @@ def fasb_probe(model, vector: Float[Tensor, "d_model"], *, layer: int = 22, stee
     read the question (``generate(..., watch_prompt=True)``). "Harmless + refusal" is not used
     as undesired: it would make the target an XOR of harmfulness and refusal, which no linear
     probe separates. On SmolLM2, layer 22 was chosen on a validation split of the training
-    requests (``experiments/fasb.py``).
+    requests (``experiments/fasb.py``). ``progress``: a bar over the three generation runs
+    (minutes on a CPU; shown where someone watches, :mod:`steer.progress`).
 
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")
@@ -359,10 +362,13 @@ def fasb_probe(model, vector: Float[Tensor, "d_model"], *, layer: int = 22, stee
     d = training_data()
     H, S = d["harmful"][:n], d["harmless"][:n]
     vector = torch.as_tensor(vector).float()
-    with Steering(model) as s:
-        own_h, own_s = s.generate(H, max_new_tokens=max_new_tokens), s.generate(S, max_new_tokens=max_new_tokens)
-    with steer(model, vector, layer=steer_layer, strength=strength) as s:
-        steered_h = s.generate(H, max_new_tokens=max_new_tokens)
+
+    def answers(prompts, steered: bool):
+        with (steer(model, vector, layer=steer_layer, strength=strength) if steered else Steering(model)) as s:
+            return s.generate(prompts, max_new_tokens=max_new_tokens)
+
+    runs = [(H, False), (S, False), (H, True)]  # the model's own answers, then the steered ones to harmful requests
+    own_h, own_s, steered_h = [answers(p, st) for p, st in bar(runs, desc="fasb_probe: answers", enabled=progress)]
 
     def states(pairs):
         pairs = [(p, t) for p, t in pairs if t.strip()]

@@ -263,3 +263,16 @@ def test_progress_bar_only_when_asked(capsys, monkeypatch):
     shown = B.generate(m, PROMPTS, torch.randn(m.d_model), progress=True, **kw)
     assert "fasb" in capsys.readouterr().err
     assert shown.tokens == quiet.tokens and shown.steps == quiet.steps  # the bar changes nothing else
+
+
+def test_fasb_probe_progress_bar_only_when_asked(capsys, monkeypatch):
+    from steer import refusal
+    monkeypatch.delenv("STEER_PROGRESS", raising=False)
+    m = steer.load("tiny-llama")
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(0))
+    kw = dict(layer=1, steer_layer=0, strength=8.0, n=4, max_new_tokens=3)
+    quiet = refusal.fasb_probe(m, v, progress=False, **kw)
+    assert capsys.readouterr().err == ""
+    shown = refusal.fasb_probe(m, v, progress=True, **kw)
+    assert "fasb_probe: answers" in capsys.readouterr().err
+    assert torch.equal(shown.vector, quiet.vector) and shown.bias == quiet.bias
