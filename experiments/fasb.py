@@ -183,8 +183,7 @@ def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_l
     res["steered_fraction_vs_constant"] = res["steered_tokens"]["fasb"] / max(const_tokens, 1)
     res["throughput_vs_constant"] = res["tokens_per_second"]["fasb"] / res["tokens_per_second"]["constant_hf"]
 
-    fasb.plot(out / "fasb.png", groups=["harmful"] * nh + ["harmless"] * len(harmless),
-              title=f"{m.name}: FASB probe traces (back {backtrack} tokens on firing)")
+    fasb.plot(out / "fasb.png", groups=["harmful"] * nh + ["harmless"] * len(harmless))
     res["figure"] = str(out / "fasb.png")
     (out / "results.json").write_text(json.dumps(res, indent=1))
     return res

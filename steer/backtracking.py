@@ -140,6 +140,7 @@ class BacktrackResult(Rich):
     backtrack: int
     reencoded: Optional[Tensor] = None  # rows whose prompt was read again steered (reencode_prompt)
     fired_column: Optional[Tensor] = None  # index into probs[r] of the reading that fired row r (−1: never)
+    model: str = ""  # the model's name, for the figure's title
 
     @property
     def accepted(self) -> int:
@@ -191,7 +192,8 @@ class BacktrackResult(Rich):
         ax.set_xlabel("generation step (fed column)")
         ax.set_ylabel("probe P(desired)")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(title or f"FASB probe traces (back {self.backtrack} tokens on firing)", fontsize=9)
+        default = f"FASB probe traces (back {self.backtrack} tokens on firing)"
+        ax.set_title(title or (f"{self.model}: {default}" if self.model else default), fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         return plotting.finish(fig, path)
@@ -391,4 +393,4 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
     return BacktrackResult(texts, tokens, torch.tensor(triggered), torch.tensor(trigger_step), torch.tensor(alpha),
                            torch.tensor(discarded), torch.tensor(steered), probs, steps, seconds, threshold, backtrack,
-                           torch.tensor(reencoded), torch.tensor(fired_col))
+                           torch.tensor(reencoded), torch.tensor(fired_col), model.name)

@@ -111,7 +111,7 @@ def run(args) -> int:
             row["unsteered"], row["constant"] = a, b
     doc["rows"] = rows
     if args.plot:
-        r.plot(args.plot, title=f"{model.name}: FASB probe traces (back {args.backtrack} tokens on firing)")
+        r.plot(args.plot)
         doc["figure"] = str(args.plot)
     emit(doc, args.json_out)
     return 0
