@@ -353,15 +353,19 @@ def fasb_probe(model, vector: Float[Tensor, "d_model"], *, layer: int = 22, stee
     """
     from .backtracking import fit_probe
 
-    for name, value in (("layer", layer), ("steer_layer", steer_layer)):
-        if not 0 <= value < model.n_layers:  # checked before minutes of generation, not after
+    for name, value in (("layer", layer), ("steer_layer", steer_layer)):  # checked before minutes of generation
+        if not 0 <= value < model.n_layers:
             raise ValueError(f"fasb_probe: {name}={value} is outside 0..{model.n_layers - 1} for {model.name}; "
                              f"pick a layer of this model.")
     if n < 1:
         raise ValueError(f"fasb_probe: n={n}; the probe needs at least one harmful and one harmless request.")
+    vector = torch.as_tensor(vector).float()
+    if vector.shape != (model.d_model,):  # the steered run would say so too, but only after two runs of minutes
+        raise ValueError(f"fasb_probe: the vector has shape {tuple(vector.shape)}, {model.name} needs "
+                         f"[{model.d_model}]; pass one direction extracted from this model (e.g. a "
+                         f"Direction's vectors[steer_layer]).")
     d = training_data()
     H, S = d["harmful"][:n], d["harmless"][:n]
-    vector = torch.as_tensor(vector).float()
 
     def answers(prompts, steered: bool):
         with (steer(model, vector, layer=steer_layer, strength=strength) if steered else Steering(model)) as s:

@@ -225,7 +225,7 @@ def test_bad_input():
         B.generate(m, ["Hi"], torch.randn(64), layer=1, strength=1.0, probe=p, max_new_tokens=3, min_new_tokens=4)
 
 
-def test_fasb_probe_checks_its_layers_before_generating(monkeypatch):
+def test_fasb_probe_checks_its_arguments_before_generating(monkeypatch):
     from steer import refusal
     m = steer.load("tiny-llama")
     monkeypatch.setattr(refusal.Steering, "generate", lambda *a, **k: pytest.fail("generated before checking"))
@@ -235,6 +235,10 @@ def test_fasb_probe_checks_its_layers_before_generating(monkeypatch):
         refusal.fasb_probe(m, torch.randn(m.d_model), layer=1)
     with pytest.raises(ValueError, match="n=0"):
         refusal.fasb_probe(m, torch.randn(m.d_model), layer=1, steer_layer=0, n=0)
+    with pytest.raises(ValueError, match=r"shape \(32,\), tiny-llama needs \[64\]"):
+        refusal.fasb_probe(m, torch.randn(32), layer=1, steer_layer=0)
+    with pytest.raises(ValueError, match=r"shape \(2, 64\)"):  # a Direction's whole [n_layers, d_model]
+        refusal.fasb_probe(m, torch.randn(2, m.d_model), layer=1, steer_layer=0)
 
 
 @pytest.mark.parametrize("at,reencode", [(0, True), (3, False), (3, True)])
