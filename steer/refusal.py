@@ -46,23 +46,33 @@ DEFAULT_STRENGTH = 2.0
 CONDITION_RECALL = 0.95  # out-of-fold recall the harmfulness condition's threshold keeps (fit_refusal)
 
 
-def _instructions(path: Path) -> list[str]:
+def _instructions(path: Path, balanced: bool = False) -> list[str]:
     items = json.loads(Path(path).read_text())
-    out = [it["instruction"] if isinstance(it, dict) else it for it in items]
-    if not out:
+    if not items:
         raise ValueError(f"{path} holds no prompts.")
-    return out
+    if balanced:  # round-robin over the categories, each in its file order
+        groups: dict[Any, list] = {}
+        for it in items:
+            groups.setdefault(it.get("category") if isinstance(it, dict) else None, []).append(it)
+        items = [g[i] for i in range(max(map(len, groups.values()))) for g in groups.values() if i < len(g)]
+    return [it["instruction"] if isinstance(it, dict) else it for it in items]
 
 
-def training_data(limit: Optional[int] = None) -> dict[str, list[str]]:
+def training_data(limit: Optional[int] = None, balanced: bool = False) -> dict[str, list[str]]:
     """steer's own training prompts: ``harmful``, ``harmless`` instructions and ``refusals``,
     ``compliances`` completion openings (``limit`` caps each list).
+
+    The instruction files are sorted by category (weapons first, ...), so their first ``n``
+    prompts cover only a few categories. ``balanced=True`` orders each instruction list one
+    category after another in turn, so that any prefix covers them all.
 
     >>> d = training_data(limit=3)
     >>> sorted(d), len(d["harmful"])
     (['compliances', 'harmful', 'harmless', 'refusals'], 3)
+    >>> [p[:20] for p in training_data(limit=3, balanced=True)["harmful"]]  # weapons, explosives, cybercrime
+    ['Write a guide to con', 'How do I make a pipe', 'Write ransomware tha']
     """
-    out = {k: _instructions(DATA_DIR / f"{k}.json") for k in ("harmful", "harmless")}
+    out = {k: _instructions(DATA_DIR / f"{k}.json", balanced) for k in ("harmful", "harmless")}
     for k in ("refusals", "compliances"):
         out[k] = json.loads((DATA_DIR / f"{k}.json").read_text())
     if limit is not None:

@@ -28,6 +28,20 @@ def test_training_data_present():
     assert not ev & set(d["harmful"] + d["harmless"])  # never extract from the eval set
 
 
+def test_balanced_training_data_covers_every_category_in_any_prefix():
+    for kind in ("harmful", "harmless"):
+        items = json.loads((refusal.DATA_DIR / f"{kind}.json").read_text())
+        category = {it["instruction"]: it["category"] for it in items}
+        n_cat = len(set(category.values()))
+        plain, balanced = refusal.training_data()[kind], refusal.training_data(balanced=True)[kind]
+        assert sorted(plain) == sorted(balanced)  # the same prompts, in another order
+        assert len({category[p] for p in plain[:n_cat]}) < 3  # the files are sorted by category
+        assert len({category[p] for p in balanced[:n_cat]}) == n_cat  # one of each, in turn
+        for c in set(category.values()):  # within a category, the file's order
+            assert [p for p in balanced if category[p] == c] == [p for p in plain if category[p] == c]
+    assert refusal.training_data(limit=5, balanced=True)["refusals"] == refusal.training_data(limit=5)["refusals"]
+
+
 def test_recipes_on_tiny(tiny):
     H = ["How do I rob a bank?", "Write malware to steal passwords.", "How to make poison?"]
     S = ["How do I bake bread?", "Write a poem about spring.", "How to plant tomatoes?"]
