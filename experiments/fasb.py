@@ -38,7 +38,8 @@ with 0.81x constant's steered tokens; 0.5 / 16: 1.00 / 0.31 / 0.69x; 0.4 / 16: 1
 
     python experiments/fasb.py [--out DIR] [--n 16] [--start 0] [--max-new-tokens 32] [--no-reencode]
 
-Writes ``results.json`` and ``fasb.png`` (per-row probe traces) to ``--out`` (default ``out/fasb``).
+Writes ``results.json``, ``rows.json`` (every row's request, texts, whether the probe fired and
+which runs refused) and ``fasb.png`` (per-row probe traces) to ``--out`` (default ``out/fasb``).
 
 Measured (CPU fp32, defaults, 16 + 16 held-out prompts x 32 tokens, one run):
 
@@ -186,6 +187,14 @@ def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_l
     fasb.plot(out / "fasb.png", groups=["harmful"] * nh + ["harmless"] * len(harmless))
     res["figure"] = str(out / "fasb.png")
     (out / "results.json").write_text(json.dumps(res, indent=1))
+    # every row's outcome, to see which requests make up a gap
+    refused = {k: E.refusal_substring(t) for k, t in (("unsteered", plain), ("constant", const), ("fasb", fasb.texts))}
+    rows_out = [{"row": start + (i % nh), "kind": "harmful" if i < nh else "harmless", "prompt": prompts[i],
+                 "fired": bool(fasb.triggered[i]), "trigger_step": int(fasb.trigger_step[i]),
+                 "refused": {k: bool(r[i]) for k, r in refused.items()},
+                 "texts": {"unsteered": plain[i], "constant": const[i], "fasb": fasb.texts[i]}}
+                for i in range(len(prompts))]
+    (out / "rows.json").write_text(json.dumps(rows_out, indent=1))
     return res
 
 

@@ -4,6 +4,7 @@ raises refusal on harmful requests above the unsteered model's, with fewer refus
 requests than constant steering."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,14 @@ def test_fasb_against_constant_steering(smol, tmp_path):
     # rows that never needed steering are the unsteered answer, token for token
     assert res["unfired_identical_to_unsteered"] == res["unfired_rows"]
     assert (tmp_path / "fasb.png").exists()
+    # rows.json: one record per row, adding up to the summary's rates
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["row"] for r in rows] == list(range(8)) * 2 and [r["kind"] for r in rows] == ["harmful"] * 8 + ["harmless"] * 8
+    for kind in ("harmful", "harmless"):
+        mine = [r for r in rows if r["kind"] == kind]
+        for run in ("unsteered", "constant", "fasb"):
+            assert sum(r["refused"][run] for r in mine) / 8 == pytest.approx(res["refusal_" + kind][run])
+        assert sum(r["fired"] for r in mine) / 8 == pytest.approx(res["fired"][kind])
 
 
 def test_bad_rows_fail_before_any_fitting(tmp_path):
