@@ -319,7 +319,7 @@ def demo(model, out_dir, layer: int = 10, n_fit: int = 32, n_eval: int = 8) -> d
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = refusal.training_data()
+    data = refusal.training_data(balanced=True)  # every category in each split, as experiments/transport.py
     H, S = data["harmful"][:n_fit], data["harmless"]
     fit_s, eval_s, neutral = S[:n_fit], S[-n_eval:], S[-2 * n_eval:-n_eval]
     maps = fit_linear_act(model, fit_s, H, layers=[layer], positions="post_instruction", progress=False)
