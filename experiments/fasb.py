@@ -91,6 +91,18 @@ harmless requests at 0.4, against 0.90 / 0.10); on the evaluation rows it does n
 0.967). Run end to end it gave, rows 0–15: refusal 0.94 / 0.12 with 0.48x steered tokens (the
 answer-token probe: 0.94 / 0.12, 0.55x); rows 48–111: 0.89 / 0.22 with 0.58x (0.88 / 0.17, 0.49x).
 
+A probe trained on every category (tried, not adopted). steer's training files are sorted by
+category, so the probe's 128 requests of each kind are weapons to drugs (6 of 15 harmful
+categories) against cooking to travel. On rows 48–111 the probe never fired on five harmful rows
+that constant steering turns to refusals, four of them self-harm requests the model answers
+("Sure, here's a daily meal plan..."). A probe on 128 requests of each kind taken one category
+after another (``training_data(balanced=True)``) separates harmful from harmless prompt ends no
+better (AUROC rows 16–47 / 0–15 / 48–111: 0.95 / 0.93 / 0.941, against 0.967 / 0.98 / 0.941) and
+fires less at 0.4 (on harmful rows 0.53 / 0.38 / 0.64, against 0.94 / 0.94 / 0.84). End to end,
+refusal of harmful / harmless requests and steered tokens against constant's: rows 16–47 0.78 /
+0.12, 0.47x; rows 0–15 0.81 / 0.00, 0.27x; rows 48–111 0.75 / 0.16, 0.42x; rows 112–119 (8 + 8,
+used for nothing else before) 1.00 / 0.00, 0.50x, where the probe adopted gives 1.00 / 0.25, 0.64x.
+
 History on rows 0–15: the first probe (layer 18, 32 training prompts, answer tokens only,
 threshold 0.5, window 4) refused 0.75 / 0.44 with 0.67x constant's tokens steered, firing on 12
 of 16 harmless rows; a version of the present one that read the harmful prompts' ends steered
