@@ -102,15 +102,17 @@ def run(args) -> int:
     summary["refusal"] = r
     sec = report.section("3. Refusal: unsteered, steered, conditionally steered (CAST)",
                          "Greedy answers of the model alone, with the refusal direction added at every prompt, and "
-                         "with it added only where the CAST condition (read from the prompt) fires.")
+                         "with it added only where the CAST condition (read from the prompt) fires. The condition is a "
+                         "probe of harmful vs harmless prompts fitted on 64 + 64 training prompts of every category "
+                         "and their informal-voice copies (experiments/cast.py fits it on all of them).")
     sec.side_by_side(["prompt", "condition fired", "unsteered", "steered", "conditional"],
                      [[a["prompt"], "yes" if a["condition_fired"] else "no", a["unsteered"].strip(),
                        a["steered"].strip(), a["conditional"].strip()] for a in r["answers"].values()])
     sec.table(["behaviour layer", "strength", "condition layer"],
               [[r["behaviour_layer"], r["strength"], r["condition_layer"]]])
-    sec.image(r["layer_sweep_plot"], "refusal direction: held-out separation per layer")
+    sec.image(r["layer_sweep_plot"], "harmfulness condition: out-of-fold separation per layer")
     sec.table(["layer", "accuracy", "AUROC"], [[x["layer"], x["accuracy"], x["auroc"]] for x in r["layer_sweep"]],
-              caption="refusal direction per layer (the figure above)")
+              caption="harmfulness condition per layer, out of fold (the figure above)")
 
     _section("4. patching: which heads carry IOI?")
     t0 = time.time()
