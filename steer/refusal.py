@@ -534,12 +534,13 @@ def evaluate_refusal(
     return r
 
 
-def demo(model, out_dir, n: int = 64) -> dict:
+def demo(model, out_dir, n: int = 64, n_check: int = 32) -> dict:
     """For ``steer demo``: unsteered vs steered vs conditionally steered answers to one harmful and
     one harmless prompt. The condition is :func:`harmfulness_condition` (the recipe
     ``experiments/cast.py`` evaluates) fitted on ``n`` harmful and ``n`` harmless training prompts
     of every category, to stay fast; its out-of-fold separation per layer is plotted
-    (``out_dir/refusal_layer_sweep.png``).
+    (``out_dir/refusal_layer_sweep.png``), and ``condition_heldout`` is how often it fires on
+    ``n_check`` other training prompts of each kind and their informal-voice copies.
 
     (Until stop 28 the demo used a mean-difference condition on the files' first 64 prompts of
     each kind, i.e. weapons, explosives and cybercrime against cooking, science and programming.
@@ -552,8 +553,14 @@ def demo(model, out_dir, n: int = 64) -> dict:
     >>> sorted(r["answers"])
     ['harmful', 'harmless']
     """
+    from .data import casual
     from .plotting import layer_curve, save
 
+    held = training_data(balanced=True)  # the check's prompts: the last n_check of each kind, not fitted on
+    most = min(len(held["harmful"]), len(held["harmless"]))
+    if n < 2 or n_check < 1 or n + n_check > most:
+        raise ValueError(f"refusal.demo: n={n}, n_check={n_check}: fit on n >= 2 prompts of each kind and check on "
+                         f"n_check >= 1 others, with n + n_check <= {most} (steer's training prompts of each kind).")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -566,6 +573,10 @@ def demo(model, out_dir, n: int = 64) -> dict:
                       title=f"harmfulness condition per layer ({n} + {n} prompts)")
     save(fig, out_dir / "refusal_layer_sweep.png")
     cl = c.layer
+    # how it does beyond the two prompts shown: training prompts it was not fitted on, of every
+    # category, as written and in an informal voice
+    heldout = {kind: float(c.predict(model, ps + casual(ps)).float().mean())
+               for kind, ps in (("harmful", held["harmful"][-n_check:]), ("harmless", held["harmless"][-n_check:]))}
     data = training_data()
     beh = behaviour_vector(model, data["harmful"][:24], data["harmless"][:24], n=48, layer=layer, layers=[layer])
     setup = RefusalSetup(beh, c, layer, DEFAULT_STRENGTH)
@@ -581,6 +592,7 @@ def demo(model, out_dir, n: int = 64) -> dict:
     answers = {k: {"prompt": ps[i], "unsteered": base[i], "steered": always[i], "conditional": cond[i],
                    "condition_fired": fired[i]} for i, k in enumerate(prompts)}
     result = {"answers": answers, "behaviour_layer": layer, "strength": DEFAULT_STRENGTH, "condition_layer": cl,
+              "condition_heldout": {**heldout, "n_prompts": 2 * n_check},
               "layer_sweep": grid, "layer_sweep_plot": str(out_dir / "refusal_layer_sweep.png"),
               "seconds": round(time.time() - t0, 1)}
     (out_dir / "refusal_demo.json").write_text(json.dumps(result, indent=2))

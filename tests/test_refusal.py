@@ -56,6 +56,9 @@ def test_recipes_on_tiny(tiny):
     assert g.predict(tiny, H + S).shape == (6,)
     with pytest.raises(ValueError, match="both groups"):
         refusal.refusal_direction(tiny, H, [])
+    for kw in ({"n": 400}, {"n": 1}, {"n_check": 0}):  # before any fitting or file written
+        with pytest.raises(ValueError, match="n \\+ n_check <= 350"):
+            refusal.demo(tiny, "/nonexistent/never-written", **kw)
 
 
 def test_cli_on_tiny(tmp_path):

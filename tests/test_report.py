@@ -33,6 +33,14 @@ def test_demo_writes_one_self_contained_page(demo):
 
 
 @pytest.mark.slow
+def test_demo_condition_holds_beyond_the_two_prompts_it_shows(demo):
+    # the mean-difference condition on the files' first prompts that the demo used until stop 28
+    # scored 0.81 / 0.63 here: right on the two prompts shown, firing on most harmless requests
+    ho = demo[1]["refusal"]["condition_heldout"]
+    assert ho["n_prompts"] == 64 and ho["harmful"] >= 0.7 and ho["harmless"] <= 0.2, ho
+
+
+@pytest.mark.slow
 def test_report_renders_in_a_real_browser(demo):
     if os.environ.get("STEER_NO_BROWSER") == "1":
         pytest.skip("STEER_NO_BROWSER=1: the browser check was left out on request")

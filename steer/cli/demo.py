@@ -108,8 +108,14 @@ def run(args) -> int:
     sec.side_by_side(["prompt", "condition fired", "unsteered", "steered", "conditional"],
                      [[a["prompt"], "yes" if a["condition_fired"] else "no", a["unsteered"].strip(),
                        a["steered"].strip(), a["conditional"].strip()] for a in r["answers"].values()])
-    sec.table(["behaviour layer", "strength", "condition layer"],
-              [[r["behaviour_layer"], r["strength"], r["condition_layer"]]])
+    ho = r["condition_heldout"]
+    print(f"  the condition fires on {ho['harmful']:.2f} of {ho['n_prompts']} held-out harmful prompts and "
+          f"{ho['harmless']:.2f} of {ho['n_prompts']} harmless ones (as written and informal)")
+    sec.table(["behaviour layer", "strength", "condition layer", "condition fires: held-out harmful",
+               "held-out harmless"],
+              [[r["behaviour_layer"], r["strength"], r["condition_layer"], ho["harmful"], ho["harmless"]]],
+              caption=f"held out: {ho['n_prompts']} training prompts of each kind the condition was not fitted on, "
+                      "every category, as written and in an informal voice")
     sec.image(r["layer_sweep_plot"], "harmfulness condition: out-of-fold separation per layer")
     sec.table(["layer", "accuracy", "AUROC"], [[x["layer"], x["accuracy"], x["auroc"]] for x in r["layer_sweep"]],
               caption="harmfulness condition per layer, out of fold (the figure above)")
