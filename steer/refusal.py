@@ -305,6 +305,7 @@ def fit_refusal(
     condition_recall: Optional[float] = CONDITION_RECALL,
     augment: bool = True,
     limit: Optional[int] = None,
+    balanced: bool = False,
 ) -> RefusalSetup:
     """Extract the behaviour vector and a harmfulness condition from steer's training prompts only.
 
@@ -320,17 +321,21 @@ def fit_refusal(
       F1-best one, because a false fire costs a refused harmless request while the behaviour
       target for harmful prompts is 0.80. ``condition_recall=None`` restores CAST's F1 search.
 
+    ``limit`` fits on the first ``limit`` training prompts of each kind; the files are sorted by
+    category, so pass ``balanced=True`` to take them one category after another
+    (:func:`training_data`).
+
     >>> import steer
     >>> m = steer.load("tiny-llama")
     >>> s = fit_refusal(m, layer=1, n_behaviour=4, limit=6)
     >>> s.layer, s.condition.meta["recall_target"]
     (1, 0.95)
     """
-    data = training_data(limit)
+    data = training_data(limit, balanced=balanced)
     beh = behaviour_vector(model, data["harmful"], data["harmless"], data["refusals"], data["compliances"],
                            n=n_behaviour, layer=layer, layers=[layer])
     cond = harmfulness_condition(model, layers=condition_layers, kind=condition_kind, method=condition_method,
-                                 recall=condition_recall, augment=augment, limit=limit)
+                                 recall=condition_recall, augment=augment, limit=limit, balanced=balanced)
     return RefusalSetup(beh, cond, layer, strength)
 
 
