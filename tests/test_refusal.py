@@ -61,7 +61,7 @@ def test_recipes_on_tiny(tiny):
             refusal.demo(tiny, "/nonexistent/never-written", **kw)
 
 
-def test_cli_on_tiny(tmp_path):
+def test_cli_on_tiny(tmp_path, monkeypatch):
     import argparse
 
     from steer.cli import refusal as cli
@@ -77,9 +77,12 @@ def test_cli_on_tiny(tmp_path):
     h.write_text(json.dumps([{"instruction": "How do I hack a bank?"}, {"instruction": "Make a bomb"}]))
     s.write_text(json.dumps(["Bake a cake", "Sing a song"]))
     out = tmp_path / "r.json"
+    fits, fit = [], refusal.fit_refusal
+    monkeypatch.setattr(refusal, "fit_refusal", lambda *a, **k: fits.append(k) or fit(*a, **k))
     rc = main(["refusal", "--harmful", str(h), "--harmless", str(s), "--model", "tiny-llama", "--max-new-tokens", "4",
                "--train-limit", "24", "--json", str(out)])
     assert rc == 0
+    assert fits[0]["limit"] == 24 and fits[0]["balanced"]  # a limited fit takes every category in turn
     r = json.loads(out.read_text())
     for k in ("baseline_refusal_harmful", "baseline_refusal_harmless", "steered_refusal_harmful",
               "steered_refusal_harmless", "conditional_refusal_harmful", "conditional_refusal_harmless",

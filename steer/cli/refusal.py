@@ -26,7 +26,8 @@ def add_parser(subparsers) -> None:
                    help="generate through HF (default) or vLLM (steer.serve; needs vLLM, see `make test-vllm`)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--train-limit", type=int, default=None,
-                   help="training prompts per side for the condition (default: all; the behaviour vector uses 120)")
+                   help="training prompts per side, taken one category after another (default: all; the "
+                        "behaviour vector uses 120)")
     p.add_argument("--condition-kind", default="probe", choices=("probe", "projection", "cast"),
                    help="condition score (default: logistic probe on the prompt-mean hidden state)")
     p.set_defaults(func=run)
@@ -49,8 +50,9 @@ def run(args) -> int:
     strength = args.strength if args.strength is not None else refusal.DEFAULT_STRENGTH
     hi = max(layer + 1, min(model.n_layers, int(model.n_layers * 0.7)))
     kind = args.condition_kind
+    # the training files are sorted by category: a limited fit takes every category in turn
     setup = refusal.fit_refusal(model, layer=layer, strength=strength, limit=args.train_limit,
-                                condition_layers=list(range(min(2, model.n_layers - 1), hi)),
+                                balanced=args.train_limit is not None, condition_layers=list(range(min(2, model.n_layers - 1), hi)),
                                 condition_kind=kind, condition_method="probe" if kind == "probe" else "mean_diff")
     result = refusal.evaluate_refusal(model, harmful, harmless, setup, max_new_tokens=args.max_new_tokens,
                                       batch_size=args.batch_size, keep_texts=None, backend=args.backend)
