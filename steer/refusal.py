@@ -547,11 +547,11 @@ def demo(model, out_dir, n: int = 64, n_check: int = 32) -> dict:
     (``out_dir/refusal_layer_sweep.png``), and ``condition_heldout`` is how often it fires on
     ``n_check`` other training prompts of each kind and their informal-voice copies.
 
-    (Until stop 28 the demo used a mean-difference condition on the files' first 64 prompts of
-    each kind, i.e. weapons, explosives and cybercrime against cooking, science and programming.
-    It was right on the two prompts shown, but on SmolLM2 it fired on 0.97 of the held-out
-    harmless requests of ``experiments/data``; this one fires on 0.11 of them, and 0.95 of the
-    harmful ones.)
+    Why this condition: the mean-difference condition this demo used before, fitted on the files'
+    first 64 prompts of each kind (weapons, explosives and cybercrime against cooking, science and
+    programming), was right on the two prompts shown, but on SmolLM2 it fired on 0.97 of the
+    held-out harmless requests of ``experiments/data``; this one fires on 0.11 of them and on 0.95
+    of the harmful ones.
 
     >>> import steer, tempfile
     >>> r = demo(steer.load("tiny-llama"), tempfile.mkdtemp(), n=6)

@@ -52,7 +52,8 @@ def run(args) -> int:
     kind = args.condition_kind
     # the training files are sorted by category: a limited fit takes every category in turn
     setup = refusal.fit_refusal(model, layer=layer, strength=strength, limit=args.train_limit,
-                                balanced=args.train_limit is not None, condition_layers=list(range(min(2, model.n_layers - 1), hi)),
+                                balanced=args.train_limit is not None,
+                                condition_layers=list(range(min(2, model.n_layers - 1), hi)),
                                 condition_kind=kind, condition_method="probe" if kind == "probe" else "mean_diff")
     result = refusal.evaluate_refusal(model, harmful, harmless, setup, max_new_tokens=args.max_new_tokens,
                                       batch_size=args.batch_size, keep_texts=None, backend=args.backend)
