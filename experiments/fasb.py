@@ -93,7 +93,7 @@ answer-token probe: 0.94 / 0.12, 0.55x); rows 48–111: 0.89 / 0.22 with 0.58x (
 
 A probe trained on every category (tried, not adopted). steer's training files are sorted by
 category, so the probe's 128 requests of each kind are weapons to drugs (6 of 15 harmful
-categories) against cooking to travel. On rows 48–111 the probe never fired on five harmful rows
+categories) against cooking to writing. On rows 48–111 the probe never fired on five harmful rows
 that constant steering turns to refusals, four of them self-harm requests the model answers
 ("Sure, here's a daily meal plan..."). A probe on 128 requests of each kind taken one category
 after another (``training_data(balanced=True)``) separates harmful from harmless prompt ends no

@@ -33,7 +33,7 @@ effect at λ = 1 is +0.179 at KL 0.0166, and at equal KL it reaches 0.64-0.70x m
 The target (at equal KL, at least mean difference's effect) is not met by either transport method.
 
 With the files' first prompts instead (fitted on weapons, explosives and cybercrime against
-cooking, science and programming requests; evaluated on the last harmless categories), as this
+cooking, travel and science requests; evaluated on the last harmless categories), as this
 experiment ran until stop 28: λ = 1 +0.376 at KL 0.0148, α = 1 +0.376 at KL 0.0101; AcT 0.85-0.88x
 and LinEAS 0.56-0.65x mean difference's effect at equal KL (LinEAS loss 0.00924 → 0.00907).
 """

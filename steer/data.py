@@ -186,15 +186,19 @@ def batches(n: int, batch_size: int, lengths: Sequence[int] | None = None) -> li
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def load_prompts(path: str | Path, key: str = "instruction") -> list[Any]:
+def load_prompts(path: str | Path, key: str = "instruction", balanced: bool = False) -> list[Any]:
     """Load prompts from JSON (list of strings or of objects with ``key``) or JSONL.
 
-    Objects with ``"completion"`` become ``(instruction, completion)`` pairs.
+    Objects with ``"completion"`` become ``(instruction, completion)`` pairs. ``balanced=True``
+    takes the objects' ``"category"`` groups one after another in turn, each in the file's order,
+    so that any prefix covers every category (steer's own prompt files are sorted by category).
 
     >>> import steer, pathlib
     >>> p = pathlib.Path(steer.__file__).parent / "datasets" / "harmless.json"
     >>> isinstance(load_prompts(p)[0], str)
     True
+    >>> [t[:16] for t in load_prompts(p, balanced=True)[:2]]  # cooking, then travel
+    ['Give me a recipe', 'Plan a five-day ']
     """
     path = Path(path)
     if not path.exists():
@@ -206,6 +210,11 @@ def load_prompts(path: str | Path, key: str = "instruction") -> list[Any]:
         items = json.loads(text)
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a JSON list of prompts, got {type(items).__name__}.")
+    if balanced:  # round-robin over the categories (items without one form a group of their own)
+        groups: dict[Any, list] = {}
+        for it in items:
+            groups.setdefault(it.get("category") if isinstance(it, dict) else None, []).append(it)
+        items = [g[i] for i in range(max(map(len, groups.values()), default=0)) for g in groups.values() if i < len(g)]
     out = []
     for i, it in enumerate(items):
         if isinstance(it, str):

@@ -47,15 +47,9 @@ CONDITION_RECALL = 0.95  # out-of-fold recall the harmfulness condition's thresh
 
 
 def _instructions(path: Path, balanced: bool = False) -> list[str]:
-    items = json.loads(Path(path).read_text())
-    if not items:
-        raise ValueError(f"{path} holds no prompts.")
-    if balanced:  # round-robin over the categories, each in its file order
-        groups: dict[Any, list] = {}
-        for it in items:
-            groups.setdefault(it.get("category") if isinstance(it, dict) else None, []).append(it)
-        items = [g[i] for i in range(max(map(len, groups.values()))) for g in groups.values() if i < len(g)]
-    return [it["instruction"] if isinstance(it, dict) else it for it in items]
+    from .data import load_prompts
+
+    return load_prompts(path, balanced=balanced)
 
 
 def training_data(limit: Optional[int] = None, balanced: bool = False) -> dict[str, list[str]]:
@@ -548,8 +542,8 @@ def demo(model, out_dir, n: int = 64, n_check: int = 32) -> dict:
     ``n_check`` other training prompts of each kind and their informal-voice copies.
 
     Why this condition: the mean-difference condition this demo used before, fitted on the files'
-    first 64 prompts of each kind (weapons, explosives and cybercrime against cooking, science and
-    programming), was right on the two prompts shown, but on SmolLM2 it fired on 0.97 of the
+    first 64 prompts of each kind (weapons, explosives and cybercrime against cooking, travel and
+    science), was right on the two prompts shown, but on SmolLM2 it fired on 0.97 of the
     held-out harmless requests of ``experiments/data``; this one fires on 0.11 of them and on 0.95
     of the harmful ones.
 
