@@ -3,9 +3,31 @@
 Writes to ``--out`` (default ``out/refusal_induction/``): ``strength_sweep.png`` (refusal log-odds
 and generated refusal rate vs strength), ``layer_sweep.png`` (log-odds change and KL per layer),
 ``projection_hist.png`` (harmful vs harmless eval prompts on the harmfulness direction) and
-``results.json``. Extraction uses steer's training prompts; evaluation uses experiments/data.
+``results.json``. Extraction uses steer's training prompts; evaluation uses experiments/data. Both
+are taken one category after another (the files are sorted by category).
 
     python experiments/refusal_induction.py [--out DIR] [--n-train 64] [--n-eval 24]
+
+Measured (CPU fp32, defaults; behaviour layer 10):
+
+* refusal log-odds of the first answer token (24 + 24 evaluation requests) at α = 0 / 1 / 2 / 3:
+  −2.60 / −1.17 / +0.27 / +1.30; refusal in 8 generated answers to harmless requests 0.00 / 0.38
+  / 1.00 / 0.88, all readable;
+* per layer at α = 2 (log-odds change, KL): layer 6 +1.43, 0.93; 10 +3.24, 2.07; 14 +3.40, 3.53;
+* the harmfulness direction (last instruction token, layer 10) against the refusal vector:
+  cosine 0.12, as the paper has them, nearly separate. But it does not transfer to the evaluation
+  requests, which are written in an informal voice: AUROC 0.51 between harmful and harmless ones
+  (Latent Guard at the midpoint: accuracy 0.48). Measured per layer on all 120 + 120 (fitted on
+  64 + 64 training prompts), it separates held-out *training* prompts at 0.83 at layer 10 but the
+  evaluation requests at 0.55, rising to 0.83 at layer 28; read at the prompt's last token
+  instead, the evaluation requests separate at 0.77 (layer 10) to 0.94 (layer 24). A single
+  token at the end of the user's words depends on how they end ("pls", no question mark).
+  The CAST condition (``experiments/cast.py``) reads a prompt mean, fitted on informal copies
+  too, for this reason.
+
+With the files' first prompts instead (weapons, explosives and cybercrime evaluation requests;
+as this script ran until stop 28): log-odds −2.51 / −1.29 / +0.09 / +1.15, refusal 0.00 / 0.25 /
+1.00 / 0.88, harmfulness AUROC 0.57.
 """
 
 from __future__ import annotations
@@ -20,7 +42,11 @@ HERE = Path(__file__).parent
 
 
 def _eval(name, n):
-    return [d["instruction"] for d in json.loads((HERE / "data" / f"eval_{name}.json").read_text())][:n]
+    """The first ``n`` evaluation requests of each kind, taken one category after another (the files
+    are sorted by category)."""
+    from steer.data import load_prompts
+
+    return load_prompts(HERE / "data" / f"eval_{name}.json", balanced=True)[:n]
 
 
 def run(out="out/refusal_induction", n_train=64, n_eval=24, layer=10, strengths=(0.0, 1.0, 2.0, 3.0),
@@ -39,7 +65,7 @@ def run(out="out/refusal_induction", n_train=64, n_eval=24, layer=10, strengths=
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model or steer.load()
-    data = refusal.training_data()
+    data = refusal.training_data(balanced=True)  # every category in any prefix
     H, S = data["harmful"][: n_train // 2], data["harmless"][: n_train // 2]
     layers = sorted(set(layers) | {layer})
     beh = refusal.behaviour_vector(model, H, S, n=n_train, layer=layer, layers=layers)
