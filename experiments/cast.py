@@ -7,7 +7,8 @@ out-of-fold AUROC, threshold at out-of-fold recall 0.95), then on the evaluation
 elsewhere, in an informal voice): condition accuracy/F1/AUROC and, with ``--n-gen``, conditional
 refusal on harmful vs harmless answers. Writes ``condition_grid.png`` (out-of-fold F1 and AUROC
 per layer), ``condition_scores_hist.png`` (eval scores with the threshold) and ``results.json``
-to ``--out`` (default ``out/cast/``).
+to ``--out`` (default ``out/cast/``). ``--n-train`` and ``--n-eval`` below the files' sizes take
+their prompts one category after another (the files are sorted by category).
 
     python experiments/cast.py [--out DIR] [--n-train 400] [--n-eval 120] [--n-gen 16] [--kind probe]
               [--no-augment] [--recall 0.95|none]
@@ -31,7 +32,11 @@ HERE = Path(__file__).parent
 
 
 def _eval(name, n):
-    return [d["instruction"] for d in json.loads((HERE / "data" / f"eval_{name}.json").read_text())][:n]
+    """The first ``n`` evaluation requests of each kind, taken one category after another (the files
+    are sorted by category; all 120 are the same set in another order)."""
+    from steer.data import load_prompts
+
+    return load_prompts(HERE / "data" / f"eval_{name}.json", balanced=True)[:n]
 
 
 def run(out="out/cast", n_train=None, n_eval=120, n_gen=16, gen_tokens=32, layer=10, strength=2.0,
@@ -52,7 +57,8 @@ def run(out="out/cast", n_train=None, n_eval=120, n_gen=16, gen_tokens=32, layer
     data = refusal.training_data()
     cond = refusal.harmfulness_condition(model, layers=list(condition_layers), kind=kind,
                                          method="probe" if kind == "probe" else "mean_diff",
-                                         recall=recall, augment=augment, limit=n_train)
+                                         recall=recall, augment=augment, limit=n_train,
+                                         balanced=n_train is not None)  # a limited fit: every category
     grid = cond.meta["grid"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([g["layer"] for g in grid], [g["f1"] for g in grid], marker="o", label="F1 (out-of-fold, train)")
