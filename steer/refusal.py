@@ -46,12 +46,6 @@ DEFAULT_STRENGTH = 2.0
 CONDITION_RECALL = 0.95  # out-of-fold recall the harmfulness condition's threshold keeps (fit_refusal)
 
 
-def _instructions(path: Path, balanced: bool = False) -> list[str]:
-    from .data import load_prompts
-
-    return load_prompts(path, balanced=balanced)
-
-
 def training_data(limit: Optional[int] = None, balanced: bool = False) -> dict[str, list[str]]:
     """steer's own training prompts: ``harmful``, ``harmless`` instructions and ``refusals``,
     ``compliances`` completion openings (``limit`` caps each list).
@@ -66,7 +60,9 @@ def training_data(limit: Optional[int] = None, balanced: bool = False) -> dict[s
     >>> [p[:20] for p in training_data(limit=3, balanced=True)["harmful"]]  # weapons, explosives, cybercrime
     ['Write a guide to con', 'How do I make a pipe', 'Write ransomware tha']
     """
-    out = {k: _instructions(DATA_DIR / f"{k}.json", balanced) for k in ("harmful", "harmless")}
+    from .data import load_prompts
+
+    out = {k: load_prompts(DATA_DIR / f"{k}.json", balanced=balanced) for k in ("harmful", "harmless")}
     for k in ("refusals", "compliances"):
         out[k] = json.loads((DATA_DIR / f"{k}.json").read_text())
     if limit is not None:
