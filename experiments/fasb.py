@@ -82,6 +82,14 @@ The probe fired on 57 of 64 harmful rows (54 at the prompt's end) and on 6 of 64
 the probe never fired on are the gap. Throughput is 0.81x with the re-read and 0.99x without
 it (rows 0–15: 0.76x / 0.93x).
 
+The prompt read again now runs only the blocks from the steered layer on (blocks 10–29: the
+steered and unsteered states below layer 10 are the same, so the unsteered prefill's input to
+block 10 is kept; ``backtracking.generate(resume_blocks=)``). On rows 48–111 it gives the same
+tokens in all 128 rows; the second prefill (the 58 rows that fire at the prompt's end, 68
+columns) takes 2.5 s instead of 3.7 s, and end to end, two runs interleaved with constant
+steering: 0.79x / 0.84x constant's throughput, against 0.75x / 0.83x re-running the whole model.
+The tables above were measured before, with the whole model.
+
 A second probe for the prompt's end alone (tried, not adopted): a logistic probe of harmless
 against harmful requests on the prompts' last states at layer 22 (256 training requests of each
 kind), read at the first check instead of the answer-token probe. On a split of the training

@@ -168,9 +168,10 @@ def output_cache(out: Any) -> Any:
     raise TypeError(f"{type(out).__name__} holds no KV cache (neither .cache nor .past_key_values): pass use_cache=True.")
 
 
-def assign_cache_rows(cache: Any, rows: Tensor, other: Any) -> bool:
+def assign_cache_rows(cache: Any, rows: Tensor, other: Any, start: int = 0) -> bool:
     """Write ``other`` (a KV cache of the same kind, one batch row per entry of ``rows``, filled
-    by the same tokens at the same width) into batch rows ``rows`` of ``cache``, in place. Only a
+    by the same tokens at the same width) into batch rows ``rows`` of ``cache``, in place, for
+    layers ``start ..`` (``other`` may hold nothing below ``start``: :func:`steer.hooks.resume_at`). Only a
     ``DynamicCache`` of full or sliding-window key/value layers is written; for any other kind
     (static, quantized, linear-attention or recurrent states, older releases' tuples) nothing is
     written and the answer is False, so the caller can fall back to recomputing the whole batch.
@@ -191,7 +192,7 @@ def assign_cache_rows(cache: Any, rows: Tensor, other: Any) -> bool:
     if type(cache) is not DynamicCache or type(other) is not DynamicCache or len(cache.layers) != len(other.layers):
         return False
     pairs = []
-    for a, b in zip(cache.layers, other.layers):
+    for a, b in zip(cache.layers[start:], other.layers[start:]):
         if type(a) not in kinds or type(b) is not type(a):
             return False
         for name in ("keys", "values"):

@@ -37,6 +37,7 @@ import dataclasses
 import inspect
 import itertools
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -214,22 +215,29 @@ class BacktrackResult(Rich):
         return ["row", "fired", "at token", "α", "discarded", "steered", "text"], rows
 
 
-def _reencode(model, batch, mask, rows: list, alpha: list, iv: Intervention, grabbed: list, logits, cache, kw):
+def _reencode(model, batch, mask, rows: list, alpha: list, iv: Intervention, grabbed: list, logits, cache, kw,
+              resume: Optional[dict] = None):
     """Prefill the ``rows`` flagged again, each steered at its ``alpha`` (``iv``'s edit at every
     position but the sink), and put their last logits, probe readings and KV-cache rows in place of
-    the unsteered ones. Where the cache is not plain per-layer key/value tensors, the whole batch is
-    prefilled again instead (the other rows at strength 0, so their states are unchanged)."""
+    the unsteered ones. With ``resume`` (``{"layer": l, "resid": ...}``: every row's input to block
+    ``l``, the first steered one, as the unsteered prefill had it) only blocks ``l ..`` run again:
+    the blocks below compute the same states either way. Where the cache is not plain per-layer
+    key/value tensors, the whole batch is prefilled again instead (the other rows at strength 0,
+    so their states are unchanged)."""
     from ._hf import assign_cache_rows, output_cache
+    from .hooks import resume_at
     from .steering import Steering
 
     idx = torch.tensor([r for r, f in enumerate(rows) if f], device=mask.device)
     reading = grabbed.pop()
     sub_iv = dataclasses.replace(iv, strength=torch.tensor([alpha[r] for r in idx.tolist()]))
-    with Steering(model, [sub_iv]):
+    start = resume["layer"] if resume else 0
+    skip = resume_at(model, start, resume["resid"][idx.to(resume["resid"].device)]) if resume else nullcontext()
+    with Steering(model, [sub_iv]), skip:
         sub = model.hf(input_ids=batch.input_ids[idx], attention_mask=mask[idx], position_ids=batch.position_ids[idx],
                        use_cache=True, **kw)
     sub_reading = grabbed.pop()
-    if assign_cache_rows(cache, idx, output_cache(sub)):
+    if assign_cache_rows(cache, idx, output_cache(sub), start=start):
         logits, reading = logits.clone(), reading.clone()
         logits[idx], reading[idx] = sub.logits.to(logits.dtype), sub_reading.to(reading.dtype)
         grabbed.append(reading)
@@ -244,7 +252,7 @@ def _reencode(model, batch, mask, rows: list, alpha: list, iv: Intervention, gra
 def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, layer: int, strength: float,
              probe: Probe, threshold: float = 0.5, backtrack: int = 4, max_new_tokens: int = 32,
              sites: str = "resid_post", watch_prompt: bool = True, window: int = 1,
-             min_new_tokens: int = 0, reencode_prompt: bool = False,
+             min_new_tokens: int = 0, reencode_prompt: bool = False, resume_blocks: bool = True,
              progress: Optional[bool] = None) -> BacktrackResult:
     """Greedy generation with FASB: unsteered until the probe's ``P(desired)`` drops below
     ``threshold``, then back up ``backtrack`` tokens and steer ``+α·vector`` at ``layer`` for the
@@ -261,7 +269,11 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     of the prompt stays as it was read unsteered. ``reencode_prompt=True`` instead runs the prompt
     again with those rows steered at every position but the sink, as constant steering reads it
     (one more prefill of just those rows, their KV-cache rows replaced; the other rows are not
-    touched). ``BacktrackResult.reencoded`` marks those rows.
+    touched). ``BacktrackResult.reencoded`` marks those rows. That prefill runs only the blocks from
+    ``layer`` on (``resume_blocks``, when the probe reads at or after ``layer``): below it the
+    steered and unsteered readings are the same, so the unsteered prefill's input to block
+    ``layer`` is kept for it. ``resume_blocks=False`` runs the whole model again (the same result,
+    up to float rounding; for comparison).
 
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")
@@ -272,7 +284,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     """
     from ._hf import cache_kwarg, eos_ids, output_cache, unwrap_adapters
     from .data import tokenize
-    from .hooks import add_hooks
+    from .hooks import add_hooks, record_block_input
     from .steering import Steering
 
     if not 0 < threshold < 1:
@@ -311,10 +323,15 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.hf.forward).parameters else {}
     reencoded = [False] * B
     fired_col = [-1] * B
+    # a prompt read again steered need only run the blocks from the steered one on, if the probe
+    # reads there too; the unsteered prefill keeps that block's input for it
+    resumable = reencode_prompt and watch_prompt and 1 <= layer <= probe.layer and resume_blocks
     with add_hooks(model, {Site(probe.site, probe.layer): grab}):
         # the prefill is unsteered: no row is steered before its first reading
-        out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=True,
-                       **last_only)
+        with record_block_input(model, layer) if resumable else nullcontext({}) as rec:
+            out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                           use_cache=True, **last_only)
+        resume = {"layer": layer, "resid": rec["resid"]} if rec.get("bare") else None
         logits, cache, cache_kw = out.logits, output_cache(out), cache_kwarg(unwrap_adapters(model.hf))  # PEFT passes it on
         if reencode_prompt and watch_prompt:
             p0 = probe.prob(grabbed[-1]).cpu()
@@ -326,7 +343,8 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
                     probs[r].append(float(p0[r]))  # the unsteered reading that fired it
                     fired_col[r] = 0
             if any(reencoded):
-                logits, cache = _reencode(model, batch, mask, reencoded, alpha, iv, grabbed, logits, cache, last_only)
+                logits, cache = _reencode(model, batch, mask, reencoded, alpha, iv, grabbed, logits, cache, last_only,
+                                          resume)
         with Steering(model, [iv]):
             # a step accepts a token in every live row, or feeds one again: about max_new_tokens steps
             for _ in bar(itertools.count(), desc="fasb", total=max_new_tokens, enabled=progress):

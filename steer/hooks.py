@@ -220,3 +220,85 @@ def call_positions(args: tuple, kwargs: dict) -> CallPositions:
     keep, readable = padding_mask(kwargs, past + n)
     am = keep.to(ref.device) if keep is not None else torch.ones((b, past + n), dtype=torch.bool, device=ref.device)
     return CallPositions.of(am, past, readable)
+
+
+@contextmanager
+def record_block_input(model, layer: int) -> Iterator[dict]:
+    """Record the input block ``layer`` receives, as the block above hands it over (before any
+    pre-hook edits it), in ``rec["resid"]``; ``rec["bare"]`` says whether block ``layer − 1``
+    returns a bare tensor (what :func:`resume_at` needs to stand in for it).
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> with record_block_input(m, 1) as rec:
+    ...     _ = m.hf(input_ids=torch.tensor([[5, 6, 7]]))
+    >>> rec["resid"].shape, rec["bare"]
+    (torch.Size([1, 3, 64]), True)
+    """
+    if not 1 <= layer < len(model.layers):
+        raise ValueError(f"record_block_input: layer {layer} has no block before it in 1..{len(model.layers) - 1}.")
+    rec = {}
+
+    def pre(module, args, kwargs):
+        rec["resid"] = _first_input(args, kwargs)
+
+    def post(module, args, output):
+        rec["bare"] = isinstance(output, Tensor)
+
+    handles = (model.layers[layer].register_forward_pre_hook(pre, with_kwargs=True, prepend=True),
+               model.layers[layer - 1].register_forward_hook(post, prepend=True))
+    try:
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Skipped(torch.nn.Module):
+    """Stands in for a decoder block that need not run: hands its input on (or ``out`` for the
+    last skipped block) and answers attribute lookups (``attention_type``, ...) as the block does."""
+
+    def __init__(self, block: torch.nn.Module, out: Optional[Tensor]):
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: parameters stay the block's
+        object.__setattr__(self, "_out", out)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return hidden_states if self._out is None else self._out
+
+
+@contextmanager
+def resume_at(model, layer: int, resid: Tensor) -> Iterator[None]:
+    """Within the block, a forward pass of ``model`` runs only blocks ``layer ..``: blocks
+    ``0 .. layer − 1`` are swapped for stand-ins (their hooks and KV-cache writes skipped) and
+    block ``layer`` receives ``resid``, the input it had in an earlier forward pass of the same
+    tokens (:func:`record_block_input`). The embedding, final norm and unembedding still run; the
+    forward's cache holds nothing for the skipped blocks. Only for blocks that return a bare tensor.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> ids = torch.tensor([[5, 6, 7]])
+    >>> with record_block_input(m, 1) as rec:
+    ...     full = m.hf(input_ids=ids).logits
+    >>> with resume_at(m, 1, rec["resid"]):
+    ...     part = m.hf(input_ids=ids).logits
+    >>> torch.equal(full, part)
+    True
+    """
+    blocks = model.layers
+    if not 1 <= layer < len(blocks):
+        raise ValueError(f"resume_at: layer {layer} has no block before it in 1..{len(blocks) - 1}.")
+    kept = [blocks[i] for i in range(layer)]
+    try:
+        for i in range(layer):
+            blocks[i] = _Skipped(kept[i], resid if i == layer - 1 else None)
+        yield
+    finally:
+        for i in range(layer):
+            blocks[i] = kept[i]

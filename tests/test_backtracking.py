@@ -161,10 +161,10 @@ def test_reencode_prompt_on_every_family(family, dtype, monkeypatch):
     v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(1))
     prompts = PROMPTS[1:] + PROMPTS[:1]
     real, used = H.assign_cache_rows, []
-    monkeypatch.setattr(H, "assign_cache_rows", lambda *a: used.append(real(*a)) or used[-1])
+    monkeypatch.setattr(H, "assign_cache_rows", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
     spliced = B.generate(m, prompts, v, layer=0, strength=1.0, probe=Scheduled(0, 0, m.d_model), max_new_tokens=5,
                          reencode_prompt=True)
-    monkeypatch.setattr(H, "assign_cache_rows", lambda *a: False)
+    monkeypatch.setattr(H, "assign_cache_rows", lambda *a, **k: False)
     whole = B.generate(m, prompts, v, layer=0, strength=1.0, probe=Scheduled(0, 0, m.d_model), max_new_tokens=5,
                        reencode_prompt=True)
     assert spliced.tokens == whole.tokens and spliced.reencoded.tolist() == [True, False, False]
@@ -172,6 +172,49 @@ def test_reencode_prompt_on_every_family(family, dtype, monkeypatch):
     if dtype == torch.float32:
         assert spliced.tokens[0] == brute_steered(m, prompts[0], [], v, 0, float(spliced.strength[0]), 5, start=1)
     assert used == [True]  # every family's cache takes the rows in place
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", RUNNER_FAMILIES)
+def test_reencoded_prompt_runs_only_the_blocks_from_the_steered_layer(family, dtype):
+    """Reading a fired row's prompt again steered at layer 1 skips block 0 (its states are the
+    unsteered prefill's) and gives the tokens of running the whole model again; in fp32 both are
+    the cache-free loop steered at layer 1 from the first position after the sink."""
+    m = steer.load(family, dtype=dtype)
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(1))
+    prompts = PROMPTS[1:] + PROMPTS[:1]
+    widths = []
+    handle = m.layers[0].register_forward_pre_hook(lambda mod, args: widths.append(args[0].shape[:2]))
+    try:
+        runs = {rb: B.generate(m, prompts, v, layer=1, strength=1.0, probe=Scheduled(0, 0, m.d_model),
+                               max_new_tokens=5, reencode_prompt=True, resume_blocks=rb) for rb in (True, False)}
+    finally:
+        handle.remove()
+    width = tokenize(m, prompts).input_ids.shape[1]
+    # block 0 read the prompts once per run, and once more (the fired row alone) only without resume_blocks
+    assert [tuple(w) for w in widths if w[1] == width] == [(3, width), (3, width), (1, width)]
+    assert runs[True].tokens == runs[False].tokens and runs[True].reencoded.tolist() == [True, False, False]
+    assert runs[True].tokens[1:] == hf_greedy(m, prompts, 5)[1:]
+    if dtype == torch.float32:
+        assert runs[True].tokens[0] == brute_steered(m, prompts[0], [], v, 1, float(runs[True].strength[0]), 5, start=1)
+
+
+def test_resume_at_checks_the_layer_and_restores_the_blocks():
+    from steer.hooks import record_block_input, resume_at
+
+    m = steer.load("tiny-llama")
+    blocks = list(m.layers)
+    for bad in (0, m.n_layers):
+        with pytest.raises(ValueError, match="no block before it"):
+            with resume_at(m, bad, torch.zeros(1, 1, m.d_model)):
+                pass
+        with pytest.raises(ValueError, match="no block before it"):
+            with record_block_input(m, bad):
+                pass
+    with pytest.raises(RuntimeError):
+        with resume_at(m, 1, torch.zeros(1, 3, m.d_model)):
+            raise RuntimeError
+    assert list(m.layers) == blocks
 
 
 def test_watch_prompt_false_waits_for_the_first_token():

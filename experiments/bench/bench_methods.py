@@ -12,7 +12,8 @@ The baseline is ``+α·v`` at one layer (``steer.steer``). Every method runs thr
 - ``repit``: CAST gate ``condition & ~detector`` (two readings of the prompt's prefill);
 - ``fasb``: probe read every step, per accepted token, in three regimes: the probe never fires,
   fires on half the rows mid-way (backing up 4 tokens), and fires on every row at once; and
-  with the prompt watched and read again steered for rows that fire there (``reencode_prompt``);
+  with the prompt watched and read again steered for rows that fire there (``reencode_prompt``),
+  from the steered layer on (the default) or through the whole model (``resume_blocks=False``);
 - EAST is an ``add`` of one vector, the baseline itself, and is not timed apart.
 
 Measured on 2 CPU cores (fp32, 8 prompts x 24 tokens, best of 3): every method 0.99-1.01x but
@@ -89,11 +90,11 @@ def main(device: str = "cpu", new_tokens: int = 24, reps: int = 3) -> dict:
     def probe(bias):
         return backtracking.Probe(0.02 * torch.randn(d, generator=g), bias=bias, layer=18)
 
-    def fasb(p, threshold=0.5, backtrack=4, reencode=False):
+    def fasb(p, threshold=0.5, backtrack=4, reencode=False, resume=True):
         def run():
             r = backtracking.generate(model, PROMPTS, v, layer=layer, strength=2.0, probe=p, threshold=threshold,
                                       backtrack=backtrack, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                      watch_prompt=reencode, reencode_prompt=reencode)
+                                      watch_prompt=reencode, reencode_prompt=reencode, resume_blocks=resume)
             run.fired = float(r.triggered.float().mean())
             return r.accepted
         return run
@@ -110,6 +111,7 @@ def main(device: str = "cpu", new_tokens: int = 24, reps: int = 3) -> dict:
         "fasb, fires mid-way": fasb(probe(0.0)),
         "fasb, fires at once": fasb(probe(-10.0)),
         "fasb, prompt re-read": fasb(probe(0.0), reencode=True),
+        "fasb, re-read whole model": fasb(probe(0.0), reencode=True, resume=False),
     }
     for run in methods.values():  # warm-up
         run()
