@@ -26,7 +26,7 @@ from torch import Tensor
 from ._hf import cached_length, padding_mask
 from .sites import Site, hf_target, parse_sites
 
-__all__ = ["add_hooks", "HookFn", "CallPositions", "call_positions", "StopForward"]
+__all__ = ["add_hooks", "HookFn", "CallPositions", "call_positions", "StopForward", "record_block_input", "resume_at"]
 
 HookFn = Callable[[Tensor, Site], Optional[Tensor]]
 

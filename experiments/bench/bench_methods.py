@@ -33,7 +33,11 @@ RepIt 0.97x, the rest 0.99-1.00x. The probe loop costs nothing measurable there,
 45 tokens on (n / (n + 5) ≥ 0.9) FASB meets the 0.9x target; at 24 it cannot. Same machine
 after FASB's loop was reorganised around ``reencode_prompt`` (64 tokens): FASB 1.00x never
 firing, 0.99x all at once, 0.94x mid-way, 0.94x with the prompt watched and read again (8 short
-prompts: the second prefill is cheap next to 64 steps); the rest 0.97-1.00x.
+prompts: the second prefill is cheap next to 64 steps); the rest 0.97-1.00x. Same machine,
+2026-12-05, 24 tokens: multi-layers 0.94x, RepIt 0.93x, FASB 1.00x never firing, 0.89x at once,
+0.83x mid-way, 0.85x with the prompt read again from the steered layer on and 0.92x through the
+whole model, the rest 0.98-1.04x. The last two differ by noise: one row of eight is read again,
+and four alternated runs of each took 2.59-2.71 s and 2.60-2.67 s.
 
 The random vectors and maps are placeholders: the cost of an intervention does not depend on
 what its vector says.
