@@ -15,7 +15,10 @@ Measured (CPU fp32, defaults; behaviour layer 10):
   / 1.00 / 0.88, all readable;
 * per layer at α = 2 (log-odds change, KL): layer 6 +1.43, 0.93; 10 +3.24, 2.07; 14 +3.40, 3.53;
 * the harmfulness direction (last instruction token, layer 10) against the refusal vector:
-  cosine 0.12, as the paper has them, nearly separate. But it does not transfer to the evaluation
+  cosine 0.12, as the paper has them, nearly separate. It classifies the next 24 + 24 training
+  prompts, held out and worded as the ones it was fitted on, at AUROC 0.81
+  (``harmfulness_auroc_heldout_training``; the slow test holds ≥ 0.75 with 32 + 32 fitted, where
+  it is 0.87, and |cosine| ≤ 0.3). But it does not transfer to the evaluation
   requests, which are written in an informal voice: AUROC 0.51 between harmful and harmless ones
   (Latent Guard at the midpoint: accuracy 0.48). Measured per layer on all 120 + 120 (fitted on
   64 + 64 training prompts), it separates held-out *training* prompts at 0.83 at layer 10 but the
@@ -50,7 +53,10 @@ def _eval(name, n):
 
 
 def run(out="out/refusal_induction", n_train=64, n_eval=24, layer=10, strengths=(0.0, 1.0, 2.0, 3.0),
-        layers=(4, 6, 8, 10, 12, 14, 16), gen_tokens=24, n_gen=8, model=None) -> dict:
+        layers=(4, 6, 8, 10, 12, 14, 16), gen_tokens=24, n_gen=8, model=None, n_harm=None, n_heldout=24) -> dict:
+    """``n_train`` training prompts of each kind fit the harmfulness direction (``n_harm`` if given)
+    and half as many the behaviour vector; the direction is also read on the next ``n_heldout``
+    training prompts of each kind (held out, worded as it was fitted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,9 +102,12 @@ def run(out="out/refusal_induction", n_train=64, n_eval=24, layer=10, strengths=
     sweep.plot(out / "layer_sweep.png", keys=["change", "kl"])
 
     # harmfulness direction vs refusal behaviour vector, projection histogram of eval prompts
-    harm = refusal.harmfulness_direction(model, data["harmful"][:n_train], data["harmless"][:n_train], layer=layer)
+    n_harm = n_harm or n_train
+    harm = refusal.harmfulness_direction(model, data["harmful"][:n_harm], data["harmless"][:n_harm], layer=layer)
     cap = lambda ps: steer.capture(model, ps, layers=[layer], positions="instruction_last", progress=False)  # noqa
     ph, ps_ = harm.project(cap(eh).tensor[:, 0]), harm.project(cap(es).tensor[:, 0])
+    held = [data[k][n_harm:n_harm + n_heldout] for k in ("harmful", "harmless")]
+    qh, qs = (harm.project(cap(p).tensor[:, 0]) for p in held)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.hist(ph.numpy(), bins=20, alpha=0.6, label="harmful (eval)")
     ax.hist(ps_.numpy(), bins=20, alpha=0.6, label="harmless (eval)")
@@ -111,6 +120,7 @@ def run(out="out/refusal_induction", n_train=64, n_eval=24, layer=10, strengths=
         "layer": layer, "strength_sweep": rows, "layer_sweep": sweep.rows,
         "cos_harmfulness_refusal": harm.cosine(beh, layer),
         "harmfulness_auroc_eval": E.auroc(torch.cat([ph, ps_]), [1] * len(ph) + [0] * len(ps_)),
+        "harmfulness_auroc_heldout_training": E.auroc(torch.cat([qh, qs]), [1] * len(qh) + [0] * len(qs)),
         "latent_guard_accuracy_eval_midpoint": E.accuracy(torch.cat([ph, ps_]) > thr, [1] * len(ph) + [0] * len(ps_)),
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))

@@ -13,7 +13,13 @@ def test_refusal_induction_claim(smol, tmp_path):
     import refusal_induction
 
     r = refusal_induction.run(tmp_path, n_train=8, n_eval=4, strengths=(0.0, 1.0, 2.0), layers=(10,),
-                              n_gen=4, gen_tokens=10, model=smol)
+                              n_gen=4, gen_tokens=10, model=smol, n_harm=32, n_heldout=24)
+    # "LLMs Encode Harmfulness and Refusal Separately": the harmfulness direction at the last
+    # instruction token classifies held-out requests worded as its training ones, and is nearly
+    # orthogonal to the refusal vector. (It does not transfer to the informally worded evaluation
+    # requests: the script's docstring gives those figures.)
+    assert r["harmfulness_auroc_heldout_training"] >= 0.75
+    assert abs(r["cos_harmfulness_refusal"]) <= 0.3
     lo = [row["logodds"] for row in r["strength_sweep"]]
     assert lo[0] < lo[1] < lo[2]  # refusal log-odds grow monotonically with strength
     assert r["strength_sweep"][-1]["refusal_harmless"] >= 0.75  # induced refusal on harmless prompts
