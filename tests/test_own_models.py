@@ -147,8 +147,10 @@ def split(tmp_path_factory):
 
 
 def test_a_model_split_by_device_map_gives_the_same_numbers(split, tmp_path):
-    """CAST-gated generation, AtP* and the activation store on a model split across memory and
-    disk equal the model loaded whole."""
+    """CAST-gated generation, FASB with every prompt read again from the steered block on
+    (:func:`steer.hooks.resume_at` swaps accelerate-hooked blocks), AtP* and the activation store
+    on a model split across memory and disk equal the model loaded whole."""
+    from steer import backtracking
     from steer.conditions import Condition
     from steer.patching import atp_star
     from steer.store import ActivationStore
@@ -164,7 +166,11 @@ def test_a_model_split_by_device_map_gives_the_same_numbers(split, tmp_path):
             gens = s.generate(prompts, max_new_tokens=4)
         t = PatchTask.from_pairs(model, PAIRS, ["M", "Q"], ["Y", "B"])
         store = ActivationStore.write(model, prompts, tmp_path / name, progress=False)
-        out[name] = (gens, cond.last_scores.clone(),
+        fires = backtracking.Probe(torch.zeros(64), bias=-5.0, layer=1)  # on every row, at the prompt's end
+        fasb = backtracking.generate(model, prompts, v, layer=1, strength=1.0, probe=fires, max_new_tokens=4,
+                                     reencode_prompt=True)
+        assert fasb.reencoded.all()
+        out[name] = (gens + fasb.texts, cond.last_scores.clone(),
                      atp_star(model, t, ["heads"])["heads"].scores, store.get())
     (g1, s1, a1, x1), (g2, s2, a2, x2) = out["split"], out["whole"]
     assert g1 == g2
