@@ -331,7 +331,8 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
         with record_block_input(model, layer) if resumable else nullcontext({}) as rec:
             out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
                            use_cache=True, **last_only)
-        resume = {"layer": layer, "resid": rec["resid"]} if rec.get("bare") else None
+        plain = rec.get("bare") and tuple(rec["resid"].shape) == (B, T, model.d_model)  # a residual stream as steer knows it
+        resume = {"layer": layer, "resid": rec["resid"]} if plain else None
         logits, cache, cache_kw = out.logits, output_cache(out), cache_kwarg(unwrap_adapters(model.hf))  # PEFT passes it on
         if reencode_prompt and watch_prompt:
             p0 = probe.prob(grabbed[-1]).cpu()
