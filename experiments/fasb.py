@@ -82,13 +82,21 @@ The probe fired on 57 of 64 harmful rows (54 at the prompt's end) and on 6 of 64
 the probe never fired on are the gap. Throughput is 0.81x with the re-read and 0.99x without
 it (rows 0–15: 0.76x / 0.93x).
 
-The prompt read again now runs only the blocks from the steered layer on (blocks 10–29: the
-steered and unsteered states below layer 10 are the same, so the unsteered prefill's input to
-block 10 is kept; ``backtracking.generate(resume_blocks=)``). On rows 48–111 it gives the same
-tokens in all 128 rows; the second prefill (the 58 rows that fire at the prompt's end, 68
-columns) takes 2.5 s instead of 3.7 s, and end to end, two runs interleaved with constant
-steering: 0.79x / 0.84x constant's throughput, against 0.75x / 0.83x re-running the whole model.
-The tables above were measured before, with the whole model.
+Two changes to the loop since (2026-12-05; same tokens in all 128 rows of 48–111):
+
+* the prompt read again runs only the blocks from the steered layer on (blocks 10–29: below
+  layer 10 the steered and unsteered states are the same, so the unsteered prefill's input to
+  block 10 is kept; ``backtracking.generate(resume_blocks=)``). That second prefill (the 58 rows
+  that fire at the prompt's end, 68 columns) takes 2.5 s instead of 3.7 s;
+* rows that have finished leave the batch (``drop_finished``): the rows that backed up run their
+  last five steps with 5, 2 and 1 rows instead of 128 (a decode step takes 0.26 s at 128 rows,
+  0.06 s at 5): 18.3–18.5 s per FASB run instead of 19.0–19.2 s.
+
+Three runs interleaved with constant steering, rows 48–111: FASB 0.87x / 0.87x / 0.89x
+constant's throughput (median 0.87x), against 0.76x / 0.77x / 0.76x with both turned off (the
+loop as it was for the tables above). The rest of the gap is the second prefill; the target
+(0.9x) is still missed on this CPU. (A prefill that stops at the probe's layer, so that rows
+which fire never run the blocks above it unsteered, would save about 0.9 s more; not built.)
 
 A second probe for the prompt's end alone (tried, not adopted): a logistic probe of harmless
 against harmful requests on the prompts' last states at layer 22 (256 training requests of each

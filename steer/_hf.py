@@ -208,6 +208,33 @@ def assign_cache_rows(cache: Any, rows: Tensor, other: Any, start: int = 0) -> b
     return True
 
 
+def select_cache_rows(cache: Any, rows: Tensor) -> bool:
+    """Keep only batch rows ``rows`` of ``cache``, in place (a batch whose finished rows leave
+    it). As :func:`assign_cache_rows`, only a ``DynamicCache`` of full or sliding-window key/value
+    layers is changed; for any other kind nothing is, and the answer is False.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> c = output_cache(m.hf(input_ids=torch.tensor([[5, 6, 7], [8, 9, 10]]), use_cache=True))
+    >>> k1 = c.layers[0].keys[1].clone()
+    >>> select_cache_rows(c, torch.tensor([1])), c.layers[0].keys.shape[0], torch.equal(c.layers[0].keys[0], k1)
+    (True, 1, True)
+    """
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+    except ImportError:
+        return False
+    if type(cache) is not DynamicCache or any(type(a) not in (DynamicLayer, DynamicSlidingWindowLayer)
+                                              or not isinstance(getattr(a, "keys", None), Tensor)
+                                              or not isinstance(getattr(a, "values", None), Tensor)
+                                              for a in cache.layers):
+        return False
+    for a in cache.layers:
+        idx = rows.to(a.keys.device)
+        a.keys, a.values = a.keys[idx], a.values[idx]
+    return True
+
+
 def softcap_safe_attention(hf: torch.nn.Module) -> bool:
     """Switch a model whose attention soft-caps its logits to eager attention if it would run
     ``sdpa``, which has no soft-capping (before transformers 5.24 it silently skipped it). Returns

@@ -17,7 +17,9 @@ that backs up ``k`` tokens masks out the cache columns of the discarded tokens a
 kept token, and feeds that last kept token again (at its old position id) with the steering on,
 so the next token is predicted from a steered state. The cache keeps holes where discarded tokens
 were; the 2-D attention mask hides them and explicit position ids keep every kept token at its
-position. Backing up costs no extra forward pass: it replaces that row's step.
+position. Backing up costs no extra forward pass: it replaces that row's step, but a row that
+backs up needs that many more steps; finished rows leave the batch, so those steps compute only
+the rows still generating.
 
 The steering is an ``"add"`` :class:`~steer.interventions.Intervention` run by
 :class:`~steer.steering.Steering` (the attention sink is left alone), with one strength per row
@@ -37,7 +39,7 @@ import dataclasses
 import inspect
 import itertools
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -253,7 +255,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
              probe: Probe, threshold: float = 0.5, backtrack: int = 4, max_new_tokens: int = 32,
              sites: str = "resid_post", watch_prompt: bool = True, window: int = 1,
              min_new_tokens: int = 0, reencode_prompt: bool = False, resume_blocks: bool = True,
-             progress: Optional[bool] = None) -> BacktrackResult:
+             drop_finished: bool = True, progress: Optional[bool] = None) -> BacktrackResult:
     """Greedy generation with FASB: unsteered until the probe's ``P(desired)`` drops below
     ``threshold``, then back up ``backtrack`` tokens and steer ``+α·vector`` at ``layer`` for the
     rest of that row (see the module doc for α and the mechanics). Stops a row at an end-of-turn
@@ -275,6 +277,12 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     ``layer`` is kept for it. ``resume_blocks=False`` runs the whole model again (the same result,
     up to float rounding; for comparison).
 
+    Rows that back up need more steps than the others, and the batch decodes in lockstep. With
+    ``drop_finished`` (default), once a quarter of the batch has finished those rows leave it
+    (their KV-cache rows too), so the remaining steps compute only rows still generating (HF
+    ``generate`` keeps computing finished rows). Where the cache is not plain per-layer key/value
+    tensors the batch keeps its rows. ``drop_finished=False`` keeps every row to the end.
+
     >>> import steer, torch
     >>> m = steer.load("tiny-llama")
     >>> probe = Probe(torch.zeros(64), bias=-5.0, layer=1)              # p ≈ 0.007: fires at once
@@ -282,7 +290,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     >>> r.trigger_step.tolist(), r.steered_tokens.tolist(), len(r.tokens[0])
     ([0], [3], 3)
     """
-    from ._hf import cache_kwarg, eos_ids, output_cache, unwrap_adapters
+    from ._hf import cache_kwarg, eos_ids, output_cache, select_cache_rows, unwrap_adapters
     from .data import tokenize
     from .hooks import add_hooks, record_block_input
     from .steering import Steering
@@ -346,40 +354,44 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
             if any(reencoded):
                 logits, cache = _reencode(model, batch, mask, reencoded, alpha, iv, grabbed, logits, cache, last_only,
                                           resume)
-        with Steering(model, [iv]):
+        rows = list(range(B))  # the prompt row at each position of the batch, which shrinks as rows finish
+        stack = ExitStack()
+        with stack:
+            stack.enter_context(Steering(model, [iv]))
             # a step accepts a token in every live row, or feeds one again: about max_new_tokens steps
             for _ in bar(itertools.count(), desc="fasb", total=max_new_tokens, enabled=progress):
                 steps += 1
                 p = probe.prob(grabbed.pop()).cpu()
                 last = logits[:, -1]
                 nxt = last.argmax(-1).cpu()
-                if min_new_tokens and any(not done[r] and len(tokens[r]) < min_new_tokens for r in range(B)):
+                if min_new_tokens and any(not done[r] and len(tokens[r]) < min_new_tokens for r in rows):
                     no_eos = last.clone()
                     no_eos[:, sorted(i for i in eos if i < no_eos.shape[-1])] = float("-inf")
-                    early = torch.tensor([len(t) < min_new_tokens for t in tokens])
+                    early = torch.tensor([len(tokens[r]) < min_new_tokens for r in rows])
                     nxt = torch.where(early, no_eos.argmax(-1).cpu(), nxt)
-                feed, pos, action = [pad] * B, [0] * B, [None] * B
-                for r in range(B):
+                n = len(rows)
+                feed, pos, action = [pad] * n, [0] * n, [None] * n
+                for i, r in enumerate(rows):
                     if done[r]:
                         continue
-                    probs[r].append(float(p[r]))
+                    probs[r].append(float(p[i]))
                     if watch_prompt or tokens[r]:
-                        seen[r].append(float(p[r]))
+                        seen[r].append(float(p[i]))
                     score = sum(seen[r][-window:]) / len(seen[r][-window:]) if seen[r] else 1.0
                     if seen[r] and not triggered[r] and score < threshold:  # deviation: back up, steer from there
                         triggered[r], trigger_step[r] = True, len(tokens[r])
                         fired_col[r] = len(probs[r]) - 1
                         kb = min(backtrack, len(tokens[r]))
                         if kb:
-                            mask[r, cols[r][-kb:]] = 0
+                            mask[i, cols[r][-kb:]] = 0
                             del tokens[r][-kb:], cols[r][-kb:]
                         discarded[r] = kb
-                        mask[r, cols[r][-1] if cols[r] else last_prompt_col[r]] = 0  # its last kept token is fed again
+                        mask[i, cols[r][-1] if cols[r] else last_prompt_col[r]] = 0  # its last kept token is fed again
                         alpha[r] = strength * (1 + (threshold - score) / threshold)
-                        feed[r] = tokens[r][-1] if tokens[r] else int(batch.input_ids[r, last_prompt_col[r]])
-                        action[r] = "refeed"
+                        feed[i] = tokens[r][-1] if tokens[r] else int(batch.input_ids[r, last_prompt_col[r]])
+                        action[i] = "refeed"
                     else:
-                        tok = int(nxt[r])
+                        tok = int(nxt[i])
                         if tok in eos:
                             done[r] = True
                             continue
@@ -387,23 +399,35 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
                         if len(tokens[r]) >= max_new_tokens:
                             done[r] = True
                             continue
-                        feed[r], action[r] = tok, "append"
-                    pos[r] = n_prompt[r] + len(tokens[r]) - 1  # the fed token's own position
+                        feed[i], action[i] = tok, "append"
+                    pos[i] = n_prompt[r] + len(tokens[r]) - 1  # the fed token's own position
                 if all(done):
                     break
-                col = mask.shape[1]
                 live = [a is not None for a in action]
-                for r in range(B):
-                    if action[r] == "append":
+                if drop_finished and 4 * sum(live) <= 3 * n:
+                    # a quarter of the batch has finished: those rows leave it (and the cache), and the
+                    # steering starts a new sequence with one strength per remaining row
+                    keep = [i for i in range(n) if live[i]]
+                    if select_cache_rows(cache, torch.tensor(keep, device=dev)):
+                        mask = mask[keep]
+                        rows, feed, pos, action, live = ([x[i] for i in keep] for x in (rows, feed, pos, action, live))
+                        stack.close()
+                        st = torch.zeros(len(rows), device=dev)
+                        iv = dataclasses.replace(iv, strength=st)
+                        stack.enter_context(Steering(model, [iv]))
+                col = mask.shape[1]
+                for i, r in enumerate(rows):
+                    if action[i] == "append":
                         cols[r].append(col)
-                    elif action[r] == "refeed":
+                    elif action[i] == "refeed":
                         if cols[r]:
                             cols[r][-1] = col
                         else:
                             last_prompt_col[r] = col
-                    if live[r] and alpha[r]:
+                    if live[i] and alpha[r]:
                         steered[r] += 1
-                st.copy_(torch.tensor(alpha, device=dev) * torch.tensor(live, dtype=torch.float32, device=dev))
+                st.copy_(torch.tensor([alpha[r] for r in rows], device=dev)
+                         * torch.tensor(live, dtype=torch.float32, device=dev))
                 mask = torch.cat([mask, torch.tensor(live, dtype=mask.dtype, device=dev)[:, None]], 1)
                 out = model.hf(input_ids=torch.tensor(feed, device=dev)[:, None], attention_mask=mask,
                                position_ids=torch.tensor(pos, device=dev)[:, None], use_cache=True, **{cache_kw: cache})

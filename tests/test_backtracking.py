@@ -13,7 +13,9 @@ from steer.data import tokenize
 
 
 class Scheduled(B.Probe):
-    """Test double: P(desired) = 0.1 for ``row`` at its ``at``-th check, 0.9 otherwise."""
+    """Test double: P(desired) = 0.1 for ``row`` at its ``at``-th check, 0.9 otherwise. ``row`` is
+    a position in the batch: where rows may finish before that check, pass ``drop_finished=False``
+    so that finished rows stay in the batch."""
 
     def __init__(self, row, at, d):
         super().__init__(torch.zeros(d), 0.0, layer=1)
@@ -90,8 +92,9 @@ def test_backtrack_matches_brute_force_on_every_family(family):
     m = steer.load(family)
     v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(0)) * 3
     plain = hf_greedy(m, PROMPTS, 6)
+    # rows that meet an end-of-turn token early would leave the batch and move row 1's position
     r = B.generate(m, PROMPTS, v, layer=1, strength=4.0, probe=Scheduled(1, 3, m.d_model), backtrack=2,
-                   max_new_tokens=6)
+                   max_new_tokens=6, drop_finished=False)
     kept = plain[1][:1]
     assert r.tokens[0] == plain[0] and r.tokens[2] == plain[2] and r.tokens[1][:1] == kept
     assert r.tokens[1][1:] == brute_steered(m, PROMPTS[1], kept, v, 1, float(r.strength[1]), 5)
@@ -199,6 +202,56 @@ def test_reencoded_prompt_runs_only_the_blocks_from_the_steered_layer(family, dt
         assert runs[True].tokens[0] == brute_steered(m, prompts[0], [], v, 1, float(runs[True].strength[0]), 5, start=1)
 
 
+class Sizes(B.Probe):
+    """A real probe that also records the batch size of every reading."""
+
+    def __init__(self, d, seed):
+        super().__init__(torch.randn(d, generator=torch.Generator().manual_seed(seed)), 0.0, layer=1)
+        self.sizes = []
+
+    def prob(self, h):
+        self.sizes.append(h.shape[0])
+        return super().prob(h)
+
+
+def test_finished_rows_leave_the_batch_and_change_nothing():
+    """Row 1 backs up late and runs on after rows 0 and 2 finish: they leave the batch and its
+    cache, and every row's tokens, readings and steered counts are those of keeping them."""
+    m = steer.load("tiny-llama")
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(0)) * 3
+    sizes = {}
+    runs = {}
+    for drop in (True, False):
+        probe = Scheduled(1, 5, m.d_model)
+        seen = []
+        real = probe.prob
+        probe.prob = lambda h, real=real, seen=seen: seen.append(h.shape[0]) or real(h)
+        runs[drop] = B.generate(m, PROMPTS, v, layer=1, strength=4.0, probe=probe, backtrack=3, max_new_tokens=6,
+                                drop_finished=drop)
+        sizes[drop] = seen
+    assert sizes[False] == [3] * len(sizes[False]) and sizes[True][-1] == 1  # the batch shrank to row 1
+    a, b = runs[True], runs[False]
+    assert a.tokens == b.tokens and a.trigger_step.tolist() == b.trigger_step.tolist() == [-1, 5, -1]
+    assert a.steered_tokens.tolist() == b.steered_tokens.tolist() and a.steps == b.steps
+    for pa, pb in zip(a.probs, b.probs):
+        assert pa == pytest.approx(pb)
+
+
+@pytest.mark.parametrize("family", RUNNER_FAMILIES)
+def test_dropping_finished_rows_on_every_family(family):
+    """With a real probe (rows fire where their states say; on most families some back up and run
+    on after the others finish), a batch whose finished rows leave it generates what a batch that
+    keeps them generates, on every family."""
+    m = steer.load(family)
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(2)) * 3
+    prompts = PROMPTS + ["Good morning to you", "Count: 1 2 3"]
+    out = {drop: B.generate(m, prompts, v, layer=1, strength=4.0, probe=Sizes(m.d_model, 3), threshold=0.5,
+                            backtrack=2, max_new_tokens=8, reencode_prompt=True, drop_finished=drop)
+           for drop in (True, False)}
+    assert out[True].tokens == out[False].tokens
+    assert out[True].steered_tokens.tolist() == out[False].steered_tokens.tolist()
+
+
 def test_resume_at_checks_the_layer_and_restores_the_blocks():
     from steer.hooks import record_block_input, resume_at
 
@@ -288,7 +341,7 @@ def test_fasb_probe_checks_its_arguments_before_generating(monkeypatch):
 def test_fired_column_and_plot_mark_the_reading_that_fired(at, reencode, tmp_path):
     m = steer.load("tiny-llama")
     r = B.generate(m, PROMPTS, torch.randn(m.d_model), layer=1, strength=2.0, probe=Scheduled(1, at, m.d_model),
-                   max_new_tokens=6, reencode_prompt=reencode)
+                   max_new_tokens=6, reencode_prompt=reencode, drop_finished=False)
     low = [i for i, p in enumerate(r.probs[1]) if p == pytest.approx(0.1)]  # the one reading below the threshold
     assert len(low) == 1 and r.fired_column.tolist() == [-1, low[0], -1]
     at = low[0]
