@@ -82,21 +82,24 @@ The probe fired on 57 of 64 harmful rows (54 at the prompt's end) and on 6 of 64
 the probe never fired on are the gap. Throughput is 0.81x with the re-read and 0.99x without
 it (rows 0–15: 0.76x / 0.93x).
 
-Two changes to the loop since (2026-12-05; same tokens in all 128 rows of 48–111):
+Changes to the loop since (2026-12-05; the same tokens in all 128 rows of 48–111), so that no
+block runs twice without need (``backtracking.generate(resume_blocks=)``, default on) and no
+finished row is computed (``drop_finished``, default on):
 
-* the prompt read again runs only the blocks from the steered layer on (blocks 10–29: below
-  layer 10 the steered and unsteered states are the same, so the unsteered prefill's input to
-  block 10 is kept; ``backtracking.generate(resume_blocks=)``). That second prefill (the 58 rows
-  that fire at the prompt's end, 68 columns) takes 2.5 s instead of 3.7 s;
-* rows that have finished leave the batch (``drop_finished``): the rows that backed up run their
-  last five steps with 5, 2 and 1 rows instead of 128 (a decode step takes 0.26 s at 128 rows,
-  0.06 s at 5): 18.3–18.5 s per FASB run instead of 19.0–19.2 s.
+* below the steered layer (10) the steered and unsteered states are the same: the prefill keeps
+  its input to block 10, and a prompt read again starts there. That second prefill (the 58 rows
+  that fire at the prompt's end, 68 columns) took 2.5 s instead of 3.7 s through the whole model;
+* the prefill stops after the probe's block (22) for the check; the rows that fire run blocks
+  10–22 again steered, and blocks 23–29 run once for every row (the rows that fire no longer run
+  them unsteered first);
+* rows that have finished leave the batch: the rows that backed up run their last five steps
+  with 5, 2 and 1 rows instead of 128 (a decode step takes 0.26 s at 128 rows, 0.06 s at 5).
 
-Three runs interleaved with constant steering, rows 48–111: FASB 0.87x / 0.87x / 0.89x
-constant's throughput (median 0.87x), against 0.76x / 0.77x / 0.76x with both turned off (the
-loop as it was for the tables above). The rest of the gap is the second prefill; the target
-(0.9x) is still missed on this CPU. (A prefill that stops at the probe's layer, so that rows
-which fire never run the blocks above it unsteered, would save about 0.9 s more; not built.)
+Three runs interleaved with constant steering, rows 48–111: FASB 0.99x / 0.92x / 0.92x
+constant's throughput (median **0.92x**; constant's own speed varied 229–253 tok/s between the
+runs), against 0.87x / 0.75x / 0.75x with these turned off (the loop of the tables above). With
+only the first and last of them (an earlier run): median 0.87x, against 0.76x. Rows 0–15, the
+same way: 0.92x / 0.88x / 0.92x (median **0.92x**) against 0.80x / 0.75x / 0.78x; same tokens.
 
 A second probe for the prompt's end alone (tried, not adopted): a logistic probe of harmless
 against harmful requests on the prompts' last states at layer 22 (256 training requests of each

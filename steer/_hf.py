@@ -168,10 +168,10 @@ def output_cache(out: Any) -> Any:
     raise TypeError(f"{type(out).__name__} holds no KV cache (neither .cache nor .past_key_values): pass use_cache=True.")
 
 
-def assign_cache_rows(cache: Any, rows: Tensor, other: Any, start: int = 0) -> bool:
+def assign_cache_rows(cache: Any, rows: Tensor, other: Any, start: int = 0, stop: Optional[int] = None) -> bool:
     """Write ``other`` (a KV cache of the same kind, one batch row per entry of ``rows``, filled
     by the same tokens at the same width) into batch rows ``rows`` of ``cache``, in place, for
-    layers ``start ..`` (``other`` may hold nothing below ``start``: :func:`steer.hooks.resume_at`). Only a
+    layers ``start .. stop − 1`` (``other`` may hold nothing outside them: :func:`steer.hooks.resume_at`). Only a
     ``DynamicCache`` of full or sliding-window key/value layers is written; for any other kind
     (static, quantized, linear-attention or recurrent states, older releases' tuples) nothing is
     written and the answer is False, so the caller can fall back to recomputing the whole batch.
@@ -192,7 +192,7 @@ def assign_cache_rows(cache: Any, rows: Tensor, other: Any, start: int = 0) -> b
     if type(cache) is not DynamicCache or type(other) is not DynamicCache or len(cache.layers) != len(other.layers):
         return False
     pairs = []
-    for a, b in zip(cache.layers[start:], other.layers[start:]):
+    for a, b in zip(cache.layers[start:stop], other.layers[start:stop]):
         if type(a) not in kinds or type(b) is not type(a):
             return False
         for name in ("keys", "values"):
@@ -205,6 +205,51 @@ def assign_cache_rows(cache: Any, rows: Tensor, other: Any, start: int = 0) -> b
             return False
     for x, y in pairs:
         x[rows.to(x.device)] = y.to(x.device)
+    return True
+
+
+def empty_cache(hf: torch.nn.Module) -> Optional[Any]:
+    """A new, empty ``DynamicCache`` for ``hf``'s config, as its forward would make, if every layer
+    of it is a plain full or sliding-window key/value layer (what :func:`assign_cache_rows`,
+    :func:`select_cache_rows` and :func:`splice_cache_layers` work on); else None.
+
+    >>> import steer
+    >>> type(empty_cache(steer.load("tiny-gemma3").hf)).__name__
+    'DynamicCache'
+    """
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+        cache = DynamicCache(config=hf.config)
+    except (ImportError, TypeError):  # a release without per-layer cache objects or a config argument
+        return None
+    if not cache.layers or any(type(a) not in (DynamicLayer, DynamicSlidingWindowLayer) for a in cache.layers):
+        return None
+    return cache
+
+
+def splice_cache_layers(cache: Any, other: Any, stop: int) -> bool:
+    """Make layers ``0 .. stop − 1`` of ``cache`` those of ``other`` (the same model and batch; the
+    two forwards that filled them split the model at ``stop``), in place; False (and nothing
+    changed) unless both are ``DynamicCache`` s whose layers there are of the same plain kinds
+    and hold tensors.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> a, b = (output_cache(m.hf(input_ids=torch.tensor([[5, 6, 7]]) + i, use_cache=True)) for i in (0, 1))
+    >>> splice_cache_layers(a, b, 1), a.layers[0] is b.layers[0], a.layers[1] is b.layers[1]
+    (True, True, False)
+    """
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+    except ImportError:
+        return False
+    if type(cache) is not DynamicCache or type(other) is not DynamicCache or len(cache.layers) != len(other.layers):
+        return False
+    for a, b in zip(cache.layers[:stop], other.layers[:stop]):
+        if type(a) not in (DynamicLayer, DynamicSlidingWindowLayer) or type(b) is not type(a) \
+                or not isinstance(getattr(b, "keys", None), Tensor):
+            return False
+    cache.layers[:stop] = other.layers[:stop]
     return True
 
 

@@ -250,6 +250,61 @@ def _reencode(model, batch, mask, rows: list, alpha: list, iv: Intervention, gra
     return out.logits, output_cache(out)
 
 
+def _staged_prefill(model, batch, mask, layer: int, P: int, decide, alpha: list, iv: Intervention, grabbed: list,
+                    kw, cache_kw: str):
+    """The prefill with the prompt's check in the middle, for rows read again steered: blocks up to
+    the probe's (``P``) for every row, unsteered; the check (``decide(reading) -> rows that fired``);
+    blocks ``layer .. P`` again for the rows that fired, steered at their ``alpha``; then blocks
+    ``P + 1 ..`` once for every row, from each row's own state. The same cache and logits as
+    :func:`_reencode`, without running the rows that fire through the blocks above ``P``
+    unsteered. None (before any decision) where the cache or the blocks are not plain."""
+    from ._hf import assign_cache_rows, empty_cache, output_cache, splice_cache_layers
+    from .hooks import StopForward, record_block_input, resume_at, stop_before
+    from .steering import Steering
+
+    B, T = batch.input_ids.shape
+    first = empty_cache(model.hf)
+    if first is None:
+        return None
+    n_readings = len(grabbed)
+    with record_block_input(model, layer) as at_l, record_block_input(model, P + 1) as at_p, stop_before(model, P + 1):
+        try:
+            model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=True,
+                     **{cache_kw: first}, **kw)
+        except StopForward:
+            pass
+    shape = (B, T, model.d_model)
+    if not all(r.get("bare") and tuple(r["resid"].shape) == shape for r in (at_l, at_p)) or len(grabbed) != n_readings + 1:
+        del grabbed[n_readings:]
+        return None
+    reading = grabbed.pop()
+    fired = decide(reading)
+    resid = at_p["resid"]
+    if any(fired):
+        idx = torch.tensor([r for r, f in enumerate(fired) if f], device=mask.device)
+        sub = empty_cache(model.hf)
+        sub_iv = dataclasses.replace(iv, strength=torch.tensor([alpha[r] for r in idx.tolist()]))
+        with Steering(model, [sub_iv]), resume_at(model, layer, at_l["resid"][idx]), \
+                record_block_input(model, P + 1) as sub_p, stop_before(model, P + 1):
+            try:
+                model.hf(input_ids=batch.input_ids[idx], attention_mask=mask[idx], position_ids=batch.position_ids[idx],
+                         use_cache=True, **{cache_kw: sub}, **kw)
+            except StopForward:
+                pass
+        reading, resid = reading.clone(), resid.clone()
+        reading[idx], resid[idx] = grabbed.pop().to(reading.dtype), sub_p["resid"].to(resid.dtype)
+        if not assign_cache_rows(first, idx, sub, start=layer, stop=P + 1):
+            raise RuntimeError("FASB's staged prefill could not write the steered rows into the cache.")
+    with resume_at(model, P + 1, resid):
+        out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=True,
+                       **kw)
+    cache = output_cache(out)
+    if not splice_cache_layers(cache, first, P + 1):
+        raise RuntimeError("FASB's staged prefill could not join the two halves of the cache.")
+    grabbed.append(reading)
+    return out.logits, cache
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, layer: int, strength: float,
              probe: Probe, threshold: float = 0.5, backtrack: int = 4, max_new_tokens: int = 32,
@@ -271,11 +326,14 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     of the prompt stays as it was read unsteered. ``reencode_prompt=True`` instead runs the prompt
     again with those rows steered at every position but the sink, as constant steering reads it
     (one more prefill of just those rows, their KV-cache rows replaced; the other rows are not
-    touched). ``BacktrackResult.reencoded`` marks those rows. That prefill runs only the blocks from
-    ``layer`` on (``resume_blocks``, when the probe reads at or after ``layer``): below it the
-    steered and unsteered readings are the same, so the unsteered prefill's input to block
-    ``layer`` is kept for it. ``resume_blocks=False`` runs the whole model again (the same result,
-    up to float rounding; for comparison).
+    touched). ``BacktrackResult.reencoded`` marks those rows. With ``resume_blocks`` (when the probe
+    reads at or after ``layer``) no block runs twice without need: below ``layer`` the steered and
+    unsteered states are the same, so the prefill keeps its input to block ``layer``; it stops
+    after the probe's block for the check; the rows that fire run blocks ``layer`` to the probe's
+    again, steered; and the blocks above run once for every row. (With the probe in the last
+    block, the whole prefill runs and the rows that fire run again from block ``layer`` on.)
+    ``resume_blocks=False`` runs the whole model again for those rows (the same result, up to
+    float rounding; for comparison).
 
     Rows that back up need more steps than the others, and the batch decodes in lockstep. With
     ``drop_finished`` (default), once a quarter of the batch has finished those rows leave it
@@ -331,27 +389,42 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.hf.forward).parameters else {}
     reencoded = [False] * B
     fired_col = [-1] * B
+    cache_kw = cache_kwarg(unwrap_adapters(model.hf))  # PEFT passes it on
+
+    def decide(reading) -> list:
+        """The check at the prompt's end: rows below the threshold fire, to be read again steered."""
+        p0 = probe.prob(reading).cpu()
+        for r in range(B):
+            if p0[r] < threshold:
+                triggered[r], trigger_step[r], reencoded[r] = True, 0, True
+                steered[r] = 1  # its prompt's last column, steered as a re-fed one would be (the prompt is not counted)
+                alpha[r] = strength * (1 + (threshold - float(p0[r])) / threshold)
+                probs[r].append(float(p0[r]))  # the unsteered reading that fired it
+                fired_col[r] = 0
+        return reencoded
+
     # a prompt read again steered need only run the blocks from the steered one on, if the probe
-    # reads there too; the unsteered prefill keeps that block's input for it
+    # reads there too: the prefill stops at the probe's block for the check, the rows that fire
+    # run the blocks from the steered one to the probe's again, and the rest runs once for all
+    # (or, with the probe in the last block, the whole prefill runs and the rows that fire run
+    # again from the steered block on, from its kept input)
     resumable = reencode_prompt and watch_prompt and 1 <= layer <= probe.layer and resume_blocks
     with add_hooks(model, {Site(probe.site, probe.layer): grab}):
-        # the prefill is unsteered: no row is steered before its first reading
-        with record_block_input(model, layer) if resumable else nullcontext({}) as rec:
-            out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
-                           use_cache=True, **last_only)
-        plain = rec.get("bare") and tuple(rec["resid"].shape) == (B, T, model.d_model)  # a residual stream as steer knows it
-        resume = {"layer": layer, "resid": rec["resid"]} if plain else None
-        logits, cache, cache_kw = out.logits, output_cache(out), cache_kwarg(unwrap_adapters(model.hf))  # PEFT passes it on
-        if reencode_prompt and watch_prompt:
-            p0 = probe.prob(grabbed[-1]).cpu()
-            for r in range(B):
-                if p0[r] < threshold:
-                    triggered[r], trigger_step[r], reencoded[r] = True, 0, True
-                    steered[r] = 1  # its prompt's last column, steered as a re-fed one would be (the prompt is not counted)
-                    alpha[r] = strength * (1 + (threshold - float(p0[r])) / threshold)
-                    probs[r].append(float(p0[r]))  # the unsteered reading that fired it
-                    fired_col[r] = 0
-            if any(reencoded):
+        staged = None
+        if resumable and probe.layer + 1 < model.n_layers:
+            staged = _staged_prefill(model, batch, mask, layer, probe.layer, decide, alpha, iv, grabbed, last_only,
+                                     cache_kw)
+        if staged is not None:
+            logits, cache = staged
+        else:
+            # the prefill is unsteered: no row is steered before its first reading
+            with record_block_input(model, layer) if resumable else nullcontext({}) as rec:
+                out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                               use_cache=True, **last_only)
+            plain = rec.get("bare") and tuple(rec["resid"].shape) == (B, T, model.d_model)  # a residual stream as steer knows it
+            resume = {"layer": layer, "resid": rec["resid"]} if plain else None
+            logits, cache = out.logits, output_cache(out)
+            if reencode_prompt and watch_prompt and any(decide(grabbed[-1])):
                 logits, cache = _reencode(model, batch, mask, reencoded, alpha, iv, grabbed, logits, cache, last_only,
                                           resume)
         rows = list(range(B))  # the prompt row at each position of the batch, which shrinks as rows finish

@@ -26,7 +26,8 @@ from torch import Tensor
 from ._hf import cached_length, padding_mask
 from .sites import Site, hf_target, parse_sites
 
-__all__ = ["add_hooks", "HookFn", "CallPositions", "call_positions", "StopForward", "record_block_input", "resume_at"]
+__all__ = ["add_hooks", "HookFn", "CallPositions", "call_positions", "StopForward", "record_block_input", "resume_at",
+           "stop_before"]
 
 HookFn = Callable[[Tensor, Site], Optional[Tensor]]
 
@@ -302,3 +303,31 @@ def resume_at(model, layer: int, resid: Tensor) -> Iterator[None]:
     finally:
         for i in range(layer):
             blocks[i] = kept[i]
+
+
+@contextmanager
+def stop_before(model, layer: int) -> Iterator[None]:
+    """Within the block, a forward pass of ``model`` ends (:class:`StopForward`, for the caller to
+    catch) as block ``layer`` is about to run, after any hook that reads its input first
+    (:func:`record_block_input`): blocks below have run and written their KV cache.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> with record_block_input(m, 1) as rec, stop_before(m, 1):
+    ...     try:
+    ...         m.hf(input_ids=torch.tensor([[5, 6, 7]]))
+    ...     except StopForward:
+    ...         print("stopped", tuple(rec["resid"].shape))
+    stopped (1, 3, 64)
+    """
+    if not 0 <= layer < len(model.layers):
+        raise ValueError(f"stop_before: layer {layer} is outside 0..{len(model.layers) - 1}.")
+
+    def stop(module, args, kwargs):
+        raise StopForward
+
+    handle = model.layers[layer].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

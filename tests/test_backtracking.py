@@ -202,6 +202,71 @@ def test_reencoded_prompt_runs_only_the_blocks_from_the_steered_layer(family, dt
         assert runs[True].tokens[0] == brute_steered(m, prompts[0], [], v, 1, float(runs[True].strength[0]), 5, start=1)
 
 
+def deep(family, n_layers=4):
+    """``family``'s tiny model with ``n_layers`` blocks (the matrix's have 2: too few to stop a
+    prefill between the steered block and the last)."""
+    import transformers as T
+
+    from steer.models import Model, _byte_tokenizer, _tiny_config
+
+    tok = _byte_tokenizer()
+    d = _tiny_config(family, tok).to_dict()
+    d["n_layer" if "n_layer" in d else "num_hidden_layers"] = n_layers
+    if d.get("layer_types"):
+        d["layer_types"] = (d["layer_types"] * n_layers)[:n_layers]
+    torch.manual_seed(0)
+    hf = T.AutoModelForCausalLM.from_config(type(_tiny_config(family, tok))(**d), dtype=torch.float32)
+    with torch.no_grad():
+        for w in hf.parameters():
+            if w.ndim == 2:
+                w.normal_(0, 0.15)
+    return Model.from_hf(hf, tok, name=f"{family}-{n_layers}-layers")
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gemma3", "tiny-gemma2", "tiny-qwen2", "tiny-gpt2", "tiny-pythia"])
+def test_staged_prefill_stops_at_the_probe_and_runs_the_top_blocks_once(family):
+    """Steered at block 1, probe at block 2 of 4: the prefill stops after block 2 for the check;
+    the row that fires runs blocks 1-2 again steered; block 3 runs once for every row. The tokens
+    are those of reading the prompt again through the whole model, and the cache-free loop's."""
+    m = deep(family)
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(1)) * 2
+    prompts = PROMPTS[1:] + PROMPTS[:1]
+    width = tokenize(m, prompts).input_ids.shape[1]
+    calls = {i: [] for i in range(4)}
+    handles = [m.layers[i].register_forward_hook(lambda mod, args, out, i=i: calls[i].append(out.shape[:2]))
+               for i in range(4)]  # the blocks that ran
+    runs = {}
+    try:
+        for rb in (True, False):
+            for c in calls.values():
+                c.clear()
+            probe = Scheduled(0, 0, m.d_model)
+            probe.layer = 2
+            runs[rb] = B.generate(m, prompts, v, layer=1, strength=1.0, probe=probe, max_new_tokens=5,
+                                  reencode_prompt=True, resume_blocks=rb)
+            if rb:
+                prefill = {i: [tuple(w) for w in c if w[1] == width] for i, c in calls.items()}
+    finally:
+        for h in handles:
+            h.remove()
+    assert prefill == {0: [(3, width)], 1: [(3, width), (1, width)], 2: [(3, width), (1, width)], 3: [(3, width)]}
+    assert runs[True].tokens == runs[False].tokens and runs[True].reencoded.tolist() == [True, False, False]
+    assert runs[True].probs == runs[False].probs
+    assert runs[True].tokens[1:] == hf_greedy(m, prompts, 5)[1:]
+    assert runs[True].tokens[0] == brute_steered(m, prompts[0], [], v, 1, float(runs[True].strength[0]), 5, start=1)
+    # a real probe: the readings after the check (the rows that fired: read steered) agree too
+    w = torch.randn(m.d_model, generator=torch.Generator().manual_seed(4))
+    ends = steer.capture(m, prompts, layers=[2], positions="last", progress=False).tensor[:, 0] @ w
+    low, second = ends.sort().values[:2].tolist()
+    lowest = B.Probe(w, -(low + second) / 2, layer=2)  # below 0.5 at the prompt's end for one row only
+    real = {rb: B.generate(m, prompts, v, layer=1, strength=1.0, probe=lowest, max_new_tokens=5, reencode_prompt=True,
+                           resume_blocks=rb) for rb in (True, False)}
+    assert real[True].tokens == real[False].tokens
+    assert real[True].reencoded.tolist() == real[False].reencoded.tolist() == (ends == low).tolist()
+    for a, b in zip(real[True].probs, real[False].probs):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
 class Sizes(B.Probe):
     """A real probe that also records the batch size of every reading."""
 
