@@ -25,7 +25,8 @@ is about n / (n + k + 1) (24 / 29 = 0.83 here), not loop overhead. With ``new_to
 (measured once): FASB 0.96x never firing, 0.92x all at once, 0.87x mid-way (38 % of rows fired;
 bound 64/69 = 0.93 times the 0.96 of the probe loop ≈ 0.89), LinEAS 0.92x, the rest 0.95-1.02x.
 Past that bound the rows that finished would have to leave the batch for new prompts
-(continuous batching), which this loop does not do. On a 2-core Intel Xeon with AMX
+(continuous batching), which this loop did not do (since 2026-12-05 they leave it, below; no new
+prompts enter). On a 2-core Intel Xeon with AMX
 (2026-12-04; FASB's prefill now unembeds only the last position): at 24 tokens FASB 1.00x never
 firing, 0.93x all at once, 0.85x mid-way (25 % of rows; bound 0.83), RepIt 0.92x, the rest
 0.99-1.01x; at 64 tokens FASB 1.02x / 0.97x / **0.93x** mid-way (38 % of rows; bound 0.93),
@@ -34,10 +35,12 @@ RepIt 0.97x, the rest 0.99-1.00x. The probe loop costs nothing measurable there,
 after FASB's loop was reorganised around ``reencode_prompt`` (64 tokens): FASB 1.00x never
 firing, 0.99x all at once, 0.94x mid-way, 0.94x with the prompt watched and read again (8 short
 prompts: the second prefill is cheap next to 64 steps); the rest 0.97-1.00x. Same machine,
-2026-12-05, 24 tokens: multi-layers 0.94x, RepIt 0.93x, FASB 1.00x never firing, 0.89x at once,
-0.83x mid-way, 0.85x with the prompt read again from the steered layer on and 0.92x through the
-whole model, the rest 0.98-1.04x. The last two differ by noise: one row of eight is read again,
-and four alternated runs of each took 2.59-2.71 s and 2.60-2.67 s.
+2026-12-05, 24 tokens, after finished rows began to leave FASB's batch (``drop_finished``) and
+its prompt re-read began to skip the blocks it need not run again (``resume_blocks``): FASB
+1.00x never firing, 0.97x at once, **0.93x mid-way** (was 0.83-0.85x: the extra steps that only
+the rows which backed up need now compute those rows alone, where the n / (n + k + 1) bound
+counted them as steps of the whole batch), 0.88x with the prompt watched and read again (one row of eight fires there; the
+others fire mid-way), 0.88x the same through the whole model; RepIt 0.93x, the rest 0.98-0.99x.
 
 The random vectors and maps are placeholders: the cost of an intervention does not depend on
 what its vector says.
