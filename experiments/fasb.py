@@ -100,6 +100,9 @@ constant's throughput (median **0.92x**; constant's own speed varied 229–253 t
 runs), against 0.87x / 0.75x / 0.75x with these turned off (the loop of the tables above). With
 only the first and last of them (an earlier run): median 0.87x, against 0.76x. Rows 0–15, the
 same way: 0.92x / 0.88x / 0.92x (median **0.92x**) against 0.80x / 0.75x / 0.78x; same tokens.
+This script itself, rows 48–111, one run: refusal and steered tokens as in the table above
+(0.88 / 0.17, 1997 = 0.49x); accepted tok/s 243 constant, 224 FASB (**0.92x**), 244 FASB
+steering only the prompt's last token (1.00x).
 
 A second probe for the prompt's end alone (tried, not adopted): a logistic probe of harmless
 against harmful requests on the prompts' last states at layer 22 (256 training requests of each
