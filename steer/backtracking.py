@@ -284,7 +284,7 @@ def _staged_prefill(model, batch, mask, layer: int, P: int, decide, alpha: list,
         idx = torch.tensor([r for r, f in enumerate(fired) if f], device=mask.device)
         sub = empty_cache(model.hf)
         sub_iv = dataclasses.replace(iv, strength=torch.tensor([alpha[r] for r in idx.tolist()]))
-        with Steering(model, [sub_iv]), resume_at(model, layer, at_l["resid"][idx]), \
+        with Steering(model, [sub_iv]), resume_at(model, layer, at_l["resid"][idx.to(at_l["resid"].device)]), \
                 record_block_input(model, P + 1) as sub_p, stop_before(model, P + 1):
             try:
                 model.hf(input_ids=batch.input_ids[idx], attention_mask=mask[idx], position_ids=batch.position_ids[idx],
@@ -292,7 +292,8 @@ def _staged_prefill(model, batch, mask, layer: int, P: int, decide, alpha: list,
             except StopForward:
                 pass
         reading, resid = reading.clone(), resid.clone()
-        reading[idx], resid[idx] = grabbed.pop().to(reading.dtype), sub_p["resid"].to(resid.dtype)
+        reading[idx.to(reading.device)] = grabbed.pop().to(reading)  # blocks may sit on other devices
+        resid[idx.to(resid.device)] = sub_p["resid"].to(resid)
         if not assign_cache_rows(first, idx, sub, start=layer, stop=P + 1):
             raise RuntimeError("FASB's staged prefill could not write the steered rows into the cache.")
     with resume_at(model, P + 1, resid):

@@ -178,3 +178,32 @@ def test_a_model_split_by_device_map_gives_the_same_numbers(split, tmp_path):
     torch.testing.assert_close(s1, s2)
     torch.testing.assert_close(a1, a2)
     torch.testing.assert_close(x1, x2)
+
+
+def test_fasb_staged_prefill_on_a_model_split_by_device_map(tmp_path):
+    """FASB's prefill stopped at the probe's block and resumed above it (a 4-block model steered at
+    block 1, probe at block 2), on the model split across memory and disk by accelerate, gives
+    the tokens and readings of the model loaded whole."""
+    from transformers import AutoModelForCausalLM
+
+    from steer import backtracking
+    from test_backtracking import deep
+
+    base = deep("tiny-llama")
+    base.hf.save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto", max_memory={"cpu": "300KB"},
+                                              offload_folder=str(tmp_path / "offload"))
+    assert {"cpu", "disk"} <= set(hf.hf_device_map.values()), hf.hf_device_map
+    split = Model.from_hf(hf, base.tokenizer)
+    v = torch.randn(64, generator=torch.Generator().manual_seed(6)) * 2
+    w = torch.randn(64, generator=torch.Generator().manual_seed(7))
+    prompts = ["Hi there", "Tell me a story about the sea", "Bye"]
+    ends = steer.capture(base, prompts, layers=[2], positions="last", progress=False).tensor[:, 0] @ w
+    low, second = ends.sort().values[:2].tolist()
+    probe = backtracking.Probe(w, -(low + second) / 2, layer=2)  # fires at the prompt's end on one row
+    runs = [backtracking.generate(m, prompts, v, layer=1, strength=1.0, probe=probe, max_new_tokens=4,
+                                  reencode_prompt=True) for m in (split, base)]
+    assert runs[0].reencoded.tolist() == runs[1].reencoded.tolist() and int(runs[1].reencoded.sum()) == 1
+    assert runs[0].tokens == runs[1].tokens
+    for a, b in zip(runs[0].probs, runs[1].probs):
+        assert a == pytest.approx(b, abs=1e-5)
