@@ -334,7 +334,9 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     again, steered; and the blocks above run once for every row. (With the probe in the last
     block, the whole prefill runs and the rows that fire run again from block ``layer`` on.)
     ``resume_blocks=False`` runs the whole model again for those rows (the same result, up to
-    float rounding; for comparison).
+    float rounding; for comparison). With ``resume_blocks``, hooks of your own on the blocks below
+    ``layer`` see each prompt once (the stand-ins that skip those blocks skip their hooks too);
+    without it they also see the rows read again.
 
     Rows that back up need more steps than the others, and the batch decodes in lockstep. With
     ``drop_finished`` (default), once a quarter of the batch has finished those rows leave it
