@@ -41,6 +41,8 @@ its prompt re-read began to skip the blocks it need not run again (``resume_bloc
 the rows which backed up need now compute those rows alone, where the n / (n + k + 1) bound
 counted them as steps of the whole batch), 0.88x with the prompt watched and read again (one row of eight fires there; the
 others fire mid-way), 0.88x the same through the whole model; RepIt 0.93x, the rest 0.98-0.99x.
+At 64 tokens: FASB 1.03x never firing, 0.99x at once, 1.00x mid-way (was 0.94x), 0.96x with the
+prompt read again (0.95x through the whole model); RepIt 0.98x, the rest 1.00x.
 
 The random vectors and maps are placeholders: the cost of an intervention does not depend on
 what its vector says.
