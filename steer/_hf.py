@@ -168,6 +168,19 @@ def output_cache(out: Any) -> Any:
     raise TypeError(f"{type(out).__name__} holds no KV cache (neither .cache nor .past_key_values): pass use_cache=True.")
 
 
+def _dynamic_kinds(*caches) -> Optional[tuple]:
+    """The plain per-layer key/value kinds (full, sliding-window) of this transformers release if
+    every one of ``caches`` is a ``DynamicCache`` of the same depth (none given: just the kinds);
+    else None (older releases' tuples, static, quantized or other caches)."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+    except ImportError:  # a release without per-layer cache objects
+        return None
+    if any(type(c) is not DynamicCache for c in caches) or len({len(c.layers) for c in caches}) > 1:
+        return None
+    return DynamicLayer, DynamicSlidingWindowLayer
+
+
 def assign_cache_rows(cache: Any, rows: Tensor, other: Any, start: int = 0, stop: Optional[int] = None) -> bool:
     """Write ``other`` (a KV cache of the same kind, one batch row per entry of ``rows``, filled
     by the same tokens at the same width) into batch rows ``rows`` of ``cache``, in place, for
@@ -184,12 +197,8 @@ def assign_cache_rows(cache: Any, rows: Tensor, other: Any, start: int = 0, stop
     >>> assign_cache_rows(a, torch.tensor([1]), b), torch.equal(a.layers[0].keys[1], b.layers[0].keys[0])
     (True, True)
     """
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-    except ImportError:  # a release without per-layer cache objects
-        return False
-    kinds = (DynamicLayer, DynamicSlidingWindowLayer)
-    if type(cache) is not DynamicCache or type(other) is not DynamicCache or len(cache.layers) != len(other.layers):
+    kinds = _dynamic_kinds(cache, other)
+    if kinds is None:
         return False
     pairs = []
     for a, b in zip(cache.layers[start:stop], other.layers[start:stop]):
@@ -217,14 +226,16 @@ def empty_cache(hf: torch.nn.Module) -> Optional[Any]:
     >>> type(empty_cache(steer.load("tiny-gemma3").hf)).__name__
     'DynamicCache'
     """
+    kinds = _dynamic_kinds()
+    if kinds is None:
+        return None
+    from transformers.cache_utils import DynamicCache
+
     try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
         cache = DynamicCache(config=hf.config)
-    except (ImportError, TypeError):  # a release without per-layer cache objects or a config argument
+    except TypeError:  # a release whose DynamicCache takes no config
         return None
-    if not cache.layers or any(type(a) not in (DynamicLayer, DynamicSlidingWindowLayer) for a in cache.layers):
-        return None
-    return cache
+    return cache if cache.layers and all(type(a) in kinds for a in cache.layers) else None
 
 
 def splice_cache_layers(cache: Any, other: Any, stop: int) -> bool:
@@ -239,14 +250,11 @@ def splice_cache_layers(cache: Any, other: Any, stop: int) -> bool:
     >>> splice_cache_layers(a, b, 1), a.layers[0] is b.layers[0], a.layers[1] is b.layers[1]
     (True, True, False)
     """
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-    except ImportError:
-        return False
-    if type(cache) is not DynamicCache or type(other) is not DynamicCache or len(cache.layers) != len(other.layers):
+    kinds = _dynamic_kinds(cache, other)
+    if kinds is None:
         return False
     for a, b in zip(cache.layers[:stop], other.layers[:stop]):
-        if type(a) not in (DynamicLayer, DynamicSlidingWindowLayer) or type(b) is not type(a) \
+        if type(a) not in kinds or type(b) is not type(a) \
                 or not isinstance(getattr(b, "keys", None), Tensor):
             return False
     cache.layers[:stop] = other.layers[:stop]
@@ -265,14 +273,9 @@ def select_cache_rows(cache: Any, rows: Tensor) -> bool:
     >>> select_cache_rows(c, torch.tensor([1])), c.layers[0].keys.shape[0], torch.equal(c.layers[0].keys[0], k1)
     (True, 1, True)
     """
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-    except ImportError:
-        return False
-    if type(cache) is not DynamicCache or any(type(a) not in (DynamicLayer, DynamicSlidingWindowLayer)
-                                              or not isinstance(getattr(a, "keys", None), Tensor)
-                                              or not isinstance(getattr(a, "values", None), Tensor)
-                                              for a in cache.layers):
+    kinds = _dynamic_kinds(cache)
+    if kinds is None or any(type(a) not in kinds or not isinstance(getattr(a, "keys", None), Tensor)
+                            or not isinstance(getattr(a, "values", None), Tensor) for a in cache.layers):
         return False
     for a in cache.layers:
         idx = rows.to(a.keys.device)

@@ -39,7 +39,7 @@ import dataclasses
 import inspect
 import itertools
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -217,29 +217,22 @@ class BacktrackResult(Rich):
         return ["row", "fired", "at token", "α", "discarded", "steered", "text"], rows
 
 
-def _reencode(model, batch, mask, rows: list, alpha: list, iv: Intervention, grabbed: list, logits, cache, kw,
-              resume: Optional[dict] = None):
+def _reencode(model, batch, mask, rows: list, alpha: list, iv: Intervention, grabbed: list, logits, cache, kw):
     """Prefill the ``rows`` flagged again, each steered at its ``alpha`` (``iv``'s edit at every
     position but the sink), and put their last logits, probe readings and KV-cache rows in place of
-    the unsteered ones. With ``resume`` (``{"layer": l, "resid": ...}``: every row's input to block
-    ``l``, the first steered one, as the unsteered prefill had it) only blocks ``l ..`` run again:
-    the blocks below compute the same states either way. Where the cache is not plain per-layer
-    key/value tensors, the whole batch is prefilled again instead (the other rows at strength 0,
-    so their states are unchanged)."""
+    the unsteered ones. Where the cache is not plain per-layer key/value tensors, the whole batch is
+    prefilled again instead (the other rows at strength 0, so their states are unchanged)."""
     from ._hf import assign_cache_rows, output_cache
-    from .hooks import resume_at
     from .steering import Steering
 
     idx = torch.tensor([r for r, f in enumerate(rows) if f], device=mask.device)
     reading = grabbed.pop()
     sub_iv = dataclasses.replace(iv, strength=torch.tensor([alpha[r] for r in idx.tolist()]))
-    start = resume["layer"] if resume else 0
-    skip = resume_at(model, start, resume["resid"][idx.to(resume["resid"].device)]) if resume else nullcontext()
-    with Steering(model, [sub_iv]), skip:
+    with Steering(model, [sub_iv]):
         sub = model.hf(input_ids=batch.input_ids[idx], attention_mask=mask[idx], position_ids=batch.position_ids[idx],
                        use_cache=True, **kw)
     sub_reading = grabbed.pop()
-    if assign_cache_rows(cache, idx, output_cache(sub), start=start):
+    if assign_cache_rows(cache, idx, output_cache(sub)):
         logits, reading = logits.clone(), reading.clone()
         logits[idx], reading[idx] = sub.logits.to(logits.dtype), sub_reading.to(reading.dtype)
         grabbed.append(reading)
@@ -252,57 +245,78 @@ def _reencode(model, batch, mask, rows: list, alpha: list, iv: Intervention, gra
 
 def _staged_prefill(model, batch, mask, layer: int, P: int, decide, alpha: list, iv: Intervention, grabbed: list,
                     kw, cache_kw: str):
-    """The prefill with the prompt's check in the middle, for rows read again steered: blocks up to
-    the probe's (``P``) for every row, unsteered; the check (``decide(reading) -> rows that fired``);
-    blocks ``layer .. P`` again for the rows that fired, steered at their ``alpha``; then blocks
-    ``P + 1 ..`` once for every row, from each row's own state. The same cache and logits as
-    :func:`_reencode`, without running the rows that fire through the blocks above ``P``
-    unsteered. None (before any decision) where the cache or the blocks are not plain."""
+    """The prefill with the prompt's check in the middle, so that no block runs twice without need:
+    blocks up to the probe's (``P``) for every row, unsteered; the check (``decide(reading) -> rows
+    that fired``); blocks ``layer ..`` again for the rows that fired, steered at their ``alpha``,
+    from the input block ``layer`` had (below it nothing changes), up to ``P``; then blocks
+    ``P + 1 ..`` once for every row, from each row's own state. With the probe in the last block
+    the first pass runs the whole model and the rows that fired run from ``layer`` to the end. The
+    cache and logits :func:`_reencode` gives; None (before any decision) where the cache or the
+    blocks are not plain."""
     from ._hf import assign_cache_rows, empty_cache, output_cache, splice_cache_layers
     from .hooks import StopForward, record_block_input, resume_at, stop_before
     from .steering import Steering
 
     B, T = batch.input_ids.shape
+    top = P + 1 < model.n_layers  # blocks above the probe's, run once for every row at the end
+
+    def run(rows, start_resid, cache):
+        """Blocks from ``layer`` (or 0) up to the probe's (or the end): (output, input to block P + 1)."""
+        ids = (batch.input_ids, mask, batch.position_ids) if rows is None else \
+            (batch.input_ids[rows], mask[rows], batch.position_ids[rows])
+        with ExitStack() as stack:
+            if start_resid is not None:
+                stack.enter_context(resume_at(model, layer, start_resid))
+            above = stack.enter_context(record_block_input(model, P + 1)) if top else {}
+            if top:
+                stack.enter_context(stop_before(model, P + 1))
+            try:
+                out = model.hf(input_ids=ids[0], attention_mask=ids[1], position_ids=ids[2], use_cache=True,
+                               **{cache_kw: cache}, **kw)
+            except StopForward:
+                out = None
+        return out, above
+
     first = empty_cache(model.hf)
     if first is None:
         return None
     n_readings = len(grabbed)
-    with record_block_input(model, layer) as at_l, record_block_input(model, P + 1) as at_p, stop_before(model, P + 1):
-        try:
-            model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=True,
-                     **{cache_kw: first}, **kw)
-        except StopForward:
-            pass
-    shape = (B, T, model.d_model)
-    if not all(r.get("bare") and tuple(r["resid"].shape) == shape for r in (at_l, at_p)) or len(grabbed) != n_readings + 1:
+    with record_block_input(model, layer) as at_l:
+        out, at_p = run(None, None, first)
+    plain = [at_l] + ([at_p] if top else [])
+    if not all(r.get("bare") and tuple(r["resid"].shape) == (B, T, model.d_model) for r in plain) \
+            or len(grabbed) != n_readings + 1:
         del grabbed[n_readings:]
         return None
     reading = grabbed.pop()
+    logits = None if top else out.logits
+    resid = at_p.get("resid")
     fired = decide(reading)
-    resid = at_p["resid"]
     if any(fired):
         idx = torch.tensor([r for r, f in enumerate(fired) if f], device=mask.device)
-        sub = empty_cache(model.hf)
+        sub_cache = empty_cache(model.hf)
         sub_iv = dataclasses.replace(iv, strength=torch.tensor([alpha[r] for r in idx.tolist()]))
-        with Steering(model, [sub_iv]), resume_at(model, layer, at_l["resid"][idx.to(at_l["resid"].device)]), \
-                record_block_input(model, P + 1) as sub_p, stop_before(model, P + 1):
-            try:
-                model.hf(input_ids=batch.input_ids[idx], attention_mask=mask[idx], position_ids=batch.position_ids[idx],
-                         use_cache=True, **{cache_kw: sub}, **kw)
-            except StopForward:
-                pass
-        reading, resid = reading.clone(), resid.clone()
+        with Steering(model, [sub_iv]):
+            sub, sub_p = run(idx, at_l["resid"][idx.to(at_l["resid"].device)], sub_cache)
+        reading = reading.clone()
         reading[idx.to(reading.device)] = grabbed.pop().to(reading)  # blocks may sit on other devices
-        resid[idx.to(resid.device)] = sub_p["resid"].to(resid)
-        if not assign_cache_rows(first, idx, sub, start=layer, stop=P + 1):
+        if top:
+            resid = resid.clone()
+            resid[idx.to(resid.device)] = sub_p["resid"].to(resid)
+        else:
+            logits = logits.clone()
+            logits[idx.to(logits.device)] = sub.logits.to(logits)
+        if not assign_cache_rows(first, idx, sub_cache, start=layer, stop=P + 1):
             raise RuntimeError("FASB's staged prefill could not write the steered rows into the cache.")
+    grabbed.append(reading)
+    if not top:
+        return logits, first
     with resume_at(model, P + 1, resid):
         out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=True,
                        **kw)
     cache = output_cache(out)
     if not splice_cache_layers(cache, first, P + 1):
         raise RuntimeError("FASB's staged prefill could not join the two halves of the cache.")
-    grabbed.append(reading)
     return out.logits, cache
 
 
@@ -353,7 +367,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     """
     from ._hf import cache_kwarg, eos_ids, output_cache, select_cache_rows, unwrap_adapters
     from .data import tokenize
-    from .hooks import add_hooks, record_block_input
+    from .hooks import add_hooks
     from .steering import Steering
 
     if not 0 < threshold < 1:
@@ -407,29 +421,21 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
         return reencoded
 
     # a prompt read again steered need only run the blocks from the steered one on, if the probe
-    # reads there too: the prefill stops at the probe's block for the check, the rows that fire
-    # run the blocks from the steered one to the probe's again, and the rest runs once for all
-    # (or, with the probe in the last block, the whole prefill runs and the rows that fire run
-    # again from the steered block on, from its kept input)
-    resumable = reencode_prompt and watch_prompt and 1 <= layer <= probe.layer and resume_blocks
+    # reads there too (_staged_prefill); otherwise the whole prefill runs and the rows that fire
+    # run the whole model again (_reencode)
+    staged = reencode_prompt and watch_prompt and 1 <= layer <= probe.layer and resume_blocks
     with add_hooks(model, {Site(probe.site, probe.layer): grab}):
-        staged = None
-        if resumable and probe.layer + 1 < model.n_layers:
-            staged = _staged_prefill(model, batch, mask, layer, probe.layer, decide, alpha, iv, grabbed, last_only,
-                                     cache_kw)
-        if staged is not None:
-            logits, cache = staged
+        done_prefill = staged and _staged_prefill(model, batch, mask, layer, probe.layer, decide, alpha, iv, grabbed,
+                                                  last_only, cache_kw)
+        if done_prefill:
+            logits, cache = done_prefill
         else:
             # the prefill is unsteered: no row is steered before its first reading
-            with record_block_input(model, layer) if resumable else nullcontext({}) as rec:
-                out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
-                               use_cache=True, **last_only)
-            plain = rec.get("bare") and tuple(rec["resid"].shape) == (B, T, model.d_model)  # a residual stream as steer knows it
-            resume = {"layer": layer, "resid": rec["resid"]} if plain else None
+            out = model.hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                           use_cache=True, **last_only)
             logits, cache = out.logits, output_cache(out)
             if reencode_prompt and watch_prompt and any(decide(grabbed[-1])):
-                logits, cache = _reencode(model, batch, mask, reencoded, alpha, iv, grabbed, logits, cache, last_only,
-                                          resume)
+                logits, cache = _reencode(model, batch, mask, reencoded, alpha, iv, grabbed, logits, cache, last_only)
         rows = list(range(B))  # the prompt row at each position of the batch, which shrinks as rows finish
         stack = ExitStack()
         with stack:

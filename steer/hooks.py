@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ._hf import cached_length, padding_mask
@@ -275,7 +275,7 @@ class _Skipped(torch.nn.Module):
 
 
 @contextmanager
-def resume_at(model, layer: int, resid: Tensor) -> Iterator[None]:
+def resume_at(model, layer: int, resid: Float[Tensor, "batch pos d_model"]) -> Iterator[None]:
     """Within the block, a forward pass of ``model`` runs only blocks ``layer ..``: blocks
     ``0 .. layer − 1`` are swapped for stand-ins (their hooks and KV-cache writes skipped) and
     block ``layer`` receives ``resid``, the input it had in an earlier forward pass of the same
@@ -295,6 +295,9 @@ def resume_at(model, layer: int, resid: Tensor) -> Iterator[None]:
     blocks = model.layers
     if not 1 <= layer < len(blocks):
         raise ValueError(f"resume_at: layer {layer} has no block before it in 1..{len(blocks) - 1}.")
+    if resid.ndim != 3 or resid.shape[-1] != model.d_model:
+        raise ValueError(f"resume_at: resid has shape {tuple(resid.shape)}; block {layer} takes [batch, pos, "
+                         f"{model.d_model}]: pass what record_block_input recorded for the same tokens.")
     kept = [blocks[i] for i in range(layer)]
     try:
         for i in range(layer):

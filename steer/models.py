@@ -442,18 +442,19 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
-def _tiny_config(key: str, tok):
+def _tiny_config(key: str, tok, n_layers: int = 2):
     import transformers as T
 
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512, **ids)
     if key == "tiny-llama":
         return T.LlamaConfig(**common, tie_word_embeddings=True)
     if key == "tiny-gemma3":
         # one sliding-window layer (a window shorter than test prompts) and one global layer,
         # each with its own rotary base, as in the real Gemma-3
-        return T.Gemma3TextConfig(**common, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+        return T.Gemma3TextConfig(**common, sliding_window=4,
+                                  layer_types=(["sliding_attention", "full_attention"] * n_layers)[:n_layers])
     family = {
         "tiny-mistral": lambda: T.MistralConfig(**common, sliding_window=None),
         "tiny-qwen2": lambda: T.Qwen2Config(**common),
@@ -465,19 +466,21 @@ def _tiny_config(key: str, tok):
         "tiny-gemma2": lambda: T.Gemma2Config(**common, sliding_window=4, attn_logit_softcapping=50.0,
                                               final_logit_softcapping=30.0, query_pre_attn_scalar=16),
         "tiny-phi3": lambda: T.Phi3Config(**common),
-        "tiny-gpt2": lambda: T.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=512, **ids),
-        "tiny-pythia": lambda: T.GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
+        "tiny-gpt2": lambda: T.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=n_layers, n_head=4, n_positions=512, **ids),
+        "tiny-pythia": lambda: T.GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=n_layers,
                                                num_attention_heads=4, intermediate_size=128, rotary_pct=0.25,
                                                max_position_embeddings=512, **ids),
     }
     return family[key]()
 
 
-def _tiny(key: str, seed: int):
+def _tiny(key: str, seed: int, n_layers: int = 2):
+    """A tiny random-init model of family ``key`` (the test matrix's have 2 blocks) and its
+    byte-level tokenizer."""
     from transformers import AutoModelForCausalLM
 
     tok = _byte_tokenizer()
-    cfg = _tiny_config(key, tok)
+    cfg = _tiny_config(key, tok, n_layers)
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     cfg.architectures = [type(hf).__name__]

@@ -202,25 +202,13 @@ def test_reencoded_prompt_runs_only_the_blocks_from_the_steered_layer(family, dt
         assert runs[True].tokens[0] == brute_steered(m, prompts[0], [], v, 1, float(runs[True].strength[0]), 5, start=1)
 
 
-def deep(family, n_layers=4):
+def deep(family, n_layers=4, dtype=torch.float32):
     """``family``'s tiny model with ``n_layers`` blocks (the matrix's have 2: too few to stop a
     prefill between the steered block and the last)."""
-    import transformers as T
+    from steer.models import Model, _tiny
 
-    from steer.models import Model, _byte_tokenizer, _tiny_config
-
-    tok = _byte_tokenizer()
-    d = _tiny_config(family, tok).to_dict()
-    d["n_layer" if "n_layer" in d else "num_hidden_layers"] = n_layers
-    if d.get("layer_types"):
-        d["layer_types"] = (d["layer_types"] * n_layers)[:n_layers]
-    torch.manual_seed(0)
-    hf = T.AutoModelForCausalLM.from_config(type(_tiny_config(family, tok))(**d), dtype=torch.float32)
-    with torch.no_grad():
-        for w in hf.parameters():
-            if w.ndim == 2:
-                w.normal_(0, 0.15)
-    return Model.from_hf(hf, tok, name=f"{family}-{n_layers}-layers")
+    hf, tok = _tiny(family, 0, n_layers)
+    return Model.from_hf(hf.to(dtype), tok, name=f"{family}-{n_layers}-layers")
 
 
 @pytest.mark.parametrize("family", ["tiny-llama", "tiny-gemma3", "tiny-gemma2", "tiny-qwen2", "tiny-gpt2", "tiny-pythia"])
@@ -329,6 +317,9 @@ def test_resume_at_checks_the_layer_and_restores_the_blocks():
         with pytest.raises(ValueError, match="no block before it"):
             with record_block_input(m, bad):
                 pass
+    with pytest.raises(ValueError, match="record_block_input"):
+        with resume_at(m, 1, torch.zeros(1, 3, 32)):
+            pass
     with pytest.raises(RuntimeError):
         with resume_at(m, 1, torch.zeros(1, 3, m.d_model)):
             raise RuntimeError

@@ -132,18 +132,23 @@ def test_dense_weight_refuses_integer_storage():
         dense_weight(lin, "a layer")
 
 
+def _split(base, d, memory):
+    """``base`` saved to ``d`` and loaded by accelerate with ``memory`` of its weights in memory and
+    the rest offloaded to disk."""
+    from transformers import AutoModelForCausalLM
+
+    base.hf.save_pretrained(d)
+    hf = AutoModelForCausalLM.from_pretrained(d, device_map="auto", max_memory={"cpu": memory},
+                                              offload_folder=str(d / "offload"))
+    assert {"cpu", "disk"} <= set(hf.hf_device_map.values()), hf.hf_device_map
+    return Model.from_hf(hf, base.tokenizer)
+
+
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     """tiny-llama with part of its layers in memory and the rest offloaded to disk by accelerate."""
-    from transformers import AutoModelForCausalLM
-
     base = steer.load("tiny-llama")
-    d = tmp_path_factory.mktemp("tiny-llama-split")
-    base.hf.save_pretrained(d)
-    hf = AutoModelForCausalLM.from_pretrained(d, device_map="auto", max_memory={"cpu": "250KB"},
-                                              offload_folder=str(d / "offload"))
-    assert {"cpu", "disk"} <= set(hf.hf_device_map.values()), hf.hf_device_map
-    return Model.from_hf(hf, base.tokenizer), base
+    return _split(base, tmp_path_factory.mktemp("tiny-llama-split"), "250KB"), base
 
 
 def test_a_model_split_by_device_map_gives_the_same_numbers(split, tmp_path):
@@ -184,17 +189,11 @@ def test_fasb_staged_prefill_on_a_model_split_by_device_map(tmp_path):
     """FASB's prefill stopped at the probe's block and resumed above it (a 4-block model steered at
     block 1, probe at block 2), on the model split across memory and disk by accelerate, gives
     the tokens and readings of the model loaded whole."""
-    from transformers import AutoModelForCausalLM
-
     from steer import backtracking
     from test_backtracking import deep
 
     base = deep("tiny-llama")
-    base.hf.save_pretrained(tmp_path)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto", max_memory={"cpu": "300KB"},
-                                              offload_folder=str(tmp_path / "offload"))
-    assert {"cpu", "disk"} <= set(hf.hf_device_map.values()), hf.hf_device_map
-    split = Model.from_hf(hf, base.tokenizer)
+    split = _split(base, tmp_path, "300KB")
     v = torch.randn(64, generator=torch.Generator().manual_seed(6)) * 2
     w = torch.randn(64, generator=torch.Generator().manual_seed(7))
     prompts = ["Hi there", "Tell me a story about the sea", "Bye"]
