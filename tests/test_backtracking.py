@@ -255,6 +255,41 @@ def test_staged_prefill_stops_at_the_probe_and_runs_the_top_blocks_once(family):
         assert a == pytest.approx(b, abs=1e-5)
 
 
+@pytest.mark.parametrize("probe_layer", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", RUNNER_FAMILIES)
+def test_staged_prefill_is_the_models_own_forward(family, dtype, probe_layer):
+    """The staged prefill of 4 blocks (probe at block 2: stopped after it, row 0 run again from
+    block 1 steered, block 3 once for all; probe at block 3: the whole model, then row 0 again
+    from block 1) gives HF's own forward: its logits and every layer's keys and values are the
+    whole batch's plain forward for rows 1-2, and row 0's forward alone under the steering."""
+    from steer._hf import cache_kwarg, output_cache
+    from steer.interventions import Intervention
+
+    m = deep(family, dtype=dtype)
+    b = tokenize(m, PROMPTS[1:] + PROMPTS[:1])
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(1)) * 2
+    iv = Intervention("add", v, layers=[1], strength=torch.zeros(3), positions="all")
+    grabbed = []
+    with steer.add_hooks(m, {f"resid_post.{probe_layer}": lambda act, site: grabbed.append(act[:, -1])}):
+        logits, cache = B._staged_prefill(m, b, b.attention_mask.clone(), 1, probe_layer,
+                                          lambda reading: [True, False, False], [1.5, 0.0, 0.0], iv, grabbed, {},
+                                          cache_kwarg(m.hf))
+    kw = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=True)
+    with torch.no_grad():
+        plain = m.hf(**kw)
+        with steer.Steering(m, [Intervention("add", v, layers=[1], strength=1.5, positions="all")]):
+            steered = m.hf(**{k: x[:1] if torch.is_tensor(x) else x for k, x in kw.items()})
+    tol = {} if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(logits[1:, -1], plain.logits[1:, -1], **tol)
+    torch.testing.assert_close(logits[:1, -1], steered.logits[:, -1], **tol)
+    assert not torch.allclose(steered.logits[:, -1], plain.logits[:1, -1], atol=1e-2)  # the steering matters
+    for ours, a, s_ in zip(cache.layers, output_cache(plain).layers, output_cache(steered).layers):
+        for name in ("keys", "values"):
+            torch.testing.assert_close(getattr(ours, name)[1:], getattr(a, name)[1:], **tol)
+            torch.testing.assert_close(getattr(ours, name)[:1], getattr(s_, name), **tol)
+
+
 class Sizes(B.Probe):
     """A real probe that also records the batch size of every reading."""
 
