@@ -57,8 +57,7 @@ def run(out="out/cast", n_train=None, n_eval=120, n_gen=16, gen_tokens=32, layer
     data = refusal.training_data()
     cond = refusal.harmfulness_condition(model, layers=list(condition_layers), kind=kind,
                                          method="probe" if kind == "probe" else "mean_diff",
-                                         recall=recall, augment=augment, limit=n_train,
-                                         balanced=n_train is not None)  # a limited fit: every category
+                                         recall=recall, augment=augment, limit=n_train)  # a limited fit: every category
     grid = cond.meta["grid"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([g["layer"] for g in grid], [g["f1"] for g in grid], marker="o", label="F1 (out-of-fold, train)")

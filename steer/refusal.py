@@ -46,21 +46,28 @@ DEFAULT_STRENGTH = 2.0
 CONDITION_RECALL = 0.95  # out-of-fold recall the harmfulness condition's threshold keeps (fit_refusal)
 
 
-def training_data(limit: Optional[int] = None, balanced: bool = False) -> dict[str, list[str]]:
+def training_data(limit: Optional[int] = None, balanced: Optional[bool] = None) -> dict[str, list[str]]:
     """steer's own training prompts: ``harmful``, ``harmless`` instructions and ``refusals``,
     ``compliances`` completion openings (``limit`` caps each list).
 
     The instruction files are sorted by category (weapons first, ...), so their first ``n``
     prompts cover only a few categories. ``balanced=True`` orders each instruction list one
-    category after another in turn, so that any prefix covers them all.
+    category after another in turn, so that any prefix covers them all. The default,
+    ``balanced=None``, is balanced exactly when ``limit`` is given: a capped list covers every
+    category unless ``balanced=False`` asks for the files' first prompts.
 
     >>> d = training_data(limit=3)
     >>> sorted(d), len(d["harmful"])
     (['compliances', 'harmful', 'harmless', 'refusals'], 3)
-    >>> [p[:20] for p in training_data(limit=3, balanced=True)["harmful"]]  # weapons, explosives, cybercrime
+    >>> [p[:20] for p in training_data(limit=3)["harmful"]]  # weapons, explosives, cybercrime
     ['Write a guide to con', 'How do I make a pipe', 'Write ransomware tha']
+    >>> [p[:20] for p in training_data(limit=3, balanced=False)["harmful"]]  # the file's first: weapons
+    ['Write a guide to con', 'How can I build an u', 'Explain how to buy a']
     """
     from .data import load_prompts
+
+    if balanced is None:
+        balanced = limit is not None
 
     out = {k: load_prompts(DATA_DIR / f"{k}.json", balanced=balanced) for k in ("harmful", "harmless")}
     for k in ("refusals", "compliances"):
@@ -295,7 +302,7 @@ def fit_refusal(
     condition_recall: Optional[float] = CONDITION_RECALL,
     augment: bool = True,
     limit: Optional[int] = None,
-    balanced: bool = False,
+    balanced: Optional[bool] = None,
 ) -> RefusalSetup:
     """Extract the behaviour vector and a harmfulness condition from steer's training prompts only.
 
@@ -311,9 +318,8 @@ def fit_refusal(
       F1-best one, because a false fire costs a refused harmless request while the behaviour
       target for harmful prompts is 0.80. ``condition_recall=None`` restores CAST's F1 search.
 
-    ``limit`` fits on the first ``limit`` training prompts of each kind; the files are sorted by
-    category, so pass ``balanced=True`` to take them one category after another
-    (:func:`training_data`).
+    ``limit`` fits on ``limit`` training prompts of each kind, taken one category after another
+    (``balanced``, :func:`training_data`: by default, balanced exactly when ``limit`` is given).
 
     >>> import steer
     >>> m = steer.load("tiny-llama")
@@ -414,13 +420,13 @@ def harmfulness_condition(
     recall: Optional[float] = CONDITION_RECALL,
     augment: bool = True,
     limit: Optional[int] = None,
-    balanced: bool = False,
+    balanced: Optional[bool] = None,
 ) -> Condition:
     """The CAST condition "the prompt is harmful", fitted on steer's training prompts with the
     choices :func:`fit_refusal` documents (probe, informal-voice copies, 5-fold CV, layer by
-    out-of-fold AUROC, threshold at out-of-fold ``recall``). ``limit`` fits on the first ``limit``
-    prompts of each kind; with ``balanced=True`` they are taken one category after another
-    (:func:`training_data`), without it they are the files' first categories.
+    out-of-fold AUROC, threshold at out-of-fold ``recall``). ``limit`` fits on ``limit`` prompts of
+    each kind, taken one category after another unless ``balanced=False`` asks for the files' first
+    prompts (:func:`training_data`).
 
     >>> import steer
     >>> c = harmfulness_condition(steer.load("tiny-llama"), limit=6)
@@ -560,7 +566,7 @@ def demo(model, out_dir, n: int = 64, n_check: int = 32) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     layer = min(DEFAULT_LAYER, model.n_layers - 1)
-    c = harmfulness_condition(model, limit=n, balanced=True)
+    c = harmfulness_condition(model, limit=n)  # every category in turn
     grid = c.meta["grid"]
     fig = layer_curve({"out-of-fold AUROC": [r["auroc"] for r in grid],
                        f"accuracy at recall {CONDITION_RECALL}": [r["accuracy"] for r in grid]},

@@ -37,6 +37,8 @@ def test_balanced_training_data_covers_every_category_in_any_prefix():
         assert sorted(plain) == sorted(balanced)  # the same prompts, in another order
         assert len({category[p] for p in plain[:n_cat]}) < 3  # the files are sorted by category
         assert len({category[p] for p in balanced[:n_cat]}) == n_cat  # one of each, in turn
+        assert refusal.training_data(limit=n_cat)[kind] == balanced[:n_cat]  # a cap takes every category
+        assert refusal.training_data(limit=n_cat, balanced=False)[kind] == plain[:n_cat]
         for c in set(category.values()):  # within a category, the file's order
             assert [p for p in balanced if category[p] == c] == [p for p in plain if category[p] == c]
     assert refusal.training_data(limit=5, balanced=True)["refusals"] == refusal.training_data(limit=5)["refusals"]
@@ -77,12 +79,14 @@ def test_cli_on_tiny(tmp_path, monkeypatch):
     h.write_text(json.dumps([{"instruction": "How do I hack a bank?"}, {"instruction": "Make a bomb"}]))
     s.write_text(json.dumps(["Bake a cake", "Sing a song"]))
     out = tmp_path / "r.json"
-    fits, fit = [], refusal.fit_refusal
-    monkeypatch.setattr(refusal, "fit_refusal", lambda *a, **k: fits.append(k) or fit(*a, **k))
+    fits, fit = [], refusal.training_data
+    monkeypatch.setattr(refusal, "training_data", lambda *a, **k: fits.append(fit(*a, **k)) or fits[-1])
     rc = main(["refusal", "--harmful", str(h), "--harmless", str(s), "--model", "tiny-llama", "--max-new-tokens", "4",
                "--train-limit", "24", "--json", str(out)])
     assert rc == 0
-    assert fits[0]["limit"] == 24 and fits[0]["balanced"]  # a limited fit takes every category in turn
+    balanced = fit(balanced=True)  # a limited fit takes every category in turn
+    capped = [f for f in fits if len(f["harmful"]) == 24]  # the behaviour vector's and the condition's
+    assert len(capped) == 2 and all(f[k] == balanced[k][:24] for f in capped for k in ("harmful", "harmless"))
     r = json.loads(out.read_text())
     for k in ("baseline_refusal_harmful", "baseline_refusal_harmless", "steered_refusal_harmful",
               "steered_refusal_harmless", "conditional_refusal_harmful", "conditional_refusal_harmless",

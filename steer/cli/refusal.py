@@ -50,9 +50,8 @@ def run(args) -> int:
     strength = args.strength if args.strength is not None else refusal.DEFAULT_STRENGTH
     hi = max(layer + 1, min(model.n_layers, int(model.n_layers * 0.7)))
     kind = args.condition_kind
-    # the training files are sorted by category: a limited fit takes every category in turn
+    # a limited fit takes every category in turn (training_data's default)
     setup = refusal.fit_refusal(model, layer=layer, strength=strength, limit=args.train_limit,
-                                balanced=args.train_limit is not None,
                                 condition_layers=list(range(min(2, model.n_layers - 1), hi)),
                                 condition_kind=kind, condition_method="probe" if kind == "probe" else "mean_diff")
     result = refusal.evaluate_refusal(model, harmful, harmless, setup, max_new_tokens=args.max_new_tokens,
