@@ -250,15 +250,28 @@ def splice_cache_layers(cache: Any, other: Any, stop: int) -> bool:
     >>> splice_cache_layers(a, b, 1), a.layers[0] is b.layers[0], a.layers[1] is b.layers[1]
     (True, True, False)
     """
+    if not can_splice_cache_layers(cache, other, stop):
+        return False
+    cache.layers[:stop] = other.layers[:stop]
+    return True
+
+
+def can_splice_cache_layers(cache: Any, other: Any, stop: int) -> bool:
+    """Whether :func:`splice_cache_layers` would join ``cache`` and ``other`` at ``stop``: both
+    ``DynamicCache`` s whose layers ``0 .. stop − 1`` are of the same plain kinds, ``other``'s
+    holding tensors (``cache``'s may be still empty, before the forward that fills the rest).
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> full = output_cache(m.hf(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True))
+    >>> can_splice_cache_layers(empty_cache(m.hf), full, 1), can_splice_cache_layers(full, empty_cache(m.hf), 1)
+    (True, False)
+    """
     kinds = _dynamic_kinds(cache, other)
     if kinds is None:
         return False
-    for a, b in zip(cache.layers[:stop], other.layers[:stop]):
-        if type(a) not in kinds or type(b) is not type(a) \
-                or not isinstance(getattr(b, "keys", None), Tensor):
-            return False
-    cache.layers[:stop] = other.layers[:stop]
-    return True
+    return all(type(a) in kinds and type(b) is type(a) and isinstance(getattr(b, "keys", None), Tensor)
+               for a, b in zip(cache.layers[:stop], other.layers[:stop]))
 
 
 def select_cache_rows(cache: Any, rows: Tensor) -> bool:

@@ -22,8 +22,11 @@ decode steps may come with or without a mask, and every row still knows its exam
 strength, its prompt-position selection (``Last``, ``post_instruction``, ...) and its gate. Site
 hooks then apply :mod:`steer.interventions` with ``[rows]`` strengths times a ``[rows]`` gate.
 With a CAST condition the gate is computed once per sequence from each whole prompt's mean hidden
-state (a forward pass up to the condition layer) and kept for the rest of generation. All state
-lives on the :class:`Steering` object; nothing is global.
+state (a forward pass up to the condition layer) and kept for the rest of generation. That
+pre-pass is unsteered, and so are the blocks below the first steered one: the prefill that follows
+takes their states and KV cache from it and starts at the first block it has not run or that is
+steered (``Steering.last_resumed_at``; the whole model runs where that could change anything,
+:meth:`Steering._begin_resume`). All state lives on the :class:`Steering` object; nothing is global.
 """
 
 from __future__ import annotations
@@ -88,6 +91,9 @@ class Steering:
         self._seq: Optional[dict] = None  # the sequence being processed (prefill + decode steps)
         self._vectors: dict[tuple, Tensor] = {}  # each vector on each device/dtype it met
         self._in_prepass = False
+        self._prepass: Optional[dict] = None  # what the condition's pre-pass left for the prefill to resume from
+        self._resumed: Optional[dict] = None  # the prefill now running from it (blocks swapped, cache to join)
+        self.last_resumed_at: Optional[int] = None  # the block the last sequence's prefill resumed at, if any
         self._active = False
         self._by_site = self._plan()
 
@@ -119,6 +125,8 @@ class Steering:
             raise RuntimeError("This Steering is already active; nest a new Steering instead.")
         base = self.model.base
         self._handles.append(base.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        # always_call: the blocks a resumed prefill swapped out come back even if the forward raises
+        self._handles.append(base.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True))
         self._ctx = add_hooks(self.model, {site: self._site_hook for site in self._by_site})
         try:
             self._ctx.__enter__()
@@ -132,7 +140,8 @@ class Steering:
         self._remove()
 
     def _remove(self):
-        self._seq, self._step, self._vectors, self._moved = None, {}, {}, {}
+        self._end_resume()
+        self._seq, self._step, self._vectors, self._moved, self._prepass = None, {}, {}, {}, None
         if self._ctx is not None:
             self._ctx.__exit__(None, None, None)
             self._ctx = None
@@ -152,6 +161,7 @@ class Steering:
         rows, n = cp.real.shape
         dev = cp.real.device
         if past == 0 or self._seq is None:
+            self.last_resumed_at, self._prepass = None, None
             self._seq = self._start_sequence(module, ids, emb, cp)
         seq = self._seq
         if rows != seq["rows"]:
@@ -197,6 +207,8 @@ class Steering:
                 m = m & ~torch.isin(ids.to(dev), skip)
             step.append((m, idx, self._row_strength(i, iv, rows, k, dev)))
         self._step = {"interventions": step, "gate": gate}
+        if self._prepass is not None:  # this call follows the condition's pre-pass
+            self._begin_resume(module, ids, emb, cp, kwargs)
         return None
 
     def _start_sequence(self, base, ids, emb, cp) -> dict:
@@ -322,28 +334,140 @@ class Steering:
         return g if gate is None else g * gate.to(g.device)
 
     def _condition_states(self, base, ids, emb, am, keep) -> dict[int, Tensor]:
-        """Mean resid_post over each prompt's real tokens (sink excluded) at the condition layers."""
+        """Mean resid_post over each prompt's real tokens (sink excluded) at the condition layers.
+
+        The pre-pass runs the blocks up to the last condition layer, unsteered. Below the first
+        steered block the prefill that follows would compute the same states again, so (under
+        ``no_grad``, where the cache is plain) the pre-pass also keeps its KV cache and the input
+        of block :meth:`_resume_layer`, for :meth:`_begin_resume`."""
+        from contextlib import ExitStack
+
+        from ._hf import cache_kwarg, empty_cache
+        from .hooks import record_block_input, stop_before
+
         layers = sorted(self.condition.layers)
         hs: dict[int, Tensor] = {}
         w = keep.float()[..., None]
+        R = None if torch.is_grad_enabled() else self._resume_layer()
+        cache = None if R is None else empty_cache(self.model.hf)
+        past_last = cache is not None and R > layers[-1]  # then the pass stops before block R, not at the grab
 
         def grab(act, site):
             hs[site.layer] = ((act.float() * w).sum(1) / w.sum(1).clamp(min=1))
-            if site.layer == layers[-1]:
+            if site.layer == layers[-1] and not past_last:
                 raise StopForward
 
         pos_ids = position_ids(am)
-        self._in_prepass = True
+        rec = None
+        self._in_prepass, self._prepass = True, None
         try:
-            with add_hooks(self.model, {Site("resid_post", l): grab for l in layers}):
+            with ExitStack() as stack:
+                stack.enter_context(add_hooks(self.model, {Site("resid_post", l): grab for l in layers}))
+                kw = {}
+                if cache is not None:
+                    rec = stack.enter_context(record_block_input(self.model, R))
+                    if past_last:
+                        stack.enter_context(stop_before(self.model, R))
+                    kw = {cache_kwarg(base): cache}
                 try:
                     base(input_ids=ids, inputs_embeds=emb, attention_mask=am.long(), position_ids=pos_ids,
-                         use_cache=False)
+                         use_cache=cache is not None, **kw)
                 except StopForward:
                     pass
         finally:
             self._in_prepass = False
+        if rec is not None and rec.get("bare") and rec.get("resid") is not None:
+            self._prepass = {"layer": R, "resid": rec["resid"], "cache": cache, "ids": ids, "emb": emb, "am": am,
+                             "pos": pos_ids}
         return hs
+
+    # -- a prefill that resumes where the condition's pre-pass can hand over -----------------
+    def _resume_layer(self) -> Optional[int]:
+        """The block the prefill after the condition's pre-pass must start at: the pre-pass has run
+        every block below it on the same tokens, and none of them is steered (every site of layer
+        ``l`` lives in block ``l``). None if that is block 0."""
+        first_steered = min((site.layer for site in self._by_site), default=self.model.n_layers)
+        r = min(max(self.condition.layers) + 1, first_steered)
+        return r if 1 <= r < self.model.n_layers else None
+
+    def _begin_resume(self, base, ids, emb, cp: CallPositions, kwargs) -> None:
+        """If this call is the prefill of the tokens the pre-pass just read, run only blocks
+        ``R ..`` (:func:`steer.hooks.resume_at`) and join the pre-pass's cache of blocks
+        ``0 .. R − 1`` to the forward's once it returns (:meth:`_after_forward`): the same
+        states, keys and values as running them again. Anything else (another shape, mask or
+        position ids, gradients, a cache that is not plain, hooks on the skipped blocks or a second
+        pre-hook on the base model, such as a nested :class:`Steering`) runs the whole model."""
+        from ._hf import can_splice_cache_layers, empty_cache
+
+        pre, self._prepass = self._prepass, None
+        if pre is None or cp.past != 0 or torch.is_grad_enabled():
+            return
+        R, resid, am = pre["layer"], pre["resid"], cp.attention_mask
+        rows, n = cp.real.shape
+        if tuple(resid.shape) != (rows, n, self.model.d_model) or pre["am"].shape != am.shape \
+                or not torch.equal(pre["am"].bool(), am.to(pre["am"].device).bool()):
+            return
+        if emb is not None or ids is None or pre["ids"] is None or pre["emb"] is not None \
+                or not (ids is pre["ids"] or torch.equal(ids, pre["ids"].to(ids.device))):
+            return
+        pos = kwargs.get("position_ids")
+        real = am.bool()
+        if pos is None:  # the model counts from 0 in every row, as steer's positions do only without padding
+            if not bool(real.all()):
+                return
+        elif not torch.equal(pos.to(real.device).expand(rows, n)[real], pre["pos"].to(real.device)[real]):
+            return
+        from torch.nn.modules import module as nn_module
+
+        if len(base._forward_pre_hooks) != 1 or nn_module._global_forward_hooks \
+                or nn_module._global_forward_pre_hooks or any(
+                    m._forward_hooks or m._forward_pre_hooks for b in self.model.layers[:R] for m in b.modules()):
+            return
+        names = [k for k in ("cache", "past_key_values") if kwargs.get(k) is not None]
+        join = kwargs[names[0]] if names else None
+        if join is not None:
+            if not can_splice_cache_layers(join, pre["cache"], R):
+                return
+        elif kwargs.get("use_cache") is not False:  # the model may make its own cache and return it
+            made = empty_cache(self.model.hf)
+            if kwargs.get("return_dict") is False or made is None or not can_splice_cache_layers(made, pre["cache"], R):
+                return
+        from .hooks import resume_at
+
+        ctx = resume_at(self.model, R, resid)
+        ctx.__enter__()
+        self._resumed = {"ctx": ctx, "layer": R, "cache": pre["cache"], "join": join,
+                         "returns_cache": join is None and kwargs.get("use_cache") is not False}
+        self.last_resumed_at = R
+
+    def _after_forward(self, module, args, kwargs, output):
+        """After a resumed prefill (also one that raised): the blocks come back, and the
+        pre-pass's cache of the skipped blocks joins the forward's."""
+        if self._in_prepass or self._resumed is None:
+            return None
+        r = self._end_resume()
+        if output is None:  # the forward raised
+            return None
+        cache = r["join"]
+        if cache is None and r["returns_cache"]:
+            from ._hf import output_cache
+
+            try:
+                cache = output_cache(output)
+            except TypeError:
+                cache = None
+        if cache is not None:
+            from ._hf import splice_cache_layers
+
+            if not splice_cache_layers(cache, r["cache"], r["layer"]):
+                raise RuntimeError("Steering could not join the condition pre-pass's KV cache to the prefill's.")
+        return None
+
+    def _end_resume(self) -> Optional[dict]:
+        r, self._resumed = self._resumed, None
+        if r is not None:
+            r["ctx"].__exit__(None, None, None)
+        return r
 
     # -- the site hook --------------------------------------------------------------------
     def _vector(self, i: int, iv, layer: int, act: Tensor) -> Tensor:

@@ -26,6 +26,15 @@ RUNNER_FAMILIES = ["tiny-llama", "tiny-gemma3", "tiny-mistral", "tiny-qwen2", "t
                    "tiny-olmo2", "tiny-gemma", "tiny-gemma2", "tiny-phi3", "tiny-gpt2", "tiny-pythia"]
 
 
+def deep(family, n_layers=4, dtype=torch.float32):
+    """``family``'s tiny model with ``n_layers`` blocks (the matrix's have 2: too few to put a
+    steered block, a reading block and blocks above them in one model)."""
+    from steer.models import Model, _tiny
+
+    hf, tok = _tiny(family, 0, n_layers)
+    return Model.from_hf(hf.to(dtype), tok, name=f"{family}-{n_layers}-layers")
+
+
 @pytest.fixture(scope="module", params=RUNNER_FAMILIES)
 def model(request):
     """Each tiny architecture, in turn."""

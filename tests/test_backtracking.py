@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import steer
-from conftest import RUNNER_FAMILIES
+from conftest import RUNNER_FAMILIES, deep
 from steer import backtracking as B
 from steer._hf import eos_ids
 from steer.data import tokenize
@@ -200,15 +200,6 @@ def test_reencoded_prompt_runs_only_the_blocks_from_the_steered_layer(family, dt
     assert runs[True].tokens[1:] == hf_greedy(m, prompts, 5)[1:]
     if dtype == torch.float32:
         assert runs[True].tokens[0] == brute_steered(m, prompts[0], [], v, 1, float(runs[True].strength[0]), 5, start=1)
-
-
-def deep(family, n_layers=4, dtype=torch.float32):
-    """``family``'s tiny model with ``n_layers`` blocks (the matrix's have 2: too few to stop a
-    prefill between the steered block and the last)."""
-    from steer.models import Model, _tiny
-
-    hf, tok = _tiny(family, 0, n_layers)
-    return Model.from_hf(hf.to(dtype), tok, name=f"{family}-{n_layers}-layers")
 
 
 @pytest.mark.parametrize("family", ["tiny-llama", "tiny-gemma3", "tiny-gemma2", "tiny-qwen2", "tiny-gpt2", "tiny-pythia"])

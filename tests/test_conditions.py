@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import RUNNER_FAMILIES, deep
 from steer.conditions import Condition, Rule, condition_scores, fit_condition, grid_search
 from steer.steering import Steering, prompt_means
 from steer.steering import steer as steer_ctx
@@ -113,3 +114,99 @@ def test_grid_search_recall_is_the_conservative_quantile():
     assert g["false_fires"] == 0.0
     g = grid_search(-s, y, recall=0.8)  # positives lower: side flips
     assert g["side"] == "below" and abs(g["threshold"] + 0.65) < 1e-6
+
+
+# condition block, steered block, and the block the prefill resumes at (4 blocks): the condition
+# above the steered block (blocks 1-2 run twice, block 0 once), or below it (blocks 0-1 run once)
+RESUME = [(2, 1, 1), (1, 3, 2)]
+
+
+@pytest.mark.parametrize("where", RESUME, ids=lambda w: f"condition{w[0]}-steer{w[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", RUNNER_FAMILIES)
+def test_prefill_after_the_condition_pre_pass_is_the_models_own_forward(family, dtype, where):
+    """The prefill that follows a CAST condition's pre-pass starts at the first block the
+    pre-pass has not run or that is steered, and takes the blocks below from it (their input
+    state and KV cache). Against HF's own forward under the same per-row gate with no condition
+    (so no pre-pass and no skipping): the prefill's logits, every layer's keys and values, and
+    the generated tokens."""
+    from steer._hf import output_cache
+    from steer.data import tokenize
+
+    cond_layer, steer_layer, resume = where
+    m = deep(family, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    u, v = torch.randn(m.d_model, generator=g), torch.randn(m.d_model, generator=g) * 4
+    scores = (prompt_means(m, PROMPTS, layers=[cond_layer])[:, 0] @ (u / u.norm())).sort().values
+    gap = int((scores[1:] - scores[:-1])[:-1].argmax())  # some prompts fire, some do not
+    cond = Condition(u, layer=cond_layer, threshold=float(scores[gap: gap + 2].mean()))
+    b = tokenize(m, PROMPTS)
+    kw = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=True)
+    with torch.no_grad():
+        with steer_ctx(m, v, layer=steer_layer, strength=1.0, condition=cond) as s:
+            s.batch = b
+            ours = m.hf(**kw)
+            assert s.last_resumed_at == resume
+            gate = s.last_gate
+            ours_text = s.generate(PROMPTS, max_new_tokens=5)
+            assert s.last_resumed_at == resume
+        assert 0 < gate.sum() < len(PROMPTS)
+        with steer_ctx(m, v, layer=steer_layer, strength=1.0, gate=gate) as s:
+            s.batch = b
+            ref = m.hf(**kw)
+            assert s.last_resumed_at is None
+            ref_text = s.generate(PROMPTS, max_new_tokens=5)
+    tol = {} if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    real = b.attention_mask.bool()
+    torch.testing.assert_close(ours.logits[real], ref.logits[real], **tol)
+    for a, r in zip(output_cache(ours).layers, output_cache(ref).layers):
+        for name in ("keys", "values"):
+            x, y = getattr(a, name), getattr(r, name)
+            assert x.shape == y.shape
+            torch.testing.assert_close(x, y, **tol)
+    assert ours_text == ref_text
+
+
+def test_prefill_runs_every_block_where_it_cannot_resume():
+    """Where skipping the blocks below could change what someone sees, the prefill runs them all:
+    a hook of one's own on a skipped block, gradients, a static cache, a nested Steering, several
+    sequences per prompt. Whatever happens, the blocks come back, also after an exception."""
+    from steer.data import tokenize
+    from steer.hooks import add_hooks
+
+    m = deep("tiny-llama")
+    g = torch.Generator().manual_seed(3)
+    u, v = torch.randn(m.d_model, generator=g), torch.randn(m.d_model, generator=g) * 4
+    cond = Condition(u, layer=2, threshold=-1e9)  # fires on every prompt
+    blocks = list(m.layers)
+
+    def run(**gen):
+        with steer_ctx(m, v, layer=1, strength=1.0, condition=cond) as s:
+            out = s.generate(PROMPTS, max_new_tokens=4, **gen)
+            return out, s.last_resumed_at
+
+    plain, at = run()
+    assert at == 1
+    seen = []
+    with add_hooks(m, {"resid_post.0": lambda act, site: seen.append(act.shape[1])}):
+        assert run() == (plain, None)
+    assert len(seen) == 2 + 3  # the pre-pass, the prefill and each later step (4 tokens: 3 more calls)
+    assert run(cache_implementation="static") == (plain, None)
+    with steer_ctx(m, torch.zeros(m.d_model), layer=3, strength=0.0):
+        assert run() == (plain, None)
+    out, at = run(num_return_sequences=2, do_sample=False, num_beams=2)
+    assert at is None and out[::2] == plain
+    b = tokenize(m, PROMPTS)
+    with torch.enable_grad(), steer_ctx(m, v, layer=1, strength=1.0, condition=cond) as s:
+        s.batch = b
+        m.hf(input_ids=b.input_ids, attention_mask=b.attention_mask)  # gradients would need the blocks' graph
+        assert s.last_resumed_at is None
+
+    def boom(act, site):
+        raise RuntimeError("boom")
+
+    with steer_ctx(m, v, layer=1, strength=1.0, condition=cond) as s, add_hooks(m, {"resid_post.3": boom}):
+        with pytest.raises(RuntimeError, match="boom"):
+            s.generate(PROMPTS, max_new_tokens=2)
+    assert list(m.layers) == blocks
+    assert run() == (plain, 1)

@@ -53,6 +53,9 @@ which backs up 4: 29 steps); RepIt 0.92x, the rest 0.98-1.00x. A batch that deco
 would reach 24 / 29 = 0.83x; the loop does better because the last steps compute only the rows
 that backed up, but at 8 rows a step costs about the same whatever its rows. The rest of the gap
 to 0.9x is the backing up FASB asks for, not the loop (64 tokens: 0.96x, above).
+Since the prefill after a CAST condition's pre-pass starts at the steered block and takes the
+blocks below from the pre-pass (``experiments/bench/bench_cast.py``), RepIt's gate is 0.96x at
+24 tokens (the same run as the FASB figures just above gave 0.92x before it).
 
 The random vectors and maps are placeholders: the cost of an intervention does not depend on
 what its vector says.

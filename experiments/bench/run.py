@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-ORDER = ["bench_capture", "bench_steering", "bench_methods", "bench_diagnostics", "bench_patching", "bench_attribution",
+ORDER = ["bench_capture", "bench_steering", "bench_methods", "bench_cast", "bench_diagnostics", "bench_patching", "bench_attribution",
          "bench_qk_memory", "bench_kernels", "bench_sweep", "bench_store"]
 
 
