@@ -152,9 +152,10 @@ def split(tmp_path_factory):
 
 
 def test_a_model_split_by_device_map_gives_the_same_numbers(split, tmp_path):
-    """CAST-gated generation, FASB with every prompt read again from the steered block on
-    (:func:`steer.hooks.resume_at` swaps accelerate-hooked blocks), AtP* and the activation store
-    on a model split across memory and disk equal the model loaded whole."""
+    """CAST-gated generation (its prefill resumed above the condition's pre-pass), FASB with every
+    prompt read again from the steered block on (:func:`steer.hooks.resume_at` swaps
+    accelerate-hooked blocks), AtP* and the activation store on a model split across memory and
+    disk equal the model loaded whole."""
     from steer import backtracking
     from steer.conditions import Condition
     from steer.patching import atp_star
@@ -169,6 +170,7 @@ def test_a_model_split_by_device_map_gives_the_same_numbers(split, tmp_path):
         cond = Condition(c_vec, layer=0, threshold=-1.8)  # scores -1.72, -1.89, -1.67: fires on two
         with steer_ctx(model, v, layer=1, strength=2.0, condition=cond) as s:
             gens = s.generate(prompts, max_new_tokens=4)
+            assert s.last_resumed_at == 1  # the prefill took block 0 from the condition's pre-pass
         t = PatchTask.from_pairs(model, PAIRS, ["M", "Q"], ["Y", "B"])
         store = ActivationStore.write(model, prompts, tmp_path / name, progress=False)
         fires = backtracking.Probe(torch.zeros(64), bias=-5.0, layer=1)  # on every row, at the prompt's end
@@ -190,7 +192,7 @@ def test_fasb_staged_prefill_on_a_model_split_by_device_map(tmp_path):
     block 1, probe at block 2), on the model split across memory and disk by accelerate, gives
     the tokens and readings of the model loaded whole."""
     from steer import backtracking
-    from test_backtracking import deep
+    from conftest import deep
 
     base = deep("tiny-llama")
     split = _split(base, tmp_path, "300KB")
