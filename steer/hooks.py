@@ -27,7 +27,7 @@ from ._hf import cached_length, padding_mask
 from .sites import Site, hf_target, parse_sites
 
 __all__ = ["add_hooks", "HookFn", "CallPositions", "call_positions", "StopForward", "record_block_input", "resume_at",
-           "stop_before"]
+           "stop_before", "hook_ids"]
 
 HookFn = Callable[[Tensor, Site], Optional[Tensor]]
 
@@ -52,6 +52,22 @@ class _Handles:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+def hook_ids(handles) -> set[int]:
+    """The ids of the torch hooks behind :func:`add_hooks`' handles (as keys of a module's
+    ``_forward_hooks`` / ``_forward_pre_hooks``): to tell one's own hooks from others'.
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> with steer.add_hooks(m, {"resid_post.1": lambda act, site: None}) as hs:
+    ...     hook_ids(hs) == set(m.layers[1]._forward_hooks)
+    True
+    """
+    out: set[int] = set()
+    for h in handles:
+        out |= hook_ids(h.handles) if isinstance(h, _Handles) else {h.id}
+    return out
 
 
 def _first_input(args, kwargs) -> Tensor:
@@ -134,6 +150,7 @@ def add_hooks(
     model, hooks: Union[Mapping[object, Union[HookFn, list[HookFn]]], Iterable[tuple[object, HookFn]]]
 ) -> Iterator[None]:
     """Install ``{site: fn}`` (or ``[(site, fn), ...]``) hooks; remove them when the block exits.
+    The block receives their handles (:func:`hook_ids` names the torch hooks behind them).
 
     Sites are ``"resid_post.3"``, ``("z", 5)`` or :class:`~steer.sites.Site`; an unknown site or a
     layer out of range raises before anything is installed.
@@ -154,7 +171,7 @@ def add_hooks(
     try:
         for site, fn in pairs:
             handles.append(_install(model, site, fn))
-        yield
+        yield handles
     finally:
         for h in handles:
             h.remove()

@@ -42,7 +42,7 @@ from . import interventions as I
 from . import positions as P
 from .data import Batch, position_ids, tokenize
 from .display import Rich
-from .hooks import CallPositions, StopForward, add_hooks, call_positions
+from .hooks import CallPositions, StopForward, add_hooks, call_positions, hook_ids
 from .sites import Site, resolve_layers
 
 __all__ = ["Steering", "steer", "prompt_means", "Generations", "compare"]
@@ -93,6 +93,7 @@ class Steering:
         self._in_prepass = False
         self._prepass: Optional[dict] = None  # what the condition's pre-pass left for the prefill to resume from
         self._resumed: Optional[dict] = None  # the prefill now running from it (blocks swapped, cache to join)
+        self._own_hooks: set[int] = set()  # ids of this Steering's site hooks
         self.last_resumed_at: Optional[int] = None  # the block the last sequence's prefill resumed at, if any
         self._active = False
         self._by_site = self._plan()
@@ -129,7 +130,7 @@ class Steering:
         self._handles.append(base.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True))
         self._ctx = add_hooks(self.model, {site: self._site_hook for site in self._by_site})
         try:
-            self._ctx.__enter__()
+            self._own_hooks = hook_ids(self._ctx.__enter__())
         except BaseException:
             self._remove()
             raise
@@ -350,15 +351,16 @@ class Steering:
         w = keep.float()[..., None]
         R = None if torch.is_grad_enabled() else self._resume_layer()
         cache = None if R is None else empty_cache(self.model.hf)
-        past_last = cache is not None and R > layers[-1]  # then the pass stops before block R, not at the grab
+        # the block above the last condition layer: where a prefill that no row steers can resume
+        top = layers[-1] + 1 if cache is not None and layers[-1] + 1 < self.model.n_layers else None
 
         def grab(act, site):
             hs[site.layer] = ((act.float() * w).sum(1) / w.sum(1).clamp(min=1))
-            if site.layer == layers[-1] and not past_last:
+            if site.layer == layers[-1] and top is None:
                 raise StopForward
 
         pos_ids = position_ids(am)
-        rec = None
+        rec = rec_top = None
         self._in_prepass, self._prepass = True, None
         try:
             with ExitStack() as stack:
@@ -366,8 +368,9 @@ class Steering:
                 kw = {}
                 if cache is not None:
                     rec = stack.enter_context(record_block_input(self.model, R))
-                    if past_last:
-                        stack.enter_context(stop_before(self.model, R))
+                    if top is not None:
+                        rec_top = rec if top == R else stack.enter_context(record_block_input(self.model, top))
+                        stack.enter_context(stop_before(self.model, top))
                     kw = {cache_kwarg(base): cache}
                 try:
                     base(input_ids=ids, inputs_embeds=emb, attention_mask=am.long(), position_ids=pos_ids,
@@ -379,13 +382,16 @@ class Steering:
         if rec is not None and rec.get("bare") and rec.get("resid") is not None:
             self._prepass = {"layer": R, "resid": rec["resid"], "cache": cache, "ids": ids, "emb": emb, "am": am,
                              "pos": pos_ids}
+            if rec_top is not None and rec_top.get("bare") and rec_top.get("resid") is not None:
+                self._prepass.update(top=top, top_resid=rec_top["resid"])
         return hs
 
     # -- a prefill that resumes where the condition's pre-pass can hand over -----------------
     def _resume_layer(self) -> Optional[int]:
         """The block the prefill after the condition's pre-pass must start at: the pre-pass has run
         every block below it on the same tokens, and none of them is steered (every site of layer
-        ``l`` lives in block ``l``). None if that is block 0."""
+        ``l`` lives in block ``l``). None if that is block 0. (Where the condition fires on no
+        prompt, nothing is steered and the prefill starts above the condition's last layer.)"""
         first_steered = min((site.layer for site in self._by_site), default=self.model.n_layers)
         r = min(max(self.condition.layers) + 1, first_steered)
         return r if 1 <= r < self.model.n_layers else None
@@ -403,6 +409,9 @@ class Steering:
         if pre is None or cp.past != 0 or torch.is_grad_enabled():
             return
         R, resid, am = pre["layer"], pre["resid"], cp.attention_mask
+        gate = self._seq["gate"] if self._seq is not None else None
+        if "top" in pre and gate is not None and not bool(gate.any()):
+            R, resid = pre["top"], pre["top_resid"]  # no row is steered: every block the pre-pass ran is the prefill's
         rows, n = cp.real.shape
         if tuple(resid.shape) != (rows, n, self.model.d_model) or pre["am"].shape != am.shape \
                 or not torch.equal(pre["am"].bool(), am.to(pre["am"].device).bool()):
@@ -419,9 +428,11 @@ class Steering:
             return
         from torch.nn.modules import module as nn_module
 
+        own = self._own_hooks  # below R they run only where no row is steered: they would change nothing
         if len(base._forward_pre_hooks) != 1 or nn_module._global_forward_hooks \
                 or nn_module._global_forward_pre_hooks or any(
-                    m._forward_hooks or m._forward_pre_hooks for b in self.model.layers[:R] for m in b.modules()):
+                    set(m._forward_hooks) - own or set(m._forward_pre_hooks) - own
+                    for b in self.model.layers[:R] for m in b.modules()):
             return
         names = [k for k in ("cache", "past_key_values") if kwargs.get(k) is not None]
         join = kwargs[names[0]] if names else None

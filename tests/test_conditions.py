@@ -121,15 +121,16 @@ def test_grid_search_recall_is_the_conservative_quantile():
 RESUME = [(2, 1, 1), (1, 3, 2)]
 
 
+@pytest.mark.parametrize("fires", ["some", "none"])
 @pytest.mark.parametrize("where", RESUME, ids=lambda w: f"condition{w[0]}-steer{w[1]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("family", RUNNER_FAMILIES)
-def test_prefill_after_the_condition_pre_pass_is_the_models_own_forward(family, dtype, where):
+def test_prefill_after_the_condition_pre_pass_is_the_models_own_forward(family, dtype, where, fires):
     """The prefill that follows a CAST condition's pre-pass starts at the first block the
-    pre-pass has not run or that is steered, and takes the blocks below from it (their input
-    state and KV cache). Against HF's own forward under the same per-row gate with no condition
-    (so no pre-pass and no skipping): the prefill's logits, every layer's keys and values, and
-    the generated tokens."""
+    pre-pass has not run or that is steered (above the condition's block if it fires on no
+    prompt), and takes the blocks below from it (their input state and KV cache). Against HF's
+    own forward under the same per-row gate with no condition (so no pre-pass and no skipping):
+    the prefill's logits, every layer's keys and values, and the generated tokens."""
     from steer._hf import output_cache
     from steer.data import tokenize
 
@@ -139,7 +140,9 @@ def test_prefill_after_the_condition_pre_pass_is_the_models_own_forward(family, 
     u, v = torch.randn(m.d_model, generator=g), torch.randn(m.d_model, generator=g) * 4
     scores = (prompt_means(m, PROMPTS, layers=[cond_layer])[:, 0] @ (u / u.norm())).sort().values
     gap = int((scores[1:] - scores[:-1])[:-1].argmax())  # some prompts fire, some do not
-    cond = Condition(u, layer=cond_layer, threshold=float(scores[gap: gap + 2].mean()))
+    cond = Condition(u, layer=cond_layer, threshold=float(scores[gap: gap + 2].mean()) if fires == "some" else 1e9)
+    if fires == "none":
+        resume = cond_layer + 1
     b = tokenize(m, PROMPTS)
     kw = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=True)
     with torch.no_grad():
@@ -150,7 +153,7 @@ def test_prefill_after_the_condition_pre_pass_is_the_models_own_forward(family, 
             gate = s.last_gate
             ours_text = s.generate(PROMPTS, max_new_tokens=5)
             assert s.last_resumed_at == resume
-        assert 0 < gate.sum() < len(PROMPTS)
+        assert 0 < gate.sum() < len(PROMPTS) if fires == "some" else gate.sum() == 0
         with steer_ctx(m, v, layer=steer_layer, strength=1.0, gate=gate) as s:
             s.batch = b
             ref = m.hf(**kw)
