@@ -94,6 +94,7 @@ class Steering:
         self._prepass: Optional[dict] = None  # what the condition's pre-pass left for the prefill to resume from
         self._resumed: Optional[dict] = None  # the prefill now running from it (blocks swapped, cache to join)
         self._own_hooks: set[int] = set()  # ids of this Steering's site hooks
+        self._in_sub = False  # inside _run_fired_rows' forward of some rows
         self.last_resumed_at: Optional[int] = None  # the block the last sequence's prefill resumed at, if any
         self._active = False
         self._by_site = self._plan()
@@ -154,7 +155,7 @@ class Steering:
     # -- per-call state -------------------------------------------------------------------
     def _on_forward(self, module, args, kwargs):
         """Work out, for this forward call, what every intervention touches (see the module doc)."""
-        if self._in_prepass:
+        if self._in_prepass or self._in_sub:
             return None
         ids, emb = kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
         cp = call_positions(args, kwargs)
@@ -400,20 +401,23 @@ class Steering:
         """If this call is the prefill of the tokens the pre-pass just read, run only blocks
         ``R ..`` (:func:`steer.hooks.resume_at`) and join the pre-pass's cache of blocks
         ``0 .. R − 1`` to the forward's once it returns (:meth:`_after_forward`): the same
-        states, keys and values as running them again. Anything else (another shape, mask or
-        position ids, gradients, a cache that is not plain, hooks on the skipped blocks or a second
-        pre-hook on the base model, such as a nested :class:`Steering`) runs the whole model."""
+        states, keys and values as running them again. ``R`` is the first steered block, or the
+        block above the condition's where no row is steered there: if the condition fires on no
+        prompt, or on some (those rows alone run the blocks from the steered one up to the
+        condition's first, :meth:`_run_fired_rows`). Anything else (another shape, mask or position
+        ids, gradients, a cache that is not plain, hooks of others on the skipped blocks or a
+        second pre-hook on the base model, such as a nested :class:`Steering`) runs the whole model."""
+        from torch.nn.modules import module as nn_module
+
         from ._hf import can_splice_cache_layers, empty_cache
+        from .hooks import resume_at
 
         pre, self._prepass = self._prepass, None
         if pre is None or cp.past != 0 or torch.is_grad_enabled():
             return
-        R, resid, am = pre["layer"], pre["resid"], cp.attention_mask
-        gate = self._seq["gate"] if self._seq is not None else None
-        if "top" in pre and gate is not None and not bool(gate.any()):
-            R, resid = pre["top"], pre["top_resid"]  # no row is steered: every block the pre-pass ran is the prefill's
+        am = cp.attention_mask
         rows, n = cp.real.shape
-        if tuple(resid.shape) != (rows, n, self.model.d_model) or pre["am"].shape != am.shape \
+        if tuple(pre["resid"].shape) != (rows, n, self.model.d_model) or pre["am"].shape != am.shape \
                 or not torch.equal(pre["am"].bool(), am.to(pre["am"].device).bool()):
             return
         if emb is not None or ids is None or pre["ids"] is None or pre["emb"] is not None \
@@ -426,35 +430,83 @@ class Steering:
                 return
         elif not torch.equal(pos.to(real.device).expand(rows, n)[real], pre["pos"].to(real.device)[real]):
             return
-        from torch.nn.modules import module as nn_module
-
-        own = self._own_hooks  # below R they run only where no row is steered: they would change nothing
-        if len(base._forward_pre_hooks) != 1 or nn_module._global_forward_hooks \
-                or nn_module._global_forward_pre_hooks or any(
-                    set(m._forward_hooks) - own or set(m._forward_pre_hooks) - own
-                    for b in self.model.layers[:R] for m in b.modules()):
+        if len(base._forward_pre_hooks) != 1 or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return
         names = [k for k in ("cache", "past_key_values") if kwargs.get(k) is not None]
         join = kwargs[names[0]] if names else None
-        if join is not None:
-            if not can_splice_cache_layers(join, pre["cache"], R):
-                return
-        elif kwargs.get("use_cache") is not False:  # the model may make its own cache and return it
-            made = empty_cache(self.model.hf)
-            if kwargs.get("return_dict") is False or made is None or not can_splice_cache_layers(made, pre["cache"], R):
-                return
-        from .hooks import resume_at
+        returns_cache = join is None and kwargs.get("use_cache") is not False  # the model makes its own, returns it
+        if returns_cache and kwargs.get("return_dict") is False:
+            return
+        own = self._own_hooks  # below R they run only where no row is steered: they would change nothing
 
+        def can_skip(r: int) -> bool:
+            """Blocks 0 .. r − 1 carry no one else's hooks, and their cache can join the forward's."""
+            if any(set(m._forward_hooks) - own or set(m._forward_pre_hooks) - own
+                   for b in self.model.layers[:r] for m in b.modules()):
+                return False
+            into = join if join is not None else (empty_cache(self.model.hf) if returns_cache else None)
+            return into is None and not returns_cache or into is not None and can_splice_cache_layers(into, pre["cache"], r)
+
+        R, resid = pre["layer"], pre["resid"]
+        gate = self._seq["gate"] if self._seq is not None else None
+        if "top" in pre and gate is not None and can_skip(pre["top"]):
+            fired = gate != 0
+            if not bool(fired.any()):  # no row is steered: every block the pre-pass ran is the prefill's
+                R, resid = pre["top"], pre["top_resid"]
+            elif pre["top"] > R and not bool(fired.all()):
+                staged = self._run_fired_rows(base, pre, fired)
+                if staged is not None:
+                    R, resid = pre["top"], staged
+        if R != pre.get("top") and not can_skip(R):
+            return
         ctx = resume_at(self.model, R, resid)
         ctx.__enter__()
-        self._resumed = {"ctx": ctx, "layer": R, "cache": pre["cache"], "join": join,
-                         "returns_cache": join is None and kwargs.get("use_cache") is not False}
+        self._resumed = {"ctx": ctx, "layer": R, "cache": pre["cache"], "join": join, "returns_cache": returns_cache}
         self.last_resumed_at = R
+
+    def _run_fired_rows(self, base, pre: dict, fired: Tensor) -> Optional[Tensor]:
+        """The rows the condition fired on, alone, through the blocks from the first steered one
+        up to the condition's last, steered as in the whole batch (this call's per-row masks,
+        strengths and gate, sliced); their keys and values there replace the pre-pass's unsteered
+        ones. Returns every row's input to the block above (the pre-pass's, or these rows'), or
+        None (nothing changed) where the blocks or the cache are not plain."""
+        from ._hf import assign_cache_rows, cache_kwarg, empty_cache
+        from .hooks import record_block_input, resume_at, stop_before
+
+        start, top = pre["layer"], pre["top"]
+        sub_cache = empty_cache(self.model.hf)
+        if sub_cache is None:
+            return None
+        idx = fired.nonzero().squeeze(-1)
+
+        def take(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t[idx.to(t.device)]
+
+        full = self._step
+        self._step = {"interventions": [(take(m), take(i), take(st)) for m, i, st in full["interventions"]],
+                      "gate": take(full["gate"])}
+        self._in_sub = True
+        try:
+            with resume_at(self.model, start, take(pre["resid"])), record_block_input(self.model, top) as rec, \
+                    stop_before(self.model, top):
+                try:
+                    base(input_ids=take(pre["ids"]), attention_mask=take(pre["am"]).long(), position_ids=take(pre["pos"]),
+                         use_cache=True, **{cache_kwarg(base): sub_cache})
+                except StopForward:
+                    pass
+        finally:
+            self._in_sub, self._step = False, full
+        if not rec.get("bare") or rec.get("resid") is None \
+                or not assign_cache_rows(pre["cache"], idx, sub_cache, start=start, stop=top):
+            return None
+        resid = pre["top_resid"].clone()
+        resid[idx.to(resid.device)] = rec["resid"].to(resid)
+        return resid
 
     def _after_forward(self, module, args, kwargs, output):
         """After a resumed prefill (also one that raised): the blocks come back, and the
         pre-pass's cache of the skipped blocks joins the forward's."""
-        if self._in_prepass or self._resumed is None:
+        if self._in_prepass or self._in_sub or self._resumed is None:
             return None
         r = self._end_resume()
         if output is None:  # the forward raised

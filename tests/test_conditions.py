@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import steer
 from conftest import RUNNER_FAMILIES, deep
 from steer.conditions import Condition, Rule, condition_scores, fit_condition, grid_search
 from steer.steering import Steering, prompt_means
@@ -126,11 +127,11 @@ RESUME = [(2, 1, 1), (1, 3, 2)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("family", RUNNER_FAMILIES)
 def test_prefill_after_the_condition_pre_pass_is_the_models_own_forward(family, dtype, where, fires):
-    """The prefill that follows a CAST condition's pre-pass starts at the first block the
-    pre-pass has not run or that is steered (above the condition's block if it fires on no
-    prompt), and takes the blocks below from it (their input state and KV cache). Against HF's
-    own forward under the same per-row gate with no condition (so no pre-pass and no skipping):
-    the prefill's logits, every layer's keys and values, and the generated tokens."""
+    """The prefill that follows a CAST condition's pre-pass starts above the condition's block
+    and takes the blocks below from it (their input state and KV cache); where the condition
+    reads above the steered block, the rows it fires on first run the blocks between, steered.
+    Against HF's own forward under the same per-row gate with no condition (so no pre-pass and
+    no skipping): the prefill's logits, every layer's keys and values, and the generated tokens."""
     from steer._hf import output_cache
     from steer.data import tokenize
 
@@ -141,7 +142,7 @@ def test_prefill_after_the_condition_pre_pass_is_the_models_own_forward(family, 
     scores = (prompt_means(m, PROMPTS, layers=[cond_layer])[:, 0] @ (u / u.norm())).sort().values
     gap = int((scores[1:] - scores[:-1])[:-1].argmax())  # some prompts fire, some do not
     cond = Condition(u, layer=cond_layer, threshold=float(scores[gap: gap + 2].mean()) if fires == "some" else 1e9)
-    if fires == "none":
+    if fires == "none" or steer_layer <= cond_layer:  # rows it fires on run the blocks between apart
         resume = cond_layer + 1
     b = tokenize(m, PROMPTS)
     kw = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=True)
@@ -213,3 +214,46 @@ def test_prefill_runs_every_block_where_it_cannot_resume():
             s.generate(PROMPTS, max_new_tokens=2)
     assert list(m.layers) == blocks
     assert run() == (plain, 1)
+
+
+def test_rows_the_condition_fires_on_run_the_blocks_between_with_every_kind_of_edit():
+    """With the condition above the steered blocks and firing on some prompts, those rows alone
+    run the blocks between, each edit sliced to them: per-row strengths, a prompt selector, an
+    aligned ActAdd, an ablation and a clamp, at resid_pre / resid_post / attn_out. The same
+    logits, cache and tokens as HF's own forward under that gate with no condition."""
+    from steer._hf import output_cache
+    from steer.data import tokenize
+    from steer.interventions import Intervention
+
+    m = deep("tiny-qwen2", n_layers=5)
+    g = torch.Generator().manual_seed(4)
+    d = m.d_model
+    u = torch.randn(d, generator=g)
+    ivs = [Intervention("add", torch.randn(d, generator=g) * 3, layers=[1], strength=torch.tensor([1.0, 2.0, 0.5, 3.0])),
+           Intervention("add", torch.randn(3, d, generator=g) * 3, layers=[2], sites=("resid_pre",),
+                        positions="post_instruction", aligned=True),
+           Intervention("ablate", torch.randn(d, generator=g), layers=[2], sites=("attn_out",), positions=steer.Last(2)),
+           Intervention("clamp", torch.randn(d, generator=g), layers=[3], strength=2.0)]
+    scores = (prompt_means(m, PROMPTS, layers=[3])[:, 0] @ (u / u.norm())).sort().values
+    gap = int((scores[1:] - scores[:-1])[:-1].argmax())
+    cond = Condition(u, layer=3, threshold=float(scores[gap: gap + 2].mean()))
+    b = tokenize(m, PROMPTS)
+    kw = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=True)
+    with torch.no_grad():
+        with Steering(m, ivs, condition=cond) as s:
+            s.batch = b
+            ours = m.hf(**kw)
+            assert s.last_resumed_at == 4
+            gate = s.last_gate
+            ours_text = s.generate(PROMPTS, max_new_tokens=5)
+        assert 0 < gate.sum() < len(PROMPTS)
+        with Steering(m, ivs, gate=gate) as s:
+            s.batch = b
+            ref = m.hf(**kw)
+            ref_text = s.generate(PROMPTS, max_new_tokens=5)
+    real = b.attention_mask.bool()
+    torch.testing.assert_close(ours.logits[real], ref.logits[real])
+    for a, r in zip(output_cache(ours).layers, output_cache(ref).layers):
+        torch.testing.assert_close(a.keys, r.keys)
+        torch.testing.assert_close(a.values, r.values)
+    assert ours_text == ref_text

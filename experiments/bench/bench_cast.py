@@ -4,29 +4,30 @@ the whole prefill run again (the loop before 2026-12-05).
 
     python experiments/bench/bench_cast.py      # prints one ratio per regime (target >= 0.9)
 
-Steering ``+α·v`` at layer 10; the condition (a random projection, made to fire on every prompt
-or on none) reads layer 6 (below the steered layer: the prefill resumes at block 7 and no block
-runs twice) or layer 14 (above it: the prefill resumes at block 10 and blocks 10-14 run twice,
-or, where it fires on no prompt and nothing is steered, at block 15). Two workloads: 8 short chat prompts x 24 new tokens, where decoding dominates,
-and 4 prompts of about 450 tokens x 16 new tokens, where the prefill does.
+Steering ``+α·v`` at layer 10; the condition (a random projection, made to fire on every prompt,
+on half or on none) reads layer 6 (below the steered layer: the prefill resumes at block 7 and no
+block runs twice) or layer 14 (above it: the rows it fires on run blocks 10-14 again, steered,
+and the prefill resumes at block 15; where it fires on every prompt, at block 10). Two
+workloads: 8 short chat prompts x 24 new tokens, where decoding dominates, and 4 prompts of about
+450 tokens x 16 new tokens, where the prefill does.
 
 Measured on 2 CPU cores (Intel Xeon, fp32, best of 3, 2026-12-05), against plain steering;
-"resumed" is the default, "whole" the prefill run again from block 0:
+"resumed" is the default, the second figure the prefill run again from block 0:
 
 ===================================  =================================  =================================
 condition                            short (8 prompts x 24 tokens)      long (4 x ~450 tokens, 16 new)
 ===================================  =================================  =================================
-at layer 6, fires on every prompt    0.99x resumed (block 7), 0.95x     0.99x resumed (block 7), 0.87x
-at layer 14, fires on every prompt   0.98x resumed (block 10), 0.95x    0.89x resumed (block 10), 0.74x
-at layer 14, fires on no prompt      1.01x resumed (block 15), 0.94x    1.00x resumed (block 15), 0.76x
+at layer 6, fires on every prompt    1.00x resumed (block 7), 0.97x     1.02x resumed (block 7), 0.84x
+at layer 14, fires on every prompt   0.98x resumed (block 10), 0.95x    0.89x resumed (block 10), 0.75x
+at layer 14, fires on half           1.01x resumed (block 15), 0.95x    1.00x resumed (block 15), 0.75x
+at layer 14, fires on no prompt      1.00x resumed (block 15), 0.96x    1.01x resumed (block 15), 0.74x
 ===================================  =================================  =================================
 
-On long prompts the pre-pass cost up to a quarter of the throughput. Resumed, it costs nothing
-where the condition reads below the steered layer or fires on no prompt, and where it reads above
-and fires, blocks 10-14 still run twice (0.89x): the rows it does not fire on could start at block
-15, but one batched forward starts every row at the same block (FASB's staged prefill splits the
-batch for that; not done here). An earlier run, before "fires on no prompt" was handled: 1.00x /
-0.99x short, 1.01x / 0.90x long for the two firing rows.
+On long prompts the pre-pass cost a quarter of the throughput. Resumed, it costs nothing
+measurable here where the condition reads below the steered layer, or above it and fires on some
+prompts or none (the rows it fires on run blocks 10-14 again, steered, apart; every row then
+starts at block 15). Where it fires on every prompt, blocks 10-14 run twice for all (0.89x on
+long prompts).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ LONG = ["The history of bread goes back thousands of years. " * 40 + f"Question 
 def main(device: str = "cpu", reps: int = 3) -> dict:
     import steer
     from steer.conditions import Condition
-    from steer.steering import Steering
+    from steer.steering import prompt_means
 
     model = steer.load(device=device)
     g = torch.Generator().manual_seed(0)
@@ -64,10 +65,11 @@ def main(device: str = "cpu", reps: int = 3) -> dict:
             return go
 
         regimes = {"plain steering": run()}
-        for layer, fires in ((6, "every"), (14, "every"), (14, "no")):
-            cond = Condition(u, layer=layer, threshold=-1e9 if fires == "every" else 1e9)
-            regimes[f"at {layer}, fires on {fires} prompt, resumed"] = run(cond)
-            regimes[f"at {layer}, fires on {fires} prompt, whole"] = run(cond, resume=False)
+        half = float((prompt_means(model, prompts, layers=[14])[:, 0] @ u).median())  # fires on half
+        for layer, fires in ((6, "every"), (14, "every"), (14, "half"), (14, "no")):
+            cond = Condition(u, layer=layer, threshold={"every": -1e9, "half": half, "no": 1e9}[fires])
+            regimes[f"at {layer}, fires on {fires}, resumed"] = run(cond)
+            regimes[f"at {layer}, fires on {fires}, whole"] = run(cond, resume=False)
         for f in regimes.values():  # warm-up
             f()
         best = {k: float("inf") for k in regimes}
