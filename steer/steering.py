@@ -23,10 +23,13 @@ strength, its prompt-position selection (``Last``, ``post_instruction``, ...) an
 hooks then apply :mod:`steer.interventions` with ``[rows]`` strengths times a ``[rows]`` gate.
 With a CAST condition the gate is computed once per sequence from each whole prompt's mean hidden
 state (a forward pass up to the condition layer) and kept for the rest of generation. That
-pre-pass is unsteered, and so are the blocks below the first steered one: the prefill that follows
-takes their states and KV cache from it and starts at the first block it has not run or that is
-steered (``Steering.last_resumed_at``; the whole model runs where that could change anything,
-:meth:`Steering._begin_resume`). All state lives on the :class:`Steering` object; nothing is global.
+pre-pass is unsteered, and so are the blocks below the first steered one and, for the rows the
+condition does not fire on, every block: the prefill that follows takes those blocks' states and
+KV cache from it. It starts above the condition's last block (the rows it fires on first run the
+blocks from the first steered one up to there, steered, on their own), or at the first steered
+block where the condition fires on every prompt (``Steering.last_resumed_at``; the whole model
+runs where skipping could change anything, :meth:`Steering._begin_resume`). All state lives on the
+:class:`Steering` object; nothing is global.
 """
 
 from __future__ import annotations
