@@ -355,6 +355,10 @@ class Steering:
         w = keep.float()[..., None]
         R = None if torch.is_grad_enabled() else self._resume_layer()
         cache = None if R is None else empty_cache(self.model.hf)
+        try:
+            cache_name = cache_kwarg(base)
+        except TypeError:  # a release that passes the cache under a name steer does not know
+            cache = None
         # the block above the last condition layer: where a prefill that no row steers can resume
         top = layers[-1] + 1 if cache is not None and layers[-1] + 1 < self.model.n_layers else None
 
@@ -375,7 +379,7 @@ class Steering:
                     if top is not None:
                         rec_top = rec if top == R else stack.enter_context(record_block_input(self.model, top))
                         stack.enter_context(stop_before(self.model, top))
-                    kw = {cache_kwarg(base): cache}
+                    kw = {cache_name: cache}
                 try:
                     base(input_ids=ids, inputs_embeds=emb, attention_mask=am.long(), position_ids=pos_ids,
                          use_cache=cache is not None, **kw)
@@ -405,9 +409,9 @@ class Steering:
         ``R ..`` (:func:`steer.hooks.resume_at`) and join the pre-pass's cache of blocks
         ``0 .. R − 1`` to the forward's once it returns (:meth:`_after_forward`): the same
         states, keys and values as running them again. ``R`` is the first steered block, or the
-        block above the condition's where no row is steered there: if the condition fires on no
-        prompt, or on some (those rows alone run the blocks from the steered one up to the
-        condition's first, :meth:`_run_fired_rows`). Anything else (another shape, mask or position
+        block above the condition's last where no row is steered there: if the condition fires on
+        no prompt, or on some (those rows alone run the blocks from the first steered one up to
+        the condition's last, :meth:`_run_fired_rows`). Anything else (another shape, mask or position
         ids, gradients, a cache that is not plain, hooks of others on the skipped blocks or a
         second pre-hook on the base model, such as a nested :class:`Steering`) runs the whole model."""
         from torch.nn.modules import module as nn_module
