@@ -369,7 +369,7 @@ class Steering:
 
         pos_ids = position_ids(am)
         rec = rec_top = None
-        self._in_prepass, self._prepass = True, None
+        self._in_prepass = True
         try:
             with ExitStack() as stack:
                 stack.enter_context(add_hooks(self.model, {Site("resid_post", l): grab for l in layers}))
@@ -387,9 +387,8 @@ class Steering:
                     pass
         finally:
             self._in_prepass = False
-        if rec is not None and rec.get("bare") and rec.get("resid") is not None:
-            self._prepass = {"layer": R, "resid": rec["resid"], "cache": cache, "ids": ids, "emb": emb, "am": am,
-                             "pos": pos_ids}
+        if ids is not None and emb is None and rec is not None and rec.get("bare") and rec.get("resid") is not None:
+            self._prepass = {"layer": R, "resid": rec["resid"], "cache": cache, "ids": ids, "am": am, "pos": pos_ids}
             if rec_top is not None and rec_top.get("bare") and rec_top.get("resid") is not None:
                 self._prepass.update(top=top, top_resid=rec_top["resid"])
         return hs
@@ -416,7 +415,7 @@ class Steering:
         second pre-hook on the base model, such as a nested :class:`Steering`) runs the whole model."""
         from torch.nn.modules import module as nn_module
 
-        from ._hf import can_splice_cache_layers, empty_cache
+        from ._hf import can_splice_cache_layers
         from .hooks import resume_at
 
         pre, self._prepass = self._prepass, None
@@ -427,8 +426,7 @@ class Steering:
         if tuple(pre["resid"].shape) != (rows, n, self.model.d_model) or pre["am"].shape != am.shape \
                 or not torch.equal(pre["am"].bool(), am.to(pre["am"].device).bool()):
             return
-        if emb is not None or ids is None or pre["ids"] is None or pre["emb"] is not None \
-                or not (ids is pre["ids"] or torch.equal(ids, pre["ids"].to(ids.device))):
+        if emb is not None or ids is None or not (ids is pre["ids"] or torch.equal(ids, pre["ids"].to(ids.device))):
             return
         pos = kwargs.get("position_ids")
         real = am.bool()
@@ -451,11 +449,11 @@ class Steering:
             if any(set(m._forward_hooks) - own or set(m._forward_pre_hooks) - own
                    for b in self.model.layers[:r] for m in b.modules()):
                 return False
-            into = join if join is not None else (empty_cache(self.model.hf) if returns_cache else None)
-            return into is None and not returns_cache or into is not None and can_splice_cache_layers(into, pre["cache"], r)
+            # a cache the model makes itself is made as empty_cache made the pre-pass's
+            return join is None or can_splice_cache_layers(join, pre["cache"], r)
 
         R, resid = pre["layer"], pre["resid"]
-        gate = self._seq["gate"] if self._seq is not None else None
+        gate = self._seq["gate"]
         if "top" in pre and gate is not None and can_skip(pre["top"]):
             fired = gate != 0
             if not bool(fired.any()):  # no row is steered: every block the pre-pass ran is the prefill's

@@ -26,6 +26,18 @@ RUNNER_FAMILIES = ["tiny-llama", "tiny-gemma3", "tiny-mistral", "tiny-qwen2", "t
                    "tiny-olmo2", "tiny-gemma", "tiny-gemma2", "tiny-phi3", "tiny-gpt2", "tiny-pythia"]
 
 
+def splitting_condition(model, prompts, layer, u):
+    """A projection condition on ``u`` at ``layer`` that fires on some of ``prompts`` and not on
+    others: its threshold sits in the widest gap between their scores (keeping a prompt on each
+    side), so float noise cannot flip a decision."""
+    from steer.conditions import Condition
+    from steer.steering import prompt_means
+
+    scores = (prompt_means(model, prompts, layers=[layer])[:, 0] @ (u / u.norm())).sort().values
+    gap = int((scores[1:] - scores[:-1])[:-1].argmax())
+    return Condition(u, layer=layer, threshold=float(scores[gap: gap + 2].mean()))
+
+
 def deep(family, n_layers=4, dtype=torch.float32):
     """``family``'s tiny model with ``n_layers`` blocks (the matrix's have 2: too few to put a
     steered block, a reading block and blocks above them in one model)."""

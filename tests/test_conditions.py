@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import steer
-from conftest import RUNNER_FAMILIES, deep
+from conftest import RUNNER_FAMILIES, deep, splitting_condition
 from steer.conditions import Condition, Rule, condition_scores, fit_condition, grid_search
 from steer.steering import Steering, prompt_means
 from steer.steering import steer as steer_ctx
@@ -139,9 +139,7 @@ def test_prefill_after_the_condition_pre_pass_is_the_models_own_forward(family, 
     m = deep(family, dtype=dtype)
     g = torch.Generator().manual_seed(3)
     u, v = torch.randn(m.d_model, generator=g), torch.randn(m.d_model, generator=g) * 4
-    scores = (prompt_means(m, PROMPTS, layers=[cond_layer])[:, 0] @ (u / u.norm())).sort().values
-    gap = int((scores[1:] - scores[:-1])[:-1].argmax())  # some prompts fire, some do not
-    cond = Condition(u, layer=cond_layer, threshold=float(scores[gap: gap + 2].mean()) if fires == "some" else 1e9)
+    cond = splitting_condition(m, PROMPTS, cond_layer, u) if fires == "some" else Condition(u, cond_layer, 1e9)
     if fires == "none" or steer_layer <= cond_layer:  # rows it fires on run the blocks between apart
         resume = cond_layer + 1
     b = tokenize(m, PROMPTS)
@@ -234,9 +232,7 @@ def test_rows_the_condition_fires_on_run_the_blocks_between_with_every_kind_of_e
                         positions="post_instruction", aligned=True),
            Intervention("ablate", torch.randn(d, generator=g), layers=[2], sites=("attn_out",), positions=steer.Last(2)),
            Intervention("clamp", torch.randn(d, generator=g), layers=[3], strength=2.0)]
-    scores = (prompt_means(m, PROMPTS, layers=[3])[:, 0] @ (u / u.norm())).sort().values
-    gap = int((scores[1:] - scores[:-1])[:-1].argmax())
-    cond = Condition(u, layer=3, threshold=float(scores[gap: gap + 2].mean()))
+    cond = splitting_condition(m, PROMPTS, 3, u)
     b = tokenize(m, PROMPTS)
     kw = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=True)
     with torch.no_grad():

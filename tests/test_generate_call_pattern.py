@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import steer
-from steer.conditions import Condition
+from conftest import splitting_condition
 from steer.hooks import add_hooks
-from steer.steering import prompt_means
 from steer.steering import steer as steer_ctx
 
 PROMPTS = ["Hi", "How are you today, my friend?", "Tell me a joke.",
@@ -27,12 +26,8 @@ def _vector(model, seed=0):
 
 
 def _condition(model):
-    """A projection condition that fires on some prompts and not on others (threshold in the
-    widest gap between the prompts' scores, so padding noise cannot flip a decision)."""
-    u = torch.randn(model.d_model, generator=torch.Generator().manual_seed(7))
-    scores = (prompt_means(model, PROMPTS, layers=[0])[:, 0] @ (u / u.norm())).sort().values
-    gap = int((scores[1:] - scores[:-1])[:-1].argmax())  # keep at least one prompt on each side
-    return Condition(u, layer=0, threshold=float(scores[gap: gap + 2].mean()))
+    """A projection condition that fires on some prompts and not on others."""
+    return splitting_condition(model, PROMPTS, 0, torch.randn(model.d_model, generator=torch.Generator().manual_seed(7)))
 
 
 def _generate(model, prompts, alpha, positions, condition=None, **kw):
