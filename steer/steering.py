@@ -63,6 +63,10 @@ class Steering:
         condition: optional CAST :class:`~steer.conditions.Condition` (or rule); when given, each
             example is steered only if the condition fires on its prompt.
         gate: optional ``[batch]`` tensor (0/1 or any weight) multiplying every strength.
+        resume: with a ``condition``, let the prefill start where the condition's pre-pass can
+            hand over (the blocks it ran unsteered are not run again; :attr:`last_resumed_at`
+            says where it started). ``False`` runs every block again: the same result, slower;
+            for comparison or to rule the hand-over out while debugging.
 
     Inside the block, any forward of ``model.hf`` (including HF ``generate``) is steered.
     :meth:`generate`, :meth:`logits` and :meth:`next_token_logits` tokenize prompts for you
@@ -79,11 +83,12 @@ class Steering:
     """
 
     def __init__(self, model, interventions: Sequence[I.Intervention] = (), *, condition=None,
-                 gate: Optional[Tensor] = None):
+                 gate: Optional[Tensor] = None, resume: bool = True):
         self.model = model
         self.interventions = list(interventions)
         self.condition = condition
         self.gate = gate
+        self.resume = resume
         self.batch: Optional[Batch] = None
         self.last_gate: Optional[Tensor] = None  # the gate used for the current/last sequence
         self.condition_scores: Optional[Tensor] = None
@@ -353,7 +358,7 @@ class Steering:
         layers = sorted(self.condition.layers)
         hs: dict[int, Tensor] = {}
         w = keep.float()[..., None]
-        R = None if torch.is_grad_enabled() else self._resume_layer()
+        R = None if torch.is_grad_enabled() or not self.resume else self._resume_layer()
         cache = None if R is None else empty_cache(self.model.hf)
         try:
             cache_name = cache_kwarg(base)
@@ -676,6 +681,7 @@ def steer(
     gate: Optional[Tensor] = None,
     interventions: Sequence[I.Intervention] = (),
     exclude=None,
+    resume: bool = True,
 ) -> Steering:
     """Build a :class:`Steering` for one direction (plus any extra ``interventions``).
 
@@ -719,7 +725,7 @@ def steer(
             include_sink = include_sink and not sink
         ivs.insert(0, I.Intervention(kind, v, layers=layers, sites=sites, positions=positions,
                                      strength=strength, include_sink=include_sink, skip_tokens=skip))
-    return Steering(model, ivs, condition=condition, gate=gate)
+    return Steering(model, ivs, condition=condition, gate=gate, resume=resume)
 
 
 def prompt_means(model, prompts, layers="all", batch_size: int = 32):

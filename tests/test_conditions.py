@@ -171,7 +171,7 @@ def test_prefill_after_the_condition_pre_pass_is_the_models_own_forward(family, 
 
 def test_prefill_runs_every_block_where_it_cannot_resume():
     """Where skipping the blocks below could change what someone sees, the prefill runs them all:
-    a hook of one's own on a skipped block, gradients, a static cache, a nested Steering, several
+    asked to (``resume=False``), a hook of one's own on a skipped block, gradients, a static cache, a nested Steering, several
     sequences per prompt. Whatever happens, the blocks come back, also after an exception."""
     from steer.data import tokenize
     from steer.hooks import add_hooks
@@ -182,13 +182,14 @@ def test_prefill_runs_every_block_where_it_cannot_resume():
     cond = Condition(u, layer=2, threshold=-1e9)  # fires on every prompt
     blocks = list(m.layers)
 
-    def run(**gen):
-        with steer_ctx(m, v, layer=1, strength=1.0, condition=cond) as s:
+    def run(resume=True, **gen):
+        with steer_ctx(m, v, layer=1, strength=1.0, condition=cond, resume=resume) as s:
             out = s.generate(PROMPTS, max_new_tokens=4, **gen)
             return out, s.last_resumed_at
 
     plain, at = run()
     assert at == 1
+    assert run(resume=False) == (plain, None)  # asked for
     seen = []
     with add_hooks(m, {"resid_post.0": lambda act, site: seen.append(act.shape[1])}):
         assert run() == (plain, None)

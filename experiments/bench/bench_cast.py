@@ -59,9 +59,8 @@ def main(device: str = "cpu", reps: int = 3) -> dict:
     for work, prompts, new in (("short", SHORT, 24), ("long", LONG, 16)):
         def run(condition=None, resume=True):
             def go():
-                with steer.steer(model, v, layer=10, strength=2.0, condition=condition) as s:
-                    if not resume:  # the prefill runs every block again, as before
-                        s._resume_layer = lambda: None
+                # resume=False: the prefill runs every block again, as before
+                with steer.steer(model, v, layer=10, strength=2.0, condition=condition, resume=resume) as s:
                     s.generate(prompts, max_new_tokens=new, min_new_tokens=new)
                     go.resumed = s.last_resumed_at
                     go.fired = None if s.last_gate is None else int(s.last_gate.sum())
