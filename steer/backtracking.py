@@ -254,7 +254,7 @@ def _staged_prefill(model, batch, mask, layer: int, P: int, decide, alpha: list,
     cache and logits :func:`_reencode` gives; None (before any decision) where the cache or the
     blocks are not plain."""
     from ._hf import assign_cache_rows, empty_cache, output_cache, splice_cache_layers
-    from .hooks import StopForward, record_block_input, resume_at, stop_before
+    from .hooks import record_block_input, resume_at, run_blocks
     from .steering import Steering
 
     B, T = batch.input_ids.shape
@@ -264,18 +264,9 @@ def _staged_prefill(model, batch, mask, layer: int, P: int, decide, alpha: list,
         """Blocks from ``layer`` (or 0) up to the probe's (or the end): (output, input to block P + 1)."""
         ids = (batch.input_ids, mask, batch.position_ids) if rows is None else \
             (batch.input_ids[rows], mask[rows], batch.position_ids[rows])
-        with ExitStack() as stack:
-            if start_resid is not None:
-                stack.enter_context(resume_at(model, layer, start_resid))
-            above = stack.enter_context(record_block_input(model, P + 1)) if top else {}
-            if top:
-                stack.enter_context(stop_before(model, P + 1))
-            try:
-                out = model.hf(input_ids=ids[0], attention_mask=ids[1], position_ids=ids[2], use_cache=True,
-                               **{cache_kw: cache}, **kw)
-            except StopForward:
-                out = None
-        return out, above
+        return run_blocks(model, lambda: model.hf(input_ids=ids[0], attention_mask=ids[1], position_ids=ids[2],
+                                                  use_cache=True, **{cache_kw: cache}, **kw),
+                          layer, P + 1, start_resid)
 
     first = empty_cache(model.hf)
     if first is None:

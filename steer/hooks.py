@@ -15,9 +15,9 @@ Hooks sit on the HuggingFace modules, so HF ``generate`` with its KV cache runs 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -27,7 +27,7 @@ from ._hf import cached_length, padding_mask
 from .sites import Site, hf_target, parse_sites
 
 __all__ = ["add_hooks", "HookFn", "CallPositions", "call_positions", "StopForward", "record_block_input", "resume_at",
-           "stop_before", "hook_ids"]
+           "stop_before", "run_blocks", "hook_ids"]
 
 HookFn = Callable[[Tensor, Site], Optional[Tensor]]
 
@@ -351,3 +351,33 @@ def stop_before(model, layer: int) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def run_blocks(model, forward: Callable[[], Any], start: int, stop: int,
+               resid: Optional[Float[Tensor, "batch pos d_model"]] = None) -> tuple[Any, dict]:
+    """Call ``forward()`` (a forward pass of ``model``) so that it runs only blocks
+    ``start .. stop − 1``: block ``start`` receives ``resid`` (:func:`resume_at`; with no
+    ``resid``, the blocks below run too) and the pass ends before block ``stop``
+    (:func:`stop_before`; ``stop = n_layers`` runs to the end). Returns the forward's output (None
+    where it stopped) and the record of block ``stop``'s input (:func:`record_block_input`; empty
+    at the end).
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> ids = torch.tensor([[5, 6, 7]])
+    >>> _, at1 = run_blocks(m, lambda: m.hf(input_ids=ids), 0, 1)
+    >>> out, _ = run_blocks(m, lambda: m.hf(input_ids=ids), 1, m.n_layers, at1["resid"])
+    >>> torch.equal(out.logits, m.hf(input_ids=ids).logits)
+    True
+    """
+    with ExitStack() as stack:
+        if resid is not None:
+            stack.enter_context(resume_at(model, start, resid))
+        rec = {}
+        if stop < len(model.layers):
+            rec = stack.enter_context(record_block_input(model, stop))
+            stack.enter_context(stop_before(model, stop))
+        try:
+            return forward(), rec
+        except StopForward:
+            return None, rec

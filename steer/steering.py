@@ -481,7 +481,7 @@ class Steering:
         ones. Returns every row's input to the block above (the pre-pass's, or these rows'), or
         None (nothing changed) where the blocks or the cache are not plain."""
         from ._hf import assign_cache_rows, cache_kwarg, empty_cache
-        from .hooks import record_block_input, resume_at, stop_before
+        from .hooks import run_blocks
 
         start, top = pre["layer"], pre["top"]
         sub_cache = empty_cache(self.model.hf)
@@ -497,13 +497,9 @@ class Steering:
                       "gate": take(full["gate"])}
         self._in_sub = True
         try:
-            with resume_at(self.model, start, take(pre["resid"])), record_block_input(self.model, top) as rec, \
-                    stop_before(self.model, top):
-                try:
-                    base(input_ids=take(pre["ids"]), attention_mask=take(pre["am"]).long(), position_ids=take(pre["pos"]),
-                         use_cache=True, **{cache_kwarg(base): sub_cache})
-                except StopForward:
-                    pass
+            _, rec = run_blocks(self.model, lambda: base(
+                input_ids=take(pre["ids"]), attention_mask=take(pre["am"]).long(), position_ids=take(pre["pos"]),
+                use_cache=True, **{cache_kwarg(base): sub_cache}), start, top, take(pre["resid"]))
         finally:
             self._in_sub, self._step = False, full
         if not rec.get("bare") or rec.get("resid") is None \
