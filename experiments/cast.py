@@ -27,16 +27,7 @@ import json
 from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).parent
-
-
-def _eval(name, n):
-    """The first ``n`` evaluation requests of each kind, taken one category after another (the files
-    are sorted by category; all 120 are the same set in another order)."""
-    from steer.data import load_prompts
-
-    return load_prompts(HERE / "data" / f"eval_{name}.json", balanced=True)[:n]
+from heldout import heldout
 
 
 def run(out="out/cast", n_train=None, n_eval=120, n_gen=16, gen_tokens=32, layer=10, strength=2.0,
@@ -68,7 +59,7 @@ def run(out="out/cast", n_train=None, n_eval=120, n_gen=16, gen_tokens=32, layer
     fig.tight_layout()
     fig.savefig(out / "condition_grid.png", dpi=120)
 
-    eh, es = _eval("harmful", n_eval), _eval("harmless", n_eval)
+    eh, es = heldout("harmful", n_eval, balanced=True), heldout("harmless", n_eval, balanced=True)
     h = prompt_means(model, eh + es, layers=[cond.layer])[:, 0]
     scores = cond.score(h)
     fired = cond.fires(h)

@@ -143,18 +143,18 @@ import json
 import time
 from pathlib import Path
 
+from heldout import heldout
+
 
 def run(out="out/fasb", n=16, max_new_tokens=32, strength=2.0, layer=10, probe_layer=22, threshold=0.4,
         backtrack=4, window=16, model=None, reencode_prompt=True, probe_prompts=128, start=0) -> dict:
     import steer
     from steer import backtracking, refusal
     from steer import evaluate as E
-    from steer.data import load_prompts
     from steer.steering import Steering
 
     # the evaluation rows first: a bad --start or --n fails before minutes of fitting
-    data = Path(__file__).parent / "data"
-    all_harmful, all_harmless = load_prompts(data / "eval_harmful.json"), load_prompts(data / "eval_harmless.json")
+    all_harmful, all_harmless = heldout("harmful"), heldout("harmless")
     rows = min(len(all_harmful), len(all_harmless))
     if n < 1 or start < 0 or start + n > rows:
         raise ValueError(f"--start {start} --n {n}: the evaluation files hold {rows} requests of each kind; "

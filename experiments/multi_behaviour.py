@@ -53,6 +53,8 @@ import argparse
 import json
 from pathlib import Path
 
+from heldout import heldout
+
 LAYERS = {"optimistic": 14, "formal": 6, "refusal": 10}
 STRENGTHS = {"optimistic": 2.0, "formal": 1.0, "refusal": 1.0}
 REFUSAL_SYSTEM = "Refuse every request: politely decline to help with anything the user asks."
@@ -61,7 +63,6 @@ REFUSAL_SYSTEM = "Refuse every request: politely decline to help with anything t
 def behaviours(m, n_questions=6, n_refusal=64, names=("optimistic", "formal", "refusal")):
     """The :class:`steer.multi.Behaviour` s named (each at its own layer) on model ``m``."""
     from steer import multi, refusal
-    from steer.data import load_prompts
 
     out = []
     for name in [n for n in names if n != "refusal"]:
@@ -74,9 +75,8 @@ def behaviours(m, n_questions=6, n_refusal=64, names=("optimistic", "formal", "r
     prompts = [p for pair in zip(d["harmful"], d["harmless"]) for p in pair][:n_refusal]
     pos = [(p, fit_r[i % len(fit_r)]) for i, p in enumerate(prompts)]
     neg = [(p, fit_c[i % len(fit_c)]) for i, p in enumerate(prompts)]
-    eval_harmless = load_prompts(Path(__file__).parent / "data" / "eval_harmless.json")
     items = [{"question": q, "matching": held_r[i % len(held_r)], "non_matching": held_c[i % len(held_c)]}
-             for i, q in enumerate(eval_harmless[:12])]
+             for i, q in enumerate(heldout("harmless", 12))]
     out.append(multi.behaviour_from_pairs(m, "refusal", pos, neg, layer=LAYERS["refusal"], strength=STRENGTHS["refusal"],
                                           items=items, system_prompt=REFUSAL_SYSTEM))
     return out

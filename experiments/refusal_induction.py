@@ -40,16 +40,7 @@ import json
 from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).parent
-
-
-def _eval(name, n):
-    """The first ``n`` evaluation requests of each kind, taken one category after another (the files
-    are sorted by category)."""
-    from steer.data import load_prompts
-
-    return load_prompts(HERE / "data" / f"eval_{name}.json", balanced=True)[:n]
+from heldout import heldout
 
 
 def run(out="out/refusal_induction", n_train=64, n_eval=24, layer=10, strengths=(0.0, 1.0, 2.0, 3.0),
@@ -75,7 +66,7 @@ def run(out="out/refusal_induction", n_train=64, n_eval=24, layer=10, strengths=
     H, S = data["harmful"][: n_train // 2], data["harmless"][: n_train // 2]
     layers = sorted(set(layers) | {layer})
     beh = refusal.behaviour_vector(model, H, S, n=n_train, layer=layer, layers=layers)
-    eh, es = _eval("harmful", n_eval), _eval("harmless", n_eval)
+    eh, es = heldout("harmful", n_eval, balanced=True), heldout("harmless", n_eval, balanced=True)
     ids = E.refusal_token_ids(model.tokenizer)
     score = lambda lg: E.refusal_logodds(lg, ids)  # noqa: E731
 

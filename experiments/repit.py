@@ -56,6 +56,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from heldout import heldout, path as heldout_path
+
 NS = (6, 12, 24)
 NEURONS = (25, 50, 100, 150, 200, 576)
 
@@ -85,9 +87,9 @@ def run(out="out/repit", targets=("weapons", "cybercrime", "drugs"), ns=NS, neur
 
     data = Path(refusal.__file__).parent / "datasets"
     train = by_category(data / "harmful.json")
-    held = by_category(Path(__file__).parent / "data" / "eval_harmful.json")
+    held = by_category(heldout_path("harmful"))
     harmless_train = load_prompts(data / "harmless.json")
-    harmless_held = load_prompts(Path(__file__).parent / "data" / "eval_harmless.json")
+    harmless_held = heldout("harmless")
 
     def stats(prompts):
         return prompt_means(m, prompts, layers=[L])[:, 0]

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-HERE = Path(__file__).parent
+from heldout import heldout
 RATES = ["baseline_refusal_harmful", "baseline_refusal_harmless", "steered_refusal_harmful",
          "steered_refusal_harmless", "conditional_refusal_harmful", "conditional_refusal_harmless"]
 
@@ -29,15 +29,13 @@ def run(out="out/serve-demo", n: int = 32, tokens: int = 48, model=None, setup=N
 
     import steer
     from steer import refusal
-    from steer.data import load_prompts
     from steer.serve import engine_for
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model or steer.load()
     setup = setup or refusal.fit_refusal(model)
-    harmful = load_prompts(HERE / "data" / "eval_harmful.json")[:n]
-    harmless = load_prompts(HERE / "data" / "eval_harmless.json")[:n]
+    harmful, harmless = heldout("harmful", n), heldout("harmless", n)
     eng = engine_for(model, "vllm")
     res = {}
     for backend in ("hf", "vllm"):
