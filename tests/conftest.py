@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +8,10 @@ import torch
 import steer
 
 torch.set_num_threads(2)
+
+# the experiments are scripts: they import their shared modules (experiments/heldout.py) as
+# top-level modules, as `python experiments/<name>.py` lets them; so do the tests that run them
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 
 @pytest.fixture(scope="session")
