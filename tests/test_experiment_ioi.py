@@ -3,13 +3,10 @@ a fresh run on the embedded SmolLM2 (4 IOI prompts, all node kinds; ~30 s on 2 C
 on Gemma-3-270M (heads, attention outputs, queries, keys; ~20 s)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import ioi_localisation  # noqa: E402
+import ioi_localisation  # experiments/ is on sys.path (tests/conftest.py)
 
 
 def test_experiment_runs_on_tiny_model(tmp_path):

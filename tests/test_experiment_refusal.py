@@ -1,11 +1,6 @@
 """The experiments' claims, at small sizes (the full runs are the scripts themselves)."""
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
 
 
 @pytest.mark.slow
@@ -26,7 +21,6 @@ def test_refusal_induction_claim(smol, tmp_path):
     assert r["strength_sweep"][0]["refusal_harmless"] <= 0.25
     for f in ("strength_sweep.png", "layer_sweep.png", "projection_hist.png", "results.json"):
         assert (tmp_path / f).exists()
-
 
 @pytest.mark.slow
 def test_cast_claim(smol, tmp_path):
