@@ -228,9 +228,6 @@ def fit_lineas(model, source_prompts: Sequence, target_prompts: Sequence, layers
                for i in range(0, len(source_prompts), batch_size)]
     sels = [P.mask(positions, b, include_sink=False) for b in batches]
     opt = torch.optim.Adam(omega + beta, lr=lr)
-    frozen = [p for p in model.hf.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     history = []
     keep = None  # [layer] boolean masks of the selected units
 
@@ -263,7 +260,7 @@ def fit_lineas(model, source_prompts: Sequence, target_prompts: Sequence, layers
                         o.copy_(torch.where(k, o, torch.ones_like(o)))
                         bb.copy_(torch.where(k, bb, torch.zeros_like(bb)))
 
-    frozen = [p for p in model.hf.parameters() if p.requires_grad]
+    frozen = [p for p in model.hf.parameters() if p.requires_grad]  # only the maps learn; given back after
     for p in frozen:
         p.requires_grad_(False)
     try:

@@ -118,7 +118,13 @@ def test_lineas_keeps_the_chosen_number_of_units():
     import steer
 
     m = steer.load("tiny-llama")
-    maps = fit_lineas(m, SRC, TGT, layers=[0, 1], steps=20, lr=0.05, units=5, init="identity")
+    trainable = m.layers[1].mlp.down_proj.weight  # e.g. an adapter the user trains: it stays trainable
+    trainable.requires_grad_(True)
+    try:
+        maps = fit_lineas(m, SRC, TGT, layers=[0, 1], steps=20, lr=0.05, units=5, init="identity")
+        assert trainable.requires_grad and trainable.grad is None
+    finally:
+        trainable.requires_grad_(False)
     assert [t.meta["active_units"] for t in maps] == [5, 5]
     assert ((maps[1].omega != 1) | (maps[1].beta != 0)).sum() == 5
     with pytest.raises(ValueError, match="init"):
