@@ -481,12 +481,13 @@ def _tiny(key: str, seed: int, n_layers: int = 2):
 
     tok = _byte_tokenizer()
     cfg = _tiny_config(key, tok, n_layers)
-    torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's random state
+        torch.manual_seed(seed)
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        # Random init with std 0.02 gives nearly uniform attention; widen it so tests see structure.
+        with torch.no_grad():
+            for p in hf.parameters():
+                if p.ndim == 2:
+                    p.normal_(0, 0.15)
     cfg.architectures = [type(hf).__name__]
-    # Random init with std 0.02 gives nearly uniform attention; widen it so tests see structure.
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.15)
     return hf, tok

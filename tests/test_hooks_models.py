@@ -133,3 +133,15 @@ def test_embedded_gemma3_loads_boots_and_completes():
     _, cache = g.bridge.run_with_cache(ids, names_filter=[name])
     acts = steer.capture(g, [steer.Raw("Hello world")], layers=[5], site="resid_pre", positions="all")
     torch.testing.assert_close(acts.tensor[0, 0], cache[name][0], atol=1e-3, rtol=1e-4)
+
+
+def test_loading_a_tiny_model_leaves_the_callers_random_state_alone():
+    """A tiny model is the same every time (seeded), and loading one does not reseed the
+    caller's random numbers."""
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    a = steer.load("tiny-gpt2")
+    assert torch.equal(torch.rand(3), expected)
+    b = steer.load("tiny-gpt2")
+    assert all(torch.equal(p, q) for p, q in zip(a.hf.parameters(), b.hf.parameters()))
