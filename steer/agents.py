@@ -93,6 +93,8 @@ def action_distribution(logits: Float[Tensor, "batch vocab"], arm_ids: Sequence[
     >>> d.tolist(), round(float(valid), 4)
     ([[0.5, 0.5]], 0.0133)
     """
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature}: it must be > 0 (1 is the model's own distribution).")
     p = (logits.float() / temperature).softmax(-1)
     pa = p[:, list(arm_ids)]
     valid = pa.sum(-1)
@@ -144,9 +146,12 @@ def play(model, bandit: Bandit, rounds: int = 12, episodes: int = 8, steering=No
 
     if rounds < 1 or episodes < 1:
         raise ValueError("Need rounds ≥ 1 and episodes ≥ 1.")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature}: it must be > 0 (1 is the model's own distribution).")
     prefix, ids = arm_tokens(model, bandit)
-    rng = random.Random(seed)
-    reward_rng = random.Random(bandit.seed)
+    # two streams: with one seed for both, the number that picked an arm would also decide its reward
+    rng = random.Random(f"steer.agents actions {seed}")
+    reward_rng = random.Random(f"steer.agents rewards {bandit.seed}")
     hist = [[] for _ in range(episodes)]
     A = torch.zeros(episodes, rounds, dtype=torch.long)
     R, H, V = torch.zeros_like(A), torch.zeros(episodes, rounds), torch.zeros(episodes, rounds)

@@ -35,6 +35,18 @@ def test_rollouts_are_seeded_and_steering_changes_them():
     assert not torch.allclose(big.entropy, a1.entropy)
 
 
+def test_rewards_are_drawn_apart_from_the_actions():
+    """Both arms pay half the time: whichever arm was pulled, about half the pulls pay. (With the
+    action and reward streams seeded alike, the number that picked arm A also paid it: 0.76
+    against 0.00.)"""
+    m = steer.load("tiny-llama")
+    for seed in (0, 1):
+        ep = agents.play(m, agents.Bandit([0.5, 0.5], seed=0), rounds=4, episodes=32, seed=seed)
+        a, r = ep.actions.flatten(), ep.rewards.flatten().float()
+        assert min((a == 0).sum(), (a == 1).sum()) >= 20
+        assert abs(float(r[a == 0].mean() - r[a == 1].mean())) < 0.3, seed
+
+
 def test_east_vector_is_the_entropy_weighted_mean_minus_the_mean():
     m = steer.load("tiny-llama")
     ep = agents.play(m, agents.Bandit([0.2, 0.8]), rounds=3, episodes=2, layer=1)
@@ -56,3 +68,6 @@ def test_bad_input():
     ep = agents.play(m, agents.Bandit([0.2, 0.8]), rounds=1, episodes=1)
     with pytest.raises(ValueError, match="layer=L"):
         agents.east_vector(ep)
+    for t in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            agents.play(m, agents.Bandit([0.2, 0.8]), rounds=1, episodes=1, temperature=t)

@@ -17,6 +17,18 @@ def test_evaluate_scores():
     assert abs(float(E.refusal_logodds(lg, [0, 1])) - 0.0) < 1e-6  # p = 1/2
     assert float(E.next_token_kl(torch.randn(3, 7), torch.randn(3, 7)).min()) >= 0
     assert E.f1([1, 0, 1], [1, 0, 0]) == pytest.approx(2 / 3)
+    # bad input is an error, not a plausible number
+    assert float(E.refusal_logodds(lg, [0, 0])) == pytest.approx(float(E.refusal_logodds(lg, [0])))  # p = 1/4, not 1/2
+    with pytest.raises(ValueError, match="token id"):
+        E.refusal_logodds(lg, [])
+    for score in (E.accuracy, E.f1, E.auroc):
+        with pytest.raises(ValueError, match="0/1"):
+            score([0.0, 1.0], [-1, 1])  # ±1 labels read as "both positive" gave accuracy 0.5
+
+
+def test_completion_logprob_needs_one_completion_per_prompt(tiny):
+    with pytest.raises(ValueError, match="3 prompts but 1 completions"):
+        E.completion_logprob(tiny, ["a", "b", "c"], ["x"])  # the two others came back as 0.0, the best score
 
 
 def test_training_data_present():
