@@ -84,7 +84,7 @@ lock:
 
 # the suite on the newest releases pyproject.toml allows (a separate venv, rebuilt each time);
 # torch stays at the locked CPU build unless LATEST_TORCH=1 (the newest torch is a CUDA build of GBs)
-test-latest:
+test-latest: $(CHROMIUM)
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
@@ -101,7 +101,7 @@ test-latest:
 
 # the suite with transformers and transformer-lens at the lower bounds pyproject.toml states
 # (everything else resolved around them by uv), in its own venv
-test-oldest: $(STAMP)
+test-oldest: $(STAMP) $(CHROMIUM)
 	rm -rf $(OLDEST)
 	$(PY) -m venv $(OLDEST)
 	test -x $(UV) || $(BIN)/python -m pip install -q uv
