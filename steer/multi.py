@@ -161,12 +161,13 @@ class MSRS(Rich):
 
     def _fields(self):
         q = torch.cat(self.private)
-        gram = q @ q.T - torch.eye(len(q))
-        cross = float((q @ self.shared.T).abs().max()) if len(self.shared) else 0.0
+        gram = float((q @ q.T - torch.eye(len(q))).abs().max()) if len(q) else 0.0
+        cross = float((q @ self.shared.T).abs().max()) if len(q) and len(self.shared) else 0.0
+        kept = [] if self.captured is None else [round(x, 3) for x in self.captured.tolist()]
         return [("behaviours", ", ".join(self.names) or len(self.private)), ("shared dimensions", len(self.shared)),
                 ("private dimensions", [len(p) for p in self.private]),
-                ("kept of each vector (‖parts‖²/‖v‖²)", [round(x, 3) for x in (self.captured or torch.zeros(0)).tolist()]),
-                ("max |QQᵀ − I|, |Q·S|", f"{float(gram.abs().max()):.1e}, {cross:.1e}")]
+                ("kept of each vector (‖parts‖²/‖v‖²)", kept),
+                ("max |QQᵀ − I|, |Q·S|", f"{gram:.1e}, {cross:.1e}")]
 
 
 def _top_right_singular(d: Tensor, rank: int) -> Tensor:

@@ -320,7 +320,8 @@ def extract(model, trait: Union[str, Trait], pairs: Optional[Sequence[dict]] = N
     system prompt minus under the suppressing one, per layer (a :class:`steer.directions.Direction`).
 
     ``pairs`` from :func:`generate_pairs` (generated if ``None``); ``scorer`` filters them
-    (:func:`filter_pairs`); ``layer`` is the chosen layer (default: two thirds of the depth).
+    (:func:`filter_pairs`); ``layer`` is the chosen layer (default: two thirds of the depth, or
+    the extracted layer nearest it); the layers not in ``layers`` are zero rows.
 
     >>> import steer
     >>> m = steer.load("tiny-llama")
@@ -344,7 +345,11 @@ def extract(model, trait: Union[str, Trait], pairs: Optional[Sequence[dict]] = N
     b = capture(model, neg, layers=layers, positions="completion", reduce="mean", progress=False)
     vec = torch.zeros(model.n_layers, model.d_model)
     vec[a.layers] = from_activations(a.tensor, b.tensor, "mean_diff")
-    chosen = layer if layer is not None else (2 * model.n_layers) // 3
+    done = list(a.layers)
+    chosen = layer if layer is not None else min(done, key=lambda l: abs(l - (2 * model.n_layers) // 3))
+    if chosen not in done:
+        raise ValueError(f"layer={layer}: the vector was extracted at layers {done} only; pick one of them "
+                         "or add it to layers=.")
     meta = {"model": model.name, "d_model": model.d_model, "trait": trait.name, "n_pairs": len(pairs),
             "n_pairs_before_filter": n_all, "positions": "completion", "site": "resid_post"}
     return Direction(vec, chosen, "persona_mean_diff", meta)
@@ -567,11 +572,11 @@ def trace(model, direction, layer: Optional[int], prompts: Sequence, max_new_tok
         steps.append(act[:, -1].float() @ u.to(act.device))  # stays on the model's device until the end
 
     batch = tokenize(model, list(prompts))
-    with add_hooks(model, {f"resid_post.{lay}": grab}):
+    with add_hooks(model, {f"resid_post.{lay}": grab}):  # one token more: its step reads the last one kept
         out = model.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                max_new_tokens=max_new_tokens, do_sample=False,
+                                max_new_tokens=max_new_tokens + 1, do_sample=False,
                                 pad_token_id=model.tokenizer.pad_token_id)
-    new = out[:, batch.input_ids.shape[1]:]
+    new = out[:, batch.input_ids.shape[1]:][:, :max_new_tokens]
     proj = torch.stack(steps[: 1 + new.shape[1]], 1).cpu()  # step k reads the token generated at k-1
     done = (new == model.tokenizer.eos_token_id).cumsum(-1) > 0
     proj[:, 1:][done[:, : proj.shape[1] - 1]] = float("nan")

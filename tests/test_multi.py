@@ -31,6 +31,7 @@ def test_msrs_finds_the_planted_shared_and_private_subspaces():
         plane = torch.eye(48)[[1 + 2 * i, 2 + 2 * i]]
         assert torch.linalg.matrix_norm(p - (p @ plane.T) @ plane) < 1e-2
     assert (s.captured > 0.999).all()  # the planted vectors lie entirely in shared + private
+    assert "shared dimensions: 1" in repr(s) and "<" in s._repr_html_()  # the notebook display (it raised)
 
 
 def test_msrs_vector_counts_the_shared_part_once():

@@ -83,6 +83,11 @@ def test_extraction_is_mean_difference_over_response_tokens(tiny):
     # a scorer that rejects everything gives a clear error
     with pytest.raises(ValueError, match="No pair left"):
         persona.extract(tiny, Trait.from_dict(GOOD), pairs, scorer=lambda q, r, k: 0.0)
+    # extracted at some layers only: the chosen layer is one of them (it was a zero row: steering did nothing)
+    only0 = persona.extract(tiny, Trait.from_dict(GOOD), pairs, layers=[0])
+    assert only0.layer == 0 and only0.vectors[0].norm() > 0 and only0.vectors[1].norm() == 0
+    with pytest.raises(ValueError, match="extracted at layers \\[0\\]"):
+        persona.extract(tiny, Trait.from_dict(GOOD), pairs, layers=[0], layer=1)
 
 
 def test_trait_score_moves_with_strength_and_zero_is_unsteered(tiny):
@@ -113,6 +118,29 @@ def test_trace_first_entry_is_last_prompt_token_projection(tiny):
     tr = persona.trace(tiny, v, 1, ["Hi there"], max_new_tokens=2)
     last = capture(tiny, ["Hi there"], layers=[1], positions="last").tensor[0, 0]
     assert float(tr["projections"][0, 0]) == pytest.approx(float(last @ (v[1] / v[1].norm())), abs=1e-4)
+
+
+def test_trace_reads_every_generated_token(tiny):
+    """Entry k (k ≥ 1) is generated token k−1's state, the last one included (it is never fed
+    back by generate itself), as a forward over prompt + answer gives it."""
+    from steer.data import tokenize
+    from steer.hooks import add_hooks
+
+    v = torch.randn(tiny.n_layers, tiny.d_model)
+    u = v[1] / v[1].norm()
+    b = tokenize(tiny, ["Hi there"])
+    got = []
+    with torch.no_grad():
+        ids = tiny.hf.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=3,
+                               do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id)
+        with add_hooks(tiny, {"resid_post.1": lambda act, site: got.append(act[0])}):
+            tiny.hf(input_ids=ids)
+    states = got[0]
+    n = ids.shape[1] - b.input_ids.shape[1]
+    assert n == 3 and tiny.tokenizer.eos_token_id not in ids[0, -n:].tolist()
+    want = states[-n - 1:] @ u  # the last prompt token, then each generated one
+    torch.testing.assert_close(persona.trace(tiny, v, 1, ["Hi there"], max_new_tokens=3)["projections"][0], want,
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_cli_persona_writes_json(tmp_path):
