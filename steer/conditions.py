@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -98,6 +99,14 @@ class Condition(_Logic):
             raise ValueError(f"side={self.side!r}: use 'above' or 'below'.")
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r}: use one of {KINDS}.")
+        try:
+            layer = operator.index(self.layer)
+        except TypeError:
+            layer = -1
+        if isinstance(self.layer, bool) or layer < 0:
+            raise ValueError(f"layer={self.layer!r}: a condition reads one layer, an index from 0 (count from the "
+                             "first block; negative indices are not resolved against a model here).")
+        self.layer = layer
 
     @property
     def layers(self) -> list[int]:
@@ -254,11 +263,12 @@ def grid_search(
     if recall is not None:
         if not 0 < recall <= 1:
             raise ValueError(f"recall={recall}: pass a fraction in (0, 1].")
-        side = "above" if auroc(s, y) >= 0.5 else "below"
+        side = sides[0] if len(sides) == 1 else "above" if auroc(s, y) >= 0.5 else "below"
         sign = 1.0 if side == "above" else -1.0
         pos = (sign * s[y]).sort(descending=True).values
         k = max(1, math.ceil(recall * len(pos) - 1e-9))
-        lo = pos[k] if k < len(pos) else pos[-1] - 1e-3
+        below = pos[pos < pos[k - 1]]  # the next lower score: positives tied with the k-th stay in
+        lo = below[0] if len(below) else pos[k - 1] - 1e-3
         t = sign * float((pos[k - 1] + lo) / 2)
         candidates = [(side, t)]
     else:
@@ -363,6 +373,11 @@ def fit_condition_on(
     """
     from .directions import _probe, from_activations
 
+    if h.ndim != 3 or h.shape[1] != len(layer_list):
+        raise ValueError(f"h has shape {tuple(h.shape)}: it needs [n, {len(layer_list)}, d_model], one column per "
+                         f"layer of layer_list={list(layer_list)}, in that order.")
+    if h_aug is not None and h_aug.shape != h.shape:
+        raise ValueError(f"h_aug has shape {tuple(h_aug.shape)}; h has {tuple(h.shape)}: one variant per prompt.")
     if kind == "probe":
         method = "probe"
     if select not in ("f1", "auroc"):

@@ -3,7 +3,7 @@ import torch
 
 import steer
 from conftest import RUNNER_FAMILIES, deep, splitting_condition
-from steer.conditions import Condition, Rule, condition_scores, fit_condition, grid_search
+from steer.conditions import Condition, Rule, condition_scores, fit_condition, fit_condition_on, grid_search
 from steer.steering import Steering, prompt_means
 from steer.steering import steer as steer_ctx
 
@@ -115,6 +115,20 @@ def test_grid_search_recall_is_the_conservative_quantile():
     assert g["false_fires"] == 0.0
     g = grid_search(-s, y, recall=0.8)  # positives lower: side flips
     assert g["side"] == "below" and abs(g["threshold"] + 0.65) < 1e-6
+    # positives tied at the k-th score all stay in (the threshold sat on them: recall 0.25 for 0.5)
+    tied = grid_search(torch.tensor([0.0, 0.1, 0.5, 0.5, 0.5, 0.9]), torch.tensor([0, 0, 1, 1, 1, 1]).bool(), recall=0.5)
+    assert tied["recall"] == 1.0 and 0.1 < tied["threshold"] < 0.5
+    # one side asked for is the side used (it was chosen by AUROC whatever sides said)
+    assert grid_search(s, y, sides=("below",), recall=0.8)["side"] == "below"
+
+
+def test_bad_condition_input():
+    with pytest.raises(ValueError, match="index from 0"):
+        Condition(torch.randn(8), layer=-1)
+    assert Condition(torch.randn(8), layer=torch.tensor(2)).layer == 2
+    h = torch.randn(8, 2, 16)
+    with pytest.raises(ValueError, match="one column per layer"):  # fitted column 0, labelled layer 1
+        fit_condition_on(h, torch.arange(8) < 4, [1], folds=2)
 
 
 # condition block, steered block, and the block the prefill resumes at (4 blocks): the condition
