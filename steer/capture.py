@@ -133,12 +133,7 @@ class Activations(Rich):
 
     @classmethod
     def load(cls, path: str | Path) -> "Activations":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        t = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["steer"])
+        t, meta = _load_tagged(path, "steer", "Activations")
         return cls(t["tensor"], meta["layers"], meta["site"], meta["positions"], meta["model"],
                    t.get("mask"), meta["meta"])
 

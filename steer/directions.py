@@ -89,8 +89,8 @@ class Direction(Rich):
             raise ValueError(f"Direction vectors must be [n_layers, d_model], got {tuple(self.vectors.shape)}.")
         if not torch.isfinite(self.vectors).all():
             raise ValueError("Direction contains NaN/inf: the activations it came from were not finite.")
-        if self.layer is not None and not 0 <= self.layer < self.n_layers:
-            raise ValueError(f"layer={self.layer} out of range for {self.n_layers} layers.")
+        if self.layer is not None:
+            self.layer = self._layer(self.layer)  # counted from the end if negative, as everywhere else
         self.meta.setdefault("d_model", self.d_model)
 
     # -- display ---------------------------------------------------------------------------
@@ -220,19 +220,30 @@ class Direction(Rich):
         o = other.vectors if isinstance(other, Direction) else torch.as_tensor(other).float()
         if o.shape[-1] != self.d_model:
             raise ValueError(f"d_model mismatch: {self.d_model} vs {o.shape[-1]}.")
+        if isinstance(other, Direction) and other.n_layers != self.n_layers:
+            raise ValueError(f"The directions have {self.n_layers} and {other.n_layers} layers: take one layer of "
+                             "each (d.vector(layer)) to combine vectors from different layer sets.")
         return self._new(self.vectors + o, "sum")
 
     def __sub__(self, other: "Direction") -> "Direction":
         return self + (-other if isinstance(other, Direction) else -torch.as_tensor(other))
 
     def normalized(self) -> "Direction":
-        """Unit norm at every layer (layer, method and meta are kept).
+        """Unit norm at every layer (layer, method and meta are kept); a zero row (a layer not
+        extracted) stays zero.
 
         >>> d = Direction(torch.tensor([[3., 4.], [0., 2.]]), layer=1).normalized()
         >>> d.norms().tolist(), d.layer
         ([1.0, 1.0], 1)
+        >>> Direction(torch.tensor([[0., 0.], [0., 2.]]), layer=1).normalized().norms().tolist()
+        [0.0, 1.0]
         """
-        return self._new(unit(self.vectors))
+        zero = self.vectors.norm(dim=-1) == 0
+        if bool(zero.all()):
+            raise ValueError("Direction has zero norm at every layer: nothing to normalise.")
+        v = self.vectors.clone()
+        v[~zero] = unit(v[~zero])
+        return self._new(v)
 
     def orthogonalize(self, other: Union["Direction", Tensor]) -> "Direction":
         """Remove ``other``'s component at every layer: ``v − (v·ô) ô``.
@@ -359,6 +370,9 @@ class Direction(Rich):
         f = r.fields.get("controlvector.model_hint")
         if f is not None:
             hint = bytes(f.parts[f.data[0]]).decode()
+        if n_layers is not None and n_layers <= max(rows):
+            raise ValueError(f"n_layers={n_layers}, but {path} holds a vector for layer {max(rows)}: pass the "
+                             "model's layer count (or leave it out).")
         n = n_layers or max(rows) + 1
         d = next(iter(rows.values())).numel()
         vec = torch.zeros(n, d)
@@ -432,6 +446,10 @@ def from_activations(
     pos, neg = torch.as_tensor(pos).float(), torch.as_tensor(neg).float()
     if pos.ndim == 2:
         pos, neg = pos[:, None], neg[:, None]
+    if pos.ndim != 3 or neg.ndim != 3:
+        raise ValueError(f"from_activations takes [n, n_layers, d_model] (or [n, d_model]); got {tuple(pos.shape)} and "
+                         f"{tuple(neg.shape)}. Activations with a position axis: capture with reduce='mean' or a "
+                         "one-token selector such as positions='last'.")
     _check_groups(pos, neg, method)
     if method in ("mean_diff", "paired_mean_diff"):
         return pos.mean(0) - neg.mean(0)
@@ -531,9 +549,12 @@ def _single(positions) -> bool:
 def actadd_vector(model, positive: str, negative: str, layer: int, site: str = "resid_pre") -> Tensor:
     """ActAdd's position-aligned difference ``[k, d_model]`` of two raw prompts at ``layer``.
 
-    The shorter prompt is right-padded with space tokens (as in the paper). Row ``j`` belongs at the
-    ``j``-th prompt token; use it with ``Intervention("add", vec, aligned=True, positions="prompt",
-    include_sink=True)`` (row 0 is the first token, usually identical in both prompts).
+    The shorter prompt is right-padded with space tokens (as in the paper). Both are tokenized as
+    steer tokenizes a raw prompt (:class:`steer.Raw`: with the tokenizer's special tokens), so row
+    ``j`` belongs at the ``j``-th token of a raw prompt: use it with ``Intervention("add", vec, aligned=True,
+    positions="prompt", include_sink=True)``. Where the tokenizer starts with a BOS token, row 0 is
+    BOS − BOS = 0 and the sink is left as it is; where it adds none (GPT-2, SmolLM2), row 0 is the
+    first tokens' difference and is added at the first token.
 
     >>> import steer
     >>> m = steer.load("tiny-llama")
@@ -543,7 +564,7 @@ def actadd_vector(model, positive: str, negative: str, layer: int, site: str = "
     from .hooks import add_hooks
 
     tok = model.tokenizer
-    ids = [tok(t, add_special_tokens=False).input_ids for t in (positive, negative)]
+    ids = [tok(t).input_ids for t in (positive, negative)]  # as steer.data.tokenize reads raw text
     if not ids[0] or not ids[1]:
         raise ValueError("ActAdd needs two non-empty prompts.")
     space = tok(" ", add_special_tokens=False).input_ids[-1]

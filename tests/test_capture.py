@@ -68,6 +68,9 @@ def test_save_load_roundtrip(tiny, tmp_path):
     torch.testing.assert_close(back.tensor, acts.tensor)
     assert back.layers == acts.layers and back.site == acts.site and back.model == acts.model
     assert torch.equal(back.mask, acts.mask)
+    steer.Direction(torch.ones(2, 64), layer=1).save(tmp_path / "d.safetensors")
+    with pytest.raises(ValueError, match="not a steer Activations file"):  # was a bare KeyError
+        steer.Activations.load(tmp_path / "d.safetensors")
 
 
 def test_bad_input_errors(tiny):

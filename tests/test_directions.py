@@ -69,6 +69,20 @@ def test_errors_on_bad_data(method):
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         from_activations(bad, neg, method)
+    with pytest.raises(ValueError, match="position axis"):  # capture(positions="all") without reduce=
+        from_activations(pos[:, :, None].expand(-1, -1, 5, -1), neg[:, :, None].expand(-1, -1, 5, -1), method)
+
+
+def test_direction_arithmetic_and_normalising_with_layers_not_extracted():
+    d = Direction(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), layer=1)  # as extract(layers=[1]) leaves it
+    torch.testing.assert_close(d.normalized().vectors, torch.tensor([[0.0, 0.0], [0.6, 0.8]]))
+    with pytest.raises(ValueError, match="every layer"):
+        Direction(torch.zeros(2, 2)).normalized()
+    with pytest.raises(ValueError, match="2 and 3 layers"):  # broadcast to 3 layers before
+        d + Direction(torch.ones(3, 2))
+    assert Direction(torch.ones(3, 2), layer=-1).layer == 2  # as d.vector(-1) reads it
+    with pytest.raises(ValueError, match="out of range"):
+        Direction(torch.ones(3, 2), layer=3)
 
 
 def test_extract_errors_and_matches_capture(tiny):
@@ -130,6 +144,8 @@ def test_gguf_roundtrip(tmp_path):
     e = Direction.from_gguf(p, n_layers=5)
     assert torch.equal(e.vectors[1:], d.vectors[1:]) and torch.all(e.vectors[0] == 0)
     assert e.meta["model"] == "llama"
+    with pytest.raises(ValueError, match="layer 4"):  # an IndexError before
+        Direction.from_gguf(p, n_layers=3)
 
 
 def test_sweep_layers_picks_separating_layer():
@@ -145,3 +161,19 @@ def test_sweep_layers_picks_separating_layer():
 def test_actadd_vector(tiny):
     v = actadd_vector(tiny, "Love", "Hate!", layer=1)
     assert v.shape == (5, 64) and torch.isfinite(v).all()
+
+
+def test_actadd_rows_align_with_a_raw_prompts_tokens_when_the_tokenizer_adds_bos():
+    """With a BOS token (Llama, Gemma), row j is the j-th token of the raw prompt as steer tokenizes
+    it: row 0 is BOS − BOS = 0 (it was the first words' difference, landing on the BOS)."""
+    from tokenizers.processors import TemplateProcessing
+
+    from steer.data import tokenize
+
+    m = steer.load("tiny-llama")
+    tok = m.tokenizer
+    bos = tok.convert_tokens_to_ids(tok.bos_token)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, bos)])
+    assert tokenize(m, [steer.Raw("Love")]).input_ids[0].tolist()[0] == bos  # a raw prompt starts with it
+    v = actadd_vector(m, "Love", "Hate!", layer=1)
+    assert v.shape == (6, 64) and v[0].abs().max() == 0 and v[1].abs().max() > 0
