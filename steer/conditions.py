@@ -6,7 +6,9 @@ the chosen side of a threshold. Scores:
 
 * ``"projection"``: ``h·ĉ`` (Latent-Guard style linear read-out);
 * ``"cast"``: CAST's ``cos(h, tanh((h·ĉ) ĉ))``;
-* ``"probe"``: a logistic probe's logit ``w·h + b``.
+* ``"probe"``: ``w·h + b``, ``w`` a logistic probe's weights and ``b`` centring the fitting
+  prompts' scores at 0 (not the probe's intercept: the threshold is grid-searched on these scores,
+  so an intercept would only move it).
 
 :func:`fit_condition` extracts the condition vector from labelled prompts and grid-searches
 ``(layer, threshold, side)`` for the best F1 on out-of-fold scores (cross-validation), or picks
