@@ -142,7 +142,19 @@ def _install(model, site: Site, fn: HookFn):
             return None
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    return tgt.module.register_forward_hook(post_hook)
+    handle = tgt.module.register_forward_hook(post_hook)
+    _recorders_last(tgt.module)
+    return handle
+
+
+def _recorders_last(module: torch.nn.Module) -> None:
+    """transformers (5.x) records ``output_hidden_states`` through forward hooks it installs on
+    the blocks the first time they are asked for, and keeps them. Hooks run in the order they were
+    added, so one installed before steer's would record a block's output as it was before steer
+    edited it (while the next block reads the edited one). Move them after steer's."""
+    hooks = module._forward_hooks
+    for key in [k for k, f in hooks.items() if getattr(f, "__qualname__", "").endswith(".output_capturing_hook")]:
+        hooks.move_to_end(key)
 
 
 @contextmanager

@@ -318,3 +318,21 @@ def test_strengths_are_moved_once_per_version(tiny):
     assert s._row_strength(1, s.interventions[1], 4, 2, torch.device("cpu")).tolist() == [3.0, 3.0, 4.0, 4.0]
     s.interventions[1].strength = [5.0, 6.0]
     assert s._row_strength(1, s.interventions[1], 4, 2, torch.device("cpu")).tolist() == [5.0, 5.0, 6.0, 6.0]
+
+
+def test_output_hidden_states_under_steering_show_the_edit(tiny):
+    """transformers records ``output_hidden_states`` with block hooks it keeps from the first
+    request on; they see the block output after steer's edit, as the next block does (they saw it
+    before: the steered layer read as unsteered, the layers after it as steered)."""
+    from steer.data import tokenize
+
+    b = tokenize(tiny, ["Hi", "How are you doing today?"])
+    kw = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+              output_hidden_states=True)
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 5
+    real = b.attention_mask.bool()
+    with torch.no_grad():
+        base = tiny.hf(**kw).hidden_states  # transformers installs its recording hooks here, before steer's
+        with steer.steer(tiny, v, layer=0, strength=1.0, include_sink=True):
+            steered = tiny.hf(**kw).hidden_states
+    torch.testing.assert_close(steered[1][real], base[1][real] + v)
