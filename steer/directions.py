@@ -91,7 +91,7 @@ class Direction(Rich):
             raise ValueError("Direction contains NaN/inf: the activations it came from were not finite.")
         if self.layer is not None:
             self.layer = self._layer(self.layer)  # counted from the end if negative, as everywhere else
-        self.meta.setdefault("d_model", self.d_model)
+        self.meta = {**self.meta, "d_model": self.meta.get("d_model", self.d_model)}  # the caller's dict stays as it was
 
     # -- display ---------------------------------------------------------------------------
     def _fields(self):

@@ -81,6 +81,8 @@ def test_direction_arithmetic_and_normalising_with_layers_not_extracted():
     with pytest.raises(ValueError, match="2 and 3 layers"):  # broadcast to 3 layers before
         d + Direction(torch.ones(3, 2))
     assert Direction(torch.ones(3, 2), layer=-1).layer == 2  # as d.vector(-1) reads it
+    meta = {"model": "m"}
+    assert Direction(torch.ones(3, 2), meta=meta).meta["d_model"] == 2 and meta == {"model": "m"}  # not written into
     with pytest.raises(ValueError, match="out of range"):
         Direction(torch.ones(3, 2), layer=3)
 
