@@ -22,24 +22,30 @@ Measured (CPU fp32, defaults; uniform entropy ln 4 = 1.386):
 =================  =======  ========  ======  ======  =============
 setting            entropy  distinct  switch  reward  invalid mass
 =================  =======  ========  ======  ======  =============
-unsteered          1.321    3.75      0.71    0.325   0.301
-EAST α = −20       0.986    3.12      0.50    0.188   0.422
-EAST α = +20       1.304    3.75      0.68    0.363   0.201
-EAST α = +40       1.220    3.12      0.54    0.338   0.366
-temperature 1.5    1.351    3.88      0.71    0.375   0.595
-prompt: explore    1.307    3.88      0.68    0.312   0.331
+unsteered          1.308    3.75      0.78    0.412   0.292
+EAST α = −20       1.006    3.38      0.61    0.300   0.434
+EAST α = +20       1.297    3.62      0.61    0.450   0.206
+EAST α = +40       1.205    3.38      0.58    0.387   0.385
+temperature 1.5    1.350    3.75      0.74    0.412   0.596
+prompt: explore    1.301    3.75      0.74    0.425   0.333
 =================  =======  ========  ======  ======  =============
 
 The seed's premise does not hold on this model: even told to exploit, SmolLM2's action entropy
-(1.32) is near the uniform one, so there is no collapse to undo, and EAST does not raise it
-(+20: 1.30; +40: 1.22, off the manifold). The direction does carry entropy: against it
-(α = −20) entropy falls to 0.99 and the agent switches arms half as often. Temperature raises
-entropy only by doubling the mass on invalid tokens (0.30 → 0.60); EAST at +20 lowers it (0.20).
+(1.31) is near the uniform one, so there is no collapse to undo, and EAST does not raise it
+(+20: 1.30; +40: 1.21, off the manifold). The direction does carry entropy: against it
+(α = −20) entropy falls to 1.01 and the agent switches arms less often (0.61 against 0.78).
+Temperature raises entropy only by doubling the mass on invalid tokens (0.29 → 0.60); EAST at +20
+lowers it (0.21).
+
+Until 2026-12-05 the rewards were drawn from the same random numbers as the actions (both
+generators seeded alike), so an arm's reward followed from the draw that chose it; the figures
+above are from the fixed rollouts. The conclusions did not change (before: unsteered 1.321, EAST
+−20 / +20 / +40 0.986 / 1.304 / 1.220, invalid mass 0.30 unsteered, 0.60 at temperature 1.5).
 
 The embedded Gemma-3-270M (base; ``--model gemma-3-270m``) is no better a test of the premise: it
-puts 0.95 of its next-token mass outside the arm letters (unsteered entropy 0.995 among them,
-EAST at −20 / +20 / +40: 0.957 / 1.006 / 0.938, all still 0.95 invalid): the base model does not
-play the game.
+puts 0.95 of its next-token mass outside the arm letters (unsteered entropy 0.971 among them,
+EAST at −20 / +20 / +40: 0.923 / 1.011 / 1.019, all still 0.95 invalid; with the old rollouts
+0.995, and 0.957 / 1.006 / 0.938): the base model does not play the game.
 """
 
 from __future__ import annotations
