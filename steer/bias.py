@@ -622,10 +622,20 @@ def _first_token_ids(model, words: Sequence[str]) -> list[int]:
 def _choice_probs(model, prompts: Sequence[str], options: Sequence[Sequence[str]], edit=None,
                   batch_size: int = 16) -> Float[Tensor, "n option"]:
     """Probability of each option (sum over its spellings' first tokens), normalised over options,
-    at the first assistant token of chat prompts."""
+    at the first assistant token of chat prompts. A first token that spellings of two options
+    share (" Yes" and " No" both start with a space under a byte-level tokenizer) tells them
+    apart no more than it tells anything: it counts for none."""
+    from collections import Counter
+
     from .data import tokenize
 
     tok_sets = [_first_token_ids(model, o) for o in options]
+    seen = Counter(t for ts in tok_sets for t in ts)
+    tok_sets = [[t for t in ts if seen[t] == 1] for ts in tok_sets]
+    for o, ts in zip(options, tok_sets):
+        if not ts:
+            raise ValueError(f"Every spelling of the option {list(o)} starts with a token another option starts with "
+                             f"under {model.name}'s tokenizer: give spellings whose first tokens differ.")
     batch = tokenize(model, list(prompts))
     rows = [batch.input_ids[i][batch.attention_mask[i].bool()].tolist() for i in range(len(prompts))]
     out = torch.zeros(len(prompts), len(options))

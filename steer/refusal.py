@@ -172,7 +172,9 @@ def select_refusal_direction(
     harmful prompts under ablation everywhere, (b) on harmless prompts with the vector added at its
     layer, (c) next-token KL on harmless prompts under ablation; keep ``KL ≤ max_kl`` and layers
     before the last ``skip_last`` fraction, prefer induction > 0, then the lowest ablation score.
-    ``meta["selection"]`` keeps every candidate's three numbers.
+    ``meta["selection"]`` keeps every candidate's three numbers. ``candidates`` are
+    :func:`refusal_direction`'s, at every layer. If no candidate passes the KL filter, all are
+    ranked instead, with a warning and ``meta["kl_filter"] = "relaxed"``.
 
     >>> import steer
     >>> m = steer.load("tiny-llama")
@@ -181,14 +183,21 @@ def select_refusal_direction(
     >>> d.layer in range(m.n_layers), len(d.meta["selection"]) > 0
     (True, True)
     """
+    if candidates.ndim != 3 or candidates.shape[1] != model.n_layers:
+        raise ValueError(f"candidates have shape {tuple(candidates.shape)}; they must be [n_post, {model.n_layers}, "
+                         "d_model], one row per layer: build them with refusal_direction(model, ..., layers='all') "
+                         "and restrict the search with layers= here.")
+    n_layers = candidates.shape[1]
+    max_layer = int(n_layers * (1 - skip_last))
+    tried = list(layers) if layers is not None else list(range(max_layer))
+    if not tried:
+        raise ValueError(f"No layer to try: skip_last={skip_last} leaves none of {n_layers}; lower it or pass layers=.")
     ids = E.refusal_token_ids(model.tokenizer)
     with Steering(model) as s:
         base_harmless = s.next_token_logits(harmless_val)
-    n_layers = candidates.shape[1]
-    max_layer = int(n_layers * (1 - skip_last))
     rows = []
     for p in range(candidates.shape[0]):
-        for l in (layers if layers is not None else range(max_layer)):
+        for l in tried:
             v = candidates[p, l]
             abl = Intervention("ablate", v, layers="all", sites=("resid_pre", "attn_out", "mlp_out"))
             with Steering(model, [abl]) as s:
@@ -197,12 +206,18 @@ def select_refusal_direction(
             with steer(model, v, layer=l, strength=1.0) as s:
                 ind = float(E.refusal_logodds(s.next_token_logits(harmless_val), ids).mean())
             rows.append({"position": p, "layer": l, "ablation": a, "induction": ind, "kl": kl})
-    ok = [r for r in rows if r["kl"] <= max_kl] or rows
-    best = min(ok, key=lambda r: (r["induction"] <= 0, r["ablation"]))
+    ok = [r for r in rows if r["kl"] <= max_kl]
+    if not ok:
+        import warnings
+
+        warnings.warn(f"select_refusal_direction: no candidate has KL <= max_kl={max_kl} (the smallest is "
+                      f"{min(r['kl'] for r in rows):.3g}); ranking them all. Raise max_kl to make this explicit.")
+    best = min(ok or rows, key=lambda r: (r["induction"] <= 0, r["ablation"]))
     full = candidates[best["position"]]
     d = Direction(full, best["layer"], "mean_diff",
                   {"model": model.name, "site": "resid_post", "positions": f"post_instruction[{best['position']}]",
-                   "selection": rows, "recipe": "Arditi et al. refusal direction"})
+                   "selection": rows, "recipe": "Arditi et al. refusal direction",
+                   "kl_filter": "applied" if ok else "relaxed"})
     return d
 
 

@@ -290,3 +290,21 @@ def test_erasing_context_manager(tiny):
         tiny.hf(input_ids=torch.tensor([[5, 6, 7, 8]]))
     coords = (seen[0][0] - er.mean) @ er.B
     assert coords[1:].abs().max() < 1e-3 and coords[0].abs().max() > 1e-3
+
+
+def test_choice_probabilities_leave_out_first_tokens_the_options_share(tiny):
+    """" Yes" and " No" both start with the space token under a byte-level tokenizer: it counted
+    for both options (one spelling each: always 0.5). It now counts for neither."""
+    from steer.bias import _choice_probs
+    from steer.data import tokenize
+
+    prompts = ["Is the sky blue?", "Can a dog fly?"]
+    got = _choice_probs(tiny, prompts, [["Yes", " Yes"], ["No", " No"]])
+    b = tokenize(tiny, prompts)
+    with torch.no_grad():
+        p = tiny.hf(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                    position_ids=b.position_ids).logits[:, -1].float().softmax(-1)
+    y, n = tiny.tokenizer("Y").input_ids[0], tiny.tokenizer("N").input_ids[0]
+    torch.testing.assert_close(got[:, 0], p[:, y] / (p[:, y] + p[:, n]))
+    with pytest.raises(ValueError, match="first tokens differ"):
+        _choice_probs(tiny, prompts, [[" Yes"], [" No"]])

@@ -281,6 +281,13 @@ def test_bad_inputs(model, task):
     same = PatchTask.from_pairs(model, [("abc", "abc")], ["x"], ["y"])
     with pytest.raises(ValueError, match="nothing to localise"):
         activation_patch(model, same, "heads")
+    # a layer the model lacks is an error (layers=[2] of 2 patched layer 0 and reported it), so is no layer
+    with pytest.raises(ValueError, match="out of range"):
+        activation_patch(model, task, "resid", layers=[model.n_layers])
+    with pytest.raises(ValueError, match="empty"):
+        activation_patch(model, task, "resid", layers=[])
+    with pytest.raises(ValueError, match="batch_size=0"):
+        activation_patch(model, task, "resid", batch_size=0)
 
 
 def test_result_labels_topk_save_plot(model, task, tmp_path):

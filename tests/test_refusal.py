@@ -66,6 +66,14 @@ def test_recipes_on_tiny(tiny):
     assert cands.ndim == 3 and cands.shape[1:] == (tiny.n_layers, tiny.d_model)
     d = refusal.select_refusal_direction(tiny, cands, H[:2], S[:2], skip_last=0.0)
     assert d.layer in (0, 1) and d.meta["selection"]
+    # candidates read at some layers only were tried and returned as other layers' vectors
+    with pytest.raises(ValueError, match="one row per layer"):
+        refusal.select_refusal_direction(tiny, refusal.refusal_direction(tiny, H, S, layers=[1]), H[:2], S[:2])
+    with pytest.raises(ValueError, match="No layer to try"):
+        refusal.select_refusal_direction(tiny, cands, H[:2], S[:2], skip_last=0.9)
+    with pytest.warns(UserWarning, match="no candidate has KL"):  # the filter dropped, and said so
+        relaxed = refusal.select_refusal_direction(tiny, cands, H[:2], S[:2], skip_last=0.0, max_kl=-1.0)
+    assert relaxed.meta["kl_filter"] == "relaxed" and d.meta["kl_filter"] in ("applied", "relaxed")
     g = refusal.latent_guard(tiny, H, S)
     assert g.predict(tiny, H + S).shape == (6,)
     with pytest.raises(ValueError, match="both groups"):

@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..sites import Site
+from ..sites import Site, resolve_layers
 from ..sweep import Shards, map_units, sweep_key
 from ._runner import Runner
 from .nodes import NodeSet, node_set
@@ -152,13 +152,13 @@ def activation_patch(
     m_clean, m_corrupt = run_metrics(task, clean_logits, corrupt_logits)
 
     P, L = task.n_prompts, model.n_layers
-    rows = batch_size or auto_batch_size(model, task.n_pos)
+    rows = auto_batch_size(model, task.n_pos) if batch_size is None else int(batch_size)
     if rows < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1 row.")
     per_chunk = max(1, rows // P)
     m_base = m_corrupt if direction == "denoising" else m_clean
     scores = torch.full(ns.shape, float("nan"))
-    layer_list = range(L) if layers is None else sorted({int(l) % L for l in layers})
+    layer_list = range(L) if layers is None else sorted(set(resolve_layers(model, [int(l) for l in layers])))
     fe = 2.0
     all_masks = ns.masks()
     by_pos = ns.mask_shape[0] == task.n_pos
