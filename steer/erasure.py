@@ -98,6 +98,8 @@ class LeaceEraser:
             raise ValueError("LeaceEraser.fit needs at least 2 examples.")
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN/inf: capture activations in float32.")
+        if z.is_floating_point() and not torch.isfinite(z).all():
+            raise ValueError("z contains NaN/inf: give every row a concept value.")
         X, Z = x.double(), cls._concept(z)
         mu = X.mean(0)
         Xc, Zc = X - mu, Z - Z.mean(0)
@@ -135,7 +137,7 @@ class LeaceEraser:
         mu, cov, sxz = mean.double(), cov.double(), sxz.double()
         if shrinkage:
             d = cov.shape[0]
-            cov = (1 - shrinkage) * cov + shrinkage * cov.trace() / d * torch.eye(d, dtype=cov.dtype)
+            cov = (1 - shrinkage) * cov + shrinkage * cov.trace() / d * torch.eye(d, dtype=cov.dtype, device=cov.device)
         if float(sxz.abs().max()) == 0:
             raise ValueError("x and z are uncorrelated: nothing to erase.")
         evals, evecs = torch.linalg.eigh(cov)

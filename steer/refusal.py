@@ -169,7 +169,7 @@ def select_refusal_direction(
     layers: Optional[Sequence[int]] = None,
 ) -> Direction:
     """Pick ``(position, layer)`` as Arditi et al.: for each candidate, (a) refusal log-odds on
-    harmful prompts under ablation everywhere, (b) on harmless prompts with the vector added at its
+    harmful prompts under ablation at every layer and token but the attention sink, (b) on harmless prompts with the vector added at its
     layer, (c) next-token KL on harmless prompts under ablation; keep ``KL ≤ max_kl`` and layers
     before the last ``skip_last`` fraction, prefer induction > 0, then the lowest ablation score.
     ``meta["selection"]`` keeps every candidate's three numbers. ``candidates`` are
