@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import multiprocessing
 import os
 import pickle
 import tempfile
@@ -141,11 +142,13 @@ class Engine:
         self.path = Path(path) if path is not None else self._weights_dir(model)
         dtype = dtype or str(model.dtype).replace("torch.", "")
         t0 = time.perf_counter()
+        before = set(multiprocessing.active_children())
         with _kv_cache_space(kv_cache_gib):
             self.llm = LLM(model=str(self.path), dtype=dtype, seed=seed, enforce_eager=True,
                            enable_prefix_caching=False,
                            worker_extension_cls="steer.serve.worker.SteerWorker", **llm_kwargs)
         self.start_seconds = time.perf_counter() - t0
+        self._procs = [p for p in multiprocessing.active_children() if p not in before]  # engine core, workers
         from vllm.v1.engine.core_client import InprocClient
 
         core = self.llm.llm_engine.engine_core
@@ -337,6 +340,12 @@ class Engine:
         self.llm = None
         if getattr(self, "_release", None) is not None:
             self._release()
+        for p in getattr(self, "_procs", ()):  # vLLM kills a slow process without waiting: reap it
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        self._procs = []
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
