@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from heldout import heldout
+
 RATES = ["baseline_refusal_harmful", "baseline_refusal_harmless", "steered_refusal_harmful",
          "steered_refusal_harmless", "conditional_refusal_harmful", "conditional_refusal_harmless"]
 

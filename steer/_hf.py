@@ -351,6 +351,16 @@ def eager_attention(hf: torch.nn.Module):
             hf.set_attn_implementation(impl)
 
 
+def recorders_last(module: torch.nn.Module) -> None:
+    """transformers (5.x) records ``output_hidden_states`` through forward hooks it installs on
+    the blocks the first time they are asked for, and keeps them. Hooks run in the order they were
+    added, so one installed before steer's would record a block's output as it was before steer
+    edited it (while the next block reads the edited one). Move them after steer's."""
+    hooks = module._forward_hooks
+    for key in [k for k, f in hooks.items() if getattr(f, "__qualname__", "").endswith(".output_capturing_hook")]:
+        hooks.move_to_end(key)
+
+
 # -- models a user loaded: PEFT adapters, accelerate's device maps, quantized layers ----------
 
 def unwrap_adapters(hf: torch.nn.Module) -> torch.nn.Module:

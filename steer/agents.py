@@ -146,8 +146,6 @@ def play(model, bandit: Bandit, rounds: int = 12, episodes: int = 8, steering=No
 
     if rounds < 1 or episodes < 1:
         raise ValueError("Need rounds ≥ 1 and episodes ≥ 1.")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature}: it must be > 0 (1 is the model's own distribution).")
     prefix, ids = arm_tokens(model, bandit)
     # two streams: with one seed for both, the number that picked an arm would also decide its reward
     rng = random.Random(f"steer.agents actions {seed}")

@@ -101,14 +101,10 @@ class Condition(_Logic):
             raise ValueError(f"side={self.side!r}: use 'above' or 'below'.")
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r}: use one of {KINDS}.")
-        try:
-            layer = operator.index(self.layer)
-        except TypeError:
-            layer = -1
-        if isinstance(self.layer, bool) or layer < 0:
+        if isinstance(self.layer, bool) or not hasattr(self.layer, "__index__") or operator.index(self.layer) < 0:
             raise ValueError(f"layer={self.layer!r}: a condition reads one layer, an index from 0 (count from the "
                              "first block; negative indices are not resolved against a model here).")
-        self.layer = layer
+        self.layer = operator.index(self.layer)
 
     @property
     def layers(self) -> list[int]:

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ._hf import cached_length, padding_mask
+from ._hf import cached_length, padding_mask, recorders_last
 from .sites import Site, hf_target, parse_sites
 
 __all__ = ["add_hooks", "HookFn", "CallPositions", "call_positions", "StopForward", "record_block_input", "resume_at",
@@ -143,18 +143,8 @@ def _install(model, site: Site, fn: HookFn):
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     handle = tgt.module.register_forward_hook(post_hook)
-    _recorders_last(tgt.module)
+    recorders_last(tgt.module)
     return handle
-
-
-def _recorders_last(module: torch.nn.Module) -> None:
-    """transformers (5.x) records ``output_hidden_states`` through forward hooks it installs on
-    the blocks the first time they are asked for, and keeps them. Hooks run in the order they were
-    added, so one installed before steer's would record a block's output as it was before steer
-    edited it (while the next block reads the edited one). Move them after steer's."""
-    hooks = module._forward_hooks
-    for key in [k for k, f in hooks.items() if getattr(f, "__qualname__", "").endswith(".output_capturing_hook")]:
-        hooks.move_to_end(key)
 
 
 @contextmanager

@@ -39,7 +39,8 @@ def splitting_condition(model, prompts, layer, u):
     from steer.conditions import Condition
     from steer.steering import prompt_means
 
-    scores = (prompt_means(model, prompts, layers=[layer])[:, 0] @ (u / u.norm())).sort().values
+    probe = Condition(u, layer=layer)
+    scores = probe.score(prompt_means(model, prompts, layers=[layer])[:, 0]).sort().values
     gap = int((scores[1:] - scores[:-1])[:-1].argmax())
     return Condition(u, layer=layer, threshold=float(scores[gap: gap + 2].mean()))
 
