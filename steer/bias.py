@@ -1095,7 +1095,8 @@ def fit_combined(model, stereo_layers: Sequence[int] = COMBINED_STEREO_LAYERS,
 def side_effects(model, edit: Optional[Edit], texts: Optional[Sequence[str]] = None,
                  base: Optional[dict] = None) -> dict:
     """Side effect of ``edit`` on neutral text: mean next-token ``KL(P_base ‖ P_edit)`` over every
-    predicted position and the perplexity ratio ``ppl_edit / ppl_base``.
+    predicted position and the perplexity ratio ``ppl_edit / ppl_base``. ``base``: the ``"_base"``
+    entry of an earlier call on the same texts (the unedited forward, not run again).
 
     >>> import steer
     >>> m = steer.load("tiny-llama")
@@ -1104,8 +1105,11 @@ def side_effects(model, edit: Optional[Edit], texts: Optional[Sequence[str]] = N
     """
     texts = load_neutral_text() if texts is None else list(texts)
     rows = [_ids(model, t) for t in texts]
+    if base is not None and base.get("rows") != rows:
+        raise ValueError("side_effects: `base` was computed on other texts (or another tokenizer); pass the "
+                         "texts it was made from, or base=None to run the unedited forward again.")
     if base is None:
-        base = {"lp": {}}
+        base = {"lp": {}, "rows": rows}
         for idx, lp, att, _ in _forward(model, rows, None):
             for j, i in enumerate(idx):
                 n = len(rows[i])

@@ -93,7 +93,8 @@ def behaviour_vector(
     (prompt + compliance), over harmful and harmless prompts alike (CAST's refusal vector).
 
     Works on models that never refuse by themselves (the embedded SmolLM2): the completions are
-    written, not generated. ``n`` prompts are used (half harmful, half harmless).
+    written, not generated. ``n`` prompts are used (harmful and harmless in turn; by default
+    all of them); asking for more than are given is an error.
 
     >>> import steer
     >>> m = steer.load("tiny-llama")
@@ -108,7 +109,10 @@ def behaviour_vector(
         raise ValueError("behaviour_vector needs some prompts (harmful and/or harmless).")
     if not refusals or not compliances:
         raise ValueError("behaviour_vector needs refusal and compliance completions.")
-    k = n or (len(harmful) + len(harmless))
+    k = len(harmful) + len(harmless) if n is None else n
+    if not 1 <= k <= len(harmful) + len(harmless):
+        raise ValueError(f"n={n}: behaviour_vector was given {len(harmful)} harmful and {len(harmless)} harmless "
+                         f"prompts; ask for 1 to {len(harmful) + len(harmless)} of them (or n=None for all).")
     prompts = [p for pair in zip(harmful, harmless) for p in pair] + harmful[len(harmless):] + harmless[len(harmful):]
     prompts = prompts[:k]
     pos = [(p, refusals[i % len(refusals)]) for i, p in enumerate(prompts)]
@@ -310,7 +314,7 @@ def fit_refusal(
     *,
     layer: int = DEFAULT_LAYER,
     strength: float = DEFAULT_STRENGTH,
-    n_behaviour: int = 120,
+    n_behaviour: Optional[int] = 120,
     condition_layers="all",
     condition_kind: str = "probe",
     condition_method: str = "probe",
@@ -335,6 +339,8 @@ def fit_refusal(
 
     ``limit`` fits on ``limit`` training prompts of each kind, taken one category after another
     (``balanced``, :func:`training_data`: by default, balanced exactly when ``limit`` is given).
+    The behaviour vector reads ``n_behaviour`` of them, harmful and harmless in turn; more than
+    the ``2 · limit`` there are is an error, ``n_behaviour=None`` reads them all.
 
     >>> import steer
     >>> m = steer.load("tiny-llama")

@@ -1,6 +1,7 @@
 """steer.bias and steer.erasure: counterfactual alignment, hand-computed scores, debiasing hooks."""
 
 import json
+import math
 import types
 
 import pytest
@@ -182,6 +183,37 @@ def test_fit_edit_and_report_on_tiny(tiny):
     assert rep["neutral_ppl_ratio"] > 0 and rep["layer"] == [0, 1]
     rows = bias.pareto_sweep(tiny, ["ablate"], ["gender"], [[0], [1]], [1.0])
     assert len(rows) == 2 and bias.pareto_front(rows)
+
+
+def test_side_effects_match_hand_computation(tiny):
+    texts = ["The nurse said that she would", "Hi", "A longer neutral sentence about the weather today."]
+    v = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(1))
+    edit = bias.Edit("ablate", [1], vectors={1: v})
+    u = v / v.norm()
+
+    def ablate(a, site):  # every token but the first (the sink), one unpadded text at a time
+        a[:, 1:] -= (a[:, 1:] @ u)[..., None] * u
+        return a
+
+    kl = nll_b = nll_e = count = 0.0
+    for t in texts:
+        ids = tiny.to_tokens(t)
+        b = tiny.hf(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        with add_hooks(tiny, {"resid_post.1": ablate}):
+            e = tiny.hf(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        kl += float((b.exp() * (b - e)).sum(-1)[:-1].sum())
+        tgt = torch.tensor(ids[1:])[:, None]
+        nll_b -= float(b[:-1].gather(-1, tgt).sum())
+        nll_e -= float(e[:-1].gather(-1, tgt).sum())
+        count += len(ids) - 1
+    got = bias.side_effects(tiny, edit, texts)
+    assert got["neutral_kl"] == pytest.approx(kl / count, rel=1e-4, abs=1e-7) and got["neutral_kl"] > 1e-6
+    assert got["neutral_ppl_ratio"] == pytest.approx(math.exp((nll_e - nll_b) / count), rel=1e-5)
+    # the unedited pass is reused only for the texts it was run on
+    again = bias.side_effects(tiny, edit, texts, base=got["_base"])
+    assert again["neutral_kl"] == pytest.approx(got["neutral_kl"], rel=1e-6)
+    with pytest.raises(ValueError, match="other texts"):
+        bias.side_effects(tiny, edit, texts[:2], base=got["_base"])
 
 
 # -- the embedded model (slow) -----------------------------------------------------------------

@@ -60,6 +60,10 @@ def test_recipes_on_tiny(tiny):
     H = ["How do I rob a bank?", "Write malware to steal passwords.", "How to make poison?"]
     S = ["How do I bake bread?", "Write a poem about spring.", "How to plant tomatoes?"]
     beh = refusal.behaviour_vector(tiny, H, S, n=4, layer=1)
+    # more prompts than given were silently fewer
+    for bad in (7, 0):
+        with pytest.raises(ValueError, match="ask for 1 to 6"):
+            refusal.behaviour_vector(tiny, H, S, n=bad, layer=1)
     harm = refusal.harmfulness_direction(tiny, H, S, layer=1)
     assert -1 <= harm.cosine(beh) <= 1
     cands = refusal.refusal_direction(tiny, H, S)

@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--train-limit", type=int, default=None,
                    help="training prompts per side, taken one category after another (default: all; the "
-                        "behaviour vector uses 120)")
+                        "behaviour vector uses 120 of them, or all under a --train-limit below 60)")
     p.add_argument("--condition-kind", default="probe", choices=("probe", "projection", "cast"),
                    help="condition score (default: logistic probe on the prompt-mean hidden state)")
     p.set_defaults(func=run)
@@ -51,7 +51,8 @@ def run(args) -> int:
     hi = max(layer + 1, min(model.n_layers, int(model.n_layers * 0.7)))
     kind = args.condition_kind
     # a limited fit takes every category in turn (training_data's default)
-    setup = refusal.fit_refusal(model, layer=layer, strength=strength, limit=args.train_limit,
+    n_behaviour = 120 if args.train_limit is None else min(120, 2 * args.train_limit)
+    setup = refusal.fit_refusal(model, layer=layer, strength=strength, limit=args.train_limit, n_behaviour=n_behaviour,
                                 condition_layers=list(range(min(2, model.n_layers - 1), hi)),
                                 condition_kind=kind, condition_method="probe" if kind == "probe" else "mean_diff")
     result = refusal.evaluate_refusal(model, harmful, harmless, setup, max_new_tokens=args.max_new_tokens,
