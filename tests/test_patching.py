@@ -288,6 +288,13 @@ def test_bad_inputs(model, task):
         activation_patch(model, task, "resid", layers=[])
     with pytest.raises(ValueError, match="batch_size=0"):
         activation_patch(model, task, "resid", batch_size=0)
+    # a NodeSet built for prompts of another length: atp scored the task's positions under its labels,
+    # activation patching failed on a shape
+    other = node_set(model, "resid", task.n_pos + 1)
+    for method in (atp, activation_patch):
+        with pytest.raises(ValueError, match="built for activations"):
+            method(model, task, other)
+    assert atp(model, task, node_set(model, "resid", task.n_pos)).scores.shape == (model.n_layers, task.n_pos)
 
 
 def test_result_labels_topk_save_plot(model, task, tmp_path):

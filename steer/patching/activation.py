@@ -23,7 +23,7 @@ from torch import Tensor
 from ..sites import Site, resolve_layers
 from ..sweep import Shards, map_units, sweep_key
 from ._runner import Runner
-from .nodes import NodeSet, node_set
+from .nodes import NodeSet, resolve_nodes
 from .result import PatchingResult
 from .tasks import PatchTask
 
@@ -139,7 +139,7 @@ def activation_patch(
     (2, 4)
     """
     direction = _check_direction(direction)
-    ns = nodes if isinstance(nodes, NodeSet) else node_set(model, nodes, task.n_pos)
+    ns = resolve_nodes(model, nodes, task.n_pos)
     t0 = time.perf_counter()
     base_b, other_b = (task.corrupt, task.clean) if direction == "denoising" else (task.clean, task.corrupt)
     d0 = first_difference(task)

@@ -36,7 +36,7 @@ from ..arch import UnsupportedModel
 from ..sites import Site
 from ._runner import Runner
 from .activation import _check_direction, capture_sites, run_metrics
-from .nodes import NodeSet, node_set
+from .nodes import NodeSet, resolve_nodes
 from .kernels import triton_available
 from .qk_fix import key_fix, pattern_grad, query_fix
 from .qk_tiled import key_fix_sum, row_fix
@@ -243,7 +243,7 @@ def _kinds(model, task, nodes) -> tuple[list[NodeSet], bool]:
     items = [nodes] if single else list(nodes)
     if not items:
         raise ValueError("nodes is empty: give a node kind such as 'heads' or a list of kinds.")
-    return [n if isinstance(n, NodeSet) else node_set(model, n, task.n_pos) for n in items], single
+    return [resolve_nodes(model, n, task.n_pos) for n in items], single
 
 
 def atp(

@@ -23,7 +23,7 @@ import torch
 from ..sites import Site
 from ._runner import Runner
 from .activation import _check_direction, _patcher, auto_batch_size, capture_sites, run_metrics
-from .nodes import NodeSet, node_set
+from .nodes import NodeSet, resolve_nodes
 from .result import PatchingResult
 from .tasks import PatchTask
 
@@ -84,7 +84,7 @@ def missed_effect_bound(
     direction = _check_direction(direction)
     if not 0 < confidence < 1 or not 0 < p <= 1:
         raise ValueError("Need 0 < confidence < 1 and 0 < p <= 1.")
-    ns = nodes if isinstance(nodes, NodeSet) else node_set(model, nodes, task.n_pos)
+    ns = resolve_nodes(model, nodes, task.n_pos)
     t0 = time.perf_counter()
     m_sub = math.ceil(math.log(1 - confidence) / math.log(1 - p / 2))
     g = torch.Generator().manual_seed(seed)

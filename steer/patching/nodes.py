@@ -19,13 +19,14 @@ k and v have ``n_kv_heads`` heads (grouped-query attention), as in TransformerLe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 from math import prod
 
 import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-__all__ = ["NodeSet", "node_set", "NODE_KINDS"]
+__all__ = ["NodeSet", "node_set", "resolve_nodes", "NODE_KINDS"]
 
 # kind -> (site, unit axes)
 _KINDS = {
@@ -157,3 +158,28 @@ def node_set(model, kind: str, n_pos: int) -> NodeSet:
         heads = model.n_heads if site in ("z", "q") else model.n_kv_heads
         axes, shape = ("pos", "head", "d_head"), (n_pos, heads, model.d_head)
     return NodeSet(kind, site, model.n_layers, axes, shape, units)
+
+
+def resolve_nodes(model, nodes: Union[str, NodeSet], n_pos: int) -> NodeSet:
+    """``nodes`` as a :class:`NodeSet` for ``model`` and prompts of ``n_pos`` tokens: a kind name
+    is resolved; a ``NodeSet`` must have been built for the same shapes (one built for prompts of
+    another length would label the scores with the wrong positions).
+
+    >>> import steer
+    >>> m = steer.load("tiny-llama")
+    >>> resolve_nodes(m, "heads", 5) == node_set(m, "heads", 5)
+    True
+    >>> resolve_nodes(m, node_set(m, "resid", 3), 5)
+    Traceback (most recent call last):
+    ...
+    ValueError: NodeSet 'resid' was built for activations (3, 64) of a 2-layer model; this model and task have (5, 64) and 2 layers: build it with node_set(model, 'resid', task.n_pos), or pass the kind 'resid'.
+    """
+    if not isinstance(nodes, NodeSet):
+        return node_set(model, nodes, n_pos)
+    want = node_set(model, nodes.kind, n_pos)
+    if nodes != want:
+        raise ValueError(f"NodeSet {nodes.kind!r} was built for activations {nodes.act_shape} of a {nodes.n_layers}-layer "
+                         f"model; this model and task have {want.act_shape} and {want.n_layers} layers: build it with "
+                         f"node_set(model, {nodes.kind!r}, task.n_pos), or pass the kind {nodes.kind!r}.")
+    return nodes
+
