@@ -27,7 +27,9 @@ Known changes (the oldest release ``pyproject.toml`` allows is 5.9):
 
 from __future__ import annotations
 
+import copy
 import inspect
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Optional
 
@@ -359,6 +361,39 @@ def recorders_last(module: torch.nn.Module) -> None:
     hooks = module._forward_hooks
     for key in [k for k, f in hooks.items() if getattr(f, "__qualname__", "").endswith(".output_capturing_hook")]:
         hooks.move_to_end(key)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _is_recorder(fn) -> bool:
+    return getattr(fn, "__qualname__", "").endswith(".output_capturing_hook")
+
+
+def copy_unhooked(module: torch.nn.Module, *, share_parameters: bool = False) -> torch.nn.Module:
+    """A deep copy of ``module`` without the hooks installed on it (steer's, a user's), keeping only
+    transformers' own output recorders. ``copy.deepcopy`` copies hooks too: a copy taken inside a
+    :class:`~steer.steering.Steering` block would stay steered after the block (or fail on the
+    context manager's generator). ``share_parameters``: the copy holds the same parameter tensors.
+
+    >>> import steer, torch
+    >>> m = steer.load("tiny-llama")
+    >>> with steer.add_hooks(m, {"resid_post.0": lambda a, s: a + 1}):
+    ...     twin = copy_unhooked(m.hf, share_parameters=True)
+    >>> sum(len(b._forward_hooks) for b in twin.modules()), twin.lm_head.weight is m.hf.lm_head.weight
+    (0, True)
+    """
+    memo: dict = {}
+    for mod in module.modules():
+        keep = {k for k, fn in mod._forward_hooks.items() if _is_recorder(fn)}
+        for name in _HOOK_DICTS:
+            hooks = getattr(mod, name, None)
+            if hooks is not None:
+                memo[id(hooks)] = OrderedDict((k, v) for k, v in hooks.items() if k in keep)
+    if share_parameters:
+        memo.update({id(p): p for p in module.parameters()})
+    return copy.deepcopy(module, memo)
 
 
 # -- models a user loaded: PEFT adapters, accelerate's device maps, quantized layers ----------

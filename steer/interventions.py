@@ -299,12 +299,11 @@ def orthogonalized(model, direction):
     >>> m2 is m
     False
     """
-    import copy
-
+    from ._hf import copy_unhooked
     from .models import Model
 
     weights = orthogonalize_weights(model, direction)
-    hf = copy.deepcopy(model.hf)
+    hf = copy_unhooked(model.hf)  # not the hooks of a steering block around the call
     out_emb = hf.get_output_embeddings()
     in_emb = hf.get_input_embeddings()
     if out_emb is not None and out_emb.weight is in_emb.weight:  # tied: keep the unembedding

@@ -18,7 +18,6 @@ Example
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import os
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 
 from . import arch
-from ._hf import execution_device, softcap_safe_attention, unwrap_adapters
+from ._hf import copy_unhooked, execution_device, softcap_safe_attention, unwrap_adapters
 from .display import Rich
 
 __all__ = ["Model", "load", "EMBEDDED_MODELS", "TINY_MODELS", "cache_dir"]
@@ -160,13 +159,8 @@ class Model(Rich):
         """
         from transformer_lens import TransformerBridge
 
-        twin = copy.deepcopy(self.hf)  # module structure to wrap …
-        own = dict(self.hf.named_parameters(remove_duplicate=False))
-        for name, module in twin.named_modules():  # … sharing every parameter tensor
-            for pname in list(module._parameters):
-                full = f"{name}.{pname}" if name else pname
-                if full in own:
-                    module._parameters[pname] = own[full]
+        # the module structure to wrap, sharing every parameter tensor and none of the hooks on it
+        twin = copy_unhooked(self.hf, share_parameters=True)
         return TransformerBridge.boot_transformers(
             self.name, hf_model=twin, tokenizer=self.tokenizer, device=str(self.device)
         )

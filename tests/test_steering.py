@@ -336,3 +336,19 @@ def test_output_hidden_states_under_steering_show_the_edit(tiny):
         with steer.steer(tiny, v, layer=0, strength=1.0, include_sink=True):
             steered = tiny.hf(**kw).hidden_states
     torch.testing.assert_close(steered[1][real], base[1][real] + v)
+
+
+def test_copies_taken_inside_a_steering_block_are_unsteered():
+    """The bridge and ``orthogonalized`` deep-copy the HF model; a copy of its hooks kept steering
+    the bridge after the block (and failed on the context manager's generator under ``steer``)."""
+    m = steer.load("tiny-llama")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(0))
+    with steer_ctx(m, v, layer=0, strength=8.0):
+        bridge = m.bridge
+        orth = orthogonalized(m, v)
+    with torch.no_grad():
+        plain = m.hf(input_ids=ids).logits
+        assert (bridge(ids, return_type="logits") - plain).abs().max() < 1e-4
+        assert torch.equal(orth.hf(input_ids=ids).logits, orthogonalized(m, v).hf(input_ids=ids).logits)
+    assert bridge.cfg.n_layers == m.n_layers and m.bridge is bridge
