@@ -220,12 +220,10 @@ def perplexity(model, texts: Sequence[str], batch_size: int = 16, steering=None,
         return float(torch.tensor(-sum(lps) / len(lps)).exp())
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
-        chunk = [Raw(t) for t in texts[i: i + batch_size]]
+        b = tokenize(model, [Raw(t) for t in texts[i: i + batch_size]])
         if steering is not None:
-            logits = steering.logits(chunk).float()
-            b = steering.batch
+            logits = steering.logits(b).float()
         else:
-            b = tokenize(model, chunk)
             logits = model.hf(input_ids=b.input_ids, attention_mask=b.attention_mask,
                               position_ids=b.position_ids, use_cache=False).logits.float()
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, b.input_ids[:, 1:, None])[..., 0]
@@ -295,11 +293,10 @@ def completion_logprob(model, prompts: Sequence, completions: Sequence[str], ste
     out = torch.zeros(len(prompts))
     for s in range(0, len(prompts), batch_size):
         pairs = [(p, c) for p, c in zip(prompts[s:s + batch_size], completions[s:s + batch_size])]
+        batch = tokenize(model, pairs)
         if steering is not None:
-            logits = steering.logits(pairs)
-            batch = steering.batch
+            logits = steering.logits(batch)
         else:
-            batch = tokenize(model, pairs)
             logits = model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               position_ids=batch.position_ids, use_cache=False).logits
         lp = logits.float().log_softmax(-1)

@@ -34,7 +34,8 @@ runs where skipping could change anything, :meth:`Steering._begin_resume`). All 
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -151,6 +152,7 @@ class Steering:
 
     def _remove(self):
         self._end_resume()
+        self.batch = None  # a batch set by hand describes the calls of one block
         self._seq, self._step, self._vectors, self._moved, self._prepass = None, {}, {}, {}, None
         if self._ctx is not None:
             self._ctx.__exit__(None, None, None)
@@ -224,10 +226,11 @@ class Steering:
     def _start_sequence(self, base, ids, emb, cp) -> dict:
         """State of a new sequence: its rows, examples, prompt width and gate.
 
-        ``self.batch`` (set by :meth:`generate`/:meth:`logits`) describes the sequence if the call
-        starts with its tokens, each prompt on ``k`` consecutive rows (``num_return_sequences``
-        and beam search expand rows that way and keep them grouped). A prompt may arrive in one
-        call or in several (chunked prefill); ``generate(use_cache=False)`` re-runs it each step."""
+        ``self.batch`` (set during :meth:`generate`/:meth:`logits`, or by hand for the calls of a
+        ``with`` block) describes the sequence if the call starts with its tokens, each prompt on
+        ``k`` consecutive rows (``num_return_sequences`` and beam search expand rows that way and
+        keep them grouped). A prompt may arrive in one call or in several (chunked prefill);
+        ``generate(use_cache=False)`` re-runs it each step."""
         rows, n = cp.real.shape
         bt, prev = self.batch, self._seq
         match = None
@@ -239,8 +242,10 @@ class Steering:
             width = match.input_ids.shape[1]
         else:  # called directly: one example per row, the prompt is this first call
             k, width = 1, cp.past + n
-        seq = {"rows": rows, "k": k, "batch": match, "width": width, "selections": {}}
-        if prev is not None and match is not None and prev["batch"] is match and prev["rows"] == rows:
+        seq = {"rows": rows, "k": k, "batch": match, "width": width, "selections": {},
+               "gate_of": (self.gate, self.condition)}
+        if prev is not None and match is not None and prev["batch"] is match and prev["rows"] == rows \
+                and all(a is b for a, b in zip(prev["gate_of"], seq["gate_of"])):
             seq["selections"], seq["gate"] = prev["selections"], prev["gate"]  # same prompts again
             return seq
         if self.condition is not None and cp.past > 0 and match is None:
@@ -586,10 +591,17 @@ class Steering:
         return out
 
     # -- conveniences ---------------------------------------------------------------------
-    def _run_batch(self, prompts) -> Batch:
+    @contextmanager
+    def _describing(self, prompts) -> Iterator[Batch]:
+        """The tokenized ``prompts`` (or a given :class:`~steer.data.Batch`) describe the sequences
+        of the calls inside; the batch set before comes back after. Left set, it would describe a
+        later direct call whose tokens happen to begin the same way (its gate, its prompt width)."""
         batch = prompts if isinstance(prompts, Batch) else tokenize(self.model, prompts)
-        self.batch = batch
-        return batch
+        before, self.batch = self.batch, batch
+        try:
+            yield batch
+        finally:
+            self.batch = before
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int = 64, *, backend=None, **kwargs) -> list[str]:
@@ -613,21 +625,22 @@ class Steering:
                                                            details=True, **kwargs)
             self.last_gate = out.gate
             return out.texts
-        batch = self._run_batch(prompts)
         kwargs.setdefault("do_sample", False)
-        out = self.model.hf.generate(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-            pad_token_id=self.model.tokenizer.pad_token_id, **kwargs,
-        )
+        with self._describing(prompts) as batch:
+            out = self.model.hf.generate(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                pad_token_id=self.model.tokenizer.pad_token_id, **kwargs,
+            )
         return self.model.tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
 
     @torch.no_grad()
     def logits(self, prompts) -> Float[Tensor, "batch pos d_vocab"]:
-        """Steered logits of a left-padded batch of prompts (pads included; see ``self.batch``)."""
+        """Steered logits of a left-padded batch of prompts (pads included: pass a tokenized
+        :class:`~steer.data.Batch` to know where they are)."""
         self._require_active()
-        batch = self._run_batch(prompts)
-        return self.model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             position_ids=batch.position_ids, use_cache=False).logits
+        with self._describing(prompts) as batch:
+            return self.model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=batch.position_ids, use_cache=False).logits
 
     def next_token_logits(self, prompts) -> Float[Tensor, "batch d_vocab"]:
         """Steered logits of the first generated token for each prompt.

@@ -352,3 +352,49 @@ def test_copies_taken_inside_a_steering_block_are_unsteered():
         assert (bridge(ids, return_type="logits") - plain).abs().max() < 1e-4
         assert torch.equal(orth.hf(input_ids=ids).logits, orthogonalized(m, v).hf(input_ids=ids).logits)
     assert bridge.cfg.n_layers == m.n_layers and m.bridge is bridge
+
+
+def test_a_generate_batch_does_not_describe_later_direct_calls(tiny):
+    """After ``generate([A])`` a direct call on a prompt B that begins A's tokens was taken for A:
+    its generated tokens up to A's width counted as prompt (left unsteered under
+    ``positions="generated"``), and A's condition gate was used."""
+    from steer.data import Raw, tokenize
+
+    v = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(5)) * 3
+    long, short = Raw("Hello there friend, how are you today?"), Raw("Hello")
+    ids = tokenize(tiny, [short]).input_ids
+    assert torch.equal(tokenize(tiny, [long]).input_ids[:, :ids.shape[1]], ids)
+    iv = Intervention("add", v, layers=[1], strength=4.0, positions="generated")
+
+    def direct():
+        return tiny.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                pad_token_id=tiny.tokenizer.pad_token_id)[0, ids.shape[1]:]
+
+    with Steering(tiny, [iv]) as s:
+        fresh = direct()
+        s.generate([long], max_new_tokens=2)
+        assert s.batch is None
+        after = direct()
+        s.batch = tokenize(tiny, [short])  # a batch set by hand describes this block's calls
+        by_hand = direct()
+    assert s.batch is None
+    with add_hooks(tiny, {"resid_post.1": lambda a, site: a + 4.0 * v if a.shape[1] == 1 else a}):
+        reference = direct()
+    assert torch.equal(fresh, reference) and torch.equal(after, reference) and torch.equal(by_hand, reference)
+    assert not torch.equal(reference, tiny.hf.generate(input_ids=ids, max_new_tokens=6, do_sample=False,
+                                                       pad_token_id=tiny.tokenizer.pad_token_id)[0, ids.shape[1]:])
+
+
+def test_a_new_gate_applies_to_the_same_batch_again(tiny):
+    from steer.data import tokenize
+
+    b = tokenize(tiny, ["Hi there", "Bake a cake"])
+    v = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(2))
+    plain = tiny.hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+    with Steering(tiny, [Intervention("add", v, layers=[0], strength=3.0)], gate=torch.tensor([1.0, 1.0])) as s:
+        s.batch = b
+        both = tiny.hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+        s.gate = torch.tensor([0.0, 1.0])  # the same prompts again, now with row 0 off
+        one = tiny.hf(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+    assert (both[0] - plain[0]).abs().max() > 1e-3
+    assert torch.allclose(one[0], plain[0], atol=1e-5) and torch.allclose(one[1], both[1], atol=1e-5)
