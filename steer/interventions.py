@@ -201,10 +201,18 @@ class Intervention:
             raise ValueError(f"Unknown intervention kind {self.kind!r}: use one of {KINDS}.")
         if isinstance(self.sites, str):
             self.sites = (self.sites,)
+        self.sites = tuple(self.sites)
+        if not self.sites or len(set(self.sites)) != len(self.sites):
+            raise ValueError(f"sites={self.sites!r}: name each site to edit once (e.g. 'resid_post').")
         if isinstance(self.layers, int):
             self.layers = [self.layers]
         if self.target is not None and self.kind != "clamp":
             raise ValueError("target= is for kind='clamp' (the value the projection moves toward).")
+        for name in ("strength", "target"):
+            value = getattr(self, name)
+            finite = value is None or callable(value) or torch.isfinite(torch.as_tensor(value, dtype=torch.float64)).all()
+            if not finite:
+                raise ValueError(f"{name}={value!r} is not finite: every row of the batch would come out NaN.")
         if self.kind == "map":
             if not callable(self.fn) or self.vector is not None:
                 raise ValueError("kind='map' takes fn= (a callable fn(x, strength)) and no vector.")

@@ -21,9 +21,12 @@ outputs, i.e. what is actually added to the residual stream.
 
 from __future__ import annotations
 
+import operator
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,15 +64,31 @@ def resolve_layers(model, layers: Union[str, int, Iterable[int], None]) -> list[
         return list(range(n))
     if isinstance(layers, str):
         raise ValueError(f"layers={layers!r}: use 'all', an int or a list of ints in [0, {n}).")
-    items = [layers] if isinstance(layers, int) else list(layers)
+    items = [layers] if _is_index(layers) or isinstance(layers, bool) else list(layers)
     if not items:
         raise ValueError("layers is empty: pass 'all', an int or a non-empty list of ints.")
     out = []
     for layer in items:
-        if not isinstance(layer, int) or not -n <= layer < n:
+        if not _is_index(layer):
+            raise ValueError(f"Layer {layer!r} is not a layer index: pass ints in [0, {n}) (negative count from the end).")
+        layer = operator.index(layer)
+        if not -n <= layer < n:
             raise ValueError(f"Layer {layer!r} out of range: {model.name} has layers 0..{n - 1}.")
+        if layer % n in out:  # it would be hooked (and steered) twice
+            raise ValueError(f"Layer {layer % n} is listed twice in layers={list(items)!r}.")
         out.append(layer % n)
     return out
+
+
+def _is_index(x) -> bool:
+    """An integer (Python's, numpy's, a 0-d integer tensor), not a bool."""
+    if isinstance(x, (bool, np.bool_)) or getattr(x, "dtype", None) is torch.bool:
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
 
 
 def _check_name(name: str) -> None:
@@ -97,7 +116,7 @@ def parse_sites(model, spec) -> list[Site]:
             site = Site(it[0], it[1])
         elif isinstance(it, str):
             name, _, layer = it.rpartition(".")
-            if not name or not layer.lstrip("-").isdigit():
+            if not name or not re.fullmatch(r"-?[0-9]+", layer):
                 _check_name(it)
                 raise ValueError(f"Site {it!r} has no layer: write it as '{it}.<layer>'.")
             site = Site(name, int(layer))

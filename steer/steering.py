@@ -63,7 +63,9 @@ class Steering:
         interventions: the edits to make.
         condition: optional CAST :class:`~steer.conditions.Condition` (or rule); when given, each
             example is steered only if the condition fires on its prompt.
-        gate: optional ``[batch]`` tensor (0/1 or any weight) multiplying every strength.
+        gate: optional ``[batch]`` tensor (0/1 or any weight) multiplying every strength; for a
+            ``clamp`` without ``target``, whose strength is the value clamped to, it only says
+            which rows are clamped (non-zero: clamped to that value).
         resume: with a ``condition``, let the prefill start where the condition's pre-pass can
             hand over (the blocks it ran unsteered are not run again; :attr:`last_resumed_at`
             says where it started). ``False`` runs every block again: the same result, slower;

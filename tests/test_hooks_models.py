@@ -42,6 +42,10 @@ def test_unknown_site_and_layer_list_valid_ones(tiny):
     with pytest.raises(ValueError, match=r"layers 0\.\.1"):
         with steer.add_hooks(tiny, {"resid_post.7": lambda a, s: None}):
             pass
+    for garbled in ("resid_post.\u0661", "resid_post.--1"):  # an Arabic-Indic one was read as layer 1
+        with pytest.raises(ValueError, match="Unknown site"):
+            with steer.add_hooks(tiny, {garbled: lambda a, s: None}):
+                pass
     assert _n_hooks(tiny) == 0
 
 

@@ -167,6 +167,16 @@ def test_bad_inputs(tiny):
         Steering(tiny, [Intervention("add", torch.randn(64), layers=[7])])
     with pytest.raises(RuntimeError, match="with"):
         Steering(tiny).generate(["Hi"])
+    # a layer named twice was steered twice (layers=[1, -1] at strength 2 acted as strength 4)
+    for layers in ([1, -1], [1, 1]):
+        with pytest.raises(ValueError, match="listed twice"):
+            Steering(tiny, [Intervention("add", torch.randn(64), layers=layers)])
+    with pytest.raises(ValueError, match="not a layer index"):
+        Steering(tiny, [Intervention("add", torch.randn(64), layers=[True])])
+    for bad in (dict(strength=float("nan")), dict(strength=torch.tensor([1.0, float("inf")])), dict(sites=()),
+                dict(sites=("resid_post", "resid_post"))):
+        with pytest.raises(ValueError, match="not finite|each site"):
+            Intervention("add", torch.randn(64), layers=[0], **bad)
     # hooks are removed after an exception
     with pytest.raises(KeyError):
         with steer_ctx(tiny, torch.randn(64), layer=0):
@@ -320,11 +330,13 @@ def test_strengths_are_moved_once_per_version(tiny):
     assert s._row_strength(1, s.interventions[1], 4, 2, torch.device("cpu")).tolist() == [5.0, 5.0, 6.0, 6.0]
 
 
-def test_output_hidden_states_under_steering_show_the_edit(tiny):
+def test_output_hidden_states_under_steering_show_the_edit():
     """transformers records ``output_hidden_states`` with block hooks it keeps from the first
     request on; they see the block output after steer's edit, as the next block does (they saw it
     before: the steered layer read as unsteered, the layers after it as steered)."""
     from steer.data import tokenize
+
+    tiny = steer.load("tiny-llama")  # its own: the recorders stay on the model (other tests count hooks)
 
     b = tokenize(tiny, ["Hi", "How are you doing today?"])
     kw = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
