@@ -73,10 +73,10 @@ def _render(model, prompt: Prompt) -> tuple[str, dict[str, tuple[int, int]], boo
         if len(prompt) != 2:
             raise ValueError(f"A pair prompt must be (prompt, completion), got {len(prompt)} items.")
         prompt, completion = prompt
-    templated = not (isinstance(prompt, Raw) or (isinstance(prompt, str) and not model.has_chat_template))
-    if not templated:
+    if isinstance(prompt, Raw) or (isinstance(prompt, str) and not model.has_chat_template):
         text, spans = str(prompt), {"instruction": (0, len(prompt))}
         spans["post_instruction"] = (len(text), len(text))
+        templated = False
     else:
         if isinstance(prompt, str):
             messages = [{"role": "user", "content": prompt}]
@@ -90,15 +90,35 @@ def _render(model, prompt: Prompt) -> tuple[str, dict[str, tuple[int, int]], boo
         if not messages:
             raise ValueError("Empty chat message list.")
         text = model.chat(messages)
-        content = messages[-1]["content"]
-        end = text.rfind(content) + len(content) if content else -1
-        if end < 0 or not content:
-            end = len(text)
-        spans = {"instruction": (end - len(content), end), "post_instruction": (end, len(text))}
+        spans = _last_message_spans(model, messages, text)
+        # without a template the messages are joined as plain text: the tokenizer adds its BOS
+        templated = model.has_chat_template
     if completion is not None:
         spans["completion"] = (len(text), len(text) + len(completion))
         text = text + completion
     return text, spans, templated
+
+
+def _last_message_spans(model, messages: list[dict], text: str) -> dict[str, tuple[int, int]]:
+    """Character spans of the last message's text (``instruction``) and of the rest of ``text``
+    (``post_instruction``). It is looked for in the conversation rendered without the generation
+    prompt, where the user's text is last (it may also occur in that prompt: "assistant"); a
+    template that changes it (some strip whitespace) leaves it found stripped or not at all (then
+    there are no such spans, and selecting them is an error)."""
+    content = messages[-1]["content"]
+    head = text
+    if model.has_chat_template:
+        try:
+            head = model.chat(messages, add_generation_prompt=False)
+        except Exception:  # a template that insists on a generation prompt: search the whole text
+            head = text
+        if not text.startswith(head):
+            head = text
+    for c in dict.fromkeys((content, content.strip())):
+        i = head.rfind(c) if c else -1
+        if i >= 0:
+            return {"instruction": (i, i + len(c)), "post_instruction": (i + len(c), len(text))}
+    return {}
 
 
 def tokenize(model, prompts: Sequence[Prompt], max_length: int | None = None) -> Batch:

@@ -87,15 +87,16 @@ def mask(sel: Selector, batch: Batch, include_sink: bool = True) -> Bool[Tensor,
             elif sel == "all":
                 out[i] = real[i]
             elif sel == "instruction_last":
+                if "instruction" not in spans:
+                    raise ValueError(_unfound(i, batch))
                 s, e = spans["instruction"]
                 if e <= s:
                     raise ValueError(f"Prompt {i} has no instruction tokens.")
                 out[i, e - 1] = True
             else:
                 if sel not in spans:
-                    raise ValueError(
-                        f"Prompt {i} has no {sel!r} tokens: 'completion' needs (prompt, completion) pairs."
-                    )
+                    raise ValueError(_unfound(i, batch) if sel != "completion" else
+                                     f"Prompt {i} has no 'completion' tokens: they need (prompt, completion) pairs.")
                 s, e = spans[sel]
                 if e <= s:
                     hint = (": the tokens after the instruction come from a chat template, and this prompt "
@@ -124,3 +125,9 @@ def mask(sel: Selector, batch: Batch, include_sink: bool = True) -> Bool[Tensor,
         first = (width - batch.lengths).long()
         out[torch.arange(n, device=dev), first] = False
     return out
+
+
+def _unfound(i: int, batch) -> str:
+    return (f"Prompt {i}: steer did not find the user's text in the rendered prompt {batch.texts[i]!r} (the chat "
+            "template changes it), so it cannot tell which tokens are the instruction: use 'last' or Last(k).")
+

@@ -94,3 +94,31 @@ def test_fp16_overflow_is_reported(tiny):
         m.hf.model.embed_tokens.weight.mul_(1e6)
     with pytest.raises(FloatingPointError, match="float32"):
         steer.capture(m.to(dtype=torch.float16), ["Hi"], layers="all")
+
+
+def test_instruction_span_is_the_users_text():
+    """The user's text was looked for anywhere in the rendered prompt: 'assistant' was found in the
+    generation prompt, and text a template trims was not found at all (the span then covered the
+    template's first tokens)."""
+    from steer.data import tokenize
+
+    m = steer.load("tiny-llama")
+
+    def instruction(prompt):
+        b = tokenize(m, [prompt])
+        s, e = b.spans[0]["instruction"]
+        user = b.texts[0].index("user\n") + len("user\n")
+        assert b.texts[0][user:].startswith(m.tokenizer.decode(b.input_ids[0, s:e]))  # right after the role
+        return m.tokenizer.decode(b.input_ids[0, s:e])
+
+    assert instruction("assistant") == "assistant" and instruction("a") == "a"
+    m.tokenizer.chat_template = m.tokenizer.chat_template.replace("message['content']", "(message['content'] | trim)")
+    assert instruction("Write a poem.\n") == "Write a poem."
+    m.tokenizer.chat_template = m.tokenizer.chat_template.replace("| trim", "| upper")
+    with pytest.raises(ValueError, match="did not find the user's text"):
+        steer.capture(m, ["Write a poem."], positions="instruction")
+    # messages and a string render alike without a template, BOS included
+    m.tokenizer.chat_template, m.tokenizer.add_bos_token = None, True
+    bos = m.tokenizer.bos_token_id
+    plain, messages = tokenize(m, ["Hi"]), tokenize(m, [[{"role": "user", "content": "Hi"}]])
+    assert plain.input_ids[0, 0] == bos and torch.equal(plain.input_ids, messages.input_ids)
