@@ -44,7 +44,7 @@ $(CHROMIUM):
 		echo "could not install chromium: tests/test_report.py will fail (set STEER_NO_BROWSER=1 to leave it out)"
 
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/python -m pytest -q --doctest-modules steer tests
+	$(BIN)/python -m pytest -q --doctest-modules steer tests --durations=25
 
 # without the tests marked slow (the embedded-model checks): for iterating
 test-fast: $(STAMP)
