@@ -47,6 +47,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .data import prompt_list
 from .display import Rich
 from .interventions import Intervention
 from .progress import bar
@@ -369,7 +370,7 @@ def generate(model, prompts: Sequence, vector: Float[Tensor, "d_model"], *, laye
     if vector.shape != (model.d_model,):
         raise ValueError(f"vector has shape {tuple(vector.shape)}; {model.name} needs [{model.d_model}].")
     dev = model.device
-    batch = tokenize(model, list(prompts)).to(dev)
+    batch = tokenize(model, prompt_list(prompts)).to(dev)
     B, T = batch.input_ids.shape
     n_prompt = batch.attention_mask.sum(-1).tolist()
     st = torch.zeros(B, device=dev)  # per-row strength, set here before each step; Steering reads it each call

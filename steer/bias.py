@@ -51,7 +51,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from .data import batches, pad_left, position_ids
+from .data import batches, pad_left, position_ids, prompt_list
 from .display import Rich
 from .progress import bar
 
@@ -636,7 +636,7 @@ def _choice_probs(model, prompts: Sequence[str], options: Sequence[Sequence[str]
         if not ts:
             raise ValueError(f"Every spelling of the option {list(o)} starts with a token another option starts with "
                              f"under {model.name}'s tokenizer: give spellings whose first tokens differ.")
-    batch = tokenize(model, list(prompts))
+    batch = tokenize(model, prompt_list(prompts))
     rows = [batch.input_ids[i][batch.attention_mask[i].bool()].tolist() for i in range(len(prompts))]
     out = torch.zeros(len(prompts), len(options))
     for idx, lp, _, _ in _forward(model, rows, edit, batch_size=batch_size, last_only=True):

@@ -27,7 +27,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from . import positions as P
-from .data import Prompt, batches, tokenize
+from .data import Prompt, batches, prompt_list, tokenize
 from .display import Rich
 from .hooks import StopForward, add_hooks
 from .progress import bar
@@ -227,7 +227,7 @@ def capture(
     >>> a.tensor.shape, a.mask.sum(-1).tolist()      # [n, layer, pos, head, d_head]
     (torch.Size([2, 1, 13, 4, 16]), [13, 13])
     """
-    prompts = list(prompts)
+    prompts = prompt_list(prompts)
     if not prompts:
         raise ValueError("capture() got an empty prompt list: pass at least one prompt.")
     if site not in SITES:

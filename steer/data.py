@@ -121,6 +121,24 @@ def _last_message_spans(model, messages: list[dict], text: str) -> dict[str, tup
     return {}
 
 
+def prompt_list(prompts) -> list:
+    """``prompts`` as a list, where a lone prompt (a string, a chat message list) is an error:
+    ``list("Hello")`` would be five one-letter prompts.
+
+    >>> prompt_list(("Hi", Raw("Hello")))
+    ['Hi', 'Hello']
+    >>> prompt_list("Hi")
+    Traceback (most recent call last):
+    ...
+    TypeError: Expected a list of prompts, got one prompt (str 'Hi'): pass ['Hi'].
+    """
+    lone = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and all(isinstance(m, dict) for m in prompts))
+    if lone:
+        raise TypeError(f"Expected a list of prompts, got one prompt ({type(prompts).__name__} {prompts!r:.60}): "
+                        f"pass [{prompts!r:.60}].")
+    return list(prompts)
+
+
 def tokenize(model, prompts: Sequence[Prompt], max_length: int | None = None) -> Batch:
     """Render and tokenize prompts into one left-padded :class:`Batch`.
 
@@ -130,7 +148,7 @@ def tokenize(model, prompts: Sequence[Prompt], max_length: int | None = None) ->
     >>> b.input_ids.shape[0], int(b.attention_mask[0].sum()) < int(b.attention_mask[1].sum())
     (2, True)
     """
-    prompts = list(prompts)
+    prompts = prompt_list(prompts)
     if not prompts:
         raise ValueError("No prompts given: pass at least one prompt.")
     tok = model.tokenizer

@@ -372,6 +372,10 @@ def run_blocks(model, forward: Callable[[], Any], start: int, stop: int,
     >>> torch.equal(out.logits, m.hf(input_ids=ids).logits)
     True
     """
+    n = len(model.layers)
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"run_blocks: blocks {start} .. {stop} − 1 are not a range of 0 .. {n - 1} "
+                         "(need 0 <= start < stop <= n_layers).")
     with ExitStack() as stack:
         if resid is not None:
             stack.enter_context(resume_at(model, start, resid))

@@ -203,6 +203,9 @@ class Model(Rich):
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def to_str_tokens(self, text_or_ids) -> list[str]:
+        if getattr(text_or_ids, "ndim", 1) != 1:
+            raise ValueError(f"to_str_tokens takes text or one row of ids, got shape {tuple(text_or_ids.shape)}: "
+                             "pass ids[0], or one row at a time.")
         ids = self.to_tokens(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
         return [self.tokenizer.decode([i]) for i in ids]
 

@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .data import prompt_list
 from .evaluate import completion_logprob as _completion_logprob
 
 __all__ = [
@@ -571,7 +572,7 @@ def trace(model, direction, layer: Optional[int], prompts: Sequence, max_new_tok
     def grab(act, site):
         steps.append(act[:, -1].float() @ u.to(act.device))  # stays on the model's device until the end
 
-    batch = tokenize(model, list(prompts))
+    batch = tokenize(model, prompt_list(prompts))
     with add_hooks(model, {f"resid_post.{lay}": grab}):  # one token more: its step reads the last one kept
         out = model.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                 max_new_tokens=max_new_tokens + 1, do_sample=False,

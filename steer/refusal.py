@@ -28,6 +28,7 @@ from torch import Tensor
 from . import evaluate as E
 from .capture import capture
 from .conditions import Condition, fit_condition
+from .data import prompt_list
 from .directions import Direction, extract, from_activations, sweep_layers
 from .interventions import Intervention
 from .progress import bar
@@ -416,7 +417,7 @@ def fasb_probe(model, vector: Float[Tensor, "d_model"], *, layer: int = 22, stee
     def ends(prompts):
         if not prompts:
             return torch.zeros(0, model.d_model)
-        a = capture(model, list(prompts), layers=[layer], positions="last", progress=False)
+        a = capture(model, prompt_list(prompts), layers=[layer], positions="last", progress=False)
         return a.tensor.reshape(len(prompts), -1).float()
 
     good_h = [(p, t) for p, t, r in zip(H, steered_h, E.refusal_substring(steered_h)) if r]  # refused under steering

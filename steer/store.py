@@ -37,6 +37,7 @@ from torch import Tensor
 
 from . import positions as P
 from .capture import _atomic, capture
+from .data import prompt_list
 from .display import Rich
 from .sites import resolve_layers
 
@@ -87,7 +88,7 @@ class ActivationStore(Rich):
         from .sites import SITES
         from .sweep import Shards, map_units
 
-        prompts = list(prompts)
+        prompts = prompt_list(prompts)
         if not prompts:
             raise ValueError("ActivationStore.write got no prompts.")
         if not (P.is_single(positions) or reduce == "mean"):

@@ -76,6 +76,14 @@ def test_save_load_roundtrip(tiny, tmp_path):
 def test_bad_input_errors(tiny):
     with pytest.raises(ValueError, match="empty prompt list"):
         steer.capture(tiny, [])
+    # one prompt alone was read as one prompt per character ("Hello": five answers, five rows)
+    for call in (lambda p: steer.capture(tiny, p), lambda p: tiny.generate(p, max_new_tokens=1),
+                 lambda p: steer.tokenize(tiny, p)):
+        for lone in ("Hello", [{"role": "user", "content": "Hello"}]):
+            with pytest.raises(TypeError, match="pass \\["):
+                call(lone)
+    with pytest.raises(ValueError, match="one row"):  # a batch of ids was decoded as one token per row
+        tiny.to_str_tokens(torch.tensor([[40, 41, 42]]))
     with pytest.raises(ValueError, match="Valid sites"):
         steer.capture(tiny, ["Hi"], site="resid_middle")
     with pytest.raises(ValueError, match="out of range"):

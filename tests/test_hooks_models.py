@@ -149,3 +149,15 @@ def test_loading_a_tiny_model_leaves_the_callers_random_state_alone():
     assert torch.equal(torch.rand(3), expected)
     b = steer.load("tiny-gpt2")
     assert all(torch.equal(p, q) for p, q in zip(a.hf.parameters(), b.hf.parameters()))
+
+
+def test_run_blocks_refuses_a_range_the_model_lacks(tiny):
+    """stop below start recorded the token embeddings as block 1's input; stop past the end ran to it."""
+    from steer.hooks import run_blocks
+
+    ids = torch.tensor([[5, 6, 7]])
+    resid = torch.zeros(1, 3, tiny.d_model)
+    for start, stop in ((1, 1), (1, 0), (0, tiny.n_layers + 1), (-1, 1)):
+        with pytest.raises(ValueError, match="not a range"):
+            run_blocks(tiny, lambda: tiny.hf(input_ids=ids), start, stop, resid if start > 0 else None)
+    assert _n_hooks(tiny) == 0

@@ -38,6 +38,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..data import prompt_list
 from ..display import Rich
 
 __all__ = ["direction_cosines", "transfer", "Transfer", "cross_patch", "CrossPatch"]
@@ -200,8 +201,8 @@ def cross_patch(a, b, prompts: Sequence, metric: Callable[[Tensor], Tensor], *,
     from ..sites import resolve_layers
 
     _check_pair(a, b)
-    batch = tokenize(a, list(prompts))
-    if not torch.equal(tokenize(b, list(prompts)).input_ids, batch.input_ids):
+    batch = tokenize(a, prompt_list(prompts))
+    if not torch.equal(tokenize(b, prompt_list(prompts)).input_ids, batch.input_ids):
         raise ValueError(f"{a.name} and {b.name} tokenize the prompts differently: cross-model patching needs one tokenizer.")
     for s in sites:
         if s not in _SITES:

@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..data import prompt_list
 from ..display import Rich
 
 __all__ = ["logit_lens", "LogitLens", "decode"]
@@ -257,7 +258,7 @@ def _positions(model, prompts, positions, include_sink, batch_size) -> tuple[lis
     from ..data import tokenize
 
     tokens, pos = [], []
-    prompts = list(prompts)
+    prompts = prompt_list(prompts)
     for i in range(0, len(prompts), batch_size):
         b = tokenize(model, prompts[i:i + batch_size])
         m = Pm.mask(positions, b, include_sink=include_sink)

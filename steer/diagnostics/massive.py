@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..data import tokenize
+from ..data import prompt_list, tokenize
 from ..display import Rich
 from ..hooks import add_hooks
 from ..progress import bar
@@ -177,7 +177,7 @@ def massive_activations(model, prompts: Sequence, layers="all", *, k: int = 5, m
     >>> r.top_dims.shape, r.entries                   # a random tiny model has no massive activations
     (torch.Size([1, 2, 3]), [])
     """
-    prompts = list(prompts)
+    prompts = prompt_list(prompts)
     if not prompts:
         raise ValueError("massive_activations needs at least one prompt.")
     if k < 1:

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..data import prompt_list
 from ..display import Rich
 
 __all__ = ["probe_trace", "ProbeTrace"]
@@ -153,7 +154,7 @@ def probe_trace(model, prompts: Sequence, probe, layer: Optional[int] = None, *,
     layer, score = _scorer(model, probe, layer)
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be ≥ 1.")
-    batch = tokenize(model, list(prompts)).to(model.device)
+    batch = tokenize(model, prompt_list(prompts)).to(model.device)
     B, T = batch.input_ids.shape
     steps: list[Tensor] = []
 

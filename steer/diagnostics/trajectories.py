@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..data import prompt_list
 from ..display import Rich
 
 __all__ = ["trajectories", "Trajectories", "read_points"]
@@ -171,7 +172,7 @@ def trajectories(model, prompts: Sequence, *, tasks: Sequence[str], refused: Seq
     were generated with, whose edits apply to every prompt alike. See the module doc."""
     from ..sites import resolve_layers
 
-    prompts = list(prompts)
+    prompts = prompt_list(prompts)
     if not (len(prompts) == len(tasks) == len(refused)):
         raise ValueError(f"{len(prompts)} prompts, {len(tasks)} task labels, {len(refused)} refusal labels: "
                          "give one task and one refusal label per prompt.")
@@ -188,7 +189,7 @@ def read_points(model, prompts: Sequence, layers: Sequence[int], *, steering=Non
     from ..data import tokenize
     from ..hooks import add_hooks
 
-    prompts = list(prompts)
+    prompts = prompt_list(prompts)
     layers = list(layers)
     step = len(prompts) if steering is not None else batch_size
     out = []
