@@ -27,7 +27,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from . import positions as P
-from .data import Prompt, batches, prompt_list, tokenize
+from .data import Prompt, batches, prompt_list, prompt_repr, tokenize
 from .display import Rich
 from .hooks import StopForward, add_hooks
 from .progress import bar
@@ -41,7 +41,7 @@ def prompts_hash(prompts: Sequence[Any]) -> str:
 
     >>> prompts_hash(["Hi"]) == prompts_hash(["Hi"]) != prompts_hash(["Ho"])
     True"""
-    return hashlib.sha256(json.dumps([repr(p) for p in prompts]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([prompt_repr(p) for p in prompts]).encode()).hexdigest()[:16]
 
 
 @dataclass(repr=False)

@@ -121,6 +121,30 @@ def _last_message_spans(model, messages: list[dict], text: str) -> dict[str, tup
     return {}
 
 
+def prompt_repr(p) -> str:
+    """``repr(p)`` that tells ``Raw("x")`` (verbatim) from ``"x"`` (chat-templated), for the hashes
+    that say which prompts a capture, store or sweep read; unchanged for prompts without Raw.
+
+    >>> prompt_repr("Hi"), prompt_repr(Raw("Hi")), prompt_repr(("Hi", " there"))
+    ("'Hi'", "Raw('Hi')", "('Hi', ' there')")
+    """
+    def canon(x):
+        if isinstance(x, Raw):
+            return _Tagged(f"Raw({str(x)!r})")
+        if isinstance(x, (list, tuple)):
+            return type(x)(canon(y) for y in x)
+        if isinstance(x, dict):
+            return {k: canon(v) for k, v in x.items()}
+        return x
+
+    return repr(canon(p))
+
+
+class _Tagged(str):
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def prompt_list(prompts) -> list:
     """``prompts`` as a list, where a lone prompt (a string, a chat message list) is an error:
     ``list("Hello")`` would be five one-letter prompts.
@@ -220,6 +244,8 @@ def batches(n: int, batch_size: int, lengths: Sequence[int] | None = None) -> li
 
     >>> batches(4, 2, lengths=[9, 1, 8, 2])
     [[1, 3], [2, 0]]"""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1.")
     order = sorted(range(n), key=lambda i: lengths[i]) if lengths is not None else list(range(n))
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
@@ -294,5 +320,6 @@ def casual(prompts: Sequence[str], seed: int = 0) -> list[str]:
             s = s.replace("'", "").replace("\u2019", "")
         if rng.random() < 0.6:
             s = s.rstrip(".?!")
-        out.append(rng.choice(_OPENERS) + s + rng.choice(_CLOSERS))
+        informal = rng.choice(_OPENERS) + s + rng.choice(_CLOSERS)
+        out.append(Raw(informal) if isinstance(text, Raw) else informal)  # verbatim text stays verbatim
     return out

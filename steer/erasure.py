@@ -98,8 +98,6 @@ class LeaceEraser:
             raise ValueError("LeaceEraser.fit needs at least 2 examples.")
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN/inf: capture activations in float32.")
-        if z.is_floating_point() and not torch.isfinite(z).all():
-            raise ValueError("z contains NaN/inf: give every row a concept value.")
         X, Z = x.double(), cls._concept(z)
         mu = X.mean(0)
         Xc, Zc = X - mu, Z - Z.mean(0)
@@ -110,6 +108,8 @@ class LeaceEraser:
     @staticmethod
     def _concept(z: Tensor) -> Tensor:
         """``z`` as fp64 ``[n, k]``: one-hot for integer labels, else the scores themselves."""
+        if z.is_floating_point() and not torch.isfinite(z).all():
+            raise ValueError("z contains NaN/inf: give every row a concept value.")
         if z.ndim == 1 and not torch.is_floating_point(z):
             classes = z.unique()
             if len(classes) < 2:

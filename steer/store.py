@@ -37,7 +37,7 @@ from torch import Tensor
 
 from . import positions as P
 from .capture import _atomic, capture
-from .data import prompt_list
+from .data import prompt_list, prompt_repr
 from .display import Rich
 from .sites import resolve_layers
 
@@ -48,7 +48,25 @@ FORMAT = 1
 
 
 def _prompt_hash(p) -> str:
-    return hashlib.sha256(repr(p).encode()).hexdigest()[:16]
+    return hashlib.sha256(prompt_repr(p).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(model, per_tensor: int = 64) -> str:
+    """A short hash of ``model``'s weights (``per_tensor`` evenly spaced values of every parameter,
+    and its dtype): two models of one name (seeds, checkpoints, load dtypes) seldom share it.
+
+    >>> import steer
+    >>> weights_fingerprint(steer.load("tiny-llama")) == weights_fingerprint(steer.load("tiny-llama"))
+    True
+    """
+    h = hashlib.sha256(str(model.dtype).encode())
+    with torch.no_grad():
+        for name, p in model.hf.named_parameters():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // per_tensor)
+            h.update(name.encode())
+            h.update(flat[::step][:per_tensor].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _rows(rows, n: int) -> list[int]:
@@ -106,16 +124,20 @@ class ActivationStore(Rich):
         n = len(prompts)
         spans = [(a, min(n, a + shard_size)) for a in range(0, n, shard_size)]
         index = {
-            "format": FORMAT, "model": model.name, "n_layers": model.n_layers, "sites": sites, "layers": layer_list, "positions": repr(positions),
+            "format": FORMAT, "model": model.name, "weights": weights_fingerprint(model), "n_layers": model.n_layers, "sites": sites, "layers": layer_list, "positions": repr(positions),
             "reduce": reduce, "include_sink": include_sink, "dtype": str(dtype).removeprefix("torch."),
             "n_prompts": n, "prompt_hashes": [_prompt_hash(p) for p in prompts],
             "shards": [{"file": f"shard-{i:05d}.safetensors", "start": a, "stop": b} for i, (a, b) in enumerate(spans)],
         }
-        if shards.rank == 0 and not (path / INDEX).exists():
+        # an index with no shard written yet (a first write that failed) is replaced, not resumed
+        fresh = not any((path / s["file"]).exists() for s in json.loads((path / INDEX).read_text())["shards"]) \
+            if (path / INDEX).exists() else True
+        if shards.rank == 0 and fresh:
             path.mkdir(parents=True, exist_ok=True)
             _atomic(path / INDEX, lambda tmp: Path(tmp).write_text(json.dumps(index)))
         shards.barrier()  # then every rank checks the index it resumes (none raises alone)
         old = json.loads((path / INDEX).read_text())
+        old.setdefault("weights", index["weights"])  # stores written before steer recorded it
         diff = [k for k in index if old.get(k) != index[k]]
         if diff:
             raise ValueError(f"{path} holds another capture (differs in {', '.join(diff)}): write this one "
@@ -213,18 +235,20 @@ class ActivationStore(Rich):
             if mine:
                 parts.append(self._read(shard, [r - a for _, r in mine], cols, site))
                 order += [j for j, _ in mine]
-        if not parts:
-            return torch.empty(0, len(cols), 0)
+        if not parts:  # no rows: the stored shape with none of them
+            shard = self.index["shards"][0]
+            return self._read(shard, [0], cols, site)[:0]
         out = torch.cat(parts)
         return out[torch.argsort(torch.tensor(order))]
 
     def batches(self, layers=None, rows=None, site: Optional[str] = None) -> Iterator[tuple[list[int], Tensor]]:
-        """``(prompt indices, [n, n_layers, d])`` one shard at a time (rows: a subset)."""
+        """``(prompt indices, [n, n_layers, d])`` one shard at a time (rows: a subset; a row
+        asked for twice, as a bootstrap resample does, comes twice)."""
         site = self._site(site)
-        want = set(_rows(rows, len(self)))
+        want = sorted(_rows(rows, len(self)))
         cols = self._layer_cols(layers)
         for shard in self.index["shards"]:
-            local = [r for r in range(shard["start"], shard["stop"]) if r in want]
+            local = [r for r in want if shard["start"] <= r < shard["stop"]]
             if local:
                 yield local, self._read(shard, [r - shard["start"] for r in local], cols, site)
 

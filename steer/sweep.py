@@ -144,8 +144,8 @@ def map_units(
     :meth:`Shards.auto`; None: this process alone), results in unit order on every rank.
 
     ``directory``: write each result there as it finishes (``torch.save``, atomic) and skip the
-    units already there, so an interrupted sweep reruns only what is missing. ``key``
-    (:func:`sweep_key` of the sweep's definition) guards against resuming a different sweep.
+    units already there, so an interrupted sweep reruns only what is missing. It needs ``key``
+    (:func:`sweep_key` of the sweep's definition), which guards against resuming a different sweep.
 
     >>> import tempfile
     >>> d = tempfile.mkdtemp()
@@ -158,7 +158,10 @@ def map_units(
     shards = Shards.auto() if shards == "auto" else (shards or Shards())
     path = None if directory is None else Path(directory)
     if path is not None:
-        _claim(path, key or sweep_key(len(units)), len(units), shards)
+        if not key:  # named by its length alone, another sweep of as many units would be "resumed"
+            raise ValueError("map_units(directory=...) needs key=: sweep_key(...) of what defines the sweep (its "
+                             "function's settings and units), so that a rerun resumes only the same sweep.")
+        _claim(path, key, len(units), shards)
     local = {}
     todo = []
     for i in shards.mine(len(units)):

@@ -130,3 +130,13 @@ def test_instruction_span_is_the_users_text():
     bos = m.tokenizer.bos_token_id
     plain, messages = tokenize(m, ["Hi"]), tokenize(m, [[{"role": "user", "content": "Hi"}]])
     assert plain.input_ids[0, 0] == bos and torch.equal(plain.input_ids, messages.input_ids)
+
+
+def test_casual_copies_keep_raw_text_raw_and_batches_need_a_size():
+    from steer.data import Raw, batches, casual
+
+    out = casual([Raw("The capital of France is"), "How do I bake bread?"], seed=0)
+    assert isinstance(out[0], Raw) and not isinstance(out[1], Raw)  # a Raw copy was chat-templated
+    assert batches(5, 2) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="batch_size"):
+        batches(5, -2)  # was [] (nothing to run, silently)

@@ -114,3 +114,32 @@ def test_condition_from_a_store_equals_fit_condition(model, tmp_path):
     torch.testing.assert_close(got.vector, ref.vector, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="CAST condition reads"):
         ActivationStore.write(model, pos + neg, tmp_path / "last", progress=False).condition(range(4), range(4, 8))
+
+
+def test_repeated_rows_count_as_often_as_asked(model, store):
+    """A bootstrap resample names rows twice: mean() and direction() counted them once."""
+    ref = store.get()
+    rows = [0, 0, 0, 1, 5, 5]
+    torch.testing.assert_close(store.mean(rows), ref[rows].double().mean(0).float(), atol=1e-6, rtol=1e-6)
+    d = store.direction(rows, [2, 3])
+    want = ref[rows].double().mean(0) - ref[[2, 3]].double().mean(0)
+    torch.testing.assert_close(d.vectors, want.float(), atol=1e-5, rtol=1e-5)
+    assert store.get(rows=[]).shape == (0, *ref.shape[1:])
+
+
+def test_a_store_is_not_resumed_by_another_capture(model, tmp_path):
+    """Raw text and the same text chat-templated hashed alike; another model of the same name was
+    resumed into the same store; a first write that failed left an index that refused its fix."""
+    texts = ["one", "two", "three"]
+    ActivationStore.write(model, [steer.Raw(t) for t in texts], tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="prompt_hashes"):
+        ActivationStore.write(model, texts, tmp_path / "a", progress=False)
+    other = steer.load("tiny-llama")
+    with torch.no_grad():
+        other.hf.lm_head.weight.mul_(1.5)
+    with pytest.raises(ValueError, match="weights"):
+        ActivationStore.write(other, [steer.Raw(t) for t in texts], tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="Unknown position selector"):
+        ActivationStore.write(model, texts, tmp_path / "b", positions="instuction", reduce="mean", progress=False)
+    s = ActivationStore.write(model, texts, tmp_path / "b", positions="instruction", reduce="mean", progress=False)
+    assert len(s) == 3

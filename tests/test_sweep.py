@@ -196,3 +196,12 @@ def test_over_prompts_refuses_what_does_not_split():
     custom = PatchTask(t.clean, t.corrupt, metric=lambda lg: lg[..., 0] - lg[..., 1])
     with pytest.raises(ValueError, match="subset"):
         over_prompts("atp", m, custom, chunk=1)
+
+
+def test_a_resumable_sweep_needs_its_key(tmp_path):
+    """Named by its length alone, a different sweep of as many units returned the first one's results."""
+    from steer.sweep import map_units
+
+    assert map_units(lambda x: x * x, [1, 2, 3], directory=tmp_path, key="squares") == [1, 4, 9]
+    with pytest.raises(ValueError, match="needs key="):
+        map_units(lambda x: x + 100, [7, 8, 9], directory=tmp_path)
