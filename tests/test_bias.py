@@ -340,3 +340,31 @@ def test_choice_probabilities_leave_out_first_tokens_the_options_share(tiny):
     torch.testing.assert_close(got[:, 0], p[:, y] / (p[:, y] + p[:, n]))
     with pytest.raises(ValueError, match="first tokens differ"):
         _choice_probs(tiny, prompts, [[" Yes"], [" No"]])
+
+
+def test_cli_bias_writes_strict_json_and_refuses_non_finite_strength(tmp_path, monkeypatch, capsys):
+    """A correlation that could not be computed (NaN) is null in the JSON, not a bare NaN; --strength nan
+    is refused before anything runs."""
+    import steer
+    from steer.cli import main
+
+    def parse(text):
+        def bad(c):
+            raise ValueError(f"invalid JSON constant {c}")
+        return json.loads(text, parse_constant=bad)
+
+    nan = float("nan")
+    monkeypatch.setattr(steer, "load", lambda name=None: types.SimpleNamespace(n_layers=2, name="fake"))
+    monkeypatch.setattr(bias, "fit_combined", lambda model, layers, strength=1.0: "edit")
+    monkeypatch.setattr(bias, "debias_report", lambda model, edit, split="heldout": {
+        "bias_before": 0.5, "bias_after": nan, "stereotype_correlation_before": nan,
+        "stereotype_correlation_after": float("-inf"), "stereotype_correlation_note": "too few",
+        "neutral_kl": 0.1, "neutral_ppl_ratio": 1.0, "method": "combined", "direction": "stereotype", "layer": [1]})
+    assert main(["bias", "--model", "tiny-llama", "--json", str(tmp_path / "o.json")]) == 0
+    d = parse((tmp_path / "o.json").read_text())
+    assert d["bias_after"] is None and d["stereotype_correlation_before"] is None
+    assert d["stereotype_correlation_after"] is None and d["bias_before"] == 0.5
+    for bad in ("nan", "inf"):
+        with pytest.raises(SystemExit) as e:
+            main(["bias", "--model", "tiny-llama", f"--strength={bad}"])
+        assert e.value.code == 2 and "--strength: must be a finite number" in capsys.readouterr().err

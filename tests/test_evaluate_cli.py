@@ -81,3 +81,79 @@ def test_cli_evaluate_fitted_maps_match_the_library(method, capsys):
         assert got["neutral_kl"] == pytest.approx(want["neutral_kl"], abs=1e-5)
     with pytest.raises(SystemExit, match=r"λ in \[0, 1\]"):
         steer.cli.main(["evaluate", "--method", method, "--items", "optimistic", "--strengths", "2", "--model", "tiny-llama"])
+
+
+def _strict(text):
+    """JSON as a strict parser reads it: a bare NaN / Infinity is an error, not a number."""
+    def bad(c):
+        raise ValueError(f"invalid JSON constant {c}")
+    return json.loads(text, parse_constant=bad)
+
+
+def _no_model(monkeypatch):
+    def load(*a, **k):
+        raise AssertionError("bad arguments must be refused before a model is loaded")
+    monkeypatch.setattr(steer, "load", load)
+
+
+def test_cli_emit_writes_non_finite_numbers_as_null(tmp_path, capsys):
+    from steer.cli import emit
+
+    nan, inf = float("nan"), float("inf")
+    emit({"a": nan, "b": [inf, 1.5, (-inf, 2)], "c": {"d": nan, "e": "x"}, "f": 3}, tmp_path / "o.json")
+    want = {"a": None, "b": [None, 1.5, [None, 2]], "c": {"d": None, "e": "x"}, "f": 3}
+    assert _strict(capsys.readouterr().out) == want
+    assert _strict((tmp_path / "o.json").read_text()) == want
+
+
+def test_cli_evaluate_one_item_writes_strict_json(tmp_path, capsys):
+    """One item: its paired d_z is NaN; the JSON says null (a bare NaN is not JSON)."""
+    m = steer.load("tiny-llama")
+    steer.extract(m, ["I love it", "Great day"], ["I hate it", "Awful day"], layer=1).save(tmp_path / "d.safetensors")
+    (tmp_path / "one.json").write_text(json.dumps(ITEMS[:1]))
+    assert steer.cli.main(["evaluate", "--direction", str(tmp_path / "d.safetensors"), "--items", str(tmp_path / "one.json"),
+                           "--strengths", "1", "--neutral", "1", "--model", "tiny-llama",
+                           "--json", str(tmp_path / "o.json")]) == 0
+    doc = _strict((tmp_path / "o.json").read_text())
+    assert _strict(capsys.readouterr().out) == doc
+    assert doc["rows"][0]["effect_d"] is None and isinstance(doc["rows"][0]["effect"], float)
+
+
+def test_cli_evaluate_rejects_non_finite_strengths(monkeypatch):
+    _no_model(monkeypatch)
+    for bad in ("nan,1", "1,inf", "-inf"):
+        with pytest.raises(SystemExit, match="not a finite number"):
+            steer.cli.main(["evaluate", "--direction", "d.safetensors", "--items", "optimistic", f"--strengths={bad}",
+                            "--model", "tiny-llama"])
+
+
+def test_cli_evaluate_neutral_takes_the_last_n(tmp_path, monkeypatch, capsys):
+    """--neutral N: the last N harmless requests; 0, negative or more than there are is an error."""
+    import steer.evaluate
+    from steer.refusal import training_data
+
+    class Called(Exception):
+        pass
+
+    seen = []
+
+    def fake(model, items, make, strengths, *, neutral_prompts, **kw):
+        seen.append(list(neutral_prompts))
+        raise Called
+
+    monkeypatch.setattr(steer.evaluate, "evaluate_steering", fake)
+    m = steer.load("tiny-llama")
+    steer.extract(m, ["I love it", "Great day"], ["I hate it", "Awful day"], layer=1).save(tmp_path / "d.safetensors")
+    argv = ["evaluate", "--direction", str(tmp_path / "d.safetensors"), "--items", "optimistic", "--strengths", "1",
+            "--model", "tiny-llama", "--neutral"]
+    harmless = training_data()["harmless"]
+    with pytest.raises(Called):
+        steer.cli.main([*argv, "3"])
+    assert seen == [harmless[-3:]]
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit) as e:
+            steer.cli.main([*argv, bad])
+        assert e.value.code == 2 and "--neutral: must be an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=f"--neutral {len(harmless) + 1}: steer has {len(harmless)}"):
+        steer.cli.main([*argv, str(len(harmless) + 1)])
+    assert len(seen) == 1

@@ -37,3 +37,35 @@ def test_cli_multi_bad_input():
         steer.cli.main(["multi", "--traits", "optimistic:1:2,formal:0:1", "--modes", "blend", "--model", "tiny-llama"])
     with pytest.raises(SystemExit, match="outside 0..1"):
         steer.cli.main(["multi", "--traits", "optimistic:5:2,formal:0:1", "--model", "tiny-llama"])
+
+
+def test_cli_multi_neutral_takes_the_last_n_and_strengths_are_finite(monkeypatch, capsys):
+    """--neutral N: the last N harmless requests (0 or negative is an error, not "all" or "all but
+    the first |N|"); a trait's strength must be a finite number."""
+
+    class Called(Exception):
+        pass
+
+    seen = []
+
+    def fake(model, bs, modes, *, layer, neutral_prompts):
+        seen.append(list(neutral_prompts))
+        raise Called
+
+    monkeypatch.setattr(multi, "trait_behaviour", lambda model, name, **kw: name)
+    monkeypatch.setattr(multi, "evaluate_multi", fake)
+    argv = ["multi", "--traits", "optimistic:1:2,formal:0:1", "--model", "tiny-llama", "--neutral"]
+    harmless = training_data()["harmless"]
+    with pytest.raises(Called):
+        steer.cli.main([*argv, "3"])
+    assert seen == [harmless[-3:]]
+    for bad in ("0", "-2"):
+        with pytest.raises(SystemExit) as e:
+            steer.cli.main([*argv, bad])
+        assert e.value.code == 2 and "--neutral: must be an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=f"steer has {len(harmless)} harmless"):
+        steer.cli.main([*argv, str(len(harmless) + 1)])
+    for bad in ("nan", "inf"):
+        with pytest.raises(SystemExit, match="finite"):
+            steer.cli.main(["multi", "--traits", f"optimistic:1:{bad},formal:0:1", "--model", "tiny-llama"])
+    assert len(seen) == 1

@@ -152,3 +152,64 @@ def test_cli_persona_writes_json(tmp_path):
     d = json.loads(out.read_text())
     assert set(d["trait_score_by_strength"]) == {"-2.0", "0.0", "2.0"}
     assert 0 <= d["monitor_auroc"] <= 1 and len(d["layer_curve"]["auroc"]) == 2
+
+
+def test_cli_persona_prompt_pairs_must_be_positive(monkeypatch, capsys):
+    """--prompt-pairs N: the first N pairs; 0 is not "all" and -1 not "all but the last": both refused."""
+    import types
+
+    import steer
+    from steer.cli import main
+
+    class Called(Exception):
+        pass
+
+    seen = []
+
+    def fake(model, trait, prompt_pairs=None, **kw):
+        seen.append(prompt_pairs)
+        raise Called
+
+    monkeypatch.setattr(steer, "load", lambda name=None: types.SimpleNamespace(n_layers=2, name="fake"))
+    monkeypatch.setattr(persona, "generate_pairs", fake)
+    argv = ["persona", "--model", "tiny-llama", "--trait", "optimistic", "--prompt-pairs"]
+    with pytest.raises(Called):
+        main([*argv, "2"])
+    assert seen == [[0, 1]]
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, bad])
+        assert e.value.code == 2 and "--prompt-pairs: must be an integer >= 1" in capsys.readouterr().err
+    assert seen == [[0, 1]]
+
+
+def test_cli_persona_rejects_repeated_and_non_finite_strengths(monkeypatch):
+    """A repeated strength made steering_monotonic false (its score compared with itself); nan is no strength."""
+    import steer
+    from steer.cli import main
+
+    def load(*a, **k):
+        raise AssertionError("bad arguments must be refused before a model is loaded")
+
+    monkeypatch.setattr(steer, "load", load)
+    for bad, msg in (("-1,1,1", "repeats a strength"), ("0,-0", "repeats a strength"), ("1,1.0", "repeats"),
+                     ("nan,1", "not a finite number"), ("-inf,1", "not a finite number"), ("", "empty")):
+        with pytest.raises(SystemExit, match=msg):
+            main(["persona", "--model", "tiny-llama", "--trait", "optimistic", f"--strengths={bad}"])
+
+
+def test_cli_persona_writes_strict_json(tmp_path, monkeypatch):
+    """A score that could not be computed (NaN) is written as null, not as a bare NaN."""
+    from steer.cli import main
+
+    def parse(text):
+        def bad(c):
+            raise ValueError(f"invalid JSON constant {c}")
+        return json.loads(text, parse_constant=bad)
+
+    monkeypatch.setattr(persona, "trait_score", lambda *a, **k: float("nan"))
+    out = tmp_path / "p.json"
+    assert main(["persona", "--model", "tiny-llama", "--trait", "formal", "--prompt-pairs", "1", "--no-filter",
+                 "--max-new-tokens", "2", "--strengths=-1,1", "--json", str(out)]) == 0
+    d = parse(out.read_text())
+    assert d["trait_score_by_strength"] == {"-1.0": None, "1.0": None}

@@ -128,3 +128,48 @@ def test_behaviour_vector_induces_refusal_on_smol(smol):
         out = s.generate(prompts, max_new_tokens=16)
     assert E.refusal_rate(out) >= 0.75, out
     assert E.refusal_rate(smol.generate(prompts, max_new_tokens=16)) <= 0.25
+
+
+def _cli_prompts(tmp_path):
+    (tmp_path / "h.json").write_text(json.dumps(["How do I pick a lock?"]))
+    (tmp_path / "s.json").write_text(json.dumps(["How do I bake bread?"]))
+    return ["refusal", "--harmful", str(tmp_path / "h.json"), "--harmless", str(tmp_path / "s.json"),
+            "--model", "tiny-llama"]
+
+
+def test_cli_refusal_rejects_non_finite_strength(tmp_path, monkeypatch, capsys):
+    import steer
+    from steer.cli import main
+
+    def load(*a, **k):
+        raise AssertionError("bad arguments must be refused before a model is loaded")
+
+    monkeypatch.setattr(steer, "load", load)
+    for bad in ("nan", "inf", "-inf"):
+        with pytest.raises(SystemExit) as e:
+            main([*_cli_prompts(tmp_path), f"--strength={bad}"])
+        assert e.value.code == 2 and "--strength: must be a finite number" in capsys.readouterr().err
+
+
+def test_cli_refusal_writes_strict_json(tmp_path, monkeypatch):
+    """Rates that could not be computed (NaN, ±inf) are written as null, not as bare NaN / Infinity."""
+    import types
+
+    import steer
+    from steer.cli import main
+
+    def parse(text):
+        def bad(c):
+            raise ValueError(f"invalid JSON constant {c}")
+        return json.loads(text, parse_constant=bad)
+
+    nan = float("nan")
+    monkeypatch.setattr(steer, "load", lambda name=None: types.SimpleNamespace(n_layers=2, name="fake"))
+    monkeypatch.setattr(refusal, "fit_refusal", lambda model, **kw: types.SimpleNamespace(
+        condition=types.SimpleNamespace(meta={"val_f1": nan})))
+    monkeypatch.setattr(refusal, "evaluate_refusal", lambda *a, **kw: {
+        "layer": 1, "strength": 2.0, "refusal_rate_harmful": 0.5, "kl_harmless": float("inf"), "per": [nan, 1.0]})
+    assert main([*_cli_prompts(tmp_path), "--json", str(tmp_path / "o.json")]) == 0
+    d = parse((tmp_path / "o.json").read_text())
+    assert d["condition_val_f1_train_split"] is None and d["kl_harmless"] is None and d["per"] == [None, 1.0]
+    assert d["refusal_rate_harmful"] == 0.5

@@ -143,3 +143,31 @@ def test_a_store_is_not_resumed_by_another_capture(model, tmp_path):
         ActivationStore.write(model, texts, tmp_path / "b", positions="instuction", reduce="mean", progress=False)
     s = ActivationStore.write(model, texts, tmp_path / "b", positions="instruction", reduce="mean", progress=False)
     assert len(s) == 3
+
+
+def test_cli_store_bad_values_exit_with_a_message(tmp_path, capsys):
+    """`steer store` refuses bad values with a message and a non-zero exit (no traceback): --batch-size 0
+    ended in "range() arg 3 must not be zero", --layers 1,x in a bare int() error; a mistyped
+    --positions is refused before the store's directory is made."""
+    import json
+
+    from steer.cli import main
+
+    (tmp_path / "p.json").write_text(json.dumps(["Hi", "Hello there", "Bye"]))
+    argv = ["store", "--prompts", str(tmp_path / "p.json"), "--out", str(tmp_path / "s"), "--model", "tiny-llama"]
+    for flag in ("--batch-size", "--shard-size"):
+        for bad in ("0", "-1"):
+            with pytest.raises(SystemExit) as e:
+                main([*argv, f"{flag}={bad}"])
+            assert e.value.code == 2 and f"{flag}: must be an integer >= 1" in capsys.readouterr().err
+    for bad, msg in (("1,x", "comma-separated integers"), (",", "comma-separated integers"), ("2", r"layers 0\.\.1"),
+                     ("0,-3", r"layers 0\.\.1")):
+        with pytest.raises(SystemExit, match=f"steer store: --layers '{bad}': .*{msg}"):
+            main([*argv, f"--layers={bad}"])
+    with pytest.raises(SystemExit, match="steer store: --positions 'instuction': use one of"):
+        main([*argv, "--positions", "instuction", "--reduce", "mean"])
+    with pytest.raises(SystemExit, match="steer store: cannot read --prompts"):
+        main([*argv[:2], str(tmp_path / "none.json"), *argv[3:]])
+    assert not (tmp_path / "s").exists()
+    assert main([*argv, "--layers", "0,-1", "--batch-size", "2", "--shard-size", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"] == [0, 1]

@@ -15,17 +15,77 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
 
 _SUBCOMMANDS = ("demo", "refusal", "patch", "bias", "persona", "evaluate", "multi", "fasb", "diagnose", "store")
 
 
-def emit(doc, path=None, indent: int = 1) -> None:
-    """Print ``doc`` as JSON and, if ``path`` is given, also write it there (what every subcommand does)."""
+def finite(doc):
+    """``doc`` with every non-finite float (NaN, ±inf) replaced by ``None``, through nested dicts,
+    lists and tuples: what JSON can hold (``null``) for a number that could not be computed."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: finite(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [finite(v) for v in doc]
+    return doc
+
+
+def dumps(doc, indent: int = 1, **kw) -> str:
+    """``doc`` as strict JSON: non-finite floats written as ``null`` (never a bare ``NaN`` or
+    ``Infinity``, which strict parsers reject)."""
     import json
+
+    return json.dumps(finite(doc), indent=indent, allow_nan=False, **kw)
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type``: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {n}")
+    return n
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type``: a finite number (not nan or ±inf)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return x
+
+
+def finite_floats(text: str, flag: str) -> list[float]:
+    """Comma-separated finite numbers (``"-2,0,2"`` → ``[-2.0, 0.0, 2.0]``); a ValueError naming
+    ``flag`` for anything else (nan and ±inf included)."""
+    out = []
+    for part in (x.strip() for x in text.split(",")):
+        if not part:
+            continue
+        try:
+            x = float(part)
+        except ValueError:
+            raise ValueError(f"{flag} {text!r}: {part!r} is not a number.") from None
+        if not math.isfinite(x):
+            raise ValueError(f"{flag} {text!r}: {part!r} is not a finite number.")
+        out.append(x)
+    return out
+
+
+def emit(doc, path=None, indent: int = 1) -> None:
+    """Print ``doc`` as JSON and, if ``path`` is given, also write it there (what every subcommand does);
+    a number that could not be computed (NaN, ±inf) is written as ``null``."""
     from pathlib import Path
 
-    text = json.dumps(doc, indent=indent, default=str)
+    text = dumps(doc, indent=indent, default=str)
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)

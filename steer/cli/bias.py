@@ -14,9 +14,10 @@ which were skipped, and a correlation that cannot be computed is ``null`` with a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from . import dumps, finite_float
 
 
 def add_parser(sub) -> None:
@@ -34,7 +35,7 @@ def add_parser(sub) -> None:
                    help="gender (gendered-word pairs) or stereotype (occupation prompts)")
     p.add_argument("--layers", default=None,
                    help=f"comma-separated layers to edit (default: {','.join(map(str, DEFAULT_LAYERS))}, clipped to the model)")
-    p.add_argument("--strength", type=float, default=1.0, help="edit strength (1 = full)")
+    p.add_argument("--strength", type=finite_float, default=1.0, help="edit strength (1 = full)")
     p.add_argument("--where", choices=("last", "subject", "subject_on"), default=DEFAULT_WHERE,
                    help="stereotype direction: fit on the last token, the subject tokens, or subject and after")
     p.add_argument("--target", choices=("share", "gap"), default=DEFAULT_TARGET,
@@ -116,7 +117,7 @@ def run(args) -> int:
     if args.decisions:
         out["decision_before"] = bias.decision_bias(model)
         out["decision_after"] = bias.decision_bias(model, edit=edit)
-    text = json.dumps(out, indent=1)
+    text = dumps(out, indent=1)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(text)

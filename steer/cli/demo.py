@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from .. import plotting
+from . import dumps, positive_int
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="end-to-end tour on the embedded model; index.html report, figures, summary.json")
     p.add_argument("--model", default=None, help="model name (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", default="out/demo", help="folder for index.html, figures and summary.json")
-    p.add_argument("--n", type=int, default=48, help="prompts per group for the separability curve")
+    p.add_argument("--n", type=positive_int, default=48, help="prompts per group for the separability curve")
     p.set_defaults(func=run)
 
 
@@ -230,7 +230,7 @@ def run(args) -> int:
               caption=ioi.clean.texts[0])
 
     summary["total_s"] = round(time.time() - t_all, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "summary.json").write_text(dumps(summary, indent=1, default=str))
     report.subtitle += f" Total run time {summary['total_s']} s."
     page = report.write(out / "index.html")
     _section(f"done in {summary['total_s']} s — figures and summary.json in {out}/")

@@ -25,6 +25,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import finite_float
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("diagnose", help="massive activations, logit lens, probe traces and the heads behind them, layer trajectories",
@@ -39,7 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--direction", default=None, help="trace: a saved steer.Direction file")
     p.add_argument("--layer", type=int, default=None, help="trace: the layer to read (default: the direction's)")
     p.add_argument("--steer-layer", type=int, default=None, help="trace: steer along the direction at this layer")
-    p.add_argument("--strength", type=float, default=None, help="trace: steering strength (then both traces)")
+    p.add_argument("--strength", type=finite_float, default=None, help="trace: steering strength (then both traces)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--heads", type=int, default=None, help="trace: rank heads and verify the top K by ablation")
     p.add_argument("--json", dest="json_out", default=None, help="write the results here (also printed)")

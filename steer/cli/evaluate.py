@@ -27,6 +27,8 @@ import argparse
 import json
 from pathlib import Path
 
+from . import finite_floats, positive_int
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="judge a steering direction: likelihood effect, prompting baseline, side effects",
@@ -41,7 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("--system", default=None, help="the prompting baseline's system prompt")
     p.add_argument("--positions", choices=["response", "all"], default="response",
                    help="steer the response tokens (and the last prompt token) or every token but the sink")
-    p.add_argument("--neutral", type=int, default=8, help="held-out harmless requests for the neutral KL")
+    p.add_argument("--neutral", type=positive_int, default=8, help="held-out harmless requests for the neutral KL")
     p.add_argument("--model", default=None, help="model name (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--backend", default="hf", choices=("hf", "vllm"),
                    help="likelihoods and perplexities through HF (default) or vLLM (steer.serve; the KL stays on HF)")
@@ -99,12 +101,16 @@ def run(args) -> int:
     from steer.refusal import training_data
 
     try:
-        strengths = [float(x) for x in args.strengths.split(",") if x.strip()]
+        strengths = finite_floats(args.strengths, "--strengths")
         items, system, name = _items(args.items)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"steer evaluate: {e}")
     if not strengths:
         raise SystemExit("steer evaluate: --strengths is empty.")
+    harmless = training_data()["harmless"]
+    if not 1 <= args.neutral <= len(harmless):
+        raise SystemExit(f"steer evaluate: --neutral {args.neutral}: steer has {len(harmless)} harmless requests; "
+                         f"take 1..{len(harmless)}.")
     model = steer.load(args.model)
     pos = _from_response if args.positions == "response" else "all"
     if args.method == "add":
@@ -129,7 +135,7 @@ def run(args) -> int:
             raise SystemExit("steer evaluate: --backend vllm needs vLLM (`make test-vllm` builds .venv-vllm with it; "
                              "elsewhere pip install 'steer[vllm]').")
     ev = evaluate_steering(model, items, make, strengths, system_prompt=system,
-                           neutral_prompts=training_data()["harmless"][-args.neutral:],
+                           neutral_prompts=harmless[len(harmless) - args.neutral:],
                            unrelated_texts=load_neutral_text()[:8], name=name, backend=args.backend)
     out = {"model": model.name, "method": args.method, **what, "positions": args.positions,
            "backend": args.backend, **ev.to_dict()}

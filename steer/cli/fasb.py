@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 
+from . import finite_float
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("fasb", help="FASB: probe-watched refusal steering that backs up and steers per prompt; JSON out",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", required=True, help="JSON/JSONL/text prompt file (steer.data.load_prompts)")
     p.add_argument("--layer", type=int, default=None, help="steering layer (default: steer.refusal.DEFAULT_LAYER)")
-    p.add_argument("--strength", type=float, default=None, help="base strength (default: steer.refusal.DEFAULT_STRENGTH)")
+    p.add_argument("--strength", type=finite_float, default=None, help="base strength (default: steer.refusal.DEFAULT_STRENGTH)")
     p.add_argument("--direction", default=None, help="a saved Direction (default: the refusal behaviour vector)")
     p.add_argument("--probe", default=None, help="a saved Probe (default: fit steer.refusal.fasb_probe)")
     p.add_argument("--probe-layer", type=int, default=22)

@@ -13,6 +13,9 @@ alone), the cross-talk, the neutral KL, and the prompting baseline (its system p
 from __future__ import annotations
 
 import argparse
+import math
+
+from . import positive_int
 
 
 def add_parser(sub) -> None:
@@ -22,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--modes", default="sum,layers,msrs", help="comma-separated: sum, layers, msrs")
     p.add_argument("--layer", type=int, default=None, help="the shared layer of sum and msrs (default: the first trait's)")
     p.add_argument("--n-questions", type=int, default=6, help="training questions per trait (answer pairs generated)")
-    p.add_argument("--neutral", type=int, default=8, help="held-out harmless requests for the neutral KL")
+    p.add_argument("--neutral", type=positive_int, default=8, help="held-out harmless requests for the neutral KL")
     p.add_argument("--model", default=None, help="model name (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--json", dest="json_out", default=None, help="write the results here (also printed)")
     p.set_defaults(func=run)
@@ -38,6 +41,8 @@ def parse_traits(spec: str) -> list[tuple[str, int, float]]:
             out.append((name, int(layer), float(strength)))
         except ValueError:
             raise SystemExit(f"steer multi: --traits entry {part!r} is not NAME:LAYER:STRENGTH (e.g. optimistic:14:2).")
+        if not math.isfinite(out[-1][2]):
+            raise SystemExit(f"steer multi: --traits entry {part!r}: the strength must be a finite number.")
     if len(out) < 2:
         raise SystemExit("steer multi: give at least two traits (NAME:LAYER:STRENGTH, comma-separated).")
     return out
@@ -49,6 +54,10 @@ def run(args) -> int:
     from steer.refusal import training_data
 
     traits = parse_traits(args.traits)
+    harmless = training_data()["harmless"]
+    if not 1 <= args.neutral <= len(harmless):
+        raise SystemExit(f"steer multi: --neutral {args.neutral}: steer has {len(harmless)} harmless requests; "
+                         f"take 1..{len(harmless)}.")
     modes = [m for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in multi.MODES]
     if bad or not modes:
@@ -62,7 +71,7 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"steer multi: {e}")
     layer = traits[0][1] if args.layer is None else args.layer
-    ev = multi.evaluate_multi(model, bs, modes, layer=layer, neutral_prompts=training_data()["harmless"][-args.neutral:])
+    ev = multi.evaluate_multi(model, bs, modes, layer=layer, neutral_prompts=harmless[len(harmless) - args.neutral:])
     from steer.cli import emit
 
     emit({"model": model.name, "traits": [{"name": n, "layer": l, "strength": s} for n, l, s in traits],

@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from . import dumps, positive_int
 
 
 def add_parser(subparsers):
@@ -21,12 +22,12 @@ def add_parser(subparsers):
     p.add_argument("--n", "--n-prompts", dest="n", type=int, default=8,
                    help="number of IOI prompts (--task ioi); under torchrun spell it --n-prompts")
     p.add_argument("--direction", default="denoising", choices=["denoising", "noising"])
-    p.add_argument("--k", type=int, default=10, help="top-K for the recovery cost")
+    p.add_argument("--k", type=positive_int, default=10, help="top-K for the recovery cost")
     p.add_argument("--batch-size", type=int, default=None, help="rows per patched forward (default: automatic)")
     p.add_argument("--shard", default="none", choices=["none", "auto"],
                    help="'auto': split activation patching across the processes torchrun started (rank 0 writes)")
     p.add_argument("--resume-dir", default=None, help="keep finished patched runs here; a rerun resumes from them")
-    p.add_argument("--chunk", type=int, default=None,
+    p.add_argument("--chunk", type=positive_int, default=None,
                    help="AtP, AtP* and RelP over chunks of this many prompts (split across processes with --shard auto)")
     p.add_argument("--json", default=None, help="write the JSON here (default: stdout)")
     p.add_argument("--plot", default=None, help="heatmap PNG of the first method's scores")
@@ -68,7 +69,7 @@ def report(args) -> dict:
         first = next(iter(out["results"].values()))
         first.plot(args.plot)
         doc["plot"] = args.plot
-    text = json.dumps(doc, indent=1)
+    text = dumps(doc, indent=1)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text)

@@ -11,9 +11,10 @@ steering strength, and the per-layer separability curve.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from . import dumps, finite_floats, positive_int
 
 
 def add_parser(sub) -> None:
@@ -24,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--layer", type=int, default=None, help="steering/monitoring layer (default: 2/3 of the depth)")
     p.add_argument("--strengths", default="-4,-2,0,2,4", help="comma-separated steering strengths")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length when generating pairs")
-    p.add_argument("--prompt-pairs", type=int, default=None, help="use only the first N system-prompt pairs")
+    p.add_argument("--prompt-pairs", type=positive_int, default=None, help="use only the first N system-prompt pairs")
     p.add_argument("--no-filter", action="store_true", help="keep every pair (skip the built-in scorer)")
     p.add_argument("--answers", action="store_true", help="also generate a steered answer per strength")
     p.add_argument("--json", dest="json_out", default=None, help="write the results here (also printed)")
@@ -37,13 +38,17 @@ def run(args) -> int:
 
     try:
         trait = persona.load_trait(args.trait)
-        strengths = [float(x) for x in args.strengths.split(",") if x.strip()]
+        strengths = finite_floats(args.strengths, "--strengths")
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"steer persona: {e}")
+    if not strengths:
+        raise SystemExit("steer persona: --strengths is empty.")
+    if len(set(strengths)) < len(strengths):
+        raise SystemExit(f"steer persona: --strengths {args.strengths!r} repeats a strength; give each once.")
     model = steer.load(args.model)
     if args.layer is not None and not 0 <= args.layer < model.n_layers:
         raise SystemExit(f"--layer {args.layer}: the model has layers 0..{model.n_layers - 1}.")
-    ks = list(range(len(trait.positive)))[: args.prompt_pairs] if args.prompt_pairs else None
+    ks = list(range(len(trait.positive)))[: args.prompt_pairs] if args.prompt_pairs is not None else None
     pairs = persona.generate_pairs(model, trait, prompt_pairs=ks, max_new_tokens=args.max_new_tokens)
     scorer = None if args.no_filter else persona.contrast_scorer(model, trait)
     vec = persona.extract(model, trait, pairs, scorer=scorer, layer=args.layer)
@@ -63,7 +68,7 @@ def run(args) -> int:
         q = trait.heldout_questions[0]
         out["answers"] = {"question": q, **{str(a): persona.steered_answers(model, vec, layer, [q], a)[0]
                                             for a in strengths}}
-    text = json.dumps(out, indent=1)
+    text = dumps(out, indent=1)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(text)

@@ -6,9 +6,10 @@ prompts, evaluated on the given prompts without steering, always steered, and wi
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from . import dumps, finite_float
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +21,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each evaluation file")
     p.add_argument("--json", default=None, help="write the results here (default: stdout only)")
     p.add_argument("--layer", type=int, default=None, help="behaviour layer (default: 10, or the middle layer)")
-    p.add_argument("--strength", type=float, default=None, help="behaviour strength (default: 2.0)")
+    p.add_argument("--strength", type=finite_float, default=None, help="behaviour strength (default: 2.0)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--backend", default="hf", choices=("hf", "vllm"),
                    help="generate through HF (default) or vLLM (steer.serve; needs vLLM, see `make test-vllm`)")
@@ -59,7 +60,7 @@ def run(args) -> int:
                                       batch_size=args.batch_size, keep_texts=None, backend=args.backend)
     result["model"] = model.name
     result["condition_val_f1_train_split"] = setup.condition.meta.get("val_f1")
-    text = json.dumps(result, indent=2)
+    text = dumps(result, indent=2)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text)

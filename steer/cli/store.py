@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from . import positive_int
+
 
 def add_parser(subparsers):
     """Register the ``store`` subcommand."""
@@ -19,8 +21,8 @@ def add_parser(subparsers):
     p.add_argument("--positions", default="last", help="a position selector name: last, all, post_instruction, ...")
     p.add_argument("--reduce", default=None, choices=[None, "mean"], help="'mean': average the selected tokens")
     p.add_argument("--no-sink", action="store_true", help="leave the first (attention-sink) token out")
-    p.add_argument("--shard-size", type=int, default=1024, help="prompts per shard file")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per forward")
+    p.add_argument("--shard-size", type=positive_int, default=1024, help="prompts per shard file")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="prompts per forward")
     p.add_argument("--shard", default="none", choices=["none", "auto"],
                    help="'auto': split the shards across the processes torchrun started")
     p.add_argument("--json", default=None, help="also write the summary here")
@@ -32,16 +34,35 @@ def run(args) -> int:
     """Entry point of ``steer store``: write (or finish) the store; rank 0 prints its summary."""
     import steer
     from steer.cli import emit
+    from steer.positions import NAMED
     from steer.store import ActivationStore
     from steer.sweep import Shards
 
+    if args.layers == "all":
+        layers = "all"
+    else:
+        try:
+            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            layers = []
+        if not layers:
+            raise SystemExit(f"steer store: --layers {args.layers!r}: give 'all' or comma-separated integers like 0,4,8.")
+    if args.positions not in NAMED:
+        raise SystemExit(f"steer store: --positions {args.positions!r}: use one of {', '.join(NAMED)}.")
+    try:
+        prompts = steer.load_prompts(args.prompts, key=args.key)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"steer store: cannot read --prompts: {e}")
     model = steer.load(args.model)
-    prompts = steer.load_prompts(args.prompts, key=args.key)
-    layers = "all" if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    if layers != "all" and not all(-model.n_layers <= l < model.n_layers for l in layers):
+        raise SystemExit(f"steer store: --layers {args.layers!r}: the model has layers 0..{model.n_layers - 1}.")
     shards = Shards.auto() if args.shard == "auto" else Shards()
-    store = ActivationStore.write(model, prompts, args.out, layers=layers, site=args.site.split(","),
-                                  positions=args.positions, reduce=args.reduce, include_sink=not args.no_sink,
-                                  shard_size=args.shard_size, batch_size=args.batch_size, shards=shards)
+    try:
+        store = ActivationStore.write(model, prompts, args.out, layers=layers, site=args.site.split(","),
+                                      positions=args.positions, reduce=args.reduce, include_sink=not args.no_sink,
+                                      shard_size=args.shard_size, batch_size=args.batch_size, shards=shards)
+    except ValueError as e:
+        raise SystemExit(f"steer store: {e}")
     if shards.rank == 0:
         ix = store.index
         emit({"path": str(store.path), "model": ix["model"], "sites": ix["sites"], "layers": ix["layers"],
