@@ -322,3 +322,40 @@ def test_massive_dimension_takes_over_a_sink_inclusive_direction(smol):
     h = steer.capture(smol, held, layers=[15], positions="all", reduce="mean", include_sink=False).tensor[:, 0]
     labels = [1] * 16 + [0] * 16
     assert E.auroc(h @ excluded, labels) > E.auroc(h @ with_sink, labels) + 0.03
+
+
+@pytest.mark.parametrize("probe_layer", [0, 1])
+def test_probe_trace_under_a_cast_condition_reads_the_steered_pass(tiny, probe_layer):
+    """A condition's pre-pass runs the blocks up to its layer first: the trace took its readings
+    for the prompt, and the prefill's prompt columns for the generated tokens (off by up to 38)."""
+    from steer.conditions import Condition
+    from steer.interventions import Intervention
+    from steer.steering import Steering, prompt_means
+
+    g = torch.Generator().manual_seed(0)
+    v, u = torch.randn(tiny.d_model, generator=g), torch.randn(tiny.d_model, generator=g)
+    prompts = [Raw("Hi"), Raw("Hello there"), Raw("Good morning, friend")]
+    score = Condition(u, layer=1).score(prompt_means(tiny, prompts, layers=[1])[:, 0])
+    cond = Condition(u, layer=1, threshold=float(score.median()), side="above")  # fires on some rows only
+    fires = (score > score.median()).float()
+    assert 0 < fires.sum() < len(prompts)
+    iv = Intervention("add", v, layers=[0], strength=4.0)
+    got = D.probe_trace(tiny, prompts, v, layer=probe_layer, max_new_tokens=4, steering=Steering(tiny, [iv], condition=cond))
+    ref = D.probe_trace(tiny, prompts, v, layer=probe_layer, max_new_tokens=4, steering=Steering(tiny, [iv], gate=fires))
+    assert got.ids == ref.ids
+    torch.testing.assert_close(got.scores, ref.scores, equal_nan=True)
+
+
+def test_diagnostics_refuse_what_they_cannot_read(tiny):
+    """A lens position past the prompt wrapped onto another one; refusal labels went through
+    bool() (None as complied, "no" as refused); a trace at layer=-1 was stored as -1."""
+    lens = D.logit_lens(tiny, [Raw("ab")], positions="all", k=2)
+    n = int(lens.mask[0].sum())
+    assert lens.table(0, n - 1) == lens.table(0, -1)
+    for pos in (n, -n - 1):
+        with pytest.raises(IndexError, match="positions read"):
+            lens.table(0, pos)
+    with pytest.raises(ValueError, match="True/False"):
+        D.trajectories(tiny, ["a", "b"], tasks=["t", "t"], refused=[None, "no"], layers=[0])
+    v = torch.randn(tiny.d_model)
+    assert D.probe_trace(tiny, RAW[:1], v, layer=-1, max_new_tokens=2).layer == tiny.n_layers - 1

@@ -89,6 +89,8 @@ class LogitLens(Rich):
 
     def _pos(self, prompt: int, pos: int) -> int:
         n = int(self.mask[prompt].sum())
+        if isinstance(pos, bool) or not -n <= pos < n:
+            raise IndexError(f"pos={pos!r}: prompt {prompt} has {n} positions read (0..{n - 1}, or -{n}..-1).")
         return pos % n
 
     def table(self, prompt: int = 0, pos: int = -1) -> list[list]:

@@ -37,6 +37,7 @@ def _scorer(model, probe, layer: Optional[int]):
     from ..backtracking import Probe
     from ..conditions import Condition
     from ..directions import Direction
+    from ..sites import resolve_layers
 
     if isinstance(probe, Probe):
         return probe.layer, lambda h: probe.prob(h)
@@ -53,6 +54,7 @@ def _scorer(model, probe, layer: Optional[int]):
             v = v[layer]
     if layer is None:
         raise ValueError("A vector probe needs layer=: the layer whose resid_post it reads.")
+    (layer,) = resolve_layers(model, layer)  # a negative layer counts from the end, as everywhere
     if v.shape != (model.d_model,):
         raise ValueError(f"probe vector has shape {tuple(v.shape)}; {model.name} needs [{model.d_model}].")
     u = (v / v.norm()).float()
@@ -149,7 +151,7 @@ def probe_trace(model, prompts: Sequence, probe, layer: Optional[int] = None, *,
     """
     from .._hf import eos_ids
     from ..data import tokenize
-    from ..hooks import add_hooks
+    from ..hooks import add_hooks, call_positions
 
     layer, score = _scorer(model, probe, layer)
     if max_new_tokens < 1:
@@ -157,20 +159,36 @@ def probe_trace(model, prompts: Sequence, probe, layer: Optional[int] = None, *,
     batch = tokenize(model, prompt_list(prompts)).to(model.device)
     B, T = batch.input_ids.shape
     steps: list[Tensor] = []
+    fresh = [False]  # the current forward call starts a sequence (no cached tokens)
+
+    def on_call(module, args, kwargs):
+        fresh[0] = call_positions(args, kwargs).past == 0
 
     def grab(act, site):
+        if fresh[0]:  # a prompt pass: a CAST condition's pre-pass comes before the prefill, which reads last
+            steps.clear()
         steps.append(score(act).float().cpu())  # prefill: [B, T]; decode: [B, 1]
 
     def run():
-        with add_hooks(model, {f"resid_post.{layer}": grab}):
-            return model.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                     max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=model.tokenizer.pad_token_id)
+        handle = model.base.register_forward_pre_hook(on_call, with_kwargs=True)
+        try:
+            with add_hooks(model, {f"resid_post.{layer}": grab}):
+                return model.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                         max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=model.tokenizer.pad_token_id)
+        finally:
+            handle.remove()
 
     if steering is not None:
-        with steering as s:
-            s.batch = batch
-            out = run()
+        # the probe's block must run in the prefill: not skipped, nor run for some rows on their own,
+        # as a prefill resuming from a condition's pre-pass may (the same tokens either way)
+        resume, steering.resume = steering.resume, False
+        try:
+            with steering as s:
+                s.batch = batch
+                out = run()
+        finally:
+            steering.resume = resume
     else:
         out = run()
     new = out[:, T:].cpu()

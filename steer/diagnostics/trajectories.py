@@ -27,6 +27,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -176,9 +177,14 @@ def trajectories(model, prompts: Sequence, *, tasks: Sequence[str], refused: Seq
     if not (len(prompts) == len(tasks) == len(refused)):
         raise ValueError(f"{len(prompts)} prompts, {len(tasks)} task labels, {len(refused)} refusal labels: "
                          "give one task and one refusal label per prompt.")
+    labels = [r.item() if isinstance(r, (torch.Tensor, np.generic)) else r for r in refused]
+    odd = [r for r in labels if not (isinstance(r, bool) or (isinstance(r, int) and r in (0, 1)))]
+    if odd:  # bool() read None as complied and "no", "False" or 0.3 as refused
+        raise ValueError(f"refused holds {odd[0]!r}: give each prompt True/False (or 1/0), e.g. from "
+                         "steer.evaluate.refusal_substring on its generation.")
     layers = resolve_layers(model, layers)
     points = read_points(model, prompts, layers, steering=steering, batch_size=batch_size)
-    return Trajectories(model.name, layers, points, tasks, [bool(r) for r in refused], [str(p) for p in prompts])
+    return Trajectories(model.name, layers, points, tasks, [bool(r) for r in labels], [str(p) for p in prompts])
 
 
 @torch.no_grad()
