@@ -43,9 +43,12 @@ above are from the fixed rollouts. The conclusions did not change (before: unste
 −20 / +20 / +40 0.986 / 1.304 / 1.220, invalid mass 0.30 unsteered, 0.60 at temperature 1.5).
 
 The embedded Gemma-3-270M (base; ``--model gemma-3-270m``) is no better a test of the premise: it
-puts 0.95 of its next-token mass outside the arm letters (unsteered entropy 0.971 among them,
-EAST at −20 / +20 / +40: 0.923 / 1.011 / 1.019, all still 0.95 invalid; with the old rollouts
-0.995, and 0.957 / 1.006 / 0.938): the base model does not play the game.
+puts 0.67 of its next-token mass outside the arm letters; among them its entropy is 1.156
+unsteered, 1.154 / 1.159 / 1.161 under EAST at −20 / +20 / +40 (invalid mass 0.67 throughout),
+1.278 at temperature 1.5 (invalid 0.85) and 1.160 when the prompt asks it to explore: the base
+model barely plays the game, and the direction does nothing measurable. Until 2026-12-05 the
+game's chat messages reached Gemma (a model without a chat template) without its ``<bos>``: it
+then put 0.95 of its mass outside the arms (entropy 0.971; EAST 0.923 / 1.011 / 1.019).
 """
 
 from __future__ import annotations
