@@ -18,6 +18,7 @@ Example
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -35,7 +36,7 @@ from . import arch
 from ._hf import copy_unhooked, execution_device, softcap_safe_attention, unwrap_adapters
 from .display import Rich
 
-__all__ = ["Model", "load", "EMBEDDED_MODELS", "TINY_MODELS", "cache_dir"]
+__all__ = ["Model", "load", "EMBEDDED_MODELS", "TINY_MODELS", "cache_dir", "weights_fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -432,6 +433,23 @@ def _byte_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(where)
+
+
+def weights_fingerprint(model, per_tensor: int = 64) -> str:
+    """A short hash of ``model``'s weights (``per_tensor`` evenly spaced values of every parameter,
+    and its dtype): two models of one name (seeds, checkpoints, load dtypes) seldom share it.
+
+    >>> weights_fingerprint(load("tiny-llama")) == weights_fingerprint(load("tiny-llama"))
+    True
+    """
+    h = hashlib.sha256(str(model.dtype).encode())
+    with torch.no_grad():
+        for name, p in model.hf.named_parameters():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // per_tensor)
+            h.update(name.encode())
+            h.update(flat[::step][:per_tensor].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _mkdir(p: Path) -> Path:

@@ -38,6 +38,7 @@ from torch import Tensor
 from . import positions as P
 from .capture import _atomic, capture
 from .data import prompt_list, prompt_repr
+from .models import weights_fingerprint
 from .display import Rich
 from .sites import resolve_layers
 
@@ -49,24 +50,6 @@ FORMAT = 1
 
 def _prompt_hash(p) -> str:
     return hashlib.sha256(prompt_repr(p).encode()).hexdigest()[:16]
-
-
-def weights_fingerprint(model, per_tensor: int = 64) -> str:
-    """A short hash of ``model``'s weights (``per_tensor`` evenly spaced values of every parameter,
-    and its dtype): two models of one name (seeds, checkpoints, load dtypes) seldom share it.
-
-    >>> import steer
-    >>> weights_fingerprint(steer.load("tiny-llama")) == weights_fingerprint(steer.load("tiny-llama"))
-    True
-    """
-    h = hashlib.sha256(str(model.dtype).encode())
-    with torch.no_grad():
-        for name, p in model.hf.named_parameters():
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // per_tensor)
-            h.update(name.encode())
-            h.update(flat[::step][:per_tensor].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _rows(rows, n: int) -> list[int]:

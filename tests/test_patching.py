@@ -458,3 +458,31 @@ def test_qk_fix_in_bf16_on_every_family(name):
         rows, tiles = (out[torch.bfloat16][i][kind].scores.float() for i in ("torch", "triton"))
         assert float((tiles - rows).abs().max()) <= 1e-4 * scale, kind
         assert float((rows - ref).abs().max()) <= 0.3 * scale, kind
+
+
+def test_results_name_their_columns_and_compare_only_like_nodes(model):
+    """Position labels came from prompt 0 (pads, when it is the shortest); results for other node
+    kinds of one shape were correlated; a LogitDiff subclass was scored as a plain one in patched
+    runs (368 against 0.71); a subspace column past the prompts wrapped."""
+    from steer.patching import subspace_patch
+    from steer.patching.tasks import LogitDiff
+
+    t = PatchTask.from_pairs(model, [("ab", "ax"), ("abcdef", "abcdex")], ["c", "c"], ["d", "d"])
+    r = activation_patch(model, t, "resid")
+    assert r.tokens == list("abcdef") and atp(model, t, "resid").tokens == r.tokens
+    with pytest.raises(ValueError, match="same node set"):
+        activation_patch(model, t, "attn_out").correlation(r)
+    with pytest.raises(ValueError, match="same node set"):
+        topk_recovery_cost(r, atp(model, t, "mlp_out"), k=2)
+
+    class ProbDiff(LogitDiff):
+        def __call__(self, logits):
+            p = logits.softmax(-1)
+            rows = torch.arange(p.shape[-2])
+            return p[..., rows, self.answer_ids] - p[..., rows, self.wrong_ids]
+
+    pd = PatchTask(t.clean, t.corrupt, ProbDiff(t.metric.answer_ids, t.metric.wrong_ids))
+    full = activation_patch(model, pd, "resid")
+    assert full.scores[0, -1] == pytest.approx(1.0, abs=1e-4)  # the whole clean residual restores the clean metric
+    with pytest.raises(ValueError, match="column index"):
+        subspace_patch(model, t, torch.randn(model.d_model), site="resid_post", layer=0, positions=t.n_pos + 3)

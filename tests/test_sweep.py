@@ -205,3 +205,29 @@ def test_a_resumable_sweep_needs_its_key(tmp_path):
     assert map_units(lambda x: x * x, [1, 2, 3], directory=tmp_path, key="squares") == [1, 4, 9]
     with pytest.raises(ValueError, match="needs key="):
         map_units(lambda x: x + 100, [7, 8, 9], directory=tmp_path)
+
+
+def test_over_prompts_resumes_only_the_same_metric_and_weights(tmp_path):
+    """The resume key named the prompts, not the metric nor the weights: other answers, or another
+    model of the same name, loaded the first sweep's chunks (scores off by 1.5). A metric that
+    returns one number for the task cannot be split into chunks (they are combined as a mean)."""
+    from steer.patching import PatchTask, atp
+    from steer.patching.sharded import over_prompts
+    from steer.patching.tasks import LogitDiff
+
+    m = steer.load("tiny-llama")
+    t = ioi_task(m, n=3)
+    over_prompts("atp", m, t, "heads", chunk=2, directory=tmp_path)
+    swapped = PatchTask(t.clean, t.corrupt, LogitDiff(t.metric.wrong_ids, t.metric.answer_ids))
+    with pytest.raises(ValueError, match="another sweep"):
+        over_prompts("atp", m, swapped, "heads", chunk=2, directory=tmp_path)
+    other = steer.load("tiny-llama")
+    with torch.no_grad():
+        other.hf.lm_head.weight.mul_(1.5)
+    with pytest.raises(ValueError, match="another sweep"):
+        over_prompts("atp", other, t, "heads", chunk=2, directory=tmp_path)
+    torch.testing.assert_close(over_prompts("atp", m, swapped, "heads", chunk=2).scores, atp(m, swapped, "heads").scores,
+                               atol=2e-5, rtol=1e-4)
+    summed = PatchTask(t.clean, t.corrupt, metric=lambda lg: (lg[..., 0] - lg[..., 1]).sum())
+    with pytest.raises(ValueError, match="one value per prompt"):
+        over_prompts("atp", m, summed, chunk=2)

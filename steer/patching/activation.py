@@ -207,7 +207,7 @@ def activation_patch(
     return PatchingResult(
         scores=norm,
         nodes=ns,
-        tokens=model.to_str_tokens(task.clean.input_ids[0].tolist()),
+        tokens=task.column_tokens(model),
         method="activation",
         direction=direction,
         seconds=time.perf_counter() - t0,

@@ -231,7 +231,7 @@ class _Attribution:
         scores = raw / d if self.direction == "denoising" else 1.0 + raw / d
         return PatchingResult(
             scores=scores.detach().float().cpu(), nodes=ns,
-            tokens=self.model.to_str_tokens(self.task.clean.input_ids[0].tolist()),
+            tokens=self.task.column_tokens(self.model),
             method=method, direction=self.direction, seconds=seconds, forward_equivalents=fe,
             meta={"metric_clean": self.m_clean, "metric_corrupt": self.m_corrupt,
                   "n_prompts": self.task.n_prompts, "task": self.task.name, **(meta or {})},

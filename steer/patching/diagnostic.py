@@ -44,8 +44,8 @@ def topk_recovery_cost(true: PatchingResult, estimate: PatchingResult, k: int = 
     >>> 2 <= c["verified"] <= 8
     True
     """
-    if tuple(true.scores.shape) != tuple(estimate.scores.shape):
-        raise ValueError("true and estimate must score the same node set.")
+    if tuple(true.scores.shape) != tuple(estimate.scores.shape) or true.nodes.kind != estimate.nodes.kind:
+        raise ValueError(f"true ({true.nodes.kind}) and estimate ({estimate.nodes.kind}) must score the same node set.")
     n = true.scores.numel()
     k = min(k, n)
     target = set(true.top_indices(k))

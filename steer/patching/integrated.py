@@ -95,7 +95,7 @@ def integrated_gradients(
                            for l in range(L)])
         scores = raw / d if direction == "denoising" else 1.0 + raw / d
         out[ns.kind] = PatchingResult(
-            scores=scores.detach().float().cpu(), nodes=ns, tokens=model.to_str_tokens(task.clean.input_ids[0].tolist()),
+            scores=scores.detach().float().cpu(), nodes=ns, tokens=task.column_tokens(model),
             method=f"ig-{steps}", direction=direction, seconds=sec, forward_equivalents=2.0 + 2.0 * steps,
             meta={"metric_clean": m_clean, "metric_corrupt": m_corrupt, "n_prompts": P, "task": task.name,
                   "steps": steps})

@@ -177,8 +177,9 @@ class PatchingResult(Rich):
         >>> {k: round(v, 3) for k, v in approx.correlation(exact).items()}
         {'pearson': 0.975, 'spearman': 1.0}
         """
-        if tuple(self.scores.shape) != tuple(other.scores.shape):
-            raise ValueError(f"Shapes differ: {tuple(self.scores.shape)} vs {tuple(other.scores.shape)}; compare the same node set.")
+        if tuple(self.scores.shape) != tuple(other.scores.shape) or self.nodes.kind != other.nodes.kind:
+            raise ValueError(f"{self.nodes.kind} {tuple(self.scores.shape)} vs {other.nodes.kind} "
+                             f"{tuple(other.scores.shape)}: compare results for the same node set.")
         a, b = self.effects.flatten().numpy(), other.effects.flatten().numpy()
         if absolute:
             a, b = np.abs(a), np.abs(b)

@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..models import weights_fingerprint
 from ..sweep import Shards, map_units, sweep_key
 from .result import PatchingResult
 from .tasks import PatchTask
@@ -67,6 +68,13 @@ def over_prompts(
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: must be >= 1 prompt.")
     P = task.n_prompts
+    # the metric read on fixed random logits: its shape says whether chunks combine as a mean over
+    # prompts, and its values name it in the resume key (a metric that changed must not resume)
+    with torch.no_grad():
+        probe = task.metric(torch.randn(P, model.d_vocab, generator=torch.Generator().manual_seed(0)))
+    if torch.as_tensor(probe).shape != (P,):
+        raise ValueError(f"over_prompts combines chunks as a mean over prompts: the task's metric must return one "
+                         f"value per prompt ([{P}]), not {tuple(torch.as_tensor(probe).shape)}.")
     spans = [list(range(a, min(P, a + chunk))) for a in range(0, P, chunk)]
     single = isinstance(nodes, str)
     kinds = [nodes] if single else list(nodes)
@@ -76,8 +84,9 @@ def over_prompts(
         return fn(model, task.subset(rows), kinds, **kw)
 
     key = None if directory is None else sweep_key(  # only a directory to resume needs the sweep's name
-        "over_prompts", method, model.name, task.clean.input_ids.tolist(), task.corrupt.input_ids.tolist(), kinds,
-        chunk, sorted((k, repr(v)) for k, v in kw.items()))
+        "over_prompts", method, model.name, weights_fingerprint(model), task.clean.input_ids.tolist(),
+        task.corrupt.input_ids.tolist(), [round(float(x), 4) for x in probe], kinds, chunk,
+        sorted((k, repr(v)) for k, v in kw.items()))
     parts = map_units(unit, spans, shards=shards, directory=directory, key=key,
                       desc=f"{method} over {len(spans)} prompt chunks", progress=progress)
     w = [len(rows) / P for rows in spans]  # chunk c's share of the mean over prompts
@@ -103,7 +112,7 @@ def over_prompts(
             extra = {}
         scores = normalised(raw)
         out[k] = dataclasses.replace(
-            rs[0], scores=scores, tokens=model.to_str_tokens(task.clean.input_ids[0].tolist()),
+            rs[0], scores=scores, tokens=task.column_tokens(model),
             seconds=sum(r.seconds for r in rs), forward_equivalents=sum(wi * r.forward_equivalents for wi, r in zip(w, rs)),
             meta={**{k_: v for k_, v in rs[0].meta.items() if k_ not in ("drops_raw", "plain_raw", "plain")},
                   "metric_clean": mc, "metric_corrupt": mx, "n_prompts": P, "task": task.name,

@@ -118,9 +118,14 @@ def subspace_patch(model, task, direction, *, site: str = "resid_post", layer: i
         raise ValueError("site='z' needs head= (the head whose output the direction lives in); other sites take no head.")
     u = _direction_at(model, direction, site, layer, head)
     T = task.n_pos
-    cols = {"last": [T - 1], "all": list(range(T))}.get(positions) if isinstance(positions, str) else [int(positions) % T]
+    if isinstance(positions, str):
+        cols = {"last": [T - 1], "all": list(range(T))}.get(positions)
+    elif hasattr(positions, "__index__") and not isinstance(positions, bool) and -T <= int(positions) < T:
+        cols = [int(positions) % T]
+    else:  # a column past the prompts wrapped onto another one
+        cols = None
     if cols is None:
-        raise ValueError(f"positions={positions!r}: use 'last', 'all' or a column index.")
+        raise ValueError(f"positions={positions!r}: use 'last', 'all' or a column index in -{T}..{T - 1}.")
     sel = torch.zeros(T, dtype=torch.bool)
     sel[cols] = True
 

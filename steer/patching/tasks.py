@@ -83,8 +83,8 @@ class LogitDiff:
 class PatchTask:
     """Clean and corrupt token batches (same shape) and a metric on last-token logits.
 
-    ``metric(logits[prompt, vocab]) -> [prompt]`` (or a scalar); it must be differentiable for
-    AtP. Build one with :meth:`from_pairs`, :func:`load_task` (JSONL) or :func:`ioi_task`, or
+    ``metric(logits[prompt, vocab]) -> [prompt]`` (or a scalar, which :func:`over_prompts` cannot
+    split into chunks); it must be differentiable for AtP. Build one with :meth:`from_pairs`, :func:`load_task` (JSONL) or :func:`ioi_task`, or
     directly from two :class:`~steer.data.Batch` objects and your own metric:
 
     >>> import steer, torch
@@ -155,6 +155,18 @@ class PatchTask:
     def n_pos(self) -> int:
         return self.clean.input_ids.shape[1]
 
+    def column_tokens(self, model) -> list[str]:
+        """The clean tokens that name the position columns: the longest prompt's, which has a real
+        token in every column (a shorter prompt's would name pads).
+
+        >>> import steer
+        >>> m = steer.load("tiny-llama")
+        >>> PatchTask.from_pairs(m, [("ab", "ac"), ("abcd", "abce")], ["x", "x"], ["y", "y"]).column_tokens(m)
+        ['a', 'b', 'c', 'd']
+        """
+        row = int(self.clean.attention_mask.sum(-1).argmax())
+        return model.to_str_tokens(self.clean.input_ids[row].tolist())
+
     def scores(self, logits: Float[Tensor, "variant prompt vocab"]) -> Float[Tensor, "variant"]:
         """Mean metric over prompts, for each variant (stack of patched runs).
 
@@ -189,7 +201,7 @@ class PatchTask:
         >>> torch.allclose(score(logits[..., cols]), t.scores(logits))
         True
         """
-        if isinstance(self.metric, LogitDiff):
+        if type(self.metric) is LogitDiff:  # a subclass may score the logits otherwise
             cols = self.metric.token_ids
             restricted = self.metric.on_columns(cols)
             return cols, lambda logits: restricted(logits).mean(-1)
