@@ -353,22 +353,22 @@ def eager_attention(hf: torch.nn.Module):
             hf.set_attn_implementation(impl)
 
 
+def _is_recorder(fn) -> bool:
+    return getattr(fn, "__qualname__", "").endswith(".output_capturing_hook")
+
+
 def recorders_last(module: torch.nn.Module) -> None:
     """transformers (5.x) records ``output_hidden_states`` through forward hooks it installs on
     the blocks the first time they are asked for, and keeps them. Hooks run in the order they were
     added, so one installed before steer's would record a block's output as it was before steer
     edited it (while the next block reads the edited one). Move them after steer's."""
     hooks = module._forward_hooks
-    for key in [k for k, f in hooks.items() if getattr(f, "__qualname__", "").endswith(".output_capturing_hook")]:
+    for key in [k for k, f in hooks.items() if _is_recorder(f)]:
         hooks.move_to_end(key)
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
-
-
-def _is_recorder(fn) -> bool:
-    return getattr(fn, "__qualname__", "").endswith(".output_capturing_hook")
 
 
 def copy_unhooked(module: torch.nn.Module, *, share_parameters: bool = False) -> torch.nn.Module:
