@@ -268,7 +268,7 @@ def load_prompts(path: str | Path, key: str = "instruction", balanced: bool = Fa
     if not path.exists():
         raise FileNotFoundError(f"No prompt file at {path}.")
     text = path.read_text()
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         items = [json.loads(line) for line in text.splitlines() if line.strip()]
     else:
         items = json.loads(text)
@@ -283,10 +283,12 @@ def load_prompts(path: str | Path, key: str = "instruction", balanced: bool = Fa
     for i, it in enumerate(items):
         if isinstance(it, str):
             out.append(it)
-        elif isinstance(it, dict) and key in it:
+        elif isinstance(it, dict) and isinstance(it.get(key), (str, list)):  # text, or chat messages
+            if "completion" in it and not isinstance(it["completion"], str):
+                raise ValueError(f"{path}: item {i}'s completion is not text: {it['completion']!r}")
             out.append((it[key], it["completion"]) if "completion" in it else it[key])
         else:
-            raise ValueError(f"{path}: item {i} is neither a string nor an object with {key!r}: {it!r}")
+            raise ValueError(f"{path}: item {i} is neither a string nor an object with a text {key!r}: {it!r}")
     if not out:
         raise ValueError(f"{path} holds no prompts.")
     return out

@@ -290,7 +290,12 @@ class _Skipped(torch.nn.Module):
             return getattr(object.__getattribute__(self, "_block"), name)
 
     def forward(self, hidden_states=None, *args, **kwargs):
-        return hidden_states if self._out is None else self._out
+        if self._out is None:
+            return hidden_states
+        if hidden_states is not None and hidden_states.shape != self._out.shape:
+            raise ValueError(f"resume_at: resid has shape {tuple(self._out.shape)} but this forward's tokens give "
+                             f"{tuple(hidden_states.shape)}: pass what record_block_input recorded for the same tokens.")
+        return self._out
 
 
 @contextmanager

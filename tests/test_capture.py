@@ -140,3 +140,16 @@ def test_casual_copies_keep_raw_text_raw_and_batches_need_a_size():
     assert batches(5, 2) == [[0, 1], [2, 3], [4]]
     with pytest.raises(ValueError, match="batch_size"):
         batches(5, -2)  # was [] (nothing to run, silently)
+
+
+def test_load_prompts_reads_only_text(tmp_path):
+    """An instruction of null became the prompt None; an upper-case .JSONL was read as one JSON value."""
+    import json as _json
+
+    bad = tmp_path / "p.json"
+    bad.write_text(_json.dumps([{"instruction": "Hi"}, {"instruction": None}]))
+    with pytest.raises(ValueError, match="item 1"):
+        steer.load_prompts(bad)
+    lines = tmp_path / "p.JSONL"
+    lines.write_text('{"instruction": "Hi"}\n{"instruction": "Ho", "completion": " there"}\n')
+    assert steer.load_prompts(lines) == ["Hi", ("Ho", " there")]

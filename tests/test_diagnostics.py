@@ -359,3 +359,14 @@ def test_diagnostics_refuse_what_they_cannot_read(tiny):
         D.trajectories(tiny, ["a", "b"], tasks=["t", "t"], refused=[None, "no"], layers=[0])
     v = torch.randn(tiny.d_model)
     assert D.probe_trace(tiny, RAW[:1], v, layer=-1, max_new_tokens=2).layer == tiny.n_layers - 1
+
+
+def test_trace_and_massive_settings_that_would_misread(tiny):
+    """A model whose generation config asks for beams would misalign the trace's rows; a NaN
+    threshold marked nothing as massive."""
+    m = steer.load("tiny-llama")
+    m.hf.generation_config.num_beams = 2
+    v = torch.randn(m.d_model)
+    assert D.probe_trace(m, RAW, v, layer=1, max_new_tokens=3).ids == D.probe_trace(tiny, RAW, v, layer=1, max_new_tokens=3).ids
+    with pytest.raises(ValueError, match="finite"):
+        D.massive_activations(tiny, RAW, min_value=float("nan"))

@@ -161,3 +161,13 @@ def test_run_blocks_refuses_a_range_the_model_lacks(tiny):
         with pytest.raises(ValueError, match="not a range"):
             run_blocks(tiny, lambda: tiny.hf(input_ids=ids), start, stop, resid if start > 0 else None)
     assert _n_hooks(tiny) == 0
+
+
+def test_resume_at_refuses_a_state_of_other_tokens(tiny):
+    """It checked only rank and width: a state of another batch or length failed later, unclearly."""
+    from steer.hooks import record_block_input, resume_at
+
+    with record_block_input(tiny, 1) as rec:
+        tiny.hf(input_ids=torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ValueError, match="same tokens"), resume_at(tiny, 1, rec["resid"]):
+        tiny.hf(input_ids=torch.tensor([[5, 6, 7, 8]]))

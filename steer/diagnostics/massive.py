@@ -20,6 +20,7 @@ attention would put there.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from contextlib import contextmanager
 from typing import Optional, Sequence
@@ -182,6 +183,9 @@ def massive_activations(model, prompts: Sequence, layers="all", *, k: int = 5, m
         raise ValueError("massive_activations needs at least one prompt.")
     if k < 1:
         raise ValueError(f"k must be ≥ 1, got {k}.")
+    if not (math.isfinite(min_value) and math.isfinite(min_ratio) and min_value >= 0 and min_ratio >= 0):
+        raise ValueError(f"min_value={min_value}, min_ratio={min_ratio}: both must be finite and ≥ 0 (a NaN marked "
+                         "nothing as massive).")
     layer_list = resolve_layers(model, layers)
     n, L, d = len(prompts), len(layer_list), model.d_model
     top_v = torch.zeros(n, L, k)

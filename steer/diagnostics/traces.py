@@ -174,8 +174,9 @@ def probe_trace(model, prompts: Sequence, probe, layer: Optional[int] = None, *,
         try:
             with add_hooks(model, {f"resid_post.{layer}": grab}):
                 return model.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                         max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=model.tokenizer.pad_token_id)
+                                         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                         num_return_sequences=1,  # one row per prompt, whatever the
+                                         pad_token_id=model.tokenizer.pad_token_id)  # model's config says
         finally:
             handle.remove()
 
