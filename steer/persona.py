@@ -239,6 +239,9 @@ def generate_pairs(model, trait: Union[str, Trait], questions: Optional[Sequence
     ks = list(range(len(trait.positive)) if prompt_pairs is None else prompt_pairs)
     if not qs or not ks:
         raise ValueError("generate_pairs needs at least one question and one prompt pair.")
+    bad = [k for k in ks if isinstance(k, bool) or not 0 <= k < len(trait.positive)]
+    if bad:
+        raise ValueError(f"prompt_pairs {bad}: {trait.name} has system-prompt pairs 0..{len(trait.positive) - 1}.")
     items = [(q, k) for q in qs for k in ks]
     prompts = [_messages(trait.positive[k], q) for q, k in items] + [_messages(trait.negative[k], q) for q, k in items]
     outs: list[str] = []

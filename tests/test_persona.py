@@ -165,6 +165,7 @@ def test_cli_persona_prompt_pairs_must_be_positive(monkeypatch, capsys):
         pass
 
     seen = []
+    real_generate_pairs = persona.generate_pairs
 
     def fake(model, trait, prompt_pairs=None, **kw):
         seen.append(prompt_pairs)
@@ -180,6 +181,11 @@ def test_cli_persona_prompt_pairs_must_be_positive(monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             main([*argv, bad])
         assert e.value.code == 2 and "--prompt-pairs: must be an integer >= 1" in capsys.readouterr().err
+    n = len(persona.load_trait("optimistic").positive)
+    with pytest.raises(SystemExit, match="has 5 pairs" if n == 5 else "pairs"):  # more than there are meant "all"
+        main([*argv, str(n + 1)])
+    with pytest.raises(ValueError, match="system-prompt pairs"):  # checked before the model is used
+        real_generate_pairs(None, "optimistic", ["Hi?"], prompt_pairs=[n])
     assert seen == [[0, 1]]
 
 

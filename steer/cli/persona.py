@@ -45,6 +45,8 @@ def run(args) -> int:
         raise SystemExit("steer persona: --strengths is empty.")
     if len(set(strengths)) < len(strengths):
         raise SystemExit(f"steer persona: --strengths {args.strengths!r} repeats a strength; give each once.")
+    if args.prompt_pairs is not None and args.prompt_pairs > len(trait.positive):
+        raise SystemExit(f"steer persona: --prompt-pairs {args.prompt_pairs}: {trait.name} has {len(trait.positive)} pairs.")
     model = steer.load(args.model)
     if args.layer is not None and not 0 <= args.layer < model.n_layers:
         raise SystemExit(f"--layer {args.layer}: the model has layers 0..{model.n_layers - 1}.")
