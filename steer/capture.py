@@ -201,6 +201,7 @@ def capture(
     dtype: torch.dtype | None = torch.float32,
     include_sink: bool = True,
     progress: Optional[bool] = None,
+    steering=None,
 ) -> Activations:
     """Capture activations at ``site`` for ``layers`` and the tokens picked by ``positions``.
 
@@ -217,6 +218,8 @@ def capture(
         include_sink: keep the first (attention-sink) token when the selector picks it.
         progress: show a progress bar (default: in a terminal or notebook, when there is more than
             one batch; see :mod:`steer.progress`).
+        steering: an entered :class:`~steer.steering.Steering` the passes run under; each batch
+            describes its calls (so prompt selectors such as ``Last(k)`` apply to the right tokens).
 
     Returns:
         :class:`Activations` with ``tensor`` ``[n_prompts, n_layers, (n_pos,) d]``.
@@ -273,11 +276,16 @@ def capture(
                 raise ValueError(f"positions={positions!r} selects no token of prompt {rows[bad]}.")
             state["idx"], state["valid"] = _pack(m)
             state["rows"] = rows
+            if steering is not None:
+                before, steering.batch = steering.batch, batch
             try:
                 base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                      position_ids=batch.position_ids, use_cache=False)
             except StopForward:
                 pass
+            finally:
+                if steering is not None:
+                    steering.batch = before
 
     tensor, mask = _assemble(per_layer, layer_list, len(prompts), single)
     return Activations(

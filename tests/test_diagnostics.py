@@ -370,3 +370,17 @@ def test_trace_and_massive_settings_that_would_misread(tiny):
     assert D.probe_trace(m, RAW, v, layer=1, max_new_tokens=3).ids == D.probe_trace(tiny, RAW, v, layer=1, max_new_tokens=3).ids
     with pytest.raises(ValueError, match="finite"):
         D.massive_activations(tiny, RAW, min_value=float("nan"))
+
+
+def test_steered_lens_with_a_prompt_selector(tiny):
+    """A steering that picks prompt tokens (Last(1)) raised, asking for steering.batch, which
+    logit_lens gave no way to set; each batch now describes its passes."""
+    v = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(4)) * 3
+    prompts = [Raw("Hello there friend"), Raw("Hi")]
+    lens = D.logit_lens(tiny, prompts, positions="all", k=2,
+                        steering=steer.steer(tiny, v, layer=0, strength=4.0, positions=steer.Last(1)))
+    for i, p in enumerate(prompts):  # by hand: +4v at the last token only, one prompt at a time
+        ids = torch.tensor([tiny.to_tokens(p)])
+        with steer.add_hooks(tiny, {"resid_post.0": lambda a, s: torch.cat([a[:, :-1], a[:, -1:] + 4.0 * v], 1)}):
+            ref = tiny.hf(input_ids=ids).logits[0]
+        assert torch.equal(lens.top_ids[i, -1, :ids.shape[1], 0], ref.argmax(-1))

@@ -191,12 +191,12 @@ def logit_lens(model, prompts: Sequence, *, layers="all", positions="last", targ
         raise ValueError("compare=True compares a steered lens with the unsteered one: pass steering=.")
     target_ids = [_token_id(model, t) for t in targets]
 
-    def residuals():
+    def residuals(s=None):
         return capture(model, prompts, layers=layers, site="resid_post", positions=positions, include_sink=include_sink,
-                       batch_size=batch_size, progress=False, device=None, dtype=None)
+                       batch_size=batch_size, progress=False, device=None, dtype=None, steering=s)
 
-    with steering if steering is not None else contextlib.nullcontext():
-        a = residuals()
+    with steering if steering is not None else contextlib.nullcontext() as s:
+        a = residuals(s)
     ref = residuals() if compare else None
     t = a.tensor if a.has_pos else a.tensor[:, :, None]  # [n, layer, pos, d]
     mask = a.mask if a.has_pos else torch.ones(t.shape[0], 1, dtype=torch.bool)
