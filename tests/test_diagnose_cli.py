@@ -79,3 +79,6 @@ def test_bad_input(capsys):
         steer.cli.main(["diagnose", "lens", "--model", "tiny-llama", "--text", "Hi", "--prompts", "x.json"])
     with pytest.raises(SystemExit, match="--prompts FILE"):
         steer.cli.main(["diagnose", "trajectory", "--model", "tiny-llama"])
+    with pytest.raises(SystemExit, match="only with --strength"):  # ignored before
+        steer.cli.main(["diagnose", "trace", "--model", "tiny-llama", "--text", "Hi", "--direction", "d.safetensors",
+                        "--steer-layer", "0"])

@@ -45,6 +45,12 @@ def test_cli_evaluate_bad_input(tmp_path):
                         "--model", "tiny-llama"])
     with pytest.raises(SystemExit, match="pass --direction FILE"):
         steer.cli.main(["evaluate", "--items", "optimistic", "--model", "tiny-llama"])
+    # flags another method reads were ignored
+    with pytest.raises(SystemExit, match="--direction is for --method add"):
+        steer.cli.main(["evaluate", "--method", "act", "--direction", "d.safetensors", "--items", "optimistic",
+                        "--model", "tiny-llama"])
+    with pytest.raises(SystemExit, match="--layers is for --method lineas"):
+        steer.cli.main(["evaluate", "--method", "act", "--layers", "0,1", "--items", "optimistic", "--model", "tiny-llama"])
     (tmp_path / "ok.json").write_text(json.dumps(ITEMS))
     with pytest.raises(SystemExit, match=r"must lie in 0..1"):
         steer.cli.main(["evaluate", "--method", "act", "--items", "optimistic", "--strengths", "1", "--model", "tiny-llama"])

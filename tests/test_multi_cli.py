@@ -37,6 +37,9 @@ def test_cli_multi_bad_input():
         steer.cli.main(["multi", "--traits", "optimistic:1:2,formal:0:1", "--modes", "blend", "--model", "tiny-llama"])
     with pytest.raises(SystemExit, match="outside 0..1"):
         steer.cli.main(["multi", "--traits", "optimistic:5:2,formal:0:1", "--model", "tiny-llama"])
+    for layer in ("2", "-1"):  # the shared layer was not checked: -1 wrapped, 2 failed in a traceback
+        with pytest.raises(SystemExit, match="--layer .* is outside 0..1"):
+            steer.cli.main(["multi", "--traits", "optimistic:1:2,formal:0:1", "--layer", layer, "--model", "tiny-llama"])
 
 
 def test_cli_multi_neutral_takes_the_last_n_and_strengths_are_finite(monkeypatch, capsys):

@@ -96,6 +96,9 @@ def run(args) -> int:
         prompts = [steer.Raw(r["instruction"]) if args.raw else r["instruction"] for r in rows]
     else:
         prompts = _prompts(args)
+    if args.strength is None and (args.steer_layer is not None or (args.view == "trajectory" and args.direction)):
+        raise SystemExit(f"steer diagnose {args.view}: --direction / --steer-layer steer the run only with --strength "
+                         "(they were ignored without it).")
     model = steer.load(args.model)
     fig = None
     if args.view == "trajectory":

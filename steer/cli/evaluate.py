@@ -107,6 +107,10 @@ def run(args) -> int:
         raise SystemExit(f"steer evaluate: {e}")
     if not strengths:
         raise SystemExit("steer evaluate: --strengths is empty.")
+    if args.method != "add" and args.direction:  # they were ignored
+        raise SystemExit(f"steer evaluate: --direction is for --method add; --method {args.method} fits its own maps.")
+    if args.method != "lineas" and args.layers:
+        raise SystemExit(f"steer evaluate: --layers is for --method lineas; --method {args.method} steers at --layer.")
     harmless = training_data()["harmless"]
     if not 1 <= args.neutral <= len(harmless):
         raise SystemExit(f"steer evaluate: --neutral {args.neutral}: steer has {len(harmless)} harmless requests; "

@@ -66,6 +66,8 @@ def run(args) -> int:
     for name, layer, _ in traits:
         if not 0 <= layer < model.n_layers:
             raise SystemExit(f"steer multi: {name}'s layer {layer} is outside 0..{model.n_layers - 1}.")
+    if args.layer is not None and not 0 <= args.layer < model.n_layers:
+        raise SystemExit(f"steer multi: --layer {args.layer} is outside 0..{model.n_layers - 1}.")
     try:
         bs = [multi.trait_behaviour(model, n, layer=l, strength=s, n_questions=args.n_questions) for n, l, s in traits]
     except (ValueError, FileNotFoundError) as e:
