@@ -338,6 +338,8 @@ class Steering:
         gate = None if self.gate is None else torch.as_tensor(self.gate, dtype=torch.float32)
         if gate is not None and gate.shape != (b,):
             raise ValueError(f"gate has shape {tuple(gate.shape)}; the batch has {b} prompts: pass a [batch] tensor.")
+        if gate is not None and not torch.isfinite(gate).all():
+            raise ValueError("gate holds NaN/inf: give every prompt a finite weight.")
         if self.condition is None:
             return gate
         if batch is not None:
@@ -626,6 +628,7 @@ class Steering:
             out = engine_for(self.model, backend).generate(prompts, self, max_new_tokens=max_new_tokens,
                                                            details=True, **kwargs)
             self.last_gate = out.gate
+            self.condition_scores = None  # vLLM's worker reads the condition; its scores stay there
             return out.texts
         kwargs.setdefault("do_sample", False)
         with self._describing(prompts) as batch:

@@ -399,3 +399,47 @@ def test_cli_evaluate_backend_vllm(tiny, tmp_path):
     assert rows["vllm"]["backend"] == "vllm"
     for a, b in zip(rows["hf"]["rows"], rows["vllm"]["rows"]):
         assert abs(a["effect"] - b["effect"]) < 2 * ATOL, (a, b)
+
+
+def test_review_findings_on_the_vllm_path(tiny):
+    """Clamping to 0 (projecting the direction out) was skipped as 'not steered'; Last(k) longer than
+    a prompt ran; n=2 returned one sample per prompt; a NaN gate ran (and its NaN stayed in vLLM's
+    reused KV blocks for later calls); an interrupted call left its requests queued for the next."""
+    m, eng = tiny
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(7)) * 3
+    _check(m, eng, steer.steer(m, v, layer=1, kind="clamp", strength=torch.tensor([0.0, 3.0, 0.0, -2.0])))
+    _check(m, eng, steer.steer(m, v, layer=1, kind="clamp", strength=0.0))
+    with pytest.raises(ValueError, match="only"):
+        eng.generate(PROMPTS, steer.steer(m, v, layer=1, positions=steer.Last(500)), max_new_tokens=2)
+    with pytest.raises(ValueError, match="n=2"):
+        eng.generate(PROMPTS, max_new_tokens=2, n=2, temperature=0.8)
+    with pytest.raises(ValueError, match="NaN"):
+        eng.generate(PROMPTS, Steering(m, [Intervention("add", v, layers=[1])], gate=torch.tensor([1.0, float("nan"), 1, 1])),
+                     max_new_tokens=2)
+    steps = {"n": 0}
+    step = eng.llm.llm_engine.step
+
+    def interrupted():
+        steps["n"] += 1
+        if steps["n"] == 2:
+            raise KeyboardInterrupt
+        return step()
+
+    eng.llm.llm_engine.step = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            eng.generate(PROMPTS, max_new_tokens=8)
+    finally:
+        del eng.llm.llm_engine.step
+    assert not eng.llm.llm_engine.has_unfinished_requests()
+    assert eng.generate(PROMPTS[:2], max_new_tokens=6, min_new_tokens=6) == _hf(m, None, PROMPTS[:2])[0]
+
+
+def test_an_engine_started_inside_a_steering_block_checks_the_plain_model():
+    """Its start-up check compared vLLM with the steered HF forward (a 'wrong weights' error)."""
+    m = tiny_model(seed=3)
+    v = torch.randn(m.d_model, generator=torch.Generator().manual_seed(0)) * 3
+    with steer.steer(m, v, layer=1, strength=8.0) as s:
+        texts = s.generate(PROMPTS[:2], max_new_tokens=4, min_new_tokens=4, backend="vllm")
+        assert texts == s.generate(PROMPTS[:2], max_new_tokens=4, min_new_tokens=4)
+    m.__dict__["_vllm_engine"].close()

@@ -65,6 +65,7 @@ from torch import Tensor
 
 from .. import interventions as I
 from .. import positions as P
+from .._hf import copy_unhooked
 from ..data import tokenize
 from ..sites import resolve_layers
 
@@ -188,8 +189,11 @@ class Engine:
         probe = ["The capital of France is"]
         out = self.generate(probe, max_new_tokens=1, logprobs=20, details=True)
         batch = tokenize(self.model, probe)
+        # the HF forward without the hooks on it: an engine started inside a Steering block
+        # compared itself with the steered forward
+        hf = copy_unhooked(self.model.hf, share_parameters=True)
         with torch.no_grad():
-            ref = self.model.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[0, -1]
+            ref = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[0, -1]
         ref = torch.log_softmax(ref.float(), -1)
         got = out.logprobs[0][0]
         err = max(abs(lp - float(ref[t])) for t, lp in got.items())
@@ -221,6 +225,11 @@ class Engine:
 
         if cast not in ("in-pass", "first-pass"):
             raise ValueError(f"cast={cast!r}: use 'in-pass' or 'first-pass'.")
+        if sampling.get("n", 1) != 1:
+            raise ValueError(f"n={sampling['n']}: steer.serve returns one answer per prompt; repeat the prompt instead.")
+        if self.llm.llm_engine.has_unfinished_requests():
+            raise RuntimeError("This Engine holds requests an interrupted call left running; close() it and start "
+                               "another.")
         batch = tokenize(self.model, prompts)
         ids = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids.cpu(), batch.attention_mask.cpu())]
         n = len(ids)
@@ -253,7 +262,7 @@ class Engine:
                 read = self._rpc("steer_take_gates", keys)
                 gate = torch.tensor([read[k][0] for k in keys], dtype=torch.float32)
             else:
-                outs = self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+                outs = self._run(ids, params)
         finally:
             if plan is not None:
                 self._rpc("steer_clear")
@@ -269,6 +278,33 @@ class Engine:
             plps = [[None] + [float(step[t].logprob) for step, t in zip(o.prompt_logprobs[1:], i[1:])]
                     for o, i in zip(outs, ids)]
         return Served(texts, tokens, gate, lps, seconds, first, again, plps)
+
+    def _run(self, ids, params) -> list:
+        """vLLM's step loop (as ``LLM.generate`` runs it) under steer's own request ids: the final
+        outputs in prompt order. An interrupted call aborts its requests (``LLM.generate`` left
+        them queued, and the next call returned their answers as its own)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        eng = self.llm.llm_engine
+        plist = params if isinstance(params, list) else [params] * len(ids)
+        rid: list = []
+        outs: list = [None] * len(ids)
+        try:
+            for b, p in enumerate(plist):
+                p.output_kind = RequestOutputKind.FINAL_ONLY
+                rid.append(f"steer-r{next(self._keys)}")
+                eng.add_request(rid[-1], {"prompt_token_ids": ids[b]}, p)
+            slot = {r: b for b, r in enumerate(rid)}
+            while eng.has_unfinished_requests():
+                for o in eng.step():
+                    if o.finished and o.request_id in slot:
+                        outs[slot[o.request_id]] = o
+        except BaseException:
+            eng.abort_request([r for b, r in enumerate(rid) if outs[b] is None])
+            raise
+        if any(o is None for o in outs):
+            raise RuntimeError("vLLM finished without an output for every prompt.")
+        return outs
 
     def _run_reading_gates(self, ids, params, keys, base, S, sel) -> tuple[list, list]:
         """vLLM's step loop (as ``LLM.generate`` runs it) for requests whose CAST condition is read
@@ -327,7 +363,7 @@ class Engine:
         keys = [f"c{next(self._keys)}" for _ in ids]
         params = [SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
                                  extra_args={"steer": {"key": k, "capture": True, "g": 0.0}}) for k in keys]
-        self.llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+        self._run(ids, params)
         means = self._rpc("steer_take_means", keys)
         hs = {layer: torch.stack([means[k][layer] for k in keys]) for layer in sorted(condition.layers)}
         fires = condition.evaluate(hs)
@@ -423,6 +459,7 @@ def _plan(model, steering, batch, in_pass: bool = False) -> dict:
             raise NotImplementedError("aligned (ActAdd) interventions run on the HF path (Steering.generate).")
         region, k = iv.positions, 0
         if isinstance(region, P.Last) or region == "last":  # the last k prompt tokens
+            P.mask(region, batch)  # the HF path's checks (Last(k) longer than a prompt is an error)
             region, k = "last", (region.k if isinstance(region, P.Last) else 1)
         elif not (isinstance(region, str) and region in _REGIONS):  # any other prompt selector:
             sel = P.mask(iv.positions, batch, include_sink=iv.include_sink)  # the HF path's own tokens
@@ -458,6 +495,8 @@ def _plan(model, steering, batch, in_pass: bool = False) -> dict:
         gate = torch.as_tensor(steering.gate, dtype=torch.float32)
         if gate.shape != (n,):
             raise ValueError(f"gate has shape {tuple(gate.shape)}; the batch has {n} prompts: pass a [batch] tensor.")
+        if not torch.isfinite(gate).all():  # vLLM reuses KV blocks: NaN would reach later calls' requests
+            raise ValueError("gate holds NaN/inf: give every prompt a finite weight.")
     cond = steering.condition
     capture = sorted(cond.layers) if cond is not None else []
     if capture and not 0 <= capture[0] <= capture[-1] < model.n_layers:

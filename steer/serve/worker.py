@@ -180,7 +180,7 @@ class SteerWorker:
             if strengths.shape != (n,):
                 raise ValueError(f"Request {req_id} carries {strengths.shape} strengths for {n} interventions.")
             sel = {int(i): np.asarray(v, dtype=np.int64) for i, v in (s.get("sel") or {}).items()}
-            spec = {"s": strengths, "g": float(s.get("g", 1.0)), "key": s.get("key"), "sel": sel,
+            spec = {"s": strengths, "own": "s" in s, "g": float(s.get("g", 1.0)), "key": s.get("key"), "sel": sel,
                     "capture": bool(s.get("capture", False)), "pending": bool(s.get("pending", False)),
                     "plen": len(req.prompt_token_ids or ())}
             self._steer_specs[req_id] = spec
@@ -205,7 +205,9 @@ class SteerWorker:
         specs = [self._spec(r) for r in req_ids]
         waiting = [sp["pending"] and sp["key"] not in self._steer_gates for sp in specs]
         # a request still waiting for its gate may be steered later in this very step
-        steered = [bool(np.any(sp["s"] != 0)) and (sp["g"] if w else self._gate(sp)) != 0
+        # a clamp without target clamps to its strength, 0 included (the direction projected out)
+        clamps = np.asarray([iv["kind"] == "clamp" and iv["target"] is None for iv in plan["ivs"]], bool)
+        steered = [bool(np.any((sp["s"] != 0) | (clamps & sp["own"]))) and (sp["g"] if w else self._gate(sp)) != 0
                    for sp, w in zip(specs, waiting)]
         capture = [sp["capture"] and (not sp["pending"] or w) for sp, w in zip(specs, waiting)]
         if not any(steered) and not any(capture):
@@ -260,13 +262,15 @@ class SteerWorker:
             else:
                 region = (np.ones(n_tok, bool) if r == "all" else pos < plen if r == "prompt" else
                           pos >= plen if r == "generated" else (pos < plen) & (pos >= plen - iv["k"]))
-            m = region & (S[req_of, i] != 0) & (G[req_of] != 0)
+            clamp_to = iv["kind"] == "clamp" and iv["target"] is None  # its strength is the value, 0 included
+            own = np.asarray([sp["own"] for sp in specs], bool)[req_of]  # requests that carry strengths
+            m = region & own & (G[req_of] != 0) if clamp_to else region & (S[req_of, i] != 0) & (G[req_of] != 0)
             if not iv["include_sink"]:
                 m &= pos != 0
             if iv["skip"] and ids is not None:
                 m &= ~np.isin(ids, iv["skip"])
             # clamp: the strength is the value (the gate only selects rows); else strength × gate
-            w = S[req_of, i] if iv["kind"] == "clamp" and iv["target"] is None else S[req_of, i] * G[req_of]
+            w = S[req_of, i] if clamp_to else S[req_of, i] * G[req_of]
             weights.append(np.where(m, w, 0.0))
             masks.append(m)
         pad = width - n_tok
