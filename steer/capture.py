@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -276,16 +277,12 @@ def capture(
                 raise ValueError(f"positions={positions!r} selects no token of prompt {rows[bad]}.")
             state["idx"], state["valid"] = _pack(m)
             state["rows"] = rows
-            if steering is not None:
-                before, steering.batch = steering.batch, batch
             try:
-                base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     position_ids=batch.position_ids, use_cache=False)
+                with steering._describing(batch) if steering is not None else nullcontext():
+                    base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids, use_cache=False)
             except StopForward:
                 pass
-            finally:
-                if steering is not None:
-                    steering.batch = before
 
     tensor, mask = _assemble(per_layer, layer_list, len(prompts), single)
     return Activations(

@@ -40,6 +40,7 @@ from torch import Tensor
 from .display import Rich
 from .evaluate import accuracy, auroc, f1
 from .interventions import unit
+from .sites import _is_index
 
 __all__ = ["Condition", "Rule", "fit_condition", "fit_condition_on", "grid_search", "condition_scores"]
 
@@ -101,7 +102,7 @@ class Condition(_Logic):
             raise ValueError(f"side={self.side!r}: use 'above' or 'below'.")
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r}: use one of {KINDS}.")
-        if isinstance(self.layer, bool) or not hasattr(self.layer, "__index__") or operator.index(self.layer) < 0:
+        if not _is_index(self.layer) or operator.index(self.layer) < 0:
             raise ValueError(f"layer={self.layer!r}: a condition reads one layer, an index from 0 (count from the "
                              "first block; negative indices are not resolved against a model here).")
         self.layer = operator.index(self.layer)

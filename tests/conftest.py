@@ -109,3 +109,13 @@ def _deselect(config, items, marker: str, met, refusal: str) -> None:
 def pytest_terminal_summary(terminalreporter, config):
     for marker, n in config.stash.get(_LEFT, {}).items():
         terminalreporter.write_line(f"{n} tests marked {marker} deselected: {_WHY[marker]}.")
+
+
+def strict_json(text: str):
+    """JSON as a strict parser reads it: a bare NaN / Infinity is an error, not a number."""
+    import json
+
+    def bad(c):
+        raise ValueError(f"invalid JSON constant {c}")
+    return json.loads(text, parse_constant=bad)
+

@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 
+from conftest import strict_json
 from steer import bias
 from steer.erasure import LeaceEraser
 from steer.hooks import add_hooks
@@ -348,10 +349,6 @@ def test_cli_bias_writes_strict_json_and_refuses_non_finite_strength(tmp_path, m
     import steer
     from steer.cli import main
 
-    def parse(text):
-        def bad(c):
-            raise ValueError(f"invalid JSON constant {c}")
-        return json.loads(text, parse_constant=bad)
 
     nan = float("nan")
     monkeypatch.setattr(steer, "load", lambda name=None: types.SimpleNamespace(n_layers=2, name="fake"))
@@ -361,7 +358,7 @@ def test_cli_bias_writes_strict_json_and_refuses_non_finite_strength(tmp_path, m
         "stereotype_correlation_after": float("-inf"), "stereotype_correlation_note": "too few",
         "neutral_kl": 0.1, "neutral_ppl_ratio": 1.0, "method": "combined", "direction": "stereotype", "layer": [1]})
     assert main(["bias", "--model", "tiny-llama", "--json", str(tmp_path / "o.json")]) == 0
-    d = parse((tmp_path / "o.json").read_text())
+    d = strict_json((tmp_path / "o.json").read_text())
     assert d["bias_after"] is None and d["stereotype_correlation_before"] is None
     assert d["stereotype_correlation_after"] is None and d["bias_before"] == 0.5
     for bad in ("nan", "inf"):

@@ -8,6 +8,7 @@ import torch
 
 import steer
 import steer.cli
+from conftest import strict_json
 from steer.evaluate import evaluate_steering
 
 ITEMS = [{"question": "Hi?", "matching": "Hello, lovely to see you!", "non_matching": "Go away."},
@@ -89,13 +90,6 @@ def test_cli_evaluate_fitted_maps_match_the_library(method, capsys):
         steer.cli.main(["evaluate", "--method", method, "--items", "optimistic", "--strengths", "2", "--model", "tiny-llama"])
 
 
-def _strict(text):
-    """JSON as a strict parser reads it: a bare NaN / Infinity is an error, not a number."""
-    def bad(c):
-        raise ValueError(f"invalid JSON constant {c}")
-    return json.loads(text, parse_constant=bad)
-
-
 def _no_model(monkeypatch):
     def load(*a, **k):
         raise AssertionError("bad arguments must be refused before a model is loaded")
@@ -108,8 +102,8 @@ def test_cli_emit_writes_non_finite_numbers_as_null(tmp_path, capsys):
     nan, inf = float("nan"), float("inf")
     emit({"a": nan, "b": [inf, 1.5, (-inf, 2)], "c": {"d": nan, "e": "x"}, "f": 3}, tmp_path / "o.json")
     want = {"a": None, "b": [None, 1.5, [None, 2]], "c": {"d": None, "e": "x"}, "f": 3}
-    assert _strict(capsys.readouterr().out) == want
-    assert _strict((tmp_path / "o.json").read_text()) == want
+    assert strict_json(capsys.readouterr().out) == want
+    assert strict_json((tmp_path / "o.json").read_text()) == want
 
 
 def test_cli_evaluate_one_item_writes_strict_json(tmp_path, capsys):
@@ -120,8 +114,8 @@ def test_cli_evaluate_one_item_writes_strict_json(tmp_path, capsys):
     assert steer.cli.main(["evaluate", "--direction", str(tmp_path / "d.safetensors"), "--items", str(tmp_path / "one.json"),
                            "--strengths", "1", "--neutral", "1", "--model", "tiny-llama",
                            "--json", str(tmp_path / "o.json")]) == 0
-    doc = _strict((tmp_path / "o.json").read_text())
-    assert _strict(capsys.readouterr().out) == doc
+    doc = strict_json((tmp_path / "o.json").read_text())
+    assert strict_json(capsys.readouterr().out) == doc
     assert doc["rows"][0]["effect_d"] is None and isinstance(doc["rows"][0]["effect"], float)
 
 

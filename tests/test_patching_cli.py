@@ -4,6 +4,7 @@ import json
 import pytest
 
 import steer.cli
+from conftest import strict_json
 from steer.cli import patch as cli
 
 
@@ -50,10 +51,6 @@ def test_cli_patch_writes_strict_json(tmp_path, monkeypatch, capsys):
 
     import steer.patching
 
-    def parse(text):
-        def bad(c):
-            raise ValueError(f"invalid JSON constant {c}")
-        return json.loads(text, parse_constant=bad)
 
     nan = float("nan")
     res = types.SimpleNamespace(to_dict=lambda: {"scores": [nan, 1.0], "labels": ["a", "b"]}, seconds=0.1)
@@ -63,8 +60,8 @@ def test_cli_patch_writes_strict_json(tmp_path, monkeypatch, capsys):
         "results": {"activation": res, "atp": res},
         "comparison": {"atp": {"pearson": nan, "spearman": nan, "topk_recovery": {"k": 2, "cost": float("inf")}}}})
     assert steer.cli.main(["patch", "--model", "tiny-llama", "--n", "2", "--method", "activation,atp"]) == 0
-    doc = parse(capsys.readouterr().out)
+    doc = strict_json(capsys.readouterr().out)
     assert doc["comparison"]["atp"] == {"pearson": None, "spearman": None, "topk_recovery": {"k": 2, "cost": None}}
     assert doc["methods"]["atp"]["scores"] == [None, 1.0]
     assert steer.cli.main(["patch", "--model", "tiny-llama", "--n", "2", "--json", str(tmp_path / "o.json")]) == 0
-    assert parse((tmp_path / "o.json").read_text())["comparison"]["atp"]["pearson"] is None
+    assert strict_json((tmp_path / "o.json").read_text())["comparison"]["atp"]["pearson"] is None

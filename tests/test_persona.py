@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import strict_json
 from steer import persona
 from steer.persona import Trait
 
@@ -208,14 +209,10 @@ def test_cli_persona_writes_strict_json(tmp_path, monkeypatch):
     """A score that could not be computed (NaN) is written as null, not as a bare NaN."""
     from steer.cli import main
 
-    def parse(text):
-        def bad(c):
-            raise ValueError(f"invalid JSON constant {c}")
-        return json.loads(text, parse_constant=bad)
 
     monkeypatch.setattr(persona, "trait_score", lambda *a, **k: float("nan"))
     out = tmp_path / "p.json"
     assert main(["persona", "--model", "tiny-llama", "--trait", "formal", "--prompt-pairs", "1", "--no-filter",
                  "--max-new-tokens", "2", "--strengths=-1,1", "--json", str(out)]) == 0
-    d = parse(out.read_text())
+    d = strict_json(out.read_text())
     assert d["trait_score_by_strength"] == {"-1.0": None, "1.0": None}

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from conftest import strict_json
 from steer import evaluate as E
 from steer import refusal
 
@@ -158,10 +159,6 @@ def test_cli_refusal_writes_strict_json(tmp_path, monkeypatch):
     import steer
     from steer.cli import main
 
-    def parse(text):
-        def bad(c):
-            raise ValueError(f"invalid JSON constant {c}")
-        return json.loads(text, parse_constant=bad)
 
     nan = float("nan")
     monkeypatch.setattr(steer, "load", lambda name=None: types.SimpleNamespace(n_layers=2, name="fake"))
@@ -170,6 +167,6 @@ def test_cli_refusal_writes_strict_json(tmp_path, monkeypatch):
     monkeypatch.setattr(refusal, "evaluate_refusal", lambda *a, **kw: {
         "layer": 1, "strength": 2.0, "refusal_rate_harmful": 0.5, "kl_harmless": float("inf"), "per": [nan, 1.0]})
     assert main([*_cli_prompts(tmp_path), "--json", str(tmp_path / "o.json")]) == 0
-    d = parse((tmp_path / "o.json").read_text())
+    d = strict_json((tmp_path / "o.json").read_text())
     assert d["condition_val_f1_train_split"] is None and d["kl_harmless"] is None and d["per"] == [None, 1.0]
     assert d["refusal_rate_harmful"] == 0.5

@@ -80,6 +80,18 @@ def finite_floats(text: str, flag: str) -> list[float]:
     return out
 
 
+def neutral_requests(n: int, command: str) -> list[str]:
+    """The last ``n`` of steer's held-out harmless requests (the neutral-KL prompts of ``steer
+    evaluate`` and ``steer multi``); ``n`` outside 1..their number is an error naming it."""
+    from steer.refusal import training_data
+
+    harmless = training_data()["harmless"]
+    if not 1 <= n <= len(harmless):
+        raise SystemExit(f"steer {command}: --neutral {n}: steer has {len(harmless)} harmless requests; "
+                         f"take 1..{len(harmless)}.")
+    return harmless[len(harmless) - n:]
+
+
 def emit(doc, path=None, indent: int = 1) -> None:
     """Print ``doc`` as JSON and, if ``path`` is given, also write it there (what every subcommand does);
     a number that could not be computed (NaN, ±inf) is written as ``null``."""

@@ -27,7 +27,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import finite_floats, positive_int
+from . import finite_floats, neutral_requests, positive_int
 
 
 def add_parser(sub) -> None:
@@ -98,7 +98,6 @@ def run(args) -> int:
     from steer.directions import Direction
     from steer.evaluate import evaluate_steering
     from steer.persona import _from_response
-    from steer.refusal import training_data
 
     try:
         strengths = finite_floats(args.strengths, "--strengths")
@@ -111,10 +110,7 @@ def run(args) -> int:
         raise SystemExit(f"steer evaluate: --direction is for --method add; --method {args.method} fits its own maps.")
     if args.method != "lineas" and args.layers:
         raise SystemExit(f"steer evaluate: --layers is for --method lineas; --method {args.method} steers at --layer.")
-    harmless = training_data()["harmless"]
-    if not 1 <= args.neutral <= len(harmless):
-        raise SystemExit(f"steer evaluate: --neutral {args.neutral}: steer has {len(harmless)} harmless requests; "
-                         f"take 1..{len(harmless)}.")
+    neutral = neutral_requests(args.neutral, "evaluate")
     model = steer.load(args.model)
     pos = _from_response if args.positions == "response" else "all"
     if args.method == "add":
@@ -139,7 +135,7 @@ def run(args) -> int:
             raise SystemExit("steer evaluate: --backend vllm needs vLLM (`make test-vllm` builds .venv-vllm with it; "
                              "elsewhere pip install 'steer[vllm]').")
     ev = evaluate_steering(model, items, make, strengths, system_prompt=system,
-                           neutral_prompts=harmless[len(harmless) - args.neutral:],
+                           neutral_prompts=neutral,
                            unrelated_texts=load_neutral_text()[:8], name=name, backend=args.backend)
     out = {"model": model.name, "method": args.method, **what, "positions": args.positions,
            "backend": args.backend, **ev.to_dict()}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from . import positive_int
+from . import neutral_requests, positive_int
 
 
 def add_parser(sub) -> None:
@@ -51,13 +51,9 @@ def parse_traits(spec: str) -> list[tuple[str, int, float]]:
 def run(args) -> int:
     import steer
     from steer import multi
-    from steer.refusal import training_data
 
     traits = parse_traits(args.traits)
-    harmless = training_data()["harmless"]
-    if not 1 <= args.neutral <= len(harmless):
-        raise SystemExit(f"steer multi: --neutral {args.neutral}: steer has {len(harmless)} harmless requests; "
-                         f"take 1..{len(harmless)}.")
+    neutral = neutral_requests(args.neutral, "multi")
     modes = [m for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in multi.MODES]
     if bad or not modes:
@@ -73,7 +69,7 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"steer multi: {e}")
     layer = traits[0][1] if args.layer is None else args.layer
-    ev = multi.evaluate_multi(model, bs, modes, layer=layer, neutral_prompts=harmless[len(harmless) - args.neutral:])
+    ev = multi.evaluate_multi(model, bs, modes, layer=layer, neutral_prompts=neutral)
     from steer.cli import emit
 
     emit({"model": model.name, "traits": [{"name": n, "layer": l, "strength": s} for n, l, s in traits],

@@ -251,6 +251,7 @@ class SteerWorker:
         n_tok, width = route["n_tok"], route["width"]
         S = np.stack([sp["s"] for sp in specs])  # [req, iv]
         G = np.asarray([self._gate(sp) for sp in specs])
+        own = np.asarray([sp["own"] for sp in specs], bool)[req_of]  # tokens of requests that carry strengths
         weights, masks = [], []
         for i, iv in enumerate(plan["ivs"]):
             r = iv["region"]
@@ -263,7 +264,6 @@ class SteerWorker:
                 region = (np.ones(n_tok, bool) if r == "all" else pos < plen if r == "prompt" else
                           pos >= plen if r == "generated" else (pos < plen) & (pos >= plen - iv["k"]))
             clamp_to = iv["kind"] == "clamp" and iv["target"] is None  # its strength is the value, 0 included
-            own = np.asarray([sp["own"] for sp in specs], bool)[req_of]  # requests that carry strengths
             m = region & own & (G[req_of] != 0) if clamp_to else region & (S[req_of, i] != 0) & (G[req_of] != 0)
             if not iv["include_sink"]:
                 m &= pos != 0
