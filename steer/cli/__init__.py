@@ -23,7 +23,11 @@ _SUBCOMMANDS = ("demo", "refusal", "patch", "bias", "persona", "evaluate", "mult
 
 def finite(doc):
     """``doc`` with every non-finite float (NaN, ±inf) replaced by ``None``, through nested dicts,
-    lists and tuples: what JSON can hold (``null``) for a number that could not be computed."""
+    lists and tuples: what JSON can hold (``null``) for a number that could not be computed.
+
+    >>> finite({"r": float("nan"), "xs": (1.0, float("inf"))})
+    {'r': None, 'xs': [1.0, None]}
+    """
     if isinstance(doc, float):
         return doc if math.isfinite(doc) else None
     if isinstance(doc, dict):
@@ -35,14 +39,22 @@ def finite(doc):
 
 def dumps(doc, indent: int = 1, **kw) -> str:
     """``doc`` as strict JSON: non-finite floats written as ``null`` (never a bare ``NaN`` or
-    ``Infinity``, which strict parsers reject)."""
+    ``Infinity``, which strict parsers reject).
+
+    >>> dumps({"r": float("nan")}, indent=None)
+    '{"r": null}'
+    """
     import json
 
     return json.dumps(finite(doc), indent=indent, allow_nan=False, **kw)
 
 
 def positive_int(text: str) -> int:
-    """argparse ``type``: an integer >= 1."""
+    """argparse ``type``: an integer >= 1.
+
+    >>> positive_int("3")
+    3
+    """
     try:
         n = int(text)
     except ValueError:
@@ -53,7 +65,11 @@ def positive_int(text: str) -> int:
 
 
 def finite_float(text: str) -> float:
-    """argparse ``type``: a finite number (not nan or ±inf)."""
+    """argparse ``type``: a finite number (not nan or ±inf).
+
+    >>> finite_float("-2.5")
+    -2.5
+    """
     try:
         x = float(text)
     except ValueError:
@@ -65,7 +81,11 @@ def finite_float(text: str) -> float:
 
 def finite_floats(text: str, flag: str) -> list[float]:
     """Comma-separated finite numbers (``"-2,0,2"`` → ``[-2.0, 0.0, 2.0]``); a ValueError naming
-    ``flag`` for anything else (nan and ±inf included)."""
+    ``flag`` for anything else (nan and ±inf included).
+
+    >>> finite_floats("-2, 0,2", "--strengths")
+    [-2.0, 0.0, 2.0]
+    """
     out = []
     for part in (x.strip() for x in text.split(",")):
         if not part:
@@ -82,7 +102,11 @@ def finite_floats(text: str, flag: str) -> list[float]:
 
 def neutral_requests(n: int, command: str) -> list[str]:
     """The last ``n`` of steer's held-out harmless requests (the neutral-KL prompts of ``steer
-    evaluate`` and ``steer multi``); ``n`` outside 1..their number is an error naming it."""
+    evaluate`` and ``steer multi``); ``n`` outside 1..their number is an error naming it.
+
+    >>> len(neutral_requests(3, "evaluate"))
+    3
+    """
     from steer.refusal import training_data
 
     harmless = training_data()["harmless"]
